@@ -1,0 +1,15 @@
+"""sparsebptt: memory- and compute-sparse backpropagation through time for RNNs and SNNs.
+
+    import sparsebptt as sb
+    cell = sb.cells.LIF(64, 256)
+    y, state = sb.scan(cell, x, strategy=sb.Checkpoint(every=32))
+"""
+from . import cells
+from .scan import REDUCES, scan
+from .strategies import Checkpoint, FullBPTT, Revolve, Strategy, parse_strategy
+from .trace import Trace, trace
+
+__version__ = "0.1.0"
+
+__all__ = ["cells", "scan", "REDUCES", "Checkpoint", "FullBPTT", "Revolve", "Strategy",
+           "parse_strategy", "Trace", "trace", "__version__"]

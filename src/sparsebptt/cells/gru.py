@@ -1,0 +1,46 @@
+"""Dense GRU cell, numerically equal to ``torch.nn.GRUCell`` (same parameter names and layout).
+
+    r = sigma(W_ir x + b_ir + W_hr h + b_hr)
+    z = sigma(W_iz x + b_iz + W_hz h + b_hz)
+    n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+    h' = (1 - z) * n + z * h
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Cell, init_uniform_, linear
+
+__all__ = ["gru_step", "GRU"]
+
+
+def gru_step(x_t, h, weight_ih, weight_hh, bias_ih=None, bias_hh=None):
+    """One GRU step: x_t [B, I], h [B, H] -> h' [B, H]."""
+    gi = linear(x_t, weight_ih, bias_ih)  # [B, 3H]
+    gh = linear(h, weight_hh, bias_hh)  # [B, 3H]
+    i_r, i_z, i_n = gi.chunk(3, 1)
+    h_r, h_z, h_n = gh.chunk(3, 1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return n + z * (h - n)
+
+
+class GRU(Cell):
+    """GRU cell with the `sb.scan` protocol. State: ``(h,)``; output: ``h``."""
+
+    num_states = 1
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True):
+        super().__init__(input_size, hidden_size)
+        self.weight_ih = nn.Parameter(torch.empty(3 * hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.bias_ih = nn.Parameter(torch.empty(3 * hidden_size)) if bias else None
+        self.bias_hh = nn.Parameter(torch.empty(3 * hidden_size)) if bias else None
+        init_uniform_(self, hidden_size)
+
+    def step(self, x_t, state):
+        (h,) = state
+        h = gru_step(x_t, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return h, (h,)

@@ -1,0 +1,114 @@
+"""Leaky integrate-and-fire neurons.
+
+Per step, with input current ``i_t = W x_t + b (+ V z_{t-1})``::
+
+    u_t = beta * v_{t-1} + i_t                  # leaky integration (beta = exp(-dt/tau_mem))
+    z_t = H(u_t - threshold)                    # spike; surrogate gradient in the backward
+    v_t = u_t - z_t * threshold                 # reset="subtract"
+    v_t = u_t * (1 - z_t)                       # reset="zero"
+
+State: ``(v,)``, or ``(v, z)`` with recurrent weights (the previous spikes feed back).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import Cell, init_uniform_, linear
+from .surrogate import check_surrogate, spike
+from ..trace import current_trace
+
+__all__ = ["LIFParams", "lif_step", "LIF", "RESETS"]
+
+RESETS = ("subtract", "zero")
+
+
+@dataclass(frozen=True)
+class LIFParams:
+    """Fixed LIF constants.
+
+    beta: membrane decay per time step (dimensionless, exp(-dt/tau_mem)), in [0, 1].
+    threshold: firing threshold (membrane units, > 0).
+    reset: "subtract" (soft reset) or "zero" (hard reset).
+    surrogate: name of the surrogate gradient (see `sparsebptt.cells.surrogate`).
+    surrogate_scale: its sharpness; None takes the surrogate's default.
+    detach_reset: if True no gradient flows through the reset term.
+    """
+
+    beta: float = 0.9
+    threshold: float = 1.0
+    reset: str = "subtract"
+    surrogate: str = "fast_sigmoid"
+    surrogate_scale: float | None = None
+    detach_reset: bool = False
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.beta) <= 1.0:
+            raise ValueError(f"LIF: beta must be in [0, 1], got {self.beta!r}")
+        if not float(self.threshold) > 0:
+            raise ValueError(f"LIF: threshold must be > 0, got {self.threshold!r}")
+        if self.reset not in RESETS:
+            raise ValueError(f"LIF: unknown reset {self.reset!r}; valid resets are: {', '.join(RESETS)}")
+        check_surrogate(self.surrogate)
+
+
+def lif_step(i_t: torch.Tensor, v: torch.Tensor, p: LIFParams, beta=None):
+    """One LIF step from input current ``i_t`` [B, H] and membrane ``v`` [B, H] -> (z_t, v_t).
+
+    ``beta`` overrides ``p.beta`` (a learnable per-unit tensor).
+    """
+    u = (p.beta if beta is None else beta) * v + i_t  # [B, H]
+    z = spike(u - p.threshold, p.surrogate, p.surrogate_scale)  # [B, H]
+    r = z.detach() if p.detach_reset else z
+    if p.reset == "subtract":
+        v = u - r * p.threshold
+    else:
+        v = u * (1.0 - r)
+    return z, v
+
+
+class LIF(Cell):
+    """A layer of LIF neurons with a dense input projection (and optional recurrent weights).
+
+    Args:
+        input_size, hidden_size: features in and neurons.
+        beta, threshold, reset, surrogate, surrogate_scale, detach_reset: see `LIFParams`.
+        recurrent: add recurrent weights from the previous step's spikes.
+        learn_beta: make beta a trainable per-neuron parameter (clamped to [0, 1]).
+        bias: add a bias to the input projection.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, *, beta: float = 0.9, threshold: float = 1.0,
+                 reset: str = "subtract", surrogate: str = "fast_sigmoid",
+                 surrogate_scale: float | None = None, detach_reset: bool = False,
+                 recurrent: bool = False, learn_beta: bool = False, bias: bool = True):
+        super().__init__(input_size, hidden_size)
+        self.params = LIFParams(beta, threshold, reset, surrogate, surrogate_scale, detach_reset)
+        self.recurrent = recurrent
+        self.num_states = 2 if recurrent else 1
+        self.weight = nn.Parameter(torch.empty(hidden_size, input_size))
+        self.bias = nn.Parameter(torch.empty(hidden_size)) if bias else None
+        self.recurrent_weight = nn.Parameter(torch.empty(hidden_size, hidden_size)) if recurrent else None
+        init_uniform_(self, input_size)
+        self.beta = nn.Parameter(torch.full((hidden_size,), float(beta))) if learn_beta else None
+
+    def step(self, x_t, state):
+        i_t = linear(x_t, self.weight, self.bias)  # [B, H]
+        if self.recurrent:
+            v, z_prev = state
+            i_t = i_t + linear(z_prev, self.recurrent_weight)
+        else:
+            (v,) = state
+        beta = None if self.beta is None else self.beta.clamp(0.0, 1.0)
+        z, v = lif_step(i_t, v, self.params, beta)
+        t = current_trace()
+        if t is not None:
+            t.add_activity(self, z.sum(), z.numel())
+        return z, ((v, z) if self.recurrent else (v,))
+
+    def extra_repr(self) -> str:
+        p = self.params
+        return (f"{self.input_size}, {self.hidden_size}, beta={p.beta}, threshold={p.threshold}, "
+                f"reset={p.reset!r}, surrogate={p.surrogate!r}, recurrent={self.recurrent}")

@@ -1,0 +1,59 @@
+"""Several cells run as one: within a time step each layer feeds the next.
+
+The state is the concatenation of every layer's state tuple, so a checkpoint holds every layer's
+state and no layer's output sequence is ever stored.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["Stack"]
+
+
+class Stack(nn.Module):
+    """``Stack([LIF(64, 256), LIF(256, 256)])``: a cell whose step runs the layers in order."""
+
+    def __init__(self, layers):
+        super().__init__()
+        layers = list(layers)
+        if not layers:
+            raise ValueError("Stack: needs at least one layer, got an empty list")
+        for i, layer in enumerate(layers):
+            if not (hasattr(layer, "step") and hasattr(layer, "initial_state")):
+                raise TypeError(f"Stack: layer {i} ({type(layer).__name__}) is not a cell: "
+                                "it needs `initial_state(batch_size, device, dtype)` and `step(x_t, state)`")
+        for i, (a, b) in enumerate(zip(layers, layers[1:])):
+            out_a = getattr(a, "output_size", getattr(a, "hidden_size", None))
+            in_b = getattr(b, "input_size", None)
+            if out_a is not None and in_b is not None and out_a != in_b:
+                raise ValueError(f"Stack: layer {i} outputs {out_a} features but layer {i + 1} "
+                                 f"expects input_size={in_b}")
+        self.layers = nn.ModuleList(layers)
+        self._arity = [len(layer.initial_state(1)) for layer in layers]
+
+    @property
+    def input_size(self):
+        return getattr(self.layers[0], "input_size", None)
+
+    @property
+    def hidden_size(self):
+        return getattr(self.layers[-1], "hidden_size", None)
+
+    @property
+    def output_size(self):
+        last = self.layers[-1]
+        return getattr(last, "output_size", getattr(last, "hidden_size", None))
+
+    def initial_state(self, batch_size, device=None, dtype=None):
+        return tuple(s for layer in self.layers for s in layer.initial_state(batch_size, device, dtype))
+
+    def step(self, x_t, state):
+        out, new, i = x_t, [], 0
+        for layer, n in zip(self.layers, self._arity):
+            out, s = layer.step(out, tuple(state[i:i + n]))
+            new.extend(s)
+            i += n
+        return out, tuple(new)
+
+    def forward(self, x_t, state):
+        return self.step(x_t, state)

@@ -1,0 +1,7 @@
+"""Memory strategies: which states a scan keeps, where, and what it recomputes."""
+from .base import Strategy, parse_strategy
+from .checkpoint import Checkpoint
+from .full import FullBPTT
+from .revolve import Revolve
+
+__all__ = ["Strategy", "parse_strategy", "Checkpoint", "FullBPTT", "Revolve"]

@@ -1,0 +1,328 @@
+"""Runs a checkpointing schedule over a cell as one autograd node.
+
+The schedule is a sequence of `checkpoint_schedules` actions. In the forward pass (up to
+``EndForward``) the executor advances the cell without a graph, copying the states the schedule
+asks for into preallocated slot buffers (one allocation per state component: no per-step heap
+churn, so the memory saved shows in the resident set too), and builds a graph only for the
+steps the schedule marks ``write_adj_deps``. In the backward pass it continues the schedule:
+``Copy``/``Move`` restore a stored state (and the RNG state it was taken with, so stochastic steps
+replay identically), ``Forward`` recomputes, and ``Reverse`` back-propagates a recomputed segment
+with ``torch.autograd.grad``, carrying dL/dstate to the segment before it.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from checkpoint_schedules import (Copy, EndForward, EndReverse, Forward, Move, Reverse,
+                                  StorageType)
+
+from ..trace import current_trace, recomputing, saving
+
+__all__ = ["run_schedule", "SlotStore", "Reducer"]
+
+
+class SlotStore:
+    """Preallocated fast-memory slots for checkpointed states, keyed by time step."""
+
+    def __init__(self, template: tuple[torch.Tensor, ...], n_slots: int, trace=None):
+        self.buffers = [torch.empty((n_slots,) + tuple(s.shape), dtype=s.dtype, device=s.device)
+                        for s in template]
+        self.nbytes = sum(b.numel() * b.element_size() for b in self.buffers)
+        self.free = list(range(n_slots - 1, -1, -1))
+        self.slot_of: dict[int, int] = {}
+        self.trace = trace
+        if trace is not None:
+            trace.add_stored(self.nbytes)
+
+    def save(self, n: int, state) -> None:
+        if not self.free:
+            raise RuntimeError(f"schedule stores more checkpoints than the {len(self.buffers[0])} "
+                               "slots its strategy declared (a bug in the strategy)")
+        slot = self.free.pop()
+        for buf, s in zip(self.buffers, state):
+            buf[slot].copy_(s)
+        self.slot_of[n] = slot
+
+    def load(self, n: int, release: bool) -> tuple[torch.Tensor, ...]:
+        slot = self.slot_of[n]
+        state = tuple(buf[slot].clone() for buf in self.buffers)
+        if release:
+            del self.slot_of[n]
+            self.free.append(slot)
+        return state
+
+    def close(self) -> None:
+        if self.trace is not None and self.buffers:
+            self.trace.add_stored(-self.nbytes)
+        self.buffers = []
+
+
+class Reducer:
+    """Collects step outputs: the whole sequence (reduce=None) or a running sum / mean / last."""
+
+    def __init__(self, reduce, T):
+        self.reduce, self.T = reduce, T
+        self.buf = None  # [T, B, H] for reduce=None, else the accumulator
+
+    def add(self, t: int, y: torch.Tensor) -> None:
+        if self.reduce is None:
+            if self.buf is None:
+                self.buf = torch.empty((self.T,) + tuple(y.shape), dtype=y.dtype, device=y.device)
+            self.buf[t].copy_(y)
+        elif self.reduce == "last":
+            if t == self.T - 1:
+                self.buf = y
+        else:
+            self.buf = y if self.buf is None else self.buf + y
+
+    def result(self) -> torch.Tensor:
+        if self.reduce == "mean":
+            return self.buf / self.T
+        return self.buf
+
+    def reaches(self, t: int) -> bool:
+        """Whether step t's output enters the scan's output."""
+        return self.reduce != "last" or t == self.T - 1
+
+    def grad_at(self, dout: torch.Tensor | None, t: int):
+        """dL/dy_t from the gradient of the scan's output (None where it does not reach y_t)."""
+        if dout is None:
+            return None
+        if self.reduce is None:
+            return dout[t]
+        if self.reduce == "last":
+            return dout if t == self.T - 1 else None
+        return dout
+
+
+def _rng_state(device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state, device):
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+@dataclass
+class _Segment:
+    """Steps n0..n1 run with graph, waiting for their Reverse."""
+
+    n0: int
+    n1: int
+    state_in: tuple
+    x_in: torch.Tensor | None
+    ys: list
+    state_out: tuple
+    held_bytes: int = 0
+
+
+@dataclass
+class _Run:
+    cell: object
+    x: torch.Tensor
+    params: list
+    reduce: str | None
+    actions: object
+    n_slots: int
+    preserve_rng: bool
+    trace: object = None
+    store: SlotStore | None = None
+    rng: dict = field(default_factory=dict)
+    segments: dict = field(default_factory=dict)
+    reducer: Reducer | None = None
+    autocast: tuple = (False, None)
+    state0_grad: tuple = ()
+
+
+def _needs_grad(s: torch.Tensor) -> bool:
+    return s.is_floating_point() or s.is_complex()
+
+
+def _advance(run: _Run, n0: int, n1: int, state, graph: bool, emit: bool):
+    """Run steps n0..n1 from ``state``. With ``graph`` returns a `_Segment`, else the new state."""
+    x, cell = run.x, run.cell
+    if not graph:
+        with torch.no_grad():
+            for t in range(n0, n1):
+                y, state = cell.step(x[t], state)
+                if emit:
+                    run.reducer.add(t, y)
+        return state
+    state_in = tuple(s.detach().requires_grad_(_needs_grad(s) and (n0 > 0 or g))
+                     for s, g in zip(state, run.state0_grad))
+    x_in = x[n0:n1].detach().requires_grad_(x.requires_grad)
+    ys = []
+    state = state_in
+    with torch.enable_grad(), saving(run.trace):
+        for t in range(n0, n1):
+            y, state = cell.step(x_in[t - n0], state)
+            if emit:
+                run.reducer.add(t, y.detach())
+            ys.append(y if run.reducer.reaches(t) else None)
+    seg = _Segment(n0, n1, state_in, x_in, ys, tuple(state))
+    if run.trace is not None:
+        seg.held_bytes = sum(t.numel() * t.element_size() for t in list(ys) + list(state)
+                             if t is not None)
+        run.trace.add_stored(seg.held_bytes)
+    return seg
+
+
+def _forward_action(run: _Run, a: Forward, work, recompute: bool):
+    n, state = work
+    if n != a.n0:
+        raise RuntimeError(f"schedule advances from step {a.n0} but the working state is at step {n}")
+    if a.write_ics:
+        if a.storage == StorageType.WORK:
+            raise NotImplementedError("schedules that store a restart state in WORK are not supported")
+        run.store.save(a.n0, state)
+        if run.preserve_rng:
+            run.rng[a.n0] = _rng_state(run.x.device)
+    trace = run.trace
+    if trace is not None:
+        if recompute:
+            trace.recomputed_steps += a.n1 - a.n0
+        else:
+            trace.forward_steps += a.n1 - a.n0
+    if a.write_adj_deps:
+        seg = _advance(run, a.n0, a.n1, state, graph=True, emit=not recompute)
+        run.segments[a.n0] = seg
+        return (a.n1, tuple(s.detach() for s in seg.state_out))
+    return (a.n1, _advance(run, a.n0, a.n1, state, graph=False, emit=not recompute))
+
+
+def _reverse(run: _Run, seg: _Segment, dout, dstate, grads):
+    outs, gouts = [], []
+    for t, y in zip(range(seg.n0, seg.n1), seg.ys):
+        g = run.reducer.grad_at(dout, t)
+        if y is not None and g is not None and y.requires_grad:
+            outs.append(y)
+            gouts.append(g)
+    for s, g in zip(seg.state_out, dstate):
+        if g is not None and s.requires_grad:
+            outs.append(s)
+            gouts.append(g)
+    inputs = [s for s in seg.state_in if s.requires_grad]
+    if seg.x_in.requires_grad:
+        inputs.append(seg.x_in)
+    n_state_in = sum(1 for s in seg.state_in if s.requires_grad)
+    param_idx = [i for i, p in enumerate(run.params) if p.requires_grad]
+    inputs += [run.params[i] for i in param_idx]
+    new_dstate = [None] * len(seg.state_in)
+    if outs and inputs:
+        got = torch.autograd.grad(outs, inputs, gouts, allow_unused=True)
+        k = 0
+        for i, s in enumerate(seg.state_in):
+            if s.requires_grad:
+                new_dstate[i] = got[k]
+                k += 1
+        assert k == n_state_in
+        if seg.x_in.requires_grad:
+            if got[k] is not None:
+                grads["x"][seg.n0:seg.n1] = got[k]
+            k += 1
+        for i, g in zip(param_idx, got[k:]):
+            if g is not None:
+                grads["params"][i] = g if grads["params"][i] is None else grads["params"][i] + g
+    if run.trace is not None:
+        run.trace.add_stored(-seg.held_bytes)
+    return new_dstate
+
+
+def _autocast(run: _Run):
+    enabled, dtype = run.autocast
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(run.x.device.type, dtype=dtype)
+
+
+class _ScheduledScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run: _Run, x, *flat):
+        n_state = len(flat) - len(run.params)
+        state0 = tuple(flat[:n_state])
+        dev = x.device.type
+        run.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        run.store = SlotStore(state0, run.n_slots, run.trace)
+        work = (0, state0)
+        for a in run.actions:
+            if isinstance(a, Forward):
+                work = _forward_action(run, a, work, recompute=False)
+            elif isinstance(a, EndForward):
+                break
+            else:
+                raise RuntimeError(f"unexpected action {a!r} in the forward part of the schedule")
+        T = x.shape[0]
+        if work[0] != T:
+            raise RuntimeError(f"schedule ended its forward at step {work[0]}, expected {T}")
+        ctx.run = run
+        ctx.n_state = n_state
+        out = run.reducer.result()
+        inputs = set(id(t) for t in flat)
+        state_T = tuple(s.clone() if id(s) in inputs else s for s in work[1])
+        return (out,) + state_T
+
+    @staticmethod
+    def backward(ctx, dout, *dstate):
+        run: _Run = getattr(ctx, "run", None)
+        if run is None:
+            raise RuntimeError("sb.scan: backward through a checkpointed scan ran twice; the "
+                               "recomputed graph is freed after the first backward (retain_graph "
+                               "is not supported with memory strategies)")
+        ctx.run = None
+        x = run.x
+        grads = {"x": torch.zeros_like(x) if ctx.needs_input_grad[1] else None,
+                 "params": [None] * len(run.params)}
+        dstate = list(dstate)
+        pos = x.shape[0]
+        work = None
+        devices = [x.device] if x.device.type == "cuda" else []
+        rng_ctx = torch.random.fork_rng(devices=devices, enabled=run.preserve_rng)
+        try:
+            with rng_ctx, recomputing(run.trace), _autocast(run):
+                for a in run.actions:
+                    if isinstance(a, Reverse):
+                        seg = run.segments.pop(a.n0, None)
+                        if seg is None or seg.n1 != a.n1 or a.n1 != pos:
+                            raise RuntimeError(f"schedule reverses steps {a.n0}..{a.n1} at step {pos} "
+                                               "without their recomputed graph (a bug in the strategy)")
+                        dstate = _reverse(run, seg, dout, dstate, grads)
+                        pos = a.n0
+                    elif isinstance(a, (Copy, Move)):
+                        if a.to_storage != StorageType.WORK:
+                            raise NotImplementedError(f"action {a!r}: only restores to WORK are supported")
+                        work = (a.n, run.store.load(a.n, release=isinstance(a, Move)))
+                        if run.preserve_rng:
+                            rng = run.rng.pop(a.n) if isinstance(a, Move) else run.rng[a.n]
+                            _set_rng_state(rng, x.device)
+                    elif isinstance(a, Forward):
+                        work = _forward_action(run, a, work, recompute=True)
+                    elif isinstance(a, EndReverse):
+                        break
+                    else:
+                        raise RuntimeError(f"unexpected action {a!r} in the reverse part of the schedule")
+        finally:
+            run.store.close()
+            run.segments.clear()
+        if pos != 0:
+            raise RuntimeError(f"schedule ended its reverse sweep at step {pos}, expected 0")
+        dstate0 = [g if need else None for g, need in zip(dstate, ctx.needs_input_grad[2:2 + ctx.n_state])]
+        dparams = [g if need else None
+                   for g, need in zip(grads["params"], ctx.needs_input_grad[2 + ctx.n_state:])]
+        return (None, grads["x"], *dstate0, *dparams)
+
+
+def run_schedule(cell, x, state0, strategy, reduce, params, preserve_rng=True):
+    """Run ``cell`` over ``x`` under the schedule of ``strategy``; returns (out, state_T)."""
+    T = x.shape[0]
+    trace = current_trace()
+    run = _Run(cell=cell, x=x, params=list(params), reduce=reduce, actions=iter(strategy.schedule(T)),
+               n_slots=strategy.fast_slots(T), preserve_rng=preserve_rng, trace=trace,
+               reducer=Reducer(reduce, T), state0_grad=tuple(s.requires_grad for s in state0))
+    outs = _ScheduledScan.apply(run, x, *state0, *run.params)
+    return outs[0], tuple(outs[1:])
