@@ -65,6 +65,7 @@ class Reducer:
     def __init__(self, reduce, T):
         self.reduce, self.T = reduce, T
         self.buf = None  # [T, B, H] for reduce=None, else the accumulator
+        self._mean_grad = None
 
     def add(self, t: int, y: torch.Tensor) -> None:
         if self.reduce is None:
@@ -94,6 +95,10 @@ class Reducer:
             return dout[t]
         if self.reduce == "last":
             return dout if t == self.T - 1 else None
+        if self.reduce == "mean":
+            if self._mean_grad is None or self._mean_grad[0] is not dout:
+                self._mean_grad = (dout, dout / self.T)  # the backward of result()'s division
+            return self._mean_grad[1]
         return dout
 
 
