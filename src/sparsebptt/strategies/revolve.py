@@ -1,8 +1,9 @@
 """Binomial checkpointing (Griewank & Walther's Revolve) with ``slots`` checkpoints.
 
 The schedule is `checkpoint_schedules.MultistageCheckpointSchedule` with every snapshot in RAM,
-which is the offline binomial (Revolve) schedule: for s slots and T steps it runs at most r*T
-steps in all, r the least integer with C(s + r, s) >= T, and holds at most s states.
+which is the offline binomial (Revolve) schedule: for s slots and T steps it runs each step once
+with graph plus r*T - C(s + r, s + 1) steps without (Griewank's optimum, so at most r*T), r the
+least integer with C(s + r, s) >= T, and holds at most s states.
 (`checkpoint_schedules.Revolve`, its H-Revolve port, gives the same counts but its dynamic
 programme takes minutes at T = 10^4; the multistage generator is closed-form.)
 """
@@ -23,7 +24,7 @@ def binomial_repetitions(T: int, slots: int) -> int:
     r = 0
     while comb(slots + r, slots) < T:
         r += 1
-    return max(r, 1)
+    return r
 
 
 @register

@@ -1,0 +1,27 @@
+"""Datasets for `sparsebptt train`, chosen by name with `get_dataset`.
+
+Every dataset yields time-major batches ``x`` (T, B, input_size) float32 and labels (B,) int64
+from ``dataset.batches(split, batch_size, seed=...)``; the same seed gives the same batches.
+"""
+from __future__ import annotations
+
+from .base import SPLITS, RateCodedDataset
+from .digits import DigitsSpikes
+
+__all__ = ["DATASETS", "SPLITS", "RateCodedDataset", "DigitsSpikes", "get_dataset"]
+
+#: name -> dataset class; each takes ``T`` first and keyword-only options after it
+DATASETS = {
+    DigitsSpikes.name: DigitsSpikes,
+}
+
+
+def get_dataset(name: str, T: int, **options):
+    """Build the dataset called ``name`` with sequences of ``T`` steps.
+
+    ``options`` go to the dataset's class (e.g. ``max_rate`` for ``digits-spikes``).
+    """
+    cls = DATASETS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown dataset {name!r}; valid datasets are: {', '.join(sorted(DATASETS))}")
+    return cls(T, **options)

@@ -1,0 +1,209 @@
+"""Train a spiking classifier on a `sparsebptt.data` dataset under any memory strategy.
+
+The model is a stack of LIF layers scanned with ``reduce="sum"`` (so no (T, B, H) tensor is
+held) and a linear readout of each neuron's spike count. A run writes into its folder:
+
+- ``config.json``: the `TrainConfig`, the resolved strategy and the library versions;
+- ``metrics.jsonl``: one JSON object per epoch with ``epoch, train_loss, train_acc, val_acc,
+  seconds, peak_stored_bytes``.
+
+``peak_stored_bytes`` is what `sb.trace` counts for the scan during the forward and backward of
+the epoch's first training batch (a full batch; the readout is not part of the scan).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import cells
+from ..data import get_dataset
+from ..scan import scan
+from ..strategies import Strategy, parse_strategy
+from ..trace import trace
+
+__all__ = ["TrainConfig", "SpikingClassifier", "build_model", "train", "default_out_dir",
+           "METRIC_KEYS"]
+
+#: keys of every line of metrics.jsonl
+METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_acc", "seconds", "peak_stored_bytes")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run; saved as config.json.
+
+    dataset: a name from `sparsebptt.data.DATASETS`.
+    T: time steps per example.
+    epochs, batch_size: passes over the training split and examples per step.
+    hidden: LIF neurons per layer; layers: number of LIF layers.
+    lr: Adam learning rate.
+    strategy: string for `sb.parse_strategy` ("full", "checkpoint:8", "revolve:4", ...).
+    beta, threshold: LIF membrane decay per step and firing threshold.
+    seed: seeds the initial weights and every batch (order and spikes).
+    """
+
+    dataset: str = "digits-spikes"
+    T: int = 16
+    epochs: int = 20
+    batch_size: int = 64
+    hidden: int = 128
+    layers: int = 2
+    lr: float = 2e-3
+    strategy: str = "full"
+    beta: float = 0.9
+    threshold: float = 1.0
+    seed: int = 0
+
+
+class SpikingClassifier(nn.Module):
+    """``Stack([LIF(in, H), LIF(H, H), ...])`` scanned with reduce="sum", then ``Linear(H, classes)``.
+
+    ``forward(x)`` takes spikes x (T, B, input_size) and returns logits (B, num_classes). The
+    readout sees spike counts divided by T (firing rates), so its scale does not depend on T.
+    """
+
+    def __init__(self, input_size: int, num_classes: int, *, hidden: int = 128, layers: int = 2,
+                 beta: float = 0.9, threshold: float = 1.0, strategy: "Strategy | str" = "full"):
+        super().__init__()
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+            raise ValueError(f"SpikingClassifier: layers must be a positive int, got {layers!r}")
+        sizes = [input_size] + [hidden] * layers
+        self.cell = cells.Stack([cells.LIF(a, b, beta=beta, threshold=threshold)
+                                 for a, b in zip(sizes, sizes[1:])])
+        self.readout = nn.Linear(hidden, num_classes)
+        self.strategy = parse_strategy(strategy)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        counts, _ = scan(self.cell, x, strategy=self.strategy, reduce="sum")  # [B, H]
+        return self.readout(counts / x.shape[0])  # [B, classes]
+
+
+def build_model(config: TrainConfig, input_size: int, num_classes: int) -> SpikingClassifier:
+    """The model a `TrainConfig` describes, for a dataset with these sizes."""
+    return SpikingClassifier(input_size, num_classes, hidden=config.hidden, layers=config.layers,
+                             beta=config.beta, threshold=config.threshold, strategy=config.strategy)
+
+
+def default_out_dir() -> Path:
+    """``runs/<timestamp>`` under the current directory."""
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def _batch_seed(seed: int, epoch: int) -> int:
+    """A distinct, reproducible data seed per (run seed, epoch); validation uses epoch 0."""
+    return seed * 1_000_003 + epoch
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, split: str, batch_size: int, seed: int) -> float:
+    """Accuracy of ``model`` on ``split``, with spikes drawn from ``seed``."""
+    model.eval()
+    correct = total = 0
+    for x, y in dataset.batches(split, batch_size, seed=seed):
+        correct += int((model(x).argmax(-1) == y).sum())
+        total += len(y)
+    return correct / total
+
+
+def _prepare_out(out: "str | Path") -> Path:
+    out = Path(out)
+    if (out / "metrics.jsonl").exists():
+        raise FileExistsError(f"run folder {str(out)!r} already holds metrics.jsonl; "
+                              "choose another --out or remove the old run")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def train(config: TrainConfig, out: "str | Path | None" = None, *, progress: bool = True,
+          log=None) -> dict:
+    """Train as ``config`` says, writing config.json and metrics.jsonl into ``out``.
+
+    Args:
+        config: the run's `TrainConfig`.
+        out: run folder (created); default `default_out_dir()`. Raises FileExistsError if it
+            already holds a metrics.jsonl.
+        progress: show a tqdm bar per epoch.
+        log: where the per-epoch lines and the summary go (default sys.stdout).
+
+    Returns:
+        The summary: ``val_acc`` (final), ``best_val_acc``, ``seconds`` (wall, training and
+        validation), ``peak_stored_bytes`` (max over epochs) and ``out``.
+    """
+    log = sys.stdout if log is None else log
+    strategy = parse_strategy(config.strategy)  # fail before any work on a bad string
+    dataset = get_dataset(config.dataset, config.T)
+    torch.manual_seed(config.seed)
+    model = build_model(config, dataset.input_size, dataset.num_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+
+    out = _prepare_out(default_out_dir() if out is None else out)
+    meta = {**dataclasses.asdict(config), "strategy": strategy.to_string(),
+            "torch": torch.__version__, "num_threads": torch.get_num_threads()}
+    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    def say(msg: str) -> None:
+        if progress:
+            tqdm.write(msg, file=log)
+        else:
+            print(msg, file=log, flush=True)
+
+    say(f"{config.dataset}: {dataset.num_examples('train')} train / {dataset.num_examples('val')} val, "
+        f"T={config.T}, strategy={strategy.to_string()}, run folder {out}")
+    n_batches = dataset.num_batches("train", config.batch_size)
+    start = time.perf_counter()
+    val_acc, best, peak = float("nan"), 0.0, 0
+    with open(out / "metrics.jsonl", "w") as metrics:
+        for epoch in range(1, config.epochs + 1):
+            t0 = time.perf_counter()
+            model.train()
+            loss_sum, correct, seen, epoch_peak = 0.0, 0, 0, 0
+            batches = dataset.batches("train", config.batch_size, seed=_batch_seed(config.seed, epoch))
+            bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch}/{config.epochs}",
+                       leave=False, disable=not progress, file=sys.stderr, dynamic_ncols=True)
+            for i, (x, y) in enumerate(bar):
+                opt.zero_grad(set_to_none=True)
+                if i == 0:
+                    with trace() as t:
+                        logits = model(x)
+                        loss = F.cross_entropy(logits, y)
+                        loss.backward()
+                    epoch_peak = t.peak_stored_bytes
+                else:
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y)
+                    loss.backward()
+                opt.step()
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"training diverged: loss {loss.item()} at epoch {epoch}, "
+                                             f"batch {i}; lower --lr (now {config.lr})")
+                loss_sum += loss.item() * len(y)
+                correct += int((logits.argmax(-1) == y).sum())
+                seen += len(y)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            bar.close()
+            val_acc = evaluate(model, dataset, "val", config.batch_size, _batch_seed(config.seed, 0))
+            best, peak = max(best, val_acc), max(peak, epoch_peak)
+            row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                   "val_acc": val_acc, "seconds": time.perf_counter() - t0,
+                   "peak_stored_bytes": epoch_peak}
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            say(f"epoch {epoch:3d}/{config.epochs}  loss {row['train_loss']:.4f}  "
+                f"train_acc {row['train_acc']:.4f}  val_acc {val_acc:.4f}  {row['seconds']:.1f}s")
+    seconds = time.perf_counter() - start
+    summary = {"val_acc": val_acc, "best_val_acc": best, "seconds": seconds,
+               "peak_stored_bytes": peak, "out": str(out)}
+    say(f"done: val_acc {val_acc:.4f} (best {best:.4f}), {seconds:.1f}s wall, "
+        f"peak stored {peak} bytes ({peak / 2**20:.2f} MiB) with {strategy.to_string()}; "
+        f"metrics in {out / 'metrics.jsonl'}")
+    return summary
