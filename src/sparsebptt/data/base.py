@@ -47,6 +47,16 @@ class RateCodedDataset:
         if split not in SPLITS:
             raise ValueError(f"{self.name}: unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
 
+    def features(self, split: str) -> torch.Tensor:
+        """The static features of ``split`` (N, input_size), float32 in [0, 1], in split order."""
+        self._check_split(split)
+        return self._features[split]
+
+    def labels(self, split: str) -> torch.Tensor:
+        """The labels of ``split`` (N,), int64, in split order (the order of unshuffled batches)."""
+        self._check_split(split)
+        return self._labels[split]
+
     def num_examples(self, split: str) -> int:
         self._check_split(split)
         return len(self._labels[split])

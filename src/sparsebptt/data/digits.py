@@ -22,6 +22,8 @@ class DigitsSpikes(RateCodedDataset):
         max_rate: spike probability per step of a full-intensity pixel (16), in (0, 1].
         val_fraction: share of the examples held out for validation, in (0, 1).
         split_seed: seed of the stratified train/validation split.
+
+    ``indices[split]`` holds the rows of ``sklearn.datasets.load_digits`` in each split.
     """
 
     name = "digits-spikes"
@@ -41,8 +43,10 @@ class DigitsSpikes(RateCodedDataset):
                                   random_state=split_seed)
         features = torch.as_tensor(images, dtype=torch.float32) / 16.0  # [N, 64] in [0, 1]
         targets = torch.as_tensor(labels, dtype=torch.int64)
+        self.indices: dict[str, torch.Tensor] = {}
         for split, idx in (("train", tr), ("val", va)):
             idx = torch.as_tensor(sorted(idx))
+            self.indices[split] = idx
             self._features[split] = features[idx]
             self._labels[split] = targets[idx]
         self.val_fraction = float(val_fraction)

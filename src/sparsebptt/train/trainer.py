@@ -50,10 +50,13 @@ class TrainConfig:
     strategy: string for `sb.parse_strategy` ("full", "checkpoint:8", "revolve:4", ...).
     beta, threshold: LIF membrane decay per step and firing threshold.
     seed: seeds the initial weights and every batch (order and spikes).
+    threads: torch intra-op threads while training (restored afterwards). The default 1 is the
+        fastest for these small matmuls and, on a shared machine, avoids the oversubscription
+        that made a 2-thread run 50x slower on 2 busy cores; raise it for large hidden sizes.
     """
 
     dataset: str = "digits-spikes"
-    T: int = 16
+    T: int = 25
     epochs: int = 20
     batch_size: int = 64
     hidden: int = 128
@@ -63,6 +66,17 @@ class TrainConfig:
     beta: float = 0.9
     threshold: float = 1.0
     seed: int = 0
+    threads: int = 1
+
+    def __post_init__(self):
+        for name in ("T", "epochs", "batch_size", "hidden", "layers", "threads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig: {name} must be a positive int, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
+            raise ValueError(f"TrainConfig: lr must be a positive number, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"TrainConfig: seed must be an int, got {self.seed!r}")
 
 
 class SpikingClassifier(nn.Module):
@@ -97,6 +111,12 @@ def build_model(config: TrainConfig, input_size: int, num_classes: int) -> Spiki
 def default_out_dir() -> Path:
     """``runs/<timestamp>`` under the current directory."""
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
 
 
 def _batch_seed(seed: int, epoch: int) -> int:
@@ -139,8 +159,16 @@ def train(config: TrainConfig, out: "str | Path | None" = None, *, progress: boo
         The summary: ``val_acc`` (final), ``best_val_acc``, ``seconds`` (wall, training and
         validation), ``peak_stored_bytes`` (max over epochs) and ``out``.
     """
-    log = sys.stdout if log is None else log
     strategy = parse_strategy(config.strategy)  # fail before any work on a bad string
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _train(config, strategy, out, progress, sys.stdout if log is None else log)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log) -> dict:
     dataset = get_dataset(config.dataset, config.T)
     torch.manual_seed(config.seed)
     model = build_model(config, dataset.input_size, dataset.num_classes)
@@ -148,7 +176,7 @@ def train(config: TrainConfig, out: "str | Path | None" = None, *, progress: boo
 
     out = _prepare_out(default_out_dir() if out is None else out)
     meta = {**dataclasses.asdict(config), "strategy": strategy.to_string(),
-            "torch": torch.__version__, "num_threads": torch.get_num_threads()}
+            "sparsebptt": _version(), "torch": torch.__version__}
     (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     def say(msg: str) -> None:
@@ -182,11 +210,12 @@ def train(config: TrainConfig, out: "str | Path | None" = None, *, progress: boo
                     logits = model(x)
                     loss = F.cross_entropy(logits, y)
                     loss.backward()
-                opt.step()
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"training diverged: loss {loss.item()} at epoch {epoch}, "
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"training diverged: loss {loss_value} at epoch {epoch}, "
                                              f"batch {i}; lower --lr (now {config.lr})")
-                loss_sum += loss.item() * len(y)
+                opt.step()
+                loss_sum += loss_value * len(y)
                 correct += int((logits.argmax(-1) == y).sum())
                 seen += len(y)
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
