@@ -11,7 +11,12 @@ from helpers import make_cell, run
 
 CELLS = ["lif", "lif-zero", "gru", "lstm", "stack", "user"]
 STRATEGIES = [sb.Checkpoint(every=1), sb.Checkpoint(every=4), sb.Checkpoint(every=7),
-              sb.Revolve(slots=1), sb.Revolve(slots=2), sb.Revolve(slots=5)]
+              sb.Revolve(slots=1), sb.Revolve(slots=2), sb.Revolve(slots=5),
+              sb.DoubleCheckpoint(outer=10, inner=3, outer_storage="host"),
+              sb.DoubleCheckpoint(outer=8, inner=8, outer_storage="disk"),
+              sb.DoubleCheckpoint(outer=40, inner=7, outer_storage="disk"),
+              sb.DoubleCheckpoint.optimal(fast_slots=2, slow_slots=3, outer_storage="host"),
+              sb.DoubleCheckpoint.optimal(fast_slots=1, slow_slots=2, outer_storage="disk")]
 _REF: dict = {}
 
 
@@ -31,7 +36,7 @@ def compare(ref, got, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("B", [1, 3], ids=lambda b: f"B{b}")
 @pytest.mark.parametrize("T", [1, 2, 37, 100], ids=lambda t: f"T{t}")
-@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.to_string())
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.to_string() + getattr(s, "outer_storage", ""))
 @pytest.mark.parametrize("kind", CELLS)
 def test_exact_strategy_equals_full_bptt(kind, strategy, T, B, dtype):
     ref = reference(kind, T, B, dtype)

@@ -6,10 +6,12 @@
 """
 from . import cells
 from .scan import REDUCES, scan
-from .strategies import Checkpoint, FullBPTT, Revolve, Strategy, parse_strategy
+from .strategies import (Checkpoint, DoubleCheckpoint, FullBPTT, Revolve, Strategy, TwoLevelRevolve,
+                         parse_strategy)
 from .trace import Trace, trace
 
 __version__ = "0.1.0"
 
-__all__ = ["cells", "scan", "REDUCES", "Checkpoint", "FullBPTT", "Revolve", "Strategy",
+__all__ = ["cells", "scan", "REDUCES", "Checkpoint", "DoubleCheckpoint", "FullBPTT", "Revolve",
+           "TwoLevelRevolve", "Strategy",
            "parse_strategy", "Trace", "trace", "__version__"]

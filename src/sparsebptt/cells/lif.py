@@ -88,6 +88,7 @@ class LIF(Cell):
         self.params = LIFParams(beta, threshold, reset, surrogate, surrogate_scale, detach_reset)
         self.recurrent = recurrent
         self.num_states = 2 if recurrent else 1
+        self.binary_states = (False, True) if recurrent else (False,)  # spikes are stored bit-packed
         self.weight = nn.Parameter(torch.empty(hidden_size, input_size))
         self.bias = nn.Parameter(torch.empty(hidden_size)) if bias else None
         self.recurrent_weight = nn.Parameter(torch.empty(hidden_size, hidden_size)) if recurrent else None

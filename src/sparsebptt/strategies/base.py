@@ -27,6 +27,7 @@ class Strategy:
     name: ClassVar[str] = ""
     usage: ClassVar[str] = ""
     exact: ClassVar[bool] = True
+    n_args: ClassVar[int] = 1  # integers in the string form
 
     def schedule(self, T: int) -> Iterable:
         """The actions that run a scan of length T (see `checkpoint_schedules`)."""
@@ -36,6 +37,11 @@ class Strategy:
         """How many checkpoints this schedule holds at once in fast memory, at most."""
         raise NotImplementedError
 
+    def slow_slots(self, T: int) -> int:
+        """How many checkpoints it holds at once in slow storage, at most. Strategies with slow
+        slots also have ``slow_storage`` ("host" or "disk") and ``disk_dir``."""
+        return 0
+
     def run(self, cell, x, state0, reduce, params, preserve_rng=True):
         """Run ``cell`` over ``x`` under this strategy; returns (out, state_T)."""
         from .executor import run_schedule
@@ -44,6 +50,8 @@ class Strategy:
 
     @classmethod
     def from_args(cls, args: list[int]) -> "Strategy":
+        if len(args) != cls.n_args:
+            raise TypeError(f"{cls.name} takes {cls.n_args} arguments, got {len(args)}")
         return cls(*args)
 
     def to_string(self) -> str:

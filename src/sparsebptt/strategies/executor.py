@@ -18,45 +18,10 @@ import torch
 from checkpoint_schedules import (Copy, EndForward, EndReverse, Forward, Move, Reverse,
                                   StorageType)
 
+from ..storage import binary_states_of, make_store
 from ..trace import current_trace, recomputing, saving
 
-__all__ = ["run_schedule", "SlotStore", "Reducer"]
-
-
-class SlotStore:
-    """Preallocated fast-memory slots for checkpointed states, keyed by time step."""
-
-    def __init__(self, template: tuple[torch.Tensor, ...], n_slots: int, trace=None):
-        self.buffers = [torch.empty((n_slots,) + tuple(s.shape), dtype=s.dtype, device=s.device)
-                        for s in template]
-        self.nbytes = sum(b.numel() * b.element_size() for b in self.buffers)
-        self.free = list(range(n_slots - 1, -1, -1))
-        self.slot_of: dict[int, int] = {}
-        self.trace = trace
-        if trace is not None:
-            trace.add_stored(self.nbytes)
-
-    def save(self, n: int, state) -> None:
-        if not self.free:
-            raise RuntimeError(f"schedule stores more checkpoints than the {len(self.buffers[0])} "
-                               "slots its strategy declared (a bug in the strategy)")
-        slot = self.free.pop()
-        for buf, s in zip(self.buffers, state):
-            buf[slot].copy_(s)
-        self.slot_of[n] = slot
-
-    def load(self, n: int, release: bool) -> tuple[torch.Tensor, ...]:
-        slot = self.slot_of[n]
-        state = tuple(buf[slot].clone() for buf in self.buffers)
-        if release:
-            del self.slot_of[n]
-            self.free.append(slot)
-        return state
-
-    def close(self) -> None:
-        if self.trace is not None and self.buffers:
-            self.trace.add_stored(-self.nbytes)
-        self.buffers = []
+__all__ = ["run_schedule", "Reducer"]
 
 
 class Reducer:
@@ -134,10 +99,10 @@ class _Run:
     params: list
     reduce: str | None
     actions: object
-    n_slots: int
+    strategy: object
     preserve_rng: bool
     trace: object = None
-    store: SlotStore | None = None
+    stores: dict = field(default_factory=dict)
     rng: dict = field(default_factory=dict)
     segments: dict = field(default_factory=dict)
     reducer: Reducer | None = None
@@ -185,7 +150,7 @@ def _forward_action(run: _Run, a: Forward, work, recompute: bool):
     if a.write_ics:
         if a.storage == StorageType.WORK:
             raise NotImplementedError("schedules that store a restart state in WORK are not supported")
-        run.store.save(a.n0, state)
+        run.stores[a.storage].save(a.n0, state)
         if run.preserve_rng:
             run.rng[a.n0] = _rng_state(run.x.device)
     trace = run.trace
@@ -239,6 +204,16 @@ def _reverse(run: _Run, seg: _Segment, dout, dstate, grads):
     return new_dstate
 
 
+def _close(run: _Run) -> None:
+    for store in run.stores.values():
+        store.close()
+    run.stores.clear()
+    if run.trace is not None:
+        for seg in run.segments.values():
+            run.trace.add_stored(-seg.held_bytes)
+    run.segments.clear()
+
+
 def _autocast(run: _Run):
     enabled, dtype = run.autocast
     if not enabled:
@@ -253,16 +228,25 @@ class _ScheduledScan(torch.autograd.Function):
         state0 = tuple(flat[:n_state])
         dev = x.device.type
         run.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        run.store = SlotStore(state0, run.n_slots, run.trace)
-        work = (0, state0)
-        for a in run.actions:
-            if isinstance(a, Forward):
-                work = _forward_action(run, a, work, recompute=False)
-            elif isinstance(a, EndForward):
-                break
-            else:
-                raise RuntimeError(f"unexpected action {a!r} in the forward part of the schedule")
         T = x.shape[0]
+        st = run.strategy
+        binary = binary_states_of(run.cell, n_state)
+        try:
+            run.stores[StorageType.RAM] = make_store("device", state0, st.fast_slots(T), binary, run.trace)
+            if st.slow_slots(T):
+                run.stores[StorageType.DISK] = make_store(st.slow_storage, state0, st.slow_slots(T), binary,
+                                                          run.trace, getattr(st, "disk_dir", None))
+            work = (0, state0)
+            for a in run.actions:
+                if isinstance(a, Forward):
+                    work = _forward_action(run, a, work, recompute=False)
+                elif isinstance(a, EndForward):
+                    break
+                else:
+                    raise RuntimeError(f"unexpected action {a!r} in the forward part of the schedule")
+        except BaseException:
+            _close(run)
+            raise
         if work[0] != T:
             raise RuntimeError(f"schedule ended its forward at step {work[0]}, expected {T}")
         ctx.run = run
@@ -301,7 +285,10 @@ class _ScheduledScan(torch.autograd.Function):
                     elif isinstance(a, (Copy, Move)):
                         if a.to_storage != StorageType.WORK:
                             raise NotImplementedError(f"action {a!r}: only restores to WORK are supported")
-                        work = (a.n, run.store.load(a.n, release=isinstance(a, Move)))
+                        store = run.stores.get(a.from_storage)
+                        if store is None:
+                            raise RuntimeError(f"action {a!r} restores from a storage the strategy did not declare")
+                        work = (a.n, store.load(a.n, release=isinstance(a, Move)))
                         if run.preserve_rng:
                             rng = run.rng.pop(a.n) if isinstance(a, Move) else run.rng[a.n]
                             _set_rng_state(rng, x.device)
@@ -312,8 +299,7 @@ class _ScheduledScan(torch.autograd.Function):
                     else:
                         raise RuntimeError(f"unexpected action {a!r} in the reverse part of the schedule")
         finally:
-            run.store.close()
-            run.segments.clear()
+            _close(run)
         if pos != 0:
             raise RuntimeError(f"schedule ended its reverse sweep at step {pos}, expected 0")
         dstate0 = [g if need else None for g, need in zip(dstate, ctx.needs_input_grad[2:2 + ctx.n_state])]
@@ -327,7 +313,7 @@ def run_schedule(cell, x, state0, strategy, reduce, params, preserve_rng=True):
     T = x.shape[0]
     trace = current_trace()
     run = _Run(cell=cell, x=x, params=list(params), reduce=reduce, actions=iter(strategy.schedule(T)),
-               n_slots=strategy.fast_slots(T), preserve_rng=preserve_rng, trace=trace,
+               strategy=strategy, preserve_rng=preserve_rng, trace=trace,
                reducer=Reducer(reduce, T), state0_grad=tuple(s.requires_grad for s in state0))
     outs = _ScheduledScan.apply(run, x, *state0, *run.params)
     return outs[0], tuple(outs[1:])

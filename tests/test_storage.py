@@ -1,0 +1,157 @@
+"""Storage levels: bit-packing, disk files removed in every case, clear errors."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import sparsebptt as sb
+from sparsebptt.storage import DiskStore, make_store, pack_bits, unpack_bits
+from sparsebptt.testing import seeded
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (16, 256), (2, 3, 9)])
+def test_bit_packing_roundtrip(shape):
+    z = seeded(0, *shape, dtype=torch.float32, kind="spikes", p=0.4)
+    packed = pack_bits(z)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-z.numel() // 8)
+    assert torch.equal(unpack_bits(packed, shape, torch.float32), z)
+
+
+@pytest.mark.parametrize("storage", ["device", "host", "disk"])
+def test_store_roundtrip_exact(storage, tmp_path):
+    v = seeded(0, 4, 6)
+    z = seeded(1, 4, 6, kind="spikes")
+    store = make_store(storage, (v, z), 3, binary=(False, True), disk_dir=str(tmp_path))
+    for n in (5, 9, 11):
+        store.save(n, (v + n, z))
+    for n in (11, 5):
+        got = store.load(n, release=True)
+        assert torch.equal(got[0], v + n) and torch.equal(got[1], z)
+    store.save(20, (v, z))  # the released slots are reused
+    store.close()
+    assert not list(tmp_path.iterdir())
+
+
+def test_recurrent_lif_spikes_stored_packed():
+    cell = sb.cells.LIF(4, 64, recurrent=True)
+    x = seeded(0, 40, 8, 4, dtype=torch.float32, kind="spikes")
+    with sb.trace() as t:
+        y, _ = sb.scan(cell, x, strategy=sb.DoubleCheckpoint(10, 5, "host"))
+        y.sum().backward()
+    # 3 slow slots of (v: 8*64*4 bytes + z packed: 8*64/8 bytes)
+    assert t.peak_offloaded_bytes == 3 * (8 * 64 * 4 + 8 * 64 // 8)
+
+
+def _disk_files(folder):
+    return [p for p in folder.rglob("*")]
+
+
+def test_disk_file_removed_after_backward(tmp_path):
+    cell = sb.cells.GRU(3, 5)
+    y, _ = sb.scan(cell, torch.randn(30, 2, 3), strategy=sb.DoubleCheckpoint(8, 2, "disk", disk_dir=str(tmp_path)))
+    assert len(_disk_files(tmp_path)) == 2  # folder + file while the graph lives
+    y.sum().backward()
+    assert _disk_files(tmp_path) == []
+
+
+def test_disk_file_removed_when_graph_dropped(tmp_path):
+    cell = sb.cells.GRU(3, 5)
+    y, _ = sb.scan(cell, torch.randn(30, 2, 3), strategy=sb.DoubleCheckpoint(8, 2, "disk", disk_dir=str(tmp_path)))
+    del y, _
+    import gc
+    gc.collect()
+    assert _disk_files(tmp_path) == []
+
+
+def test_disk_file_removed_after_exception(tmp_path):
+    class Exploding(torch.nn.Module):
+        def initial_state(self, b, device=None, dtype=None):
+            return (torch.zeros(b, 2, dtype=dtype),)
+
+        def step(self, x_t, state):
+            if x_t[0, 0] > 100:
+                raise ArithmeticError("boom")
+            return state[0] + x_t, (state[0] + x_t,)
+
+    x = torch.zeros(30, 1, 2)
+    x[25, 0, 0] = 1000
+    with pytest.raises(ArithmeticError, match="boom"):
+        sb.scan(Exploding(), x, strategy=sb.DoubleCheckpoint(8, 2, "disk", disk_dir=str(tmp_path)))
+    assert _disk_files(tmp_path) == []
+
+
+def test_disk_full_is_a_clear_error(tmp_path, monkeypatch):
+    def no_space(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(RuntimeError, match="not enough space for disk checkpoints.*needs 480 bytes"):
+        DiskStore((torch.zeros(2, 5),), 12, disk_dir=str(tmp_path))
+    assert _disk_files(tmp_path) == []
+
+
+def test_disk_write_failure_removes_file(tmp_path, monkeypatch):
+    store = DiskStore((torch.zeros(2, 5),), 2, disk_dir=str(tmp_path))
+
+    def failing(fd, data, offset):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    with pytest.raises(RuntimeError, match="writing a disk checkpoint.*No space left.*removed"):
+        store.save(3, (torch.ones(2, 5),))
+    assert _disk_files(tmp_path) == []
+
+
+def test_disk_dir_not_writable(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(ValueError, match="disk_dir .*ro' is not writable"):
+            sb.DoubleCheckpoint(8, 2, "disk", disk_dir=str(ro))
+    finally:
+        ro.chmod(0o700)
+
+
+def test_disk_dir_missing(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        sb.DoubleCheckpoint(8, 2, "disk", disk_dir=str(tmp_path / "nope"))
+
+
+def test_unknown_storage_lists_valid():
+    with pytest.raises(ValueError, match="unknown outer_storage 'ssd'; valid storages are: device, host, disk"):
+        sb.DoubleCheckpoint(8, 2, "ssd")
+    with pytest.raises(ValueError, match="must be a slow storage"):
+        sb.DoubleCheckpoint(8, 2, "device")
+
+
+@pytest.mark.parametrize("outer,inner,match", [(8, 0, "inner must be a positive int"),
+                                               (4, 8, "outer must be >= inner, got outer=4, inner=8"),
+                                               (0, 1, "outer must be a positive int")])
+def test_double_bad_sizes(outer, inner, match):
+    with pytest.raises(ValueError, match=match):
+        sb.DoubleCheckpoint(outer, inner)
+
+
+def test_parse_double():
+    assert sb.parse_strategy("double:1024,32") == sb.DoubleCheckpoint(1024, 32)
+    assert sb.parse_strategy("double-optimal:8,4") == sb.DoubleCheckpoint.optimal(8, 4)
+    with pytest.raises(ValueError, match="expected the form 'double:OUTER,INNER'"):
+        sb.parse_strategy("double:1024")
+
+
+def test_double_memory_below_checkpoint():
+    """At T=4096 DoubleCheckpoint(512, 16) holds <= 0.6x the fast bytes of Checkpoint(64)."""
+    net = sb.cells.Stack([sb.cells.LIF(8, 32), sb.cells.LIF(32, 32)])
+    x = seeded(0, 4096, 2, 8, dtype=torch.float32, kind="spikes", p=0.2)
+    peaks = {}
+    for st in [sb.Checkpoint(64), sb.DoubleCheckpoint(512, 16, "host")]:
+        with sb.trace() as t:
+            y, _ = sb.scan(net, x, strategy=st, reduce="sum")
+            y.sum().backward()
+        peaks[st.name] = t.peak_stored_bytes
+    assert peaks["double"] <= 0.6 * peaks["checkpoint"], peaks
