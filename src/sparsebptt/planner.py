@@ -1,0 +1,201 @@
+"""Memory and time model of (cell, shape, strategy), and `sb.plan` for a memory budget.
+
+The model counts what `sb.trace` counts. From two tiny traced runs of the real cell at the real
+batch size it measures the bytes autograd saves per step (``G``), the bytes of one state
+(``S``, and ``S_enc`` as stored: spikes bit-packed) and of one output (``Y``). A strategy's
+schedule then gives the rest exactly:
+
+    fast bytes = fast_slots * S_enc + (longest graph segment) * (G + Y) + S
+    (Y counted once, not per step, for reduce="last")
+    slow bytes = slow_slots * S_enc
+    time       = cell-step evaluations = T + recomputed steps (the backward is the same for all)
+
+`plan` returns the fastest candidate whose fast bytes fit the budget.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from math import comb
+
+import torch
+from checkpoint_schedules import EndReverse, Forward
+
+from .storage import binary_states_of
+from .strategies import Checkpoint, DoubleCheckpoint, FullBPTT, Revolve, Strategy, TwoLevelRevolve
+from .strategies.revolve import binomial_repetitions
+from .trace import trace
+
+__all__ = ["StepCosts", "Estimate", "measure", "estimate", "plan", "candidates", "parse_bytes",
+           "format_bytes"]
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3,
+          "gb": 1000 ** 3, "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1024, "mib": 1024 ** 2,
+          "gib": 1024 ** 3, "tib": 1024 ** 4}
+
+
+def parse_bytes(budget) -> int:
+    """``4096``, ``"512MiB"``, ``"1.5GiB"``, ``"200MB"``, ``"2G"`` -> bytes (KiB/MiB/GiB are 1024^n)."""
+    if isinstance(budget, bool):
+        raise TypeError("budget: expected a byte count or a string such as '512MiB', got a bool")
+    if isinstance(budget, (int, float)):
+        if budget <= 0:
+            raise ValueError(f"budget must be positive, got {budget!r}")
+        return int(budget)
+    if not isinstance(budget, str):
+        raise TypeError(f"budget: expected a byte count or a string such as '512MiB', got {type(budget).__name__}")
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", budget)
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise ValueError(f"cannot parse memory budget {budget!r}; accepted forms: a number of bytes "
+                         "(4096) or a number with a unit: B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, "
+                         "GiB, TiB (powers of 1024), e.g. '512MiB', '1.5GiB'")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"memory budget must be positive, got {budget!r}")
+    return value
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Bytes of one state as held (S) and as stored (S_enc), per-step saved bytes G, output Y."""
+
+    state_bytes: int
+    stored_state_bytes: int
+    saved_per_step: float
+    output_bytes: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    strategy: Strategy
+    fast_bytes: int
+    slow_bytes: int
+    steps: int  # cell-step evaluations, forward and recomputation
+    T: int
+
+    @property
+    def recompute_factor(self) -> float:
+        return self.steps / self.T
+
+
+def measure(cell, shape, reduce="sum", dtype=None, device=None) -> StepCosts:
+    """Measure the per-step costs of ``cell`` at batch size ``shape[1]`` with two tiny traced runs."""
+    from .scan import scan
+
+    T, B, n_in = shape
+    p = next(cell.parameters(), None) if hasattr(cell, "parameters") else None
+    dtype = dtype or (p.dtype if p is not None else torch.get_default_dtype())
+    device = device or (p.device if p is not None else torch.device("cpu"))
+    state = cell.initial_state(B, device=device, dtype=dtype)
+    binary = binary_states_of(cell, len(state))
+    S = sum(s.numel() * s.element_size() for s in state)
+    S_enc = sum(-(-s.numel() // 8) if b else s.numel() * s.element_size() for s, b in zip(state, binary))
+    peaks, out_bytes = [], 0
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for L in (2, 6):
+        x = torch.rand(L, B, n_in, generator=g).to(device=device, dtype=dtype)
+        with trace() as t:
+            y, st = scan(cell, x, strategy=FullBPTT(), reduce=reduce)
+        peaks.append(t.peak_stored_bytes)
+        out_bytes = y.numel() * y.element_size() if reduce is not None else y[0].numel() * y.element_size()
+        del y, st
+    G = max(peaks[1] - peaks[0], 0) / 4
+    return StepCosts(S, S_enc, G, out_bytes)
+
+
+def _walk(strategy: Strategy, T: int):
+    """(recomputed steps, longest graph segment) by walking the schedule."""
+    recomputed, longest, forward_done = 0, 0, False
+    from checkpoint_schedules import EndForward
+
+    for a in strategy.schedule(T):
+        if isinstance(a, Forward):
+            if forward_done:
+                recomputed += a.n1 - a.n0
+            if a.write_adj_deps:
+                longest = max(longest, a.n1 - a.n0)
+        elif isinstance(a, EndForward):
+            forward_done = True
+        elif isinstance(a, EndReverse):
+            break
+    return recomputed, longest
+
+
+def _counts(strategy: Strategy, T: int):
+    if isinstance(strategy, FullBPTT):
+        return 0, T
+    if isinstance(strategy, (Revolve, TwoLevelRevolve)):
+        s = strategy.slots if isinstance(strategy, Revolve) else strategy.fast + strategy.slow
+        s = min(s, max(T - 1, 1))
+        r = binomial_repetitions(T, s)
+        return r * T - comb(s + r, s + 1), 1
+    return _walk(strategy, T)
+
+
+def estimate(cell, shape, strategy: Strategy, reduce="sum", costs: StepCosts | None = None) -> Estimate:
+    """Modelled peak fast bytes, slow bytes and cell-step evaluations of one forward+backward."""
+    T = shape[0]
+    c = costs or measure(cell, shape, reduce)
+    recomputed, longest = _counts(strategy, T)
+    if isinstance(strategy, FullBPTT):
+        fast = T * c.saved_per_step
+        slow = 0
+    else:
+        held_outputs = 1 if reduce == "last" else longest  # outputs kept for the reverse sweep
+        fast = (strategy.fast_slots(T) * c.stored_state_bytes + longest * c.saved_per_step
+                + held_outputs * c.output_bytes + c.state_bytes)
+        slow = strategy.slow_slots(T) * c.stored_state_bytes
+    return Estimate(strategy, int(fast), int(slow), T + recomputed, T)
+
+
+def candidates(T: int, slow_storage: str = "host", disk_dir=None) -> list[Strategy]:
+    """The strategies `plan` chooses among for sequence length T."""
+    out: list[Strategy] = [FullBPTT()]
+    pows = [2 ** i for i in range(0, 21) if 2 ** i < T]
+    sq = max(1, round(T ** 0.5))
+    for k in sorted(set(pows + [sq])):
+        out.append(Checkpoint(k))
+    for inner in pows:
+        for outer in pows:
+            if inner < outer < T and outer // inner >= 4:
+                out.append(DoubleCheckpoint(outer, inner, slow_storage, disk_dir))
+    for s in sorted(set([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256])):
+        if s < T:
+            out.append(Revolve(s))
+    return out
+
+
+def plan(cell, shape, budget, *, reduce="sum", slow_storage="host", disk_dir=None,
+         return_table=False):
+    """The fastest strategy whose peak fast-memory bytes fit ``budget`` (bytes or "512MiB").
+
+    Raises ValueError naming the smallest feasible budget and its plan when nothing fits.
+    With ``return_table`` returns (strategy, [Estimate, ...] sorted by time).
+    """
+    if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 3):
+        raise ValueError(f"sb.plan: shape must be (T, B, input_size), got {shape!r}")
+    T = int(shape[0])
+    if T < 1:
+        raise ValueError(f"sb.plan: T must be >= 1, got {T}")
+    limit = parse_bytes(budget)
+    costs = measure(cell, shape, reduce)
+    table = [estimate(cell, shape, s, reduce, costs) for s in candidates(T, slow_storage, disk_dir)]
+    table.sort(key=lambda e: (e.steps, e.slow_bytes, e.fast_bytes))
+    fits = [e for e in table if e.fast_bytes <= limit]
+    if not fits:
+        smallest = min(table, key=lambda e: (e.fast_bytes, e.steps))
+        raise ValueError(f"sb.plan: no strategy fits a budget of {format_bytes(limit)} for T={T}, "
+                         f"B={shape[1]}; the smallest feasible budget is {format_bytes(smallest.fast_bytes)} "
+                         f"({smallest.fast_bytes} bytes) with {smallest.strategy.to_string()} "
+                         f"({smallest.recompute_factor:.1f}x the forward steps)")
+    best = fits[0]
+    return (best.strategy, table) if return_table else best.strategy
