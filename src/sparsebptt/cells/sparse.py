@@ -1,0 +1,246 @@
+"""Matmuls over the active columns only, with a backward that skips the same columns.
+
+``sparse_linear(x, weight, mask)`` computes ``(x * mask) @ weight.T`` (plus ``add_to``), where
+``mask`` [B, in] marks the active entries of ``x`` (delta above threshold, events, spikes). Only
+active columns of ``weight`` are read, in the forward and in the backward:
+
+- forward:   y[b]          = sum_{j active in b} x[b, j] * W[:, j]
+- backward:  dx[b, j]      = g[b] . W[:, j]                 for active (b, j) only, else 0
+             dW[:, j]     += sum_b g[b] * x[b, j]            for active columns j only
+
+This is the exact gradient of the masked product (``mask`` is a constant: thresholding is
+piecewise constant). MACs done are counted in an active `sb.trace` (forward, and backward when
+autograd runs it), so the counters fall with activity exactly as the work does.
+
+How a batch shares the active set (``active_set``), chosen by measurement (BENCHMARKS.md,
+"Delta RNN sparsity"):
+
+- ``"union"``: the columns active in *any* sample are gathered (``index_select`` of rows of the
+  cached ``W.T``) and one smaller dense matmul runs over them. Work ``B * |union| * out`` at
+  GEMM speed; good when the samples' active sets overlap (correlated inputs), useless when
+  B = 16 samples are independently 10 % active (the union is then ~80 %).
+- ``"sample"``: every sample's own active entries (a CSR-like list of (b, j)), run with
+  ``F.embedding_bag`` (per-sample weights, sum mode) and row gathers in the backward. Work
+  ``nnz * out`` but at vector (not GEMM) speed: ~4x slower per MAC than the union's GEMM on one
+  CPU core, so it wins only where ``nnz`` is well below ``B * |union|``.
+- ``"auto"`` (default): per call, ``"sample"`` if ``SAMPLE_COST * nnz < B * |union|`` else
+  ``"union"`` (with B = 1 the two do the same MACs and ``"sample"`` is taken).
+
+Weight gradients along a chain. A delta memory is updated every step, ``m_t = m_{t-1} + W dx_t``.
+Returning a full-size dW from every step would cost a dense [out, in] write and add per step,
+however few columns were active. So when ``add_to`` is the output of an earlier `sparse_linear`
+with the same weight, the two calls share one accumulator: each step's backward adds only its
+active rows into it (``index_add_``), and the first call of the chain (whose backward autograd
+runs last, as every later call depends on its output) hands the whole sum to the weight. The
+accumulator is tied to the autograd graph task, so a partial backward never leaks into another.
+The chain also holds the weight's transposed copy (`transposed_weight`), made at the chain's
+first call: one weight-sized copy per scan or recomputed segment, never a cache that could go
+stale when a weight is edited in place (through ``.data`` the version counter does not move).
+A chain never spans a change of grad mode: a no-grad call and a graph call start new chains.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..trace import current_trace
+
+__all__ = ["ACTIVE_SETS", "SAMPLE_COST", "sparse_linear", "transposed_weight"]
+
+ACTIVE_SETS = ("auto", "union", "sample")
+
+#: cost of one MAC of the per-sample path relative to one MAC of the union's GEMM (measured on
+#: one CPU core, H = 1024, B = 16; see benchmarks/sparsity.py --active-set)
+SAMPLE_COST = 4.0
+
+_CHAIN_ATTR = "_sb_weight_grad_chain"
+
+
+def transposed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight.T`` as a new contiguous tensor [in, out]: its rows are the columns of ``weight``.
+
+    Gathering rows of ``W.T`` is ~6x faster than gathering columns of ``W`` on a CPU, so every
+    chain of `sparse_linear` calls (one scan, or one recomputed segment) makes this copy once at
+    its first call and reuses it; a call without a chain makes its own unless given ``weight_t``.
+    """
+    return weight.detach().t().contiguous()
+
+
+class _Plan:
+    """Which entries are active and how the product runs over them."""
+
+    __slots__ = ("mode", "idx", "rows", "cols", "offsets", "macs_per_out")
+
+    def __init__(self, x: torch.Tensor, mask: torch.Tensor, active_set: str):
+        B = x.shape[0]
+        if active_set == "sample" or B == 1:
+            mode = "sample"
+        else:
+            union = mask.any(0)
+            k = int(union.sum())
+            if active_set == "union":
+                mode = "union"
+            else:
+                nnz = int(mask.sum())
+                mode = "sample" if SAMPLE_COST * nnz < B * k else "union"
+        self.mode = mode
+        if mode == "union":
+            self.idx = union.nonzero().squeeze(1)  # [k]
+            self.macs_per_out = B * self.idx.numel()
+            self.rows = self.cols = self.offsets = None
+        else:
+            nz = mask.nonzero()  # [nnz, 2], sorted by sample
+            self.rows, self.cols = nz[:, 0], nz[:, 1]
+            self.offsets = torch.searchsorted(self.rows, torch.arange(B, device=x.device))
+            self.macs_per_out = self.rows.numel()
+            self.idx = None
+
+
+def _forward(add_to, x, mask, wt, plan: _Plan):
+    """``add_to + (x * mask) @ wt`` over the active entries; returns (y, saved values)."""
+    B, out = x.shape[0], wt.shape[1]
+    if plan.mode == "union":
+        xa = (x * mask).index_select(1, plan.idx)  # [B, k]
+        wa = wt.index_select(0, plan.idx)  # [k, out]
+        y = xa @ wa if add_to is None else torch.addmm(add_to, xa, wa)
+        return y, xa
+    vals = x[plan.rows, plan.cols]  # [nnz]
+    if plan.rows.numel() == 0:
+        y = x.new_zeros(B, out)
+    else:
+        y = F.embedding_bag(plan.cols, wt, plan.offsets, mode="sum", per_sample_weights=vals)  # [B, out]
+    return (y if add_to is None else add_to + y), vals
+
+
+class _Chain:
+    """What consecutive calls on one delta memory share: the weight, its transposed copy, and
+    (with autograd) the weight gradient, kept as rows of dW.T until the chain's first call hands
+    it to the weight."""
+
+    __slots__ = ("weight", "wt", "graph", "buf", "task")
+
+    def __init__(self, weight, wt, graph: bool):
+        self.weight, self.wt, self.graph = weight, wt, graph
+        self.buf = None
+        self.task = None
+
+    def add(self, idx: torch.Tensor, rows: torch.Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if self.buf is None or self.task != task:  # a new backward pass: start from zero
+            self.buf = rows.new_zeros(self.wt.shape)
+            self.task = task
+        self.buf.index_add_(0, idx, rows)
+
+    def take(self):
+        buf, self.buf, self.task = self.buf, None, None
+        return None if buf is None else buf.t()
+
+
+class _SparseLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, add_to, x, mask, weight, wt, plan, chain, root):
+        y, saved = _forward(add_to, x, mask, wt, plan)
+        ctx.plan, ctx.chain, ctx.root, ctx.wt = plan, chain, root, wt
+        ctx.x_shape = x.shape
+        ctx.has_add_to = add_to is not None
+        if plan.mode == "union":
+            ctx.save_for_backward(weight, saved, mask.index_select(1, plan.idx))
+        else:
+            ctx.save_for_backward(weight, saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        plan, wt = ctx.plan, ctx.wt
+        weight, saved, *rest = ctx.saved_tensors  # unpacking weight checks its version
+        need_add, need_x, _, need_w = ctx.needs_input_grad[:4]
+        out = wt.shape[1]
+        t = current_trace()
+        dadd = g if (need_add and ctx.has_add_to) else None
+        dx = dw = None
+        if need_x:
+            dx = g.new_zeros(ctx.x_shape)
+        if plan.mode == "union":
+            idx = plan.idx
+            if need_x and idx.numel():
+                wa = wt.index_select(0, idx)  # [k, out]
+                dxa = (g @ wa.t()) * rest[0]  # [B, k], only active entries
+                dx.index_copy_(1, idx, dxa)
+            rows = saved.t() @ g if need_w else None  # [k, out]
+        else:
+            r, c = plan.rows, plan.cols
+            if need_x and r.numel():
+                gr = g.index_select(0, r)  # [nnz, out]
+                dx[r, c] = (wt.index_select(0, c) * gr).sum(1)
+            rows = saved.unsqueeze(1) * g.index_select(0, r) if need_w else None  # [nnz, out]
+            idx = c
+        if t is not None:
+            t.add_backward_macs(plan.macs_per_out * out * (int(need_x) + int(need_w)))
+        if need_w:
+            chain = ctx.chain
+            if chain is None:
+                dw = g.new_zeros(wt.shape)
+                dw.index_add_(0, idx, rows)
+                dw = dw.t()
+            else:
+                chain.add(idx, rows)
+                dw = chain.take() if ctx.root else None
+        return dadd, dx, None, dw, None, None, None, None
+
+
+def _check(x, weight, mask, add_to, active_set):
+    if active_set not in ACTIVE_SETS:
+        raise ValueError(f"sparse_linear: unknown active_set {active_set!r}; valid values are: "
+                         f"{', '.join(ACTIVE_SETS)}")
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"sparse_linear: x must be [B, in] and weight [out, in], got x "
+                         f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
+    if mask.shape != x.shape or mask.dtype != torch.bool:
+        raise ValueError(f"sparse_linear: mask must be a bool tensor of x's shape {tuple(x.shape)}, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
+    if add_to is not None and add_to.shape != (x.shape[0], weight.shape[0]):
+        raise ValueError(f"sparse_linear: add_to must be [B, out] = {(x.shape[0], weight.shape[0])}, "
+                         f"got {tuple(add_to.shape)}")
+
+
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, *,
+                  add_to: torch.Tensor | None = None, active_set: str = "auto",
+                  weight_t: torch.Tensor | None = None) -> torch.Tensor:
+    """``add_to + (x * mask) @ weight.T``, reading only the active columns of ``weight``.
+
+    Args:
+        x: [B, in]; entries where ``mask`` is False are ignored (they get zero gradient).
+        weight: [out, in] (the ``nn.Linear`` layout).
+        mask: [B, in] bool, the active entries.
+        add_to: optional [B, out] added to the product (a delta memory). When it is the output
+            of an earlier call with the same weight, the weight gradient is accumulated along
+            the chain (see the module docstring) instead of one dense dW per call.
+        active_set: "auto", "union" or "sample": how a batch shares the active set.
+        weight_t: ``transposed_weight(weight)`` made by the caller for several calls without a
+            chain (it must be current: the caller answers for it); default: made here.
+
+    Returns:
+        [B, out]. MACs actually done go to the active `sb.trace` (forward and backward).
+    """
+    _check(x, weight, mask, add_to, active_set)
+    plan = _Plan(x, mask, active_set)
+    t = current_trace()
+    if t is not None:
+        t.add_forward_macs(plan.macs_per_out * weight.shape[0])
+    graph = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (add_to is not None and add_to.requires_grad))
+    chain = getattr(add_to, _CHAIN_ATTR, None) if add_to is not None else None
+    root = chain is None or chain.weight is not weight or chain.graph != graph
+    if root:
+        wt = transposed_weight(weight) if weight_t is None else weight_t
+        chain = _Chain(weight, wt, graph) if add_to is not None else None
+    else:
+        wt = chain.wt
+    if graph:
+        y = _SparseLinear.apply(add_to, x, mask, weight, wt, plan, chain, root)
+    else:
+        with torch.no_grad():
+            y = _forward(add_to, x, mask, wt, plan)[0]
+    if chain is not None:
+        setattr(y, _CHAIN_ATTR, chain)
+    return y
