@@ -58,13 +58,74 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, default=d.lr, help="Adam learning rate (default: %(default)s)")
     t.add_argument("--strategy", type=_strategy, default=d.strategy,
                    help="memory strategy: full, checkpoint:EVERY, revolve:SLOTS, ... (default: %(default)s)")
+    t.add_argument("--memory-budget", type=_budget, default=None, metavar="SIZE",
+                   help="let the planner pick the fastest strategy whose stored bytes fit SIZE "
+                        "(e.g. 256MiB); replaces --strategy")
     t.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and of every batch (default: %(default)s)")
     t.add_argument("--threads", type=_positive_int, default=d.threads,
                    help="torch intra-op threads while training (default: %(default)s)")
     t.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/<timestamp>)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars, one line per epoch")
     t.set_defaults(run=_cmd_train, subparser=t)
+
+    p = sub.add_parser(
+        "plan", help="print the strategies that fit a memory budget, fastest first",
+        description="Model the fast-memory bytes, slow-memory bytes and recomputation of each candidate "
+                    "strategy for a model and shape, and mark the one sb.plan chooses for the budget.")
+    p.add_argument("--model", choices=sorted(_PLAN_MODELS), default="lif",
+                   help="lif: a stack of LIF layers; gru, lstm: one cell per layer (default: %(default)s)")
+    p.add_argument("--T", type=_positive_int, required=True, help="sequence length")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="batch size (default: %(default)s)")
+    p.add_argument("--hidden", type=_positive_int, default=256, help="units per layer (default: %(default)s)")
+    p.add_argument("--layers", type=_positive_int, default=2, help="layers (default: %(default)s)")
+    p.add_argument("--input-size", type=_positive_int, default=64, help="input features (default: %(default)s)")
+    p.add_argument("--memory-budget", type=_budget, required=True, metavar="SIZE",
+                   help="fast-memory budget, e.g. 256MiB")
+    p.add_argument("--slow-storage", choices=["host", "disk"], default="host",
+                   help="where double checkpointing keeps its coarse checkpoints (default: %(default)s)")
+    p.add_argument("--rows", type=_positive_int, default=15, help="table rows to print (default: %(default)s)")
+    p.set_defaults(run=_cmd_plan, subparser=p)
     return parser
+
+
+_PLAN_MODELS = {"lif": "LIF", "gru": "GRU", "lstm": "LSTM"}
+
+
+def _budget(text: str) -> str:
+    from .planner import parse_bytes
+
+    try:
+        parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _cmd_plan(args, parser) -> int:
+    from . import cells
+    from .planner import format_bytes, parse_bytes, plan
+
+    cls = getattr(cells, _PLAN_MODELS[args.model])
+    sizes = [args.input_size] + [args.hidden] * args.layers
+    net = cells.Stack([cls(a, b) for a, b in zip(sizes, sizes[1:])])
+    shape = (args.T, args.batch_size, args.input_size)
+    try:
+        chosen, table = plan(net, shape, args.memory_budget, slow_storage=args.slow_storage,
+                             return_table=True)
+    except ValueError as e:
+        parser.exit(1, f"sparsebptt plan: {e}\n")
+    limit = parse_bytes(args.memory_budget)
+    fits = [e for e in table if e.fast_bytes <= limit]
+    print(f"{args.layers}-layer {args.model}, T={args.T}, B={args.batch_size}, hidden={args.hidden}, "
+          f"input={args.input_size}; budget {format_bytes(limit)} of fast memory; "
+          f"{len(fits)} of {len(table)} candidates fit")
+    print(f"  {'strategy':<24} {'fast memory':>12} {'slow memory':>12} {'recompute':>10}")
+    for e in fits[:args.rows]:
+        mark = "*" if e.strategy == chosen else " "
+        print(f"{mark} {e.strategy.to_string():<24} {format_bytes(e.fast_bytes):>12} "
+              f"{format_bytes(e.slow_bytes):>12} {e.recompute_factor:>9.2f}x")
+    print(f"chosen: {chosen.to_string()} (* above); recompute = cell steps run / T")
+    return 0
 
 
 def _cmd_train(args, parser) -> int:
@@ -72,10 +133,12 @@ def _cmd_train(args, parser) -> int:
 
     config = TrainConfig(dataset=args.dataset, T=args.T, epochs=args.epochs, batch_size=args.batch_size,
                          hidden=args.hidden, lr=args.lr, strategy=args.strategy, seed=args.seed,
-                         threads=args.threads)
+                         threads=args.threads, memory_budget=args.memory_budget)
+    from .planner import BudgetError
+
     try:
         train(config, args.out, progress=not args.no_progress)
-    except FileExistsError as e:
+    except (FileExistsError, BudgetError) as e:
         parser.error(str(e))
     return 0
 

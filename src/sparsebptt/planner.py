@@ -26,12 +26,16 @@ from .strategies import Checkpoint, DoubleCheckpoint, FullBPTT, Revolve, Strateg
 from .strategies.revolve import binomial_repetitions
 from .trace import trace
 
-__all__ = ["StepCosts", "Estimate", "measure", "estimate", "plan", "candidates", "parse_bytes",
+__all__ = ["BudgetError", "StepCosts", "Estimate", "measure", "estimate", "plan", "candidates", "parse_bytes",
            "format_bytes"]
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3,
           "gb": 1000 ** 3, "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1024, "mib": 1024 ** 2,
           "gib": 1024 ** 3, "tib": 1024 ** 4}
+
+
+class BudgetError(ValueError):
+    """No strategy fits the memory budget (the message names the smallest feasible one)."""
 
 
 def parse_bytes(budget) -> int:
@@ -131,8 +135,22 @@ def _walk(strategy: Strategy, T: int):
 
 
 def _counts(strategy: Strategy, T: int):
+    """(recomputed steps, longest graph segment): closed forms where known, else a schedule walk."""
     if isinstance(strategy, FullBPTT):
         return 0, T
+    if type(strategy) is Checkpoint:
+        k = strategy.every
+        return (T - 1) // k * k, min(k, T)
+    if type(strategy) is DoubleCheckpoint:
+        O, inner = strategy.outer, strategy.inner
+        last = (T - 1) // O * O
+        n_full, len_last = last // O, T - last
+
+        def tail(n):  # length of the last fine segment of a coarse segment of n steps
+            return n - (n - 1) // inner * inner
+
+        recomputed = n_full * (2 * O - tail(O)) + len_last - tail(len_last)
+        return recomputed, inner if n_full else min(inner, len_last)
     if isinstance(strategy, (Revolve, TwoLevelRevolve)):
         s = strategy.slots if isinstance(strategy, Revolve) else strategy.fast + strategy.slow
         s = min(s, max(T - 1, 1))
@@ -193,7 +211,7 @@ def plan(cell, shape, budget, *, reduce="sum", slow_storage="host", disk_dir=Non
     fits = [e for e in table if e.fast_bytes <= limit]
     if not fits:
         smallest = min(table, key=lambda e: (e.fast_bytes, e.steps))
-        raise ValueError(f"sb.plan: no strategy fits a budget of {format_bytes(limit)} for T={T}, "
+        raise BudgetError(f"sb.plan: no strategy fits a budget of {format_bytes(limit)} for T={T}, "
                          f"B={shape[1]}; the smallest feasible budget is {format_bytes(smallest.fast_bytes)} "
                          f"({smallest.fast_bytes} bytes) with {smallest.strategy.to_string()} "
                          f"({smallest.recompute_factor:.1f}x the forward steps)")

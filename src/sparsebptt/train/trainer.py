@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .. import cells
 from ..data import get_dataset
 from ..scan import scan
+from ..planner import parse_bytes, plan
 from ..strategies import Strategy, parse_strategy
 from ..trace import trace
 
@@ -48,6 +49,8 @@ class TrainConfig:
     hidden: LIF neurons per layer; layers: number of LIF layers.
     lr: Adam learning rate.
     strategy: string for `sb.parse_strategy` ("full", "checkpoint:8", "revolve:4", ...).
+    memory_budget: if set ("256MiB", bytes), `sb.plan` picks the fastest strategy whose stored
+        bytes fit it, instead of ``strategy``.
     beta, threshold: LIF membrane decay per step and firing threshold.
     seed: seeds the initial weights and every batch (order and spikes).
     threads: torch intra-op threads while training (restored afterwards). The default 1 is the
@@ -63,6 +66,7 @@ class TrainConfig:
     layers: int = 2
     lr: float = 2e-3
     strategy: str = "full"
+    memory_budget: "str | int | None" = None
     beta: float = 0.9
     threshold: float = 1.0
     seed: int = 0
@@ -160,6 +164,8 @@ def train(config: TrainConfig, out: "str | Path | None" = None, *, progress: boo
         validation), ``peak_stored_bytes`` (max over epochs) and ``out``.
     """
     strategy = parse_strategy(config.strategy)  # fail before any work on a bad string
+    if config.memory_budget is not None:
+        parse_bytes(config.memory_budget)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
@@ -172,6 +178,9 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log) ->
     dataset = get_dataset(config.dataset, config.T)
     torch.manual_seed(config.seed)
     model = build_model(config, dataset.input_size, dataset.num_classes)
+    if config.memory_budget is not None:
+        strategy = plan(model.cell, (config.T, config.batch_size, dataset.input_size), config.memory_budget)
+        model.strategy = strategy
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
 
     out = _prepare_out(default_out_dir() if out is None else out)
