@@ -266,3 +266,34 @@ def test_sparse_linear_bad_inputs():
         sparse_linear(x, w, torch.ones(2, 5, dtype=torch.bool), add_to=torch.zeros(2, 4))
     with pytest.raises(ValueError, match="unknown active_set 'x'"):
         sparse_linear(x, w, torch.ones(2, 5, dtype=torch.bool), active_set="x")
+
+
+# ---- digits-seq ------------------------------------------------------------------------------
+
+def test_digits_seq_rows_held_with_noise():
+    from sparsebptt.data import DATASETS, DigitsSeq, get_dataset
+
+    assert DATASETS["digits-seq"] is DigitsSeq
+    ds = get_dataset("digits-seq", 20, noise=0.0)
+    x, y = next(ds.batches("val", 5, seed=0))
+    assert x.shape == (20, 5, 8) and x.dtype == torch.float32 and y.shape == (5,)
+    img = ds.features("val")[:5].view(5, 8, 8)
+    for t in range(20):
+        assert torch.equal(x[t], img[:, t * 8 // 20])  # row t*8//T at step t, held
+    noisy = DigitsSeq(64, noise=0.02)
+    x1, _ = next(noisy.batches("train", 8, seed=3))
+    x2, _ = next(noisy.batches("train", 8, seed=3))
+    assert torch.equal(x1, x2)  # same seed, same noise
+    jitter = (x1[1:] - x1[:-1]).abs()
+    assert float((jitter > 0.15).float().mean()) < 0.1  # slowly varying: most steps only jitter
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"T": 7}, r"digits-seq: T must be >= 8"),
+    ({"T": 16, "noise": -1.0}, r"digits-seq: noise must be a standard deviation >= 0, got -1.0"),
+])
+def test_digits_seq_bad_options(kwargs, match):
+    from sparsebptt.data import DigitsSeq
+
+    with pytest.raises(ValueError, match=match):
+        DigitsSeq(**kwargs)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from .base import SPLITS, RateCodedDataset
 from .digits import DigitsSpikes
+from .digits_seq import DigitsSeq
 
-__all__ = ["DATASETS", "SPLITS", "RateCodedDataset", "DigitsSpikes", "get_dataset"]
+__all__ = ["DATASETS", "SPLITS", "RateCodedDataset", "DigitsSpikes", "DigitsSeq", "get_dataset"]
 
 #: name -> dataset class; each takes ``T`` first and keyword-only options after it
 DATASETS = {
     DigitsSpikes.name: DigitsSpikes,
+    DigitsSeq.name: DigitsSeq,
 }
 
 
