@@ -6,13 +6,13 @@
 """
 from . import cells
 from .scan import REDUCES, scan
-from .strategies import (Checkpoint, DoubleCheckpoint, FullBPTT, Revolve, Strategy, TwoLevelRevolve,
-                         parse_strategy)
+from .strategies import (Checkpoint, DoubleCheckpoint, FullBPTT, Revolve, Skipper, Strategy,
+                         TwoLevelRevolve, parse_strategy)
 from .planner import estimate, parse_bytes, plan
 from .trace import Trace, trace
 
 __version__ = "0.1.0"
 
 __all__ = ["cells", "scan", "REDUCES", "Checkpoint", "DoubleCheckpoint", "FullBPTT", "Revolve",
-           "TwoLevelRevolve", "Strategy",
+           "Skipper", "TwoLevelRevolve", "Strategy",
            "parse_strategy", "plan", "estimate", "parse_bytes", "Trace", "trace", "__version__"]

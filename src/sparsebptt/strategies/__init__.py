@@ -4,6 +4,7 @@ from .checkpoint import Checkpoint
 from .double import DoubleCheckpoint, TwoLevelRevolve
 from .full import FullBPTT
 from .revolve import Revolve
+from .skipper import Skipper
 
 __all__ = ["Strategy", "parse_strategy", "Checkpoint", "DoubleCheckpoint", "FullBPTT", "Revolve",
-           "TwoLevelRevolve"]
+           "Skipper", "TwoLevelRevolve"]

@@ -19,6 +19,7 @@ from checkpoint_schedules import (Copy, EndForward, EndReverse, Forward, Move, R
                                   StorageType)
 
 from ..storage import binary_states_of, make_store
+from .skipper import SkipReverse
 from ..trace import current_trace, recomputing, saving
 
 __all__ = ["run_schedule", "Reducer"]
@@ -294,6 +295,12 @@ class _ScheduledScan(torch.autograd.Function):
                             _set_rng_state(rng, x.device)
                     elif isinstance(a, Forward):
                         work = _forward_action(run, a, work, recompute=True)
+                    elif isinstance(a, SkipReverse):  # Skipper: steps n0..n1 get no backward
+                        if a.n1 != pos:
+                            raise RuntimeError(f"schedule skips steps {a.n0}..{a.n1} at step {pos}")
+                        if run.strategy.carry == "drop":
+                            dstate = [None] * len(dstate)
+                        pos = a.n0
                     elif isinstance(a, EndReverse):
                         break
                     else:

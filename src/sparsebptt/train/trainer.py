@@ -184,7 +184,8 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log) ->
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
 
     out = _prepare_out(default_out_dir() if out is None else out)
-    meta = {**dataclasses.asdict(config), "strategy": strategy.to_string(),
+    approximate = getattr(strategy, "approximate", not strategy.exact)
+    meta = {**dataclasses.asdict(config), "strategy": strategy.to_string(), "approximate_gradient": approximate,
             "sparsebptt": _version(), "torch": torch.__version__}
     (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -196,6 +197,9 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log) ->
 
     say(f"{config.dataset}: {dataset.num_examples('train')} train / {dataset.num_examples('val')} val, "
         f"T={config.T}, strategy={strategy.to_string()}, run folder {out}")
+    if approximate:
+        say(f"note: {strategy.to_string()} computes an approximate gradient (time-skipped BPTT), "
+            "not the gradient of full BPTT")
     n_batches = dataset.num_batches("train", config.batch_size)
     start = time.perf_counter()
     val_acc, best, peak = float("nan"), 0.0, 0
@@ -240,8 +244,9 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log) ->
                 f"train_acc {row['train_acc']:.4f}  val_acc {val_acc:.4f}  {row['seconds']:.1f}s")
     seconds = time.perf_counter() - start
     summary = {"val_acc": val_acc, "best_val_acc": best, "seconds": seconds,
-               "peak_stored_bytes": peak, "out": str(out)}
+               "peak_stored_bytes": peak, "approximate_gradient": approximate, "out": str(out)}
     say(f"done: val_acc {val_acc:.4f} (best {best:.4f}), {seconds:.1f}s wall, "
-        f"peak stored {peak} bytes ({peak / 2**20:.2f} MiB) with {strategy.to_string()}; "
+        f"peak stored {peak} bytes ({peak / 2**20:.2f} MiB) with {strategy.to_string()}"
+        f"{' (approximate gradient)' if approximate else ''}; "
         f"metrics in {out / 'metrics.jsonl'}")
     return summary
