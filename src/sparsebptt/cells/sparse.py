@@ -21,10 +21,15 @@ How a batch shares the active set (``active_set``), chosen by measurement (BENCH
   B = 16 samples are independently 10 % active (the union is then ~80 %).
 - ``"sample"``: every sample's own active entries (a CSR-like list of (b, j)), run with
   ``F.embedding_bag`` (per-sample weights, sum mode) and row gathers in the backward. Work
-  ``nnz * out`` but at vector (not GEMM) speed: ~4x slower per MAC than the union's GEMM on one
-  CPU core, so it wins only where ``nnz`` is well below ``B * |union|``.
-- ``"auto"`` (default): per call, ``"sample"`` if ``SAMPLE_COST * nnz < B * |union|`` else
-  ``"union"`` (with B = 1 the two do the same MACs and ``"sample"`` is taken).
+  ``nnz * out`` but at vector (not GEMM) speed: ~5x slower per MAC than the union's GEMM on one
+  CPU core at B = 16, so it wins only where ``nnz`` is well below ``B * |union|``.
+- ``"auto"`` (default): per call, the cheapest of full / union / sample by a cost model whose
+  per-row costs (``ROW_COST``) were measured: with B = 1 that is "sample" (the same MACs as the
+  union, one pass instead of gather + GEMV); with B = 16 "sample" while the batch's active sets
+  are nearly disjoint and "union" when they overlap.
+
+Whatever the choice, when every column is active in some sample the product runs as one dense
+GEMM on the masked input (no gather): threshold 0 costs what the dense cell costs.
 
 Weight gradients along a chain. A delta memory is updated every step, ``m_t = m_{t-1} + W dx_t``.
 Returning a full-size dW from every step would cost a dense [out, in] write and add per step,
@@ -45,13 +50,15 @@ import torch.nn.functional as F
 
 from ..trace import current_trace
 
-__all__ = ["ACTIVE_SETS", "SAMPLE_COST", "sparse_linear", "transposed_weight"]
+__all__ = ["ACTIVE_SETS", "ROW_COST", "sparse_linear", "transposed_weight"]
 
 ACTIVE_SETS = ("auto", "union", "sample")
 
-#: cost of one MAC of the per-sample path relative to one MAC of the union's GEMM (measured on
-#: one CPU core, H = 1024, B = 16; see benchmarks/sparsity.py --active-set)
-SAMPLE_COST = 4.0
+#: microseconds per weight row of 3072 floats on one CPU core (x86-64, AVX2), from
+#: benchmarks/sparsity.py --active-set: streaming a row through a GEMV ("read"), through a
+#: GEMM per sample ("gemm"), gathering it ("gather"), one per-sample axpy ("sample"). Only
+#: their ratios matter: "auto" takes the cheapest of full / union / sample by them.
+ROW_COST = {"read": 0.45, "gemm": 0.1, "gather": 0.4, "sample": 0.55}
 
 _CHAIN_ATTR = "_sb_weight_grad_chain"
 
@@ -66,42 +73,58 @@ def transposed_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().t().contiguous()
 
 
+def _row_cost(B: int) -> float:
+    """Time to stream one weight row through a (B x row) GEMM, in units of ``ROW_COST``."""
+    return max(ROW_COST["read"], B * ROW_COST["gemm"])
+
+
 class _Plan:
-    """Which entries are active and how the product runs over them."""
+    """Which entries are active and how the product runs over them: "full" (every column, a
+    dense GEMM on the masked x), "union" (gathered columns active in any sample) or "sample"
+    (each sample's own entries)."""
 
     __slots__ = ("mode", "idx", "rows", "cols", "offsets", "macs_per_out")
 
     def __init__(self, x: torch.Tensor, mask: torch.Tensor, active_set: str):
-        B = x.shape[0]
-        if active_set == "sample" or B == 1:
+        B, n_in = x.shape
+        if active_set == "sample":
             mode = "sample"
         else:
             union = mask.any(0)
             k = int(union.sum())
-            if active_set == "union":
+            if k == n_in:
+                mode = "full"
+            elif active_set == "union":
                 mode = "union"
-            else:
+            else:  # auto: the cheapest by the measured cost model
                 nnz = int(mask.sum())
-                mode = "sample" if SAMPLE_COST * nnz < B * k else "union"
+                costs = {"full": n_in * _row_cost(B), "union": k * (ROW_COST["gather"] + _row_cost(B)),
+                         "sample": nnz * ROW_COST["sample"]}
+                mode = min(costs, key=costs.get)
         self.mode = mode
-        if mode == "union":
+        self.idx = self.rows = self.cols = self.offsets = None
+        if mode == "full":
+            self.macs_per_out = B * n_in
+        elif mode == "union":
             self.idx = union.nonzero().squeeze(1)  # [k]
             self.macs_per_out = B * self.idx.numel()
-            self.rows = self.cols = self.offsets = None
         else:
             nz = mask.nonzero()  # [nnz, 2], sorted by sample
             self.rows, self.cols = nz[:, 0], nz[:, 1]
             self.offsets = torch.searchsorted(self.rows, torch.arange(B, device=x.device))
             self.macs_per_out = self.rows.numel()
-            self.idx = None
 
 
 def _forward(add_to, x, mask, wt, plan: _Plan):
     """``add_to + (x * mask) @ wt`` over the active entries; returns (y, saved values)."""
     B, out = x.shape[0], wt.shape[1]
-    if plan.mode == "union":
-        xa = (x * mask).index_select(1, plan.idx)  # [B, k]
-        wa = wt.index_select(0, plan.idx)  # [k, out]
+    if plan.mode != "sample":
+        xa = x * mask  # [B, in]
+        if plan.mode == "union":
+            xa = xa.index_select(1, plan.idx)  # [B, k]
+            wa = wt.index_select(0, plan.idx)  # [k, out]
+        else:
+            wa = wt
         y = xa @ wa if add_to is None else torch.addmm(add_to, xa, wa)
         return y, xa
     vals = x[plan.rows, plan.cols]  # [nnz]
@@ -124,12 +147,18 @@ class _Chain:
         self.buf = None
         self.task = None
 
-    def add(self, idx: torch.Tensor, rows: torch.Tensor) -> None:
+    def add(self, idx: "torch.Tensor | None", rows: torch.Tensor) -> None:
+        """Add ``rows`` into the rows ``idx`` of dW.T (every row when ``idx`` is None)."""
         task = torch._C._current_graph_task_id()
         if self.buf is None or self.task != task:  # a new backward pass: start from zero
-            self.buf = rows.new_zeros(self.wt.shape)
+            self.buf = rows.clone() if idx is None else rows.new_zeros(self.wt.shape)
             self.task = task
-        self.buf.index_add_(0, idx, rows)
+            if idx is None:
+                return
+        if idx is None:
+            self.buf += rows
+        else:
+            self.buf.index_add_(0, idx, rows)
 
     def take(self):
         buf, self.buf, self.task = self.buf, None, None
@@ -145,6 +174,8 @@ class _SparseLinear(torch.autograd.Function):
         ctx.has_add_to = add_to is not None
         if plan.mode == "union":
             ctx.save_for_backward(weight, saved, mask.index_select(1, plan.idx))
+        elif plan.mode == "full":
+            ctx.save_for_backward(weight, saved, mask)
         else:
             ctx.save_for_backward(weight, saved)
         return y
@@ -160,7 +191,12 @@ class _SparseLinear(torch.autograd.Function):
         dx = dw = None
         if need_x:
             dx = g.new_zeros(ctx.x_shape)
-        if plan.mode == "union":
+        if plan.mode == "full":
+            idx = None
+            if need_x:
+                dx = (g @ wt.t()) * rest[0]
+            rows = saved.t() @ g if need_w else None  # [in, out]
+        elif plan.mode == "union":
             idx = plan.idx
             if need_x and idx.numel():
                 wa = wt.index_select(0, idx)  # [k, out]
@@ -179,9 +215,12 @@ class _SparseLinear(torch.autograd.Function):
         if need_w:
             chain = ctx.chain
             if chain is None:
-                dw = g.new_zeros(wt.shape)
-                dw.index_add_(0, idx, rows)
-                dw = dw.t()
+                if idx is None:
+                    dw = rows.t()
+                else:
+                    dw = g.new_zeros(wt.shape)
+                    dw.index_add_(0, idx, rows)
+                    dw = dw.t()
             else:
                 chain.add(idx, rows)
                 dw = chain.take() if ctx.root else None
