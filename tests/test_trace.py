@@ -27,8 +27,8 @@ def test_checkpoint_step_counts(T, every):
     assert t.recomputed_steps == last  # every segment but the last is recomputed once
 
 
-@pytest.mark.parametrize("slots", [1, 2, 5, 8])
-@pytest.mark.parametrize("T", [2, 10, 37, 100, 1000])
+@pytest.mark.parametrize("T,slots", [(T, s) for T in (2, 10, 37, 100, 1000) for s in (1, 2, 5, 8)
+                                     if not (T == 1000 and s == 1)])  # T^2/2 steps: too slow
 def test_revolve_within_binomial_bound(T, slots):
     cell = sb.cells.GRU(2, 2)
     t = traced(cell, torch.randn(T, 1, 2), sb.Revolve(slots))
