@@ -297,3 +297,55 @@ def test_digits_seq_bad_options(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         DigitsSeq(**kwargs)
+
+
+# ---- trainer and command line ----------------------------------------------------------------
+
+def test_cli_train_delta_gru_reports_activity(tmp_path, capsys):
+    from sparsebptt import cli
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", "delta-gru", "--threshold", "0.1", "--dataset", "digits-seq", "--T", "8",
+            "--epochs", "1", "--hidden", "8", "--batch-size", "512", "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 0
+    import json
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "delta-gru" and config["threshold"] == 0.1
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(row["activity"]) == {"0:DeltaGRU", "1:DeltaGRU"}
+    assert all(0.0 < a < 1.0 for a in row["activity"].values()) and row["backward_macs"] > 0
+    assert "activity 0:DeltaGRU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model", ["gru", "lstm", "delta-lstm"])
+def test_build_recurrent_models(model):
+    from sparsebptt.train import TrainConfig, build_model
+
+    net = build_model(TrainConfig(model=model, hidden=6, layers=2), 8, 10)
+    x = seeded(0, 9, 3, 8, dtype=torch.float32)
+    logits = net(x)
+    assert logits.shape == (3, 10)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"model": "rnn"}, r"unknown model 'rnn'; valid models are: lif, gru, lstm, delta-gru, delta-lstm"),
+    ({"model": "gru", "threshold": 0.1}, r"model 'gru' has no threshold"),
+    ({"model": "lif", "threshold": 0.0}, r"threshold must be a number > 0 for model 'lif'"),
+    ({"model": "delta-gru", "threshold": -1.0}, r"threshold must be a number >= 0 for model 'delta-gru'"),
+])
+def test_train_config_model_checks(kwargs, match):
+    from sparsebptt.train import TrainConfig
+
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_cli_threshold_without_one_exits_2(tmp_path, capsys):
+    from sparsebptt import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--model", "gru", "--threshold", "0.1", "--out", str(tmp_path / "never")])
+    assert e.value.code == 2
+    assert "model 'gru' has no threshold" in capsys.readouterr().err

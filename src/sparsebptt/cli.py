@@ -26,6 +26,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def _strategy(text: str) -> str:
     from .strategies import parse_strategy
 
@@ -37,7 +47,7 @@ def _strategy(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
-    from .train import TrainConfig
+    from .train import MODELS, TrainConfig
 
     d = TrainConfig()
     parser = argparse.ArgumentParser(
@@ -46,11 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "recurrent networks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     t = sub.add_parser(
-        "train", help="train a spiking classifier under a memory strategy",
-        description="Train a stack of LIF layers (spike counts -> linear readout) with Adam, "
-                    "writing config.json and metrics.jsonl into the run folder.")
+        "train", help="train a spiking or recurrent classifier under a memory strategy",
+        description="Train a stack of LIF layers (spike counts -> linear readout) or of GRU / LSTM / "
+                    "Delta GRU / Delta LSTM layers (last hidden state -> linear readout) with Adam, "
+                    "writing config.json and metrics.jsonl into the run folder; the activity per "
+                    "layer (spike rates, transmitted deltas) is printed every epoch.")
     t.add_argument("--dataset", default=d.dataset, choices=sorted(DATASETS),
                    help="dataset name (default: %(default)s)")
+    t.add_argument("--model", default=d.model, choices=list(MODELS),
+                   help="lif: LIF layers, spike counts -> readout; gru, lstm, delta-gru, delta-lstm: "
+                        "recurrent layers, last hidden state -> readout (default: %(default)s)")
+    t.add_argument("--threshold", type=_non_negative_float, default=None,
+                   help="LIF firing threshold (default 1.0), or the delta threshold of delta-gru / "
+                        "delta-lstm (default 0.1)")
     t.add_argument("--T", type=_positive_int, default=d.T, help="time steps per example (default: %(default)s)")
     t.add_argument("--epochs", type=_positive_int, default=d.epochs, help="passes over the training split (default: %(default)s)")
     t.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="examples per step (default: %(default)s)")
@@ -131,9 +149,13 @@ def _cmd_plan(args, parser) -> int:
 def _cmd_train(args, parser) -> int:
     from .train import TrainConfig, train
 
-    config = TrainConfig(dataset=args.dataset, T=args.T, epochs=args.epochs, batch_size=args.batch_size,
-                         hidden=args.hidden, lr=args.lr, strategy=args.strategy, seed=args.seed,
-                         threads=args.threads, memory_budget=args.memory_budget)
+    try:
+        config = TrainConfig(dataset=args.dataset, model=args.model, T=args.T, epochs=args.epochs,
+                             batch_size=args.batch_size, hidden=args.hidden, lr=args.lr,
+                             strategy=args.strategy, seed=args.seed, threads=args.threads,
+                             memory_budget=args.memory_budget, threshold=args.threshold)
+    except ValueError as e:  # a value valid alone but not with this model (--threshold with gru)
+        parser.error(str(e).replace("TrainConfig: ", ""))
     from .planner import BudgetError
 
     try:

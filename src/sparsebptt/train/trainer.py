@@ -1,14 +1,18 @@
-"""Train a spiking classifier on a `sparsebptt.data` dataset under any memory strategy.
+"""Train a classifier on a `sparsebptt.data` dataset under any memory strategy.
 
-The model is a stack of LIF layers scanned with ``reduce="sum"`` (so no (T, B, H) tensor is
-held) and a linear readout of each neuron's spike count. A run writes into its folder:
+The model (``--model``) is a stack of LIF layers scanned with ``reduce="sum"`` (so no (T, B, H)
+tensor is held) and a linear readout of each neuron's spike count, or a stack of GRU / LSTM /
+DeltaGRU / DeltaLSTM layers scanned with ``reduce="last"`` and a readout of the last hidden
+state. A run writes into its folder:
 
 - ``config.json``: the `TrainConfig`, the resolved strategy and the library versions;
 - ``metrics.jsonl``: one JSON object per epoch with ``epoch, train_loss, train_acc, val_acc,
-  seconds, peak_stored_bytes``.
+  seconds, peak_stored_bytes, activity, backward_macs``.
 
-``peak_stored_bytes`` is what `sb.trace` counts for the scan during the forward and backward of
-the epoch's first training batch (a full batch; the readout is not part of the scan).
+``peak_stored_bytes``, ``activity`` (per layer: spike rate of LIF layers, fraction of transmitted
+deltas of Delta layers; empty for dense GRU / LSTM) and ``backward_macs`` are what `sb.trace`
+counts for the scan during the forward and backward of the epoch's first training batch (a full
+batch; the readout is not part of the scan).
 """
 from __future__ import annotations
 
@@ -32,11 +36,16 @@ from ..planner import parse_bytes, plan
 from ..strategies import Strategy, parse_strategy
 from ..trace import trace
 
-__all__ = ["TrainConfig", "SpikingClassifier", "build_model", "train", "default_out_dir",
-           "METRIC_KEYS"]
+__all__ = ["TrainConfig", "SpikingClassifier", "RecurrentClassifier", "build_model", "train",
+           "default_out_dir", "METRIC_KEYS", "MODELS"]
 
 #: keys of every line of metrics.jsonl
-METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_acc", "seconds", "peak_stored_bytes")
+METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_acc", "seconds", "peak_stored_bytes",
+               "activity", "backward_macs")
+
+#: --model name -> (cell class name in `sparsebptt.cells`, default threshold or None)
+MODELS = {"lif": ("LIF", 1.0), "gru": ("GRU", None), "lstm": ("LSTM", None),
+          "delta-gru": ("DeltaGRU", 0.1), "delta-lstm": ("DeltaLSTM", 0.1)}
 
 
 @dataclass(frozen=True)
@@ -46,12 +55,15 @@ class TrainConfig:
     dataset: a name from `sparsebptt.data.DATASETS`.
     T: time steps per example.
     epochs, batch_size: passes over the training split and examples per step.
-    hidden: LIF neurons per layer; layers: number of LIF layers.
+    model: "lif" (spiking), "gru", "lstm", "delta-gru" or "delta-lstm" (see `MODELS`).
+    hidden: neurons per layer; layers: number of layers.
     lr: Adam learning rate.
     strategy: string for `sb.parse_strategy` ("full", "checkpoint:8", "revolve:4", ...).
     memory_budget: if set ("256MiB", bytes), `sb.plan` picks the fastest strategy whose stored
         bytes fit it, instead of ``strategy``.
-    beta, threshold: LIF membrane decay per step and firing threshold.
+    beta: LIF membrane decay per step.
+    threshold: LIF firing threshold (default 1.0), or the delta threshold of the input and hidden
+        deltas of delta-gru / delta-lstm (default 0.1); None takes the model's default.
     seed: seeds the initial weights and every batch (order and spikes).
     threads: torch intra-op threads while training (restored afterwards). The default 1 is the
         fastest for these small matmuls and, on a shared machine, avoids the oversubscription
@@ -59,6 +71,7 @@ class TrainConfig:
     """
 
     dataset: str = "digits-spikes"
+    model: str = "lif"
     T: int = 25
     epochs: int = 20
     batch_size: int = 64
@@ -68,7 +81,7 @@ class TrainConfig:
     strategy: str = "full"
     memory_budget: "str | int | None" = None
     beta: float = 0.9
-    threshold: float = 1.0
+    threshold: float | None = None
     seed: int = 0
     threads: int = 1
 
@@ -81,6 +94,21 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: lr must be a positive number, got {self.lr!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"TrainConfig: seed must be an int, got {self.seed!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"TrainConfig: unknown model {self.model!r}; valid models are: {', '.join(MODELS)}")
+        th = self.threshold
+        if th is not None:
+            if MODELS[self.model][1] is None:
+                raise ValueError(f"TrainConfig: model {self.model!r} has no threshold, got threshold={th!r}")
+            low_ok = th > 0 if self.model == "lif" else th >= 0
+            if isinstance(th, bool) or not isinstance(th, (int, float)) or not (low_ok and th < math.inf):
+                raise ValueError(f"TrainConfig: threshold must be a number {'> 0' if self.model == 'lif' else '>= 0'} "
+                                 f"for model {self.model!r}, got {th!r}")
+
+    @property
+    def resolved_threshold(self) -> float | None:
+        """``threshold``, or the model's default when it is None."""
+        return MODELS[self.model][1] if self.threshold is None else float(self.threshold)
 
 
 class SpikingClassifier(nn.Module):
@@ -106,10 +134,42 @@ class SpikingClassifier(nn.Module):
         return self.readout(counts / x.shape[0])  # [B, classes]
 
 
-def build_model(config: TrainConfig, input_size: int, num_classes: int) -> SpikingClassifier:
+class RecurrentClassifier(nn.Module):
+    """``Stack([cell(in, H), cell(H, H), ...])`` scanned with reduce="last", then ``Linear(H, classes)``.
+
+    ``cell`` is a name from `MODELS` other than "lif"; ``threshold`` is the delta threshold of the
+    Delta cells (input and hidden). ``forward(x)`` takes x (T, B, input_size) and returns logits.
+    """
+
+    def __init__(self, input_size: int, num_classes: int, *, model: str = "gru", hidden: int = 128,
+                 layers: int = 1, threshold: float | None = None, strategy: "Strategy | str" = "full"):
+        super().__init__()
+        if model not in MODELS or model == "lif":
+            raise ValueError(f"RecurrentClassifier: unknown model {model!r}; valid models are: "
+                             f"{', '.join(m for m in MODELS if m != 'lif')}")
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+            raise ValueError(f"RecurrentClassifier: layers must be a positive int, got {layers!r}")
+        cls = getattr(cells, MODELS[model][0])
+        kw = {} if MODELS[model][1] is None else {
+            "threshold": MODELS[model][1] if threshold is None else threshold}
+        sizes = [input_size] + [hidden] * layers
+        self.cell = cells.Stack([cls(a, b, **kw) for a, b in zip(sizes, sizes[1:])])
+        self.readout = nn.Linear(hidden, num_classes)
+        self.strategy = parse_strategy(strategy)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = scan(self.cell, x, strategy=self.strategy, reduce="last")  # [B, H]
+        return self.readout(h)  # [B, classes]
+
+
+def build_model(config: TrainConfig, input_size: int, num_classes: int) -> nn.Module:
     """The model a `TrainConfig` describes, for a dataset with these sizes."""
-    return SpikingClassifier(input_size, num_classes, hidden=config.hidden, layers=config.layers,
-                             beta=config.beta, threshold=config.threshold, strategy=config.strategy)
+    if config.model == "lif":
+        return SpikingClassifier(input_size, num_classes, hidden=config.hidden, layers=config.layers,
+                                 beta=config.beta, threshold=config.resolved_threshold,
+                                 strategy=config.strategy)
+    return RecurrentClassifier(input_size, num_classes, model=config.model, hidden=config.hidden,
+                               layers=config.layers, threshold=config.threshold, strategy=config.strategy)
 
 
 def default_out_dir() -> Path:
@@ -185,7 +245,8 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log) ->
 
     out = _prepare_out(default_out_dir() if out is None else out)
     approximate = getattr(strategy, "approximate", not strategy.exact)
-    meta = {**dataclasses.asdict(config), "strategy": strategy.to_string(), "approximate_gradient": approximate,
+    meta = {**dataclasses.asdict(config), "threshold": config.resolved_threshold,
+            "strategy": strategy.to_string(), "approximate_gradient": approximate,
             "sparsebptt": _version(), "torch": torch.__version__}
     (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -196,7 +257,9 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log) ->
             print(msg, file=log, flush=True)
 
     say(f"{config.dataset}: {dataset.num_examples('train')} train / {dataset.num_examples('val')} val, "
-        f"T={config.T}, strategy={strategy.to_string()}, run folder {out}")
+        f"T={config.T}, model={config.model}"
+        + (f" (threshold {config.resolved_threshold})" if config.resolved_threshold is not None else "")
+        + f", strategy={strategy.to_string()}, run folder {out}")
     if approximate:
         say(f"note: {strategy.to_string()} computes an approximate gradient (time-skipped BPTT), "
             "not the gradient of full BPTT")
@@ -207,7 +270,7 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log) ->
         for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()
             model.train()
-            loss_sum, correct, seen, epoch_peak = 0.0, 0, 0, 0
+            loss_sum, correct, seen, epoch_peak, activity, bwd_macs = 0.0, 0, 0, 0, {}, 0
             batches = dataset.batches("train", config.batch_size, seed=_batch_seed(config.seed, epoch))
             bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch}/{config.epochs}",
                        leave=False, disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -218,7 +281,7 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log) ->
                         logits = model(x)
                         loss = F.cross_entropy(logits, y)
                         loss.backward()
-                    epoch_peak = t.peak_stored_bytes
+                    epoch_peak, activity, bwd_macs = t.peak_stored_bytes, t.activity, t.backward_macs
                 else:
                     logits = model(x)
                     loss = F.cross_entropy(logits, y)
@@ -237,14 +300,16 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log) ->
             best, peak = max(best, val_acc), max(peak, epoch_peak)
             row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                    "val_acc": val_acc, "seconds": time.perf_counter() - t0,
-                   "peak_stored_bytes": epoch_peak}
+                   "peak_stored_bytes": epoch_peak, "activity": activity, "backward_macs": bwd_macs}
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             say(f"epoch {epoch:3d}/{config.epochs}  loss {row['train_loss']:.4f}  "
-                f"train_acc {row['train_acc']:.4f}  val_acc {val_acc:.4f}  {row['seconds']:.1f}s")
+                f"train_acc {row['train_acc']:.4f}  val_acc {val_acc:.4f}  {row['seconds']:.1f}s"
+                + ("  activity " + " ".join(f"{k} {v:.3f}" for k, v in activity.items()) if activity else ""))
     seconds = time.perf_counter() - start
     summary = {"val_acc": val_acc, "best_val_acc": best, "seconds": seconds,
-               "peak_stored_bytes": peak, "approximate_gradient": approximate, "out": str(out)}
+               "peak_stored_bytes": peak, "approximate_gradient": approximate, "activity": activity,
+               "out": str(out)}
     say(f"done: val_acc {val_acc:.4f} (best {best:.4f}), {seconds:.1f}s wall, "
         f"peak stored {peak} bytes ({peak / 2**20:.2f} MiB) with {strategy.to_string()}"
         f"{' (approximate gradient)' if approximate else ''}; "
