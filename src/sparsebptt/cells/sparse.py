@@ -20,9 +20,11 @@ How a batch shares the active set (``active_set``), chosen by measurement (BENCH
   GEMM speed; good when the samples' active sets overlap (correlated inputs), useless when
   B = 16 samples are independently 10 % active (the union is then ~80 %).
 - ``"sample"``: every sample's own active entries (a CSR-like list of (b, j)), run with
-  ``F.embedding_bag`` (per-sample weights, sum mode) and row gathers in the backward. Work
-  ``nnz * out`` but at vector (not GEMM) speed: ~5x slower per MAC than the union's GEMM on one
-  CPU core at B = 16, so it wins only where ``nnz`` is well below ``B * |union|``.
+  ``F.embedding_bag`` (per-sample weights, sum mode) in the forward and its fused gather-dot
+  (``aten._embedding_bag_per_sample_weights_backward``) for dx in the backward: ``nnz * out``
+  MACs, one pass over the active rows, at vector (not GEMM) speed. The weight gradient still
+  runs over the union of the batch's active columns, as one GEMM (``B * |union| * out`` MACs):
+  on a CPU that is far cheaper than materialising ``nnz`` rows of outer products to scatter.
 - ``"auto"`` (default): per call, the cheapest of full / union / sample by a cost model whose
   per-row costs (``ROW_COST``) were measured: with B = 1 that is "sample" (the same MACs as the
   union, one pass instead of gather + GEMV); with B = 16 "sample" while the batch's active sets
@@ -205,13 +207,19 @@ class _SparseLinear(torch.autograd.Function):
             rows = saved.t() @ g if need_w else None  # [k, out]
         else:
             r, c = plan.rows, plan.cols
-            if need_x and r.numel():
-                gr = g.index_select(0, r)  # [nnz, out]
-                dx[r, c] = (wt.index_select(0, c) * gr).sum(1)
-            rows = saved.unsqueeze(1) * g.index_select(0, r) if need_w else None  # [nnz, out]
-            idx = c
-        if t is not None:
-            t.add_backward_macs(plan.macs_per_out * out * (int(need_x) + int(need_w)))
+            if need_x and r.numel():  # fused gather-dot: dx[r, c] = g[r] . W.T[c], one pass
+                dx[r, c] = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                    g, wt, c, plan.offsets, r, 0, -1)
+            idx = rows = None
+            if need_w:  # dW over the batch's active columns as one GEMM (never nnz x out copies)
+                xm = g.new_zeros(ctx.x_shape)
+                xm[r, c] = saved
+                idx = torch.unique(c)  # [k], sorted
+                rows = xm.index_select(1, idx).t() @ g  # [k, out]
+        if t is not None:  # MACs done: dx over the plan's entries, dW over the rows computed
+            macs_w = (out * ctx.x_shape[0] * (ctx.x_shape[1] if idx is None else idx.numel())
+                      if need_w else 0)
+            t.add_backward_macs(plan.macs_per_out * out * int(need_x) + macs_w)
         if need_w:
             chain = ctx.chain
             if chain is None:
