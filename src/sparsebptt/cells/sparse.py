@@ -25,10 +25,13 @@ How a batch shares the active set (``active_set``), chosen by measurement (BENCH
   MACs, one pass over the active rows, at vector (not GEMM) speed. The weight gradient still
   runs over the union of the batch's active columns, as one GEMM (``B * |union| * out`` MACs):
   on a CPU that is far cheaper than materialising ``nnz`` rows of outer products to scatter.
-- ``"auto"`` (default): per call, the cheapest of full / union / sample by a cost model whose
-  per-row costs (``ROW_COST``) were measured: with B = 1 that is "sample" (the same MACs as the
-  union, one pass instead of gather + GEMV); with B = 16 "sample" while the batch's active sets
-  are nearly disjoint and "union" when they overlap.
+- ``"auto"`` (default): per call, a dense GEMM on the masked input when at least
+  ``FULL_ABOVE`` (75 %) of the entries are active; the union when the samples share their
+  active columns (``B * |union| <= UNION_OVERLAP * nnz``, B > 1); else per sample (always
+  with B = 1: the same MACs as the union in one pass instead of a gather and a GEMV).
+  Measured (BENCHMARKS.md): with B = 16 independent samples the union is ~90 % of the columns
+  at 15 % activity and never pays, while the per-sample path cuts the backward time to 0.17x
+  (DeltaGRU, H = 1024, 6 % activity); with shared active sets the union's GEMM is faster.
 
 Whatever the choice, when every column is active in some sample the product runs as one dense
 GEMM on the masked input (no gather): threshold 0 costs what the dense cell costs.
@@ -52,15 +55,17 @@ import torch.nn.functional as F
 
 from ..trace import current_trace
 
-__all__ = ["ACTIVE_SETS", "ROW_COST", "sparse_linear", "transposed_weight"]
+__all__ = ["ACTIVE_SETS", "FULL_ABOVE", "UNION_OVERLAP", "sparse_linear", "transposed_weight"]
 
 ACTIVE_SETS = ("auto", "union", "sample")
 
-#: microseconds per weight row of 3072 floats on one CPU core (x86-64, AVX2), from
-#: benchmarks/sparsity.py --active-set: streaming a row through a GEMV ("read"), through a
-#: GEMM per sample ("gemm"), gathering it ("gather"), one per-sample axpy ("sample"). Only
-#: their ratios matter: "auto" takes the cheapest of full / union / sample by them.
-ROW_COST = {"read": 0.45, "gemm": 0.1, "gather": 0.4, "sample": 0.55}
+#: "auto" thresholds, from benchmarks/sparsity.py --active-set (one CPU core, H = 256 and 1024,
+#: B = 1 and 16): a dense GEMM on the masked input once at least ``FULL_ABOVE`` of the entries
+#: are active; the union's gathered GEMM while it is at most ``UNION_OVERLAP`` times the work
+#: of the per-sample entries (B * |union| <= UNION_OVERLAP * nnz: the samples share their
+#: active columns); else the per-sample path.
+FULL_ABOVE = 0.75
+UNION_OVERLAP = 2.0
 
 _CHAIN_ATTR = "_sb_weight_grad_chain"
 
@@ -73,11 +78,6 @@ def transposed_weight(weight: torch.Tensor) -> torch.Tensor:
     its first call and reuses it; a call without a chain makes its own unless given ``weight_t``.
     """
     return weight.detach().t().contiguous()
-
-
-def _row_cost(B: int) -> float:
-    """Time to stream one weight row through a (B x row) GEMM, in units of ``ROW_COST``."""
-    return max(ROW_COST["read"], B * ROW_COST["gemm"])
 
 
 class _Plan:
@@ -98,11 +98,14 @@ class _Plan:
                 mode = "full"
             elif active_set == "union":
                 mode = "union"
-            else:  # auto: the cheapest by the measured cost model
+            else:  # auto: by the measured rule (see FULL_ABOVE, UNION_OVERLAP)
                 nnz = int(mask.sum())
-                costs = {"full": n_in * _row_cost(B), "union": k * (ROW_COST["gather"] + _row_cost(B)),
-                         "sample": nnz * ROW_COST["sample"]}
-                mode = min(costs, key=costs.get)
+                if nnz >= FULL_ABOVE * B * n_in:
+                    mode = "full"
+                elif B > 1 and B * k <= UNION_OVERLAP * nnz:
+                    mode = "union"
+                else:
+                    mode = "sample"
         self.mode = mode
         self.idx = self.rows = self.cols = self.offsets = None
         if mode == "full":
