@@ -59,6 +59,10 @@ def make_cell(kind: str, dtype=torch.float64):
                                sb.cells.GRU(8, 6), sb.cells.LSTM(6, 5)])
     elif kind == "user":
         cell = LeakyTanh(N_IN, 6)
+    elif kind == "segment":
+        cell = SegmentTanh(N_IN, 6)
+    elif kind == "stack-segment":
+        cell = sb.cells.Stack([SegmentTanh(N_IN, 6), sb.cells.GRU(6, 4), SegmentTanh(4, 3)])
     elif kind == "noisy":
         cell = NoisyCell(N_IN, 6)
     else:
@@ -87,3 +91,17 @@ def run(cell, T, B, dtype, strategy, reduce=None, seed=0, x_kind="normal", rng_s
                 for i, s in enumerate(state0)})
     res.update({f"d{n}": p.grad.clone() if p.grad is not None else None for n, p in cell.named_parameters()})
     return res
+
+
+class SegmentTanh(LeakyTanh):
+    """A user cell with a ``scan_segment`` fast path (input projection batched over the segment)."""
+
+    def scan_segment(self, x_seg, state):
+        h, a = state
+        proj = x_seg @ self.w  # [L, B, n], one matmul for the segment
+        ys = []
+        for t in range(x_seg.shape[0]):
+            h = torch.tanh(proj[t] + h @ self.u)
+            a = self.alpha * a + h
+            ys.append(2 * h)
+        return torch.stack(ys), (h, a)

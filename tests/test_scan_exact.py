@@ -9,7 +9,7 @@ from sparsebptt.testing import assert_close
 
 from helpers import make_cell, run
 
-CELLS = ["lif", "lif-zero", "gru", "lstm", "stack", "user"]
+CELLS = ["lif", "lif-zero", "gru", "lstm", "stack", "user", "segment", "stack-segment"]
 STRATEGIES = [sb.Checkpoint(every=1), sb.Checkpoint(every=4), sb.Checkpoint(every=7),
               sb.Revolve(slots=1), sb.Revolve(slots=2), sb.Revolve(slots=5),
               sb.DoubleCheckpoint(outer=10, inner=3, outer_storage="host"),
@@ -53,6 +53,33 @@ def test_reduce_equals_full_bptt(kind, strategy, reduce):
     got = run(make_cell(kind, dtype), 29, 2, dtype, strategy, reduce)
     assert ref["out"].shape == (2, make_cell(kind).initial_state(1)[0].shape[1] if kind == "user" else 5)
     compare(ref, got, dtype)
+
+
+@pytest.mark.parametrize("reduce", [None, "sum", "mean", "last"], ids=str)
+@pytest.mark.parametrize("kind", ["segment", "stack-segment"])
+def test_scan_segment_path_equals_step_path(kind, reduce):
+    """A cell's fused scan_segment gives what stepping it gives, under every strategy."""
+    dtype = torch.float64
+    cell = make_cell(kind, dtype)
+    stepped = run(_StepOnly(cell), 41, 2, dtype, sb.FullBPTT(), reduce)
+    for st in [sb.FullBPTT(), sb.Checkpoint(6), sb.Revolve(3), sb.DoubleCheckpoint(16, 4, "disk")]:
+        got = run(cell, 41, 2, dtype, st, reduce)
+        for name in stepped:
+            assert_close(name, stepped[name], got[name.replace("dcell.", "d")], dtype)
+
+
+class _StepOnly(torch.nn.Module):
+    """Hides a cell's scan_segment, so scans step it one step at a time."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def initial_state(self, *a, **k):
+        return self.cell.initial_state(*a, **k)
+
+    def step(self, x_t, state):
+        return self.cell.step(x_t, state)
 
 
 def test_reduce_matches_reducing_the_full_sequence():

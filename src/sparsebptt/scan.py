@@ -80,8 +80,17 @@ def _check_finite(x, state0) -> None:
 
 
 def _full_bptt(cell, x, state, reduce):
-    """The reference: a plain loop under autograd, every step's graph kept."""
+    """The reference: a plain loop under autograd, every step's graph kept (or the cell's fused
+    ``scan_segment`` over the whole sequence)."""
     out = Reducer(reduce, x.shape[0])
+    segment_fn = getattr(cell, "scan_segment", None)
+    if segment_fn is not None:
+        with saving(current_trace()):
+            ys, state = segment_fn(x, state)
+            if reduce is None:
+                return ys, tuple(state)
+            result = ys[-1] if reduce == "last" else ys.sum(0)
+            return (result / x.shape[0] if reduce == "mean" else result), tuple(state)
     ys = []
     with saving(current_trace()):
         for t in range(x.shape[0]):

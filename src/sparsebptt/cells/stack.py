@@ -5,6 +5,7 @@ state and no layer's output sequence is ever stored.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 __all__ = ["Stack"]
@@ -51,6 +52,31 @@ class Stack(nn.Module):
         out, new, i = x_t, [], 0
         for layer, n in zip(self.layers, self._arity):
             out, s = layer.step(out, tuple(state[i:i + n]))
+            new.extend(s)
+            i += n
+        return out, tuple(new)
+
+    @property
+    def scan_segment(self):
+        """Layer by layer over a segment when some layer has a fused ``scan_segment`` (equal to
+        stepping the layers together: no layer feeds an earlier one); None otherwise."""
+        if not any(getattr(layer, "scan_segment", None) is not None for layer in self.layers):
+            return None
+        return self._scan_segment
+
+    def _scan_segment(self, x_seg, state):
+        out, new, i = x_seg, [], 0
+        for layer, n in zip(self.layers, self._arity):
+            s = tuple(state[i:i + n])
+            fn = getattr(layer, "scan_segment", None)
+            if fn is not None:
+                out, s = fn(out, s)
+            else:
+                ys = []
+                for t in range(out.shape[0]):
+                    y, s = layer.step(out[t], s)
+                    ys.append(y)
+                out = torch.stack(ys)
             new.extend(s)
             i += n
         return out, tuple(new)

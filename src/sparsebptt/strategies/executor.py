@@ -44,6 +44,33 @@ class Reducer:
         else:
             self.buf = y if self.buf is None else self.buf + y
 
+    def add_block(self, t0: int, ys: torch.Tensor) -> None:
+        """Outputs of steps t0..t0+len(ys) at once (from a cell's ``scan_segment``)."""
+        if self.reduce is None:
+            if self.buf is None:
+                self.buf = torch.empty((self.T,) + tuple(ys.shape[1:]), dtype=ys.dtype, device=ys.device)
+            self.buf[t0:t0 + ys.shape[0]].copy_(ys)
+        elif self.reduce == "last":
+            if t0 + ys.shape[0] == self.T:
+                self.buf = ys[-1]
+        else:
+            s = ys.sum(0)
+            self.buf = s if self.buf is None else self.buf + s
+
+    def grad_block(self, dout: torch.Tensor | None, t0: int, t1: int, like: torch.Tensor):
+        """dL/dys for steps t0..t1 (shaped like ``like``), or None where none reaches them."""
+        if dout is None:
+            return None
+        if self.reduce is None:
+            return dout[t0:t1]
+        if self.reduce == "last":
+            if t1 != self.T:
+                return None
+            g = torch.zeros_like(like)
+            g[-1] = dout
+            return g
+        return self.grad_at(dout, t0).expand_as(like)
+
     def result(self) -> torch.Tensor:
         if self.reduce == "mean":
             return self.buf / self.T
@@ -88,7 +115,7 @@ class _Segment:
     n1: int
     state_in: tuple
     x_in: torch.Tensor | None
-    ys: list
+    ys: "list | torch.Tensor"  # per-step outputs, or one [L, B, H] block from scan_segment
     state_out: tuple
     held_bytes: int = 0
 
@@ -115,11 +142,27 @@ def _needs_grad(s: torch.Tensor) -> bool:
     return s.is_floating_point() or s.is_complex()
 
 
+#: longest run of steps a cell's ``scan_segment`` gets in a no-grad advance, so that its
+#: per-segment buffers stay small however far a schedule advances
+NO_GRAD_CHUNK = 256
+
+
 def _advance(run: _Run, n0: int, n1: int, state, graph: bool, emit: bool):
-    """Run steps n0..n1 from ``state``. With ``graph`` returns a `_Segment`, else the new state."""
+    """Run steps n0..n1 from ``state``. With ``graph`` returns a `_Segment`, else the new state.
+
+    A cell with ``scan_segment(x_seg, state) -> (ys, state)`` (a fused path over many steps) runs
+    through it; any other cell step by step."""
     x, cell = run.x, run.cell
+    segment_fn = getattr(cell, "scan_segment", None)
     if not graph:
         with torch.no_grad():
+            if segment_fn is not None:
+                for c0 in range(n0, n1, NO_GRAD_CHUNK):
+                    c1 = min(c0 + NO_GRAD_CHUNK, n1)
+                    ys, state = segment_fn(x[c0:c1], state)
+                    if emit:
+                        run.reducer.add_block(c0, ys)
+                return state
             for t in range(n0, n1):
                 y, state = cell.step(x[t], state)
                 if emit:
@@ -128,18 +171,23 @@ def _advance(run: _Run, n0: int, n1: int, state, graph: bool, emit: bool):
     state_in = tuple(s.detach().requires_grad_(_needs_grad(s) and (n0 > 0 or g))
                      for s, g in zip(state, run.state0_grad))
     x_in = x[n0:n1].detach().requires_grad_(x.requires_grad)
-    ys = []
     state = state_in
     with torch.enable_grad(), saving(run.trace):
-        for t in range(n0, n1):
-            y, state = cell.step(x_in[t - n0], state)
+        if segment_fn is not None:
+            ys, state = segment_fn(x_in, state)
             if emit:
-                run.reducer.add(t, y.detach())
-            ys.append(y if run.reducer.reaches(t) else None)
+                run.reducer.add_block(n0, ys.detach())
+        else:
+            ys = []
+            for t in range(n0, n1):
+                y, state = cell.step(x_in[t - n0], state)
+                if emit:
+                    run.reducer.add(t, y.detach())
+                ys.append(y if run.reducer.reaches(t) else None)
     seg = _Segment(n0, n1, state_in, x_in, ys, tuple(state))
     if run.trace is not None:
-        seg.held_bytes = sum(t.numel() * t.element_size() for t in list(ys) + list(state)
-                             if t is not None)
+        held = [ys] if isinstance(ys, torch.Tensor) else list(ys)
+        seg.held_bytes = sum(t.numel() * t.element_size() for t in held + list(state) if t is not None)
         run.trace.add_stored(seg.held_bytes)
     return seg
 
@@ -169,11 +217,17 @@ def _forward_action(run: _Run, a: Forward, work, recompute: bool):
 
 def _reverse(run: _Run, seg: _Segment, dout, dstate, grads):
     outs, gouts = [], []
-    for t, y in zip(range(seg.n0, seg.n1), seg.ys):
-        g = run.reducer.grad_at(dout, t)
-        if y is not None and g is not None and y.requires_grad:
-            outs.append(y)
+    if isinstance(seg.ys, torch.Tensor):  # a block of outputs from scan_segment
+        g = run.reducer.grad_block(dout, seg.n0, seg.n1, seg.ys)
+        if g is not None and seg.ys.requires_grad:
+            outs.append(seg.ys)
             gouts.append(g)
+    else:
+        for t, y in zip(range(seg.n0, seg.n1), seg.ys):
+            g = run.reducer.grad_at(dout, t)
+            if y is not None and g is not None and y.requires_grad:
+                outs.append(y)
+                gouts.append(g)
     for s, g in zip(seg.state_out, dstate):
         if g is not None and s.requires_grad:
             outs.append(s)
