@@ -117,3 +117,26 @@ def test_no_trace_no_counting():
     y, _ = sb.scan(cell, torch.randn(5, 1, 3), strategy=sb.Checkpoint(2))
     y.sum().backward()  # runs without an active trace
     assert sb.trace is not None
+
+
+def test_graphs_never_back_propagated_are_freed():
+    """A graph built under `sb.trace` and dropped without backward (Skipper carry="drop" with
+    reduce="last": no gradient reaches the earlier tails) is freed, and its count released."""
+    torch.manual_seed(0)
+    cell = sb.cells.GRU(5, 7)  # sigmoid / tanh save their outputs: the case that made a cycle
+    x = torch.rand(60, 3, 5)
+    with sb.trace() as t:
+        y, _ = sb.scan(cell, x, strategy=sb.Skipper(10, 5, carry="drop"), reduce="last")
+        y.sum().backward()
+    assert t.stored_bytes == 0
+    with sb.trace() as t2:
+        y, _ = sb.scan(cell, x, strategy=sb.Skipper(10, 5, carry="through"), reduce="last")
+        y.sum().backward()
+    # at most two tails' graphs at once (the one back-propagated and the next recomputed)
+    assert t.peak_stored_bytes <= 2 * t2.peak_stored_bytes
+    with sb.trace() as t3:
+        h = cell.initial_state(3)
+        for s in range(20):
+            _, h = cell.step(x[s], h)
+        del h, _
+    assert t3.stored_bytes == 0

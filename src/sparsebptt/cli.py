@@ -47,7 +47,7 @@ def _strategy(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
-    from .train import MODELS, TrainConfig
+    from .train import GATE_INITS, MODELS, TrainConfig
 
     d = TrainConfig()
     parser = argparse.ArgumentParser(
@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int, default=d.epochs, help="passes over the training split (default: %(default)s)")
     t.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="examples per step (default: %(default)s)")
     t.add_argument("--hidden", type=_positive_int, default=d.hidden, help="LIF neurons per layer (default: %(default)s)")
+    t.add_argument("--layers", type=_positive_int, default=d.layers, help="layers (default: %(default)s)")
+    t.add_argument("--gate-init", default=d.gate_init, choices=list(GATE_INITS),
+                   help="gate biases of gru / lstm / delta models: uniform (PyTorch's) or chrono (memory "
+                        "time scales spread up to T, for long-range tasks) (default: %(default)s)")
     t.add_argument("--lr", type=_positive_float, default=d.lr, help="Adam learning rate (default: %(default)s)")
     t.add_argument("--strategy", type=_strategy, default=d.strategy,
                    help="memory strategy: full, checkpoint:EVERY, revolve:SLOTS, ... (default: %(default)s)")
@@ -153,7 +157,8 @@ def _cmd_train(args, parser) -> int:
         config = TrainConfig(dataset=args.dataset, model=args.model, T=args.T, epochs=args.epochs,
                              batch_size=args.batch_size, hidden=args.hidden, lr=args.lr,
                              strategy=args.strategy, seed=args.seed, threads=args.threads,
-                             memory_budget=args.memory_budget, threshold=args.threshold)
+                             memory_budget=args.memory_budget, threshold=args.threshold,
+                             layers=args.layers, gate_init=args.gate_init)
     except ValueError as e:  # a value valid alone but not with this model (--threshold with gru)
         parser.error(str(e).replace("TrainConfig: ", ""))
     from .planner import BudgetError

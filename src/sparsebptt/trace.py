@@ -35,12 +35,19 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int]:
 
 
 class _Held:
-    """What the pack hook returns: keeps the tensor and releases its count when freed."""
+    """What the pack hook returns: keeps the tensor and releases its count when freed.
+
+    It keeps ``tensor.detach()``: the same storage and version counter, but no link to the
+    tensor's ``grad_fn``. Keeping the tensor itself would make a cycle through C++ that Python's
+    garbage collector cannot see (graph node -> saved variable -> this handle -> tensor -> its
+    grad_fn, the same node) whenever a node saves its own output (sigmoid, tanh, ...), so a
+    graph that is never back-propagated (a Skipper tail no gradient reaches) would never be freed.
+    """
 
     __slots__ = ("tensor", "key", "trace", "__weakref__")
 
     def __init__(self, tensor: torch.Tensor, key, trace: "Trace"):
-        self.tensor = tensor
+        self.tensor = tensor.detach()
         self.key = key
         self.trace = trace
 

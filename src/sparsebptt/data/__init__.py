@@ -8,13 +8,17 @@ from __future__ import annotations
 from .base import SPLITS, RateCodedDataset
 from .digits import DigitsSpikes
 from .digits_seq import DigitsSeq
+from .synthetic import Adding, DelayedRecall, SyntheticDataset
 
-__all__ = ["DATASETS", "SPLITS", "RateCodedDataset", "DigitsSpikes", "DigitsSeq", "get_dataset"]
+__all__ = ["DATASETS", "SPLITS", "RateCodedDataset", "DigitsSpikes", "DigitsSeq", "SyntheticDataset",
+           "DelayedRecall", "Adding", "get_dataset"]
 
 #: name -> dataset class; each takes ``T`` first and keyword-only options after it
 DATASETS = {
     DigitsSpikes.name: DigitsSpikes,
     DigitsSeq.name: DigitsSeq,
+    DelayedRecall.name: DelayedRecall,
+    Adding.name: Adding,
 }
 
 

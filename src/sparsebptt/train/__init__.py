@@ -1,6 +1,6 @@
 """Training loop behind `sparsebptt train`: model, metrics and run folders."""
-from .trainer import (METRIC_KEYS, MODELS, RecurrentClassifier, SpikingClassifier, TrainConfig,
-                      build_model, default_out_dir, evaluate, train)
+from .trainer import (GATE_INITS, METRIC_KEYS, MODELS, RecurrentClassifier, SpikingClassifier, TrainConfig,
+                      build_model, chrono_init_, default_out_dir, evaluate, train)
 
-__all__ = ["METRIC_KEYS", "MODELS", "RecurrentClassifier", "SpikingClassifier", "TrainConfig",
-           "build_model", "default_out_dir", "evaluate", "train"]
+__all__ = ["GATE_INITS", "METRIC_KEYS", "MODELS", "RecurrentClassifier", "SpikingClassifier", "TrainConfig",
+           "build_model", "chrono_init_", "default_out_dir", "evaluate", "train"]
