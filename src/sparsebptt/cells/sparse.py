@@ -26,12 +26,12 @@ How a batch shares the active set (``active_set``), chosen by measurement (BENCH
   runs over the union of the batch's active columns, as one GEMM (``B * |union| * out`` MACs):
   on a CPU that is far cheaper than materialising ``nnz`` rows of outer products to scatter.
 - ``"auto"`` (default): per call, a dense GEMM on the masked input when at least
-  ``FULL_ABOVE`` (75 %) of the entries are active; the union when the samples share their
-  active columns (``B * |union| <= UNION_OVERLAP * nnz``, B > 1); else per sample (always
-  with B = 1: the same MACs as the union in one pass instead of a gather and a GEMV).
-  Measured (BENCHMARKS.md): with B = 16 independent samples the union is ~90 % of the columns
-  at 15 % activity and never pays, while the per-sample path cuts the backward time to 0.17x
-  (DeltaGRU, H = 1024, 6 % activity); with shared active sets the union's GEMM is faster.
+  ``full_above(B)`` of the entries are active (75 % at B = 1, 19 % at B = 16); the union when
+  the samples share their active columns (``B * |union| <= UNION_OVERLAP * nnz``, B > 1); else
+  per sample (always with B = 1: the same MACs as the union in one pass instead of a gather
+  and a GEMV). Measured (BENCHMARKS.md, "Delta RNN sparsity"): with B = 16 independent samples
+  the union is ~90 % of the columns at 15 % activity and never pays; the per-sample path
+  beats the dense GEMM below ~15 % activity at B = 16 and below ~70 % at B = 1.
 
 Whatever the choice, when every column is active in some sample the product runs as one dense
 GEMM on the masked input (no gather): threshold 0 costs what the dense cell costs.
@@ -55,16 +55,24 @@ import torch.nn.functional as F
 
 from ..trace import current_trace
 
-__all__ = ["ACTIVE_SETS", "FULL_ABOVE", "UNION_OVERLAP", "sparse_linear", "transposed_weight"]
+__all__ = ["ACTIVE_SETS", "FULL_ABOVE", "UNION_OVERLAP", "full_above", "sparse_linear", "transposed_weight"]
 
 ACTIVE_SETS = ("auto", "union", "sample")
 
-#: "auto" thresholds, from benchmarks/sparsity.py --active-set (one CPU core, H = 256 and 1024,
-#: B = 1 and 16): a dense GEMM on the masked input once at least ``FULL_ABOVE`` of the entries
-#: are active; the union's gathered GEMM while it is at most ``UNION_OVERLAP`` times the work
-#: of the per-sample entries (B * |union| <= UNION_OVERLAP * nnz: the samples share their
-#: active columns); else the per-sample path.
+#: "auto" thresholds, fit to benchmarks/sparsity.py (one CPU core, H = 1024, B = 1 and 16): a
+#: dense GEMM on the masked input once at least ``full_above(B)`` of the entries are active (the
+#: per-sample path costs about as much per MAC as a GEMV at B = 1 but ~5x a GEMM's at B = 16,
+#: so it pays below ~75 % activity at B = 1 and below ~15-20 % at B = 16); the union's gathered
+#: GEMM while it is at most ``UNION_OVERLAP`` times the per-sample work (B * |union| <=
+#: UNION_OVERLAP * nnz: the samples share their active columns); else the per-sample path.
 FULL_ABOVE = 0.75
+
+
+def full_above(B: int) -> float:
+    """Activity above which "auto" runs the dense GEMM: 0.75 at B = 1, 0.19 at B = 16."""
+    return max(0.15, FULL_ABOVE / B ** 0.5)
+
+
 UNION_OVERLAP = 2.0
 
 _CHAIN_ATTR = "_sb_weight_grad_chain"
@@ -94,16 +102,14 @@ class _Plan:
         else:
             union = mask.any(0)
             k = int(union.sum())
-            if k == n_in:
-                mode = "full"
-            elif active_set == "union":
-                mode = "union"
+            if active_set == "union":
+                mode = "full" if k == n_in else "union"
             else:  # auto: by the measured rule (see FULL_ABOVE, UNION_OVERLAP)
                 nnz = int(mask.sum())
-                if nnz >= FULL_ABOVE * B * n_in:
+                if nnz >= full_above(B) * B * n_in:
                     mode = "full"
                 elif B > 1 and B * k <= UNION_OVERLAP * nnz:
-                    mode = "union"
+                    mode = "full" if k == n_in else "union"
                 else:
                     mode = "sample"
         self.mode = mode
