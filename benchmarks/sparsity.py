@@ -181,7 +181,7 @@ def run_accuracy(args):
     from sparsebptt.train import TrainConfig, train
 
     rows = []
-    for model, th in [("gru", 0.0)] + [("delta-gru", t) for t in args.acc_thresholds]:
+    for model, th in [("gru", None)] + [("delta-gru", t) for t in args.acc_thresholds]:
         for seed in args.seeds:
             config = TrainConfig(dataset="digits-seq", model=model, threshold=th, T=args.acc_T,
                                  epochs=args.acc_epochs, hidden=args.acc_hidden, layers=1,
