@@ -2,8 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 __all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``sparsebptt train: error: ... (see --help)`` and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def fail(self, message: str, status: int = 1):
+        """A one-line error that is not a usage mistake (exit status 1 by default)."""
+        self.exit(status, f"{self.prog}: error: {message}\n")
 
 
 def _positive_int(text: str) -> int:
@@ -50,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import GATE_INITS, MODELS, TrainConfig
 
     d = TrainConfig()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sparsebptt",
         description="Memory- and compute-sparse backpropagation through time for spiking and "
                     "recurrent networks.")
@@ -87,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=_positive_int, default=d.threads,
                    help="torch intra-op threads while training (default: %(default)s)")
     t.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/<timestamp>)")
+    t.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run in DIR from its last finished epoch, with its saved config "
+                        "(options given must match it, but --epochs, --threads, --device and "
+                        "--no-progress); metrics.jsonl keeps each epoch once")
+    t.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cpu, or the run's device with --resume); under "
+                        "torchrun each process takes cuda:LOCAL_RANK")
     t.add_argument("--no-progress", action="store_true", help="no progress bars, one line per epoch")
     t.set_defaults(run=_cmd_train, subparser=t)
 
@@ -150,32 +169,79 @@ def _cmd_plan(args, parser) -> int:
     return 0
 
 
+def _explicit_train_options(args) -> dict:
+    """The ``train`` options given on the command line (not defaulted): dest -> parsed value."""
+    parser = build_parser()
+    first = parser.parse_args(args.argv)
+    for action in first.subparser._actions:
+        action.default = argparse.SUPPRESS
+    ns = vars(parser.parse_args(args.argv))
+    return {k: v for k, v in ns.items() if k not in ("command", "run", "subparser")}
+
+
 def _cmd_train(args, parser) -> int:
-    from .train import TrainConfig, train
+    import dataclasses
+    from pathlib import Path
 
-    try:
-        config = TrainConfig(dataset=args.dataset, model=args.model, T=args.T, epochs=args.epochs,
-                             batch_size=args.batch_size, hidden=args.hidden, lr=args.lr,
-                             strategy=args.strategy, seed=args.seed, threads=args.threads,
-                             memory_budget=args.memory_budget, threshold=args.threshold,
-                             layers=args.layers, gate_init=args.gate_init)
-    except ValueError as e:  # a value valid alone but not with this model (--threshold with gru)
-        parser.error(str(e).replace("TrainConfig: ", ""))
     from .planner import BudgetError
+    from .train import TrainConfig, default_out_dir, train
+    from .train.runs import RunError, read_run_meta
+    from .train.trainer import RESUME_MAY_CHANGE, config_from_run
 
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    device = args.device
+    if args.resume is not None:
+        if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+            parser.error(f"--resume continues the run in {args.resume!r}; drop --out {args.out!r}")
+        out = Path(args.resume)
+        try:
+            saved = config_from_run(out)
+            if device is None:
+                device = str(read_run_meta(out).get("device", "cpu")).split(":")[0]
+        except RunError as e:
+            parser.fail(str(e), 2)
+        given = {k: v for k, v in _explicit_train_options(args).items() if k in fields}
+        try:
+            config = dataclasses.replace(saved, **given)
+        except ValueError as e:
+            parser.error(str(e).replace("TrainConfig: ", ""))
+        from .train.trainer import config_mismatches
+
+        diffs = config_mismatches(saved, config, RESUME_MAY_CHANGE)
+        if diffs:
+            flags = ", ".join("--" + d.split(":")[0].replace("_", "-") for d in diffs)
+            parser.fail(f"{flags} {'does' if len(diffs) == 1 else 'do'} not match the run in {str(out)!r} "
+                        f"({'; '.join(diffs)}); drop {'it' if len(diffs) == 1 else 'them'} to continue the run "
+                        "as it was, or start a new run with --out", 2)
+    else:
+        try:
+            config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        except ValueError as e:  # a value valid alone but not with this model (--threshold with gru)
+            parser.error(str(e).replace("TrainConfig: ", ""))
+        out = default_out_dir() if args.out is None else Path(args.out)
     try:
-        train(config, args.out, progress=not args.no_progress)
-    except (FileExistsError, BudgetError) as e:
-        parser.error(str(e))
+        train(config, out, progress=not args.no_progress, resume=args.resume is not None,
+              device=device or "cpu")
+    except (FileExistsError, BudgetError, RunError) as e:
+        parser.fail(str(e), 2)
+    except FloatingPointError as e:
+        parser.fail(str(e))
+    except (ValueError, OSError) as e:  # a bad device, an unreadable dataset file, a full disk
+        parser.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        parser.fail(f"interrupted; the run keeps its last finished epoch: continue it with "
+                    f"sparsebptt train --resume {out}", 130)
     return 0
 
 
 def main(argv: "list[str] | None" = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
-    Usage errors (unknown flags, bad values, a bad --strategy string) exit with status 2 and a
-    one-line message, as argparse does.
+    Usage errors (unknown flags, bad values, a bad --strategy string, a --resume folder that is
+    not a run or whose config differs) exit with status 2 and a one-line message on stderr; errors
+    while running (a NaN loss, a missing file) with status 1; never a traceback.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.run(args, args.subparser)

@@ -1,6 +1,7 @@
 """Training loop behind `sparsebptt train`: model, metrics and run folders."""
 from .trainer import (GATE_INITS, METRIC_KEYS, MODELS, RecurrentClassifier, SpikingClassifier, TrainConfig,
-                      build_model, chrono_init_, default_out_dir, evaluate, train)
+                      build_model, chrono_init_, config_from_run, default_out_dir, evaluate, train)
+from .runs import RunError
 
 __all__ = ["GATE_INITS", "METRIC_KEYS", "MODELS", "RecurrentClassifier", "SpikingClassifier", "TrainConfig",
-           "build_model", "chrono_init_", "default_out_dir", "evaluate", "train"]
+           "build_model", "chrono_init_", "config_from_run", "default_out_dir", "evaluate", "train", "RunError"]

@@ -7,7 +7,13 @@ state. A run writes into its folder:
 
 - ``config.json``: the `TrainConfig`, the resolved strategy and the library versions;
 - ``metrics.jsonl``: one JSON object per epoch with ``epoch, train_loss, train_acc, val_acc,
-  seconds, peak_stored_bytes, activity, backward_macs``.
+  seconds, peak_stored_bytes, activity, backward_macs``;
+- ``checkpoint.pt``: model, optimizer, RNG states, best accuracy and the metrics so far, replaced
+  atomically after every epoch; ``train(..., resume=True)`` (``sparsebptt train --resume DIR``)
+  continues from it (see `sparsebptt.train.runs`).
+
+Under ``torchrun`` the processes train one model with DDP, each on its share of every batch
+(see `sparsebptt.train.distributed`).
 
 ``peak_stored_bytes``, ``activity`` (per layer: spike rate of LIF layers, fraction of transmitted
 deltas of Delta layers; empty for dense GRU / LSTM) and ``backward_macs`` are what `sb.trace`
@@ -16,9 +22,11 @@ batch; the readout is not part of the scan).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +43,9 @@ from ..scan import scan
 from ..planner import parse_bytes, plan
 from ..strategies import Strategy, parse_strategy
 from ..trace import trace
+from .distributed import Dist, all_sum, broadcast_object, setup, shard, share_loss, teardown
+from .runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RunError, atomic_write, load_checkpoint,
+                   read_run_meta, rng_state, save_checkpoint, set_rng_state)
 
 __all__ = ["TrainConfig", "SpikingClassifier", "RecurrentClassifier", "build_model", "train",
            "default_out_dir", "chrono_init_", "METRIC_KEYS", "MODELS", "GATE_INITS"]
@@ -239,68 +250,197 @@ def _batch_seed(seed: int, epoch: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, split: str, batch_size: int, seed: int) -> float:
-    """Accuracy of ``model`` on ``split``, with spikes drawn from ``seed``."""
+def evaluate(model: nn.Module, dataset, split: str, batch_size: int, seed: int, *,
+             dist: "Dist | None" = None) -> float:
+    """Accuracy of ``model`` on ``split``, with spikes drawn from ``seed``.
+
+    Under DDP (``dist`` with world > 1) each process scores its share of every batch and the
+    counts are summed over the processes; every process returns the same accuracy.
+    """
     model.eval()
+    d = Dist() if dist is None else dist
+    device = next(model.parameters()).device
     correct = total = 0
     for x, y in dataset.batches(split, batch_size, seed=seed):
+        x, y, _, empty = shard(x, y, d.rank, d.world)
+        if empty:
+            continue
+        x, y = x.to(device), y.to(device)
         correct += int((model(x).argmax(-1) == y).sum())
         total += len(y)
+    correct, total = all_sum([correct, total], d)
     return correct / total
+
+
+#: config entries a resumed run may change (`--epochs` to train longer, `--threads`)
+RESUME_MAY_CHANGE = ("epochs", "threads")
+
+
+def config_from_run(folder: "str | Path") -> TrainConfig:
+    """The `TrainConfig` of the run in ``folder`` (from its config.json); `RunError` if ``folder``
+    is not a run or its config no longer validates."""
+    meta = read_run_meta(folder)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = meta.get("train_config")
+    if not isinstance(saved, dict):  # written before train_config existed: the top-level entries
+        saved = {k: v for k, v in meta.items() if k in fields}
+    unknown = sorted(set(saved) - fields)
+    if unknown:
+        raise RunError(f"{str(Path(folder) / CONFIG_FILE)!r} has entries this version of sparsebptt does not "
+                       f"know: {', '.join(unknown)}; resume it with the version that wrote it "
+                       f"({meta.get('sparsebptt', 'unknown')})")
+    try:
+        return TrainConfig(**saved)
+    except (TypeError, ValueError) as e:
+        raise RunError(f"{str(Path(folder) / CONFIG_FILE)!r} holds an invalid config: {e}") from None
+
+
+def config_mismatches(saved: TrainConfig, given: TrainConfig,
+                      may_change: "tuple[str, ...]" = RESUME_MAY_CHANGE) -> "list[str]":
+    """``"name: run has A, given B"`` for each field (other than ``may_change``) that differs.
+    Thresholds compare resolved (None = the model's default); strategies compare parsed."""
+    diffs = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in may_change:
+            continue
+        a, b = getattr(saved, f.name), getattr(given, f.name)
+        if f.name == "threshold":
+            a, b = saved.resolved_threshold, given.resolved_threshold
+        elif f.name == "strategy":
+            a, b = parse_strategy(a).to_string(), parse_strategy(b).to_string()
+        if a != b:
+            diffs.append(f"{f.name}: run has {a!r}, given {b!r}")
+    return diffs
 
 
 def _prepare_out(out: "str | Path") -> Path:
     out = Path(out)
-    if (out / "metrics.jsonl").exists():
-        raise FileExistsError(f"run folder {str(out)!r} already holds metrics.jsonl; "
-                              "choose another --out or remove the old run")
+    if (out / METRICS_FILE).exists():
+        raise FileExistsError(f"run folder {str(out)!r} already holds metrics.jsonl; choose another --out, "
+                              f"remove the old run, or continue it with --resume {out}")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def train(config: TrainConfig, out: "str | Path | None" = None, *, progress: bool = True,
-          log=None) -> dict:
-    """Train as ``config`` says, writing config.json and metrics.jsonl into ``out``.
+          log=None, resume: bool = False, device: "str | torch.device" = "cpu") -> dict:
+    """Train as ``config`` says, writing config.json, metrics.jsonl and checkpoint.pt into ``out``.
+
+    After every epoch the model, the optimizer, the RNG states, the best accuracy and the metrics
+    so far are saved atomically to ``out/checkpoint.pt`` (see `sparsebptt.train.runs`), so a run
+    killed at any moment loses at most the epoch it was in.
 
     Args:
         config: the run's `TrainConfig`.
         out: run folder (created); default `default_out_dir()`. Raises FileExistsError if it
-            already holds a metrics.jsonl.
+            already holds a metrics.jsonl (unless ``resume``).
         progress: show a tqdm bar per epoch.
         log: where the per-epoch lines and the summary go (default sys.stdout).
+        resume: continue the run in ``out`` from its last finished epoch: ``config`` must equal the
+            saved one except in `RESUME_MAY_CHANGE` (raise ``epochs`` to train longer); metrics.jsonl
+            is rewritten to the checkpoint's epochs, so no epoch is listed twice. A run killed before
+            its first checkpoint starts again from epoch 1. `RunError` if ``out`` is not a run or the
+            configs differ. On the CPU the metrics equal those of an uninterrupted run (but
+            ``seconds``).
+        device: "cpu", "cuda" or "cuda:N". Under torchrun (``WORLD_SIZE`` > 1) the processes join a
+            DDP group (gloo on the CPU, NCCL on CUDA with ``cuda:LOCAL_RANK``) and each trains on its
+            share of every batch; only rank 0 writes the run folder.
 
     Returns:
         The summary: ``val_acc`` (final), ``best_val_acc``, ``seconds`` (wall, training and
-        validation), ``peak_stored_bytes`` (max over epochs) and ``out``.
+        validation, this call only), ``peak_stored_bytes`` (max over epochs), ``epochs_run`` (in this
+        call), ``resumed_from`` (epoch) and ``out``.
+
+    Raises:
+        FloatingPointError: a non-finite loss; the message names the epoch and batch, and the
+            checkpoint of the last finished epoch stays as it was.
     """
     strategy = parse_strategy(config.strategy)  # fail before any work on a bad string
     if config.memory_budget is not None:
         parse_bytes(config.memory_budget)
+    if resume and out is None:
+        raise ValueError("train: resume=True needs the run folder `out` to continue")
+    d = setup(device)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        return _train(config, strategy, out, progress, sys.stdout if log is None else log)
+        return _train(config, strategy, out, progress and d.is_main, sys.stdout if log is None else log,
+                      resume, d)
     finally:
         torch.set_num_threads(prev_threads)
+        teardown(d)
 
 
-def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log) -> dict:
+def _check_resume(config: TrainConfig, out: Path) -> dict:
+    meta = read_run_meta(out)
+    diffs = config_mismatches(config_from_run(out), config)
+    if diffs:
+        raise RunError(f"cannot resume {str(out)!r} with another config ({'; '.join(diffs)}); drop those "
+                       "options to continue the run as it was, or start a new run with --out")
+    return meta
+
+
+def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log, resume: bool, d: Dist) -> dict:
     dataset = get_dataset(config.dataset, config.T, **(config.dataset_options or {}))
     torch.manual_seed(config.seed)
-    model = build_model(config, dataset.input_size, dataset.num_classes)
-    if config.memory_budget is not None:
-        strategy = plan(model.cell, (config.T, config.batch_size, dataset.input_size), config.memory_budget)
-        model.strategy = strategy
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    core = build_model(config, dataset.input_size, dataset.num_classes)
+    local_batch = -(-config.batch_size // d.world)  # what one process holds
+    if resume:
+        out = Path(out)
+        meta = _check_resume(config, out)
+        strategy = parse_strategy(meta.get("strategy", config.strategy))  # as planned then
+        core.strategy = strategy
+        ckpt = load_checkpoint(out / CHECKPOINT_FILE)
+    else:
+        if config.memory_budget is not None:
+            strategy = plan(core.cell, (config.T, local_batch, dataset.input_size), config.memory_budget)
+            core.strategy = strategy
+        ckpt = None
+        err = None
+        if d.is_main:
+            out = default_out_dir() if out is None else Path(out)
+            try:
+                _prepare_out(out)
+            except FileExistsError as e:
+                err = str(e)
+        out, err = broadcast_object((str(out) if out is not None else None, err), d)
+        out = Path(out)
+        if err:
+            raise FileExistsError(err)
+    core.to(d.device)
+    opt = torch.optim.Adam(core.parameters(), lr=config.lr)
+    done, best, peak, lines, val_acc = 0, 0.0, 0, [], float("nan")
+    if ckpt is not None:
+        core.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        done, best, peak = int(ckpt["epoch"]), float(ckpt["best_val_acc"]), int(ckpt["peak_stored_bytes"])
+        lines, val_acc = list(ckpt["metrics"]), float(ckpt["val_acc"])
+        if len(lines) != done:
+            raise RunError(f"checkpoint {str(out / CHECKPOINT_FILE)!r} says epoch {done} but holds "
+                           f"{len(lines)} metrics lines; it is damaged")
+        if done > config.epochs:
+            raise RunError(f"the run in {str(out)!r} already finished {done} epochs; pass --epochs {done} or "
+                           "more to continue it")
+        set_rng_state(ckpt["rng"])  # as at the end of epoch `done` (after the model was built)
+    model: nn.Module = core
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel
 
-    out = _prepare_out(default_out_dir() if out is None else out)
+        model = DistributedDataParallel(core, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
     approximate = getattr(strategy, "approximate", not strategy.exact)
-    meta = {**dataclasses.asdict(config), "threshold": config.resolved_threshold,
-            "strategy": strategy.to_string(), "approximate_gradient": approximate,
-            "sparsebptt": _version(), "torch": torch.__version__}
-    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if d.is_main:
+        meta = {**dataclasses.asdict(config), "threshold": config.resolved_threshold,
+                "strategy": strategy.to_string(), "approximate_gradient": approximate,
+                "sparsebptt": _version(), "torch": torch.__version__,
+                "train_config": dataclasses.asdict(config), "world_size": d.world,
+                "device": str(d.device)}
+        atomic_write(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+        atomic_write(out / METRICS_FILE, "".join(line + "\n" for line in lines))
 
     def say(msg: str) -> None:
+        if not d.is_main:
+            return
         if progress:
             tqdm.write(msg, file=log)
         else:
@@ -309,15 +449,21 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log) ->
     say(f"{config.dataset}: {dataset.num_examples('train')} train / {dataset.num_examples('val')} val, "
         f"T={config.T}, model={config.model}"
         + (f" (threshold {config.resolved_threshold})" if config.resolved_threshold is not None else "")
-        + f", strategy={strategy.to_string()}, run folder {out}")
+        + f", strategy={strategy.to_string()}, run folder {out}"
+        + (f", {d.world} processes ({d.device.type}), about {local_batch} examples each per batch"
+           if d.enabled else ""))
+    if resume:
+        say(f"resuming after epoch {done}/{config.epochs}" if ckpt is not None
+            else "resuming: no epoch had finished, starting at epoch 1")
     if approximate:
         say(f"note: {strategy.to_string()} computes an approximate gradient (time-skipped BPTT), "
             "not the gradient of full BPTT")
     n_batches = dataset.num_batches("train", config.batch_size)
     start = time.perf_counter()
-    val_acc, best, peak = float("nan"), 0.0, 0
-    with open(out / "metrics.jsonl", "w") as metrics:
-        for epoch in range(1, config.epochs + 1):
+    epoch_activity: dict = {}
+    metrics_file = open(out / METRICS_FILE, "a") if d.is_main else contextlib.nullcontext()
+    with metrics_file as metrics:
+        for epoch in range(done + 1, config.epochs + 1):
             t0 = time.perf_counter()
             model.train()
             loss_sum, correct, seen, epoch_peak, activity, bwd_macs = 0.0, 0, 0, 0, {}, 0
@@ -325,43 +471,61 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log) ->
             bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch}/{config.epochs}",
                        leave=False, disable=not progress, file=sys.stderr, dynamic_ncols=True)
             for i, (x, y) in enumerate(bar):
+                x, y, n_global, empty = shard(x, y, d.rank, d.world)
+                x, y = x.to(d.device), y.to(d.device)
                 opt.zero_grad(set_to_none=True)
-                if i == 0:
-                    with trace() as t:
-                        logits = model(x)
-                        loss = F.cross_entropy(logits, y)
-                        loss.backward()
-                    epoch_peak, activity, bwd_macs = t.peak_stored_bytes, t.activity, t.backward_macs
-                else:
+                with (trace() if i == 0 else contextlib.nullcontext()) as t:
                     logits = model(x)
-                    loss = F.cross_entropy(logits, y)
+                    loss, loss_total = share_loss(logits, y, n_global, d.world, empty)
                     loss.backward()
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"training diverged: loss {loss_value} at epoch {epoch}, "
-                                             f"batch {i}; lower --lr (now {config.lr})")
+                if t is not None:
+                    epoch_peak, activity, bwd_macs = t.peak_stored_bytes, t.activity, t.backward_macs
+                hits = 0 if empty else int((logits.argmax(-1) == y).sum())
+                batch_loss, hits, n = all_sum([loss_total.item(), hits, 0 if empty else len(y)], d)
+                if not math.isfinite(batch_loss):
+                    kept = (f"the checkpoint of epoch {epoch - 1} is kept in {out / CHECKPOINT_FILE}"
+                            if epoch > 1 else "no epoch had finished, so there is no checkpoint")
+                    raise FloatingPointError(f"training diverged: loss {batch_loss / n} at epoch {epoch}, "
+                                             f"batch {i + 1}/{n_batches}; {kept}; lower --lr (now {config.lr}) "
+                                             "and start a new run")
                 opt.step()
-                loss_sum += loss_value * len(y)
-                correct += int((logits.argmax(-1) == y).sum())
-                seen += len(y)
+                loss_sum += batch_loss
+                correct += int(hits)
+                seen += int(n)
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
             bar.close()
-            val_acc = evaluate(model, dataset, "val", config.batch_size, _batch_seed(config.seed, 0))
+            val_acc = evaluate(core, dataset, "val", config.batch_size, _batch_seed(config.seed, 0), dist=d)
             best, peak = max(best, val_acc), max(peak, epoch_peak)
             row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                    "val_acc": val_acc, "seconds": time.perf_counter() - t0,
                    "peak_stored_bytes": epoch_peak, "activity": activity, "backward_macs": bwd_macs}
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            lines.append(json.dumps(row))
+            epoch_activity = activity
+            if d.is_main:  # the line first, then the checkpoint that lists it (see runs.py)
+                metrics.write(lines[-1] + "\n")
+                metrics.flush()
+                os.fsync(metrics.fileno())
+                save_checkpoint(out / CHECKPOINT_FILE, {
+                    "epoch": epoch, "model": core.state_dict(), "optimizer": opt.state_dict(),
+                    "rng": rng_state(), "best_val_acc": best, "val_acc": val_acc,
+                    "peak_stored_bytes": peak, "metrics": list(lines),
+                    # batches of epoch e are drawn from _batch_seed(seed, e): nothing else to save
+                    "batch_seed": {"scheme": "seed * 1000003 + epoch", "seed": config.seed},
+                    "config": dataclasses.asdict(config), "strategy": strategy.to_string()})
             say(f"epoch {epoch:3d}/{config.epochs}  loss {row['train_loss']:.4f}  "
                 f"train_acc {row['train_acc']:.4f}  val_acc {val_acc:.4f}  {row['seconds']:.1f}s"
                 + ("  activity " + " ".join(f"{k} {v:.3f}" for k, v in activity.items()) if activity else ""))
     seconds = time.perf_counter() - start
+    epochs_run = config.epochs - done
     summary = {"val_acc": val_acc, "best_val_acc": best, "seconds": seconds,
-               "peak_stored_bytes": peak, "approximate_gradient": approximate, "activity": activity,
-               "out": str(out)}
+               "peak_stored_bytes": peak, "approximate_gradient": approximate, "activity": epoch_activity,
+               "epochs_run": epochs_run, "resumed_from": done if resume else None, "out": str(out)}
+    if epochs_run == 0:
+        say(f"nothing to do: the run in {out} already finished {done}/{config.epochs} epochs "
+            f"(val_acc {val_acc:.4f}, best {best:.4f}); pass a larger --epochs to train longer")
+        return summary
     say(f"done: val_acc {val_acc:.4f} (best {best:.4f}), {seconds:.1f}s wall, "
         f"peak stored {peak} bytes ({peak / 2**20:.2f} MiB) with {strategy.to_string()}"
         f"{' (approximate gradient)' if approximate else ''}; "
-        f"metrics in {out / 'metrics.jsonl'}")
+        f"metrics in {out / METRICS_FILE}")
     return summary
