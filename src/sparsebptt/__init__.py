@@ -4,7 +4,8 @@
     cell = sb.cells.LIF(64, 256)
     y, state = sb.scan(cell, x, strategy=sb.Checkpoint(every=32))
 """
-from . import cells
+from . import cells, kernels
+from .kernels import get_backend, set_backend
 from .scan import REDUCES, scan
 from .strategies import (Checkpoint, DoubleCheckpoint, FullBPTT, Revolve, Skipper, Strategy,
                          TwoLevelRevolve, parse_strategy)
@@ -13,6 +14,6 @@ from .trace import Trace, trace
 
 __version__ = "0.1.0"
 
-__all__ = ["cells", "scan", "REDUCES", "Checkpoint", "DoubleCheckpoint", "FullBPTT", "Revolve",
-           "Skipper", "TwoLevelRevolve", "Strategy",
+__all__ = ["cells", "kernels", "get_backend", "set_backend", "scan", "REDUCES", "Checkpoint",
+           "DoubleCheckpoint", "FullBPTT", "Revolve", "Skipper", "TwoLevelRevolve", "Strategy",
            "parse_strategy", "plan", "estimate", "parse_bytes", "Trace", "trace", "__version__"]

@@ -8,6 +8,11 @@ Per step, with input current ``i_t = W x_t + b (+ V z_{t-1})``::
     v_t = u_t * (1 - z_t)                       # reset="zero"
 
 State: ``(v,)``, or ``(v, z)`` with recurrent weights (the previous spikes feed back).
+
+Backends (``LIF(..., backend=...)``, see `sparsebptt.kernels.backend`): "torch" steps this
+reference; "cpu" and "triton" run whole segments through fused kernels (`sparsebptt.kernels.lif`)
+with the input projection as one matmul; "auto" picks the fastest available. The default
+(``backend=None``) follows `sparsebptt.set_backend` / ``$SPARSEBPTT_BACKEND``.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from torch import nn
 
 from .base import Cell, init_uniform_, linear
 from .surrogate import check_surrogate, spike
+from ..kernels.backend import check_backend, require_backend, resolve_backend
 from ..trace import current_trace
 
 __all__ = ["LIFParams", "lif_step", "LIF", "RESETS"]
@@ -78,13 +84,25 @@ class LIF(Cell):
         recurrent: add recurrent weights from the previous step's spikes.
         learn_beta: make beta a trainable per-neuron parameter (clamped to [0, 1]).
         bias: add a bias to the input projection.
+        backend: "auto", "torch", "cpu" or "triton" (see the module docstring); None follows the
+            process-wide default (`sparsebptt.set_backend`). Fused backends have no recurrent
+            kernel yet: "auto" runs a recurrent LIF on "torch", an explicit "cpu"/"triton" raises.
+            An explicit backend that is unavailable here raises `BackendUnavailable`.
     """
 
     def __init__(self, input_size: int, hidden_size: int, *, beta: float = 0.9, threshold: float = 1.0,
                  reset: str = "subtract", surrogate: str = "fast_sigmoid",
                  surrogate_scale: float | None = None, detach_reset: bool = False,
-                 recurrent: bool = False, learn_beta: bool = False, bias: bool = True):
+                 recurrent: bool = False, learn_beta: bool = False, bias: bool = True,
+                 backend: str | None = None):
         super().__init__(input_size, hidden_size)
+        if backend is not None:
+            check_backend(backend)
+            if recurrent and backend in ("cpu", "triton"):
+                raise ValueError(f"LIF: backend {backend!r} has no kernel for recurrent=True yet; use "
+                                 "backend='torch' (or 'auto', which runs recurrent LIFs on 'torch')")
+            require_backend(backend)
+        self.backend = backend
         self.params = LIFParams(beta, threshold, reset, surrogate, surrogate_scale, detach_reset)
         self.recurrent = recurrent
         self.num_states = 2 if recurrent else 1
@@ -109,7 +127,35 @@ class LIF(Cell):
             t.add_activity(self, z.sum(), z.numel())
         return z, ((v, z) if self.recurrent else (v,))
 
+    @property
+    def active_backend(self) -> str:
+        """The backend the next scan runs ("torch", "cpu" or "triton"), for the weights' device."""
+        if self.recurrent:  # no fused recurrent kernel yet (explicit fused backends raise in __init__)
+            return "torch"
+        return resolve_backend(self.backend, self.weight.device.type)
+
+    @property
+    def scan_segment(self):
+        """The fused segment scan when a fused backend is active, else None (the step path)."""
+        return None if self.active_backend == "torch" else self._scan_segment
+
+    def _scan_segment(self, x_seg, state):
+        backend = self.active_backend
+        if backend == "cpu":
+            from ..kernels.lif.cpu import fused_recurrent_lif
+        else:
+            from ..kernels.lif.triton import fused_recurrent_lif
+        (v,) = state
+        i = linear(x_seg, self.weight, self.bias)  # [L, B, H]: one matmul, MACs counted as per step
+        beta = self.params.beta if self.beta is None else self.beta.clamp(0.0, 1.0)
+        z, v = fused_recurrent_lif(i, v, beta, self.params)  # [L, B, H], [B, H]
+        t = current_trace()
+        if t is not None:
+            t.add_activity(self, torch.count_nonzero(z), z.numel())
+        return z, (v,)
+
     def extra_repr(self) -> str:
         p = self.params
+        backend = "" if self.backend is None else f", backend={self.backend!r}"
         return (f"{self.input_size}, {self.hidden_size}, beta={p.beta}, threshold={p.threshold}, "
-                f"reset={p.reset!r}, surrogate={p.surrogate!r}, recurrent={self.recurrent}")
+                f"reset={p.reset!r}, surrogate={p.surrogate!r}, recurrent={self.recurrent}{backend}")

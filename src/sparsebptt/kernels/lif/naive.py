@@ -1,0 +1,22 @@
+"""The reference LIF recurrence: a plain loop over `lif_step`, the oracle of the fused kernels."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ...cells.lif import LIFParams, lif_step
+
+__all__ = ["naive_recurrent_lif"]
+
+
+def naive_recurrent_lif(i: torch.Tensor, v0: torch.Tensor, beta, p: LIFParams):
+    """``(z [L, B, H], v_T [B, H])`` from input currents ``i`` [L, B, H] and membrane ``v0`` [B, H],
+    one `lif_step` per time step under autograd. ``beta``: float or [H] tensor."""
+    if not isinstance(beta, torch.Tensor):
+        p, beta = replace(p, beta=float(beta)), None
+    v, zs = v0, []
+    for t in range(i.shape[0]):
+        z, v = lif_step(i[t], v, p, beta)
+        zs.append(z)
+    return torch.stack(zs), v
