@@ -1,0 +1,368 @@
+"""Fused LIF kernels (backend="cpu") against the reference step path (backend="torch").
+
+Oracle chain: `lif_step` is the reference (tests/test_cells.py); here the fused CPU path must give
+its outputs, final state and every gradient (x, v0, weight, bias, beta) under every exact strategy
+and inside a Stack, with the same trace counters. Inputs are seeded and random; seeds whose
+membrane comes within `MARGIN` of the threshold are skipped, so no spike flips on rounding.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+import torch
+
+import sparsebptt as sb
+from sparsebptt.cells.lif import LIFParams
+from sparsebptt.kernels import backend as kb
+from sparsebptt.kernels import cbuild
+from sparsebptt.kernels.lif.cpu import fused_recurrent_lif
+from sparsebptt.kernels.lif.naive import naive_recurrent_lif
+from sparsebptt.testing import assert_close, seeded
+
+pytestmark = pytest.mark.skipif(not kb.backend_available("cpu")[0],
+                                reason=f"cpu backend unavailable: {kb.backend_available('cpu')[1]}")
+
+N_IN, H = 7, 60  # H off any block size
+MARGIN = 1e-4  # |u - threshold| of every step, in the float64 reference
+CONFIGS = [dict(reset=r, surrogate=s, detach_reset=d, learn_beta=lb)
+           for r, s, d, lb in itertools.product(("subtract", "zero"), ("fast_sigmoid", "atan", "triangle"),
+                                                 (False, True), (False, True))]
+
+
+def _cid(c):
+    return f"{c['reset']}-{c['surrogate']}" + ("-detach" if c["detach_reset"] else "") + \
+        ("-learnbeta" if c["learn_beta"] else "")
+
+
+def make_pair(dtype, n_in=N_IN, h=H, **kw):
+    """A reference LIF and a fused one with the same parameters (beta perturbed when learnable)."""
+    torch.manual_seed(0)
+    kw = {"beta": 0.85, "threshold": 0.6, **kw}
+    ref = sb.cells.LIF(n_in, h, backend="torch", **kw).to(dtype)
+    if ref.beta is not None:
+        with torch.no_grad():
+            ref.beta.copy_(0.5 + 0.45 * seeded(9, h, dtype=dtype, kind="uniform"))
+    fast = sb.cells.LIF(n_in, h, backend="cpu", **kw).to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _min_margin(cell, x, v0) -> float:
+    """min over steps of |u_t - threshold| of the LIF ``cell`` in float64 (no graph)."""
+    p = cell.params
+    with torch.no_grad():
+        w, b = cell.weight.double(), None if cell.bias is None else cell.bias.double()
+        i = torch.nn.functional.linear(x.double(), w, b)
+        beta = p.beta if cell.beta is None else cell.beta.double().clamp(0, 1)
+        v, m = v0.double(), float("inf")
+        for t in range(x.shape[0]):
+            u = beta * v + i[t]
+            m = min(m, (u - p.threshold).abs().min().item())
+            z = (u > p.threshold).double()
+            v = u - z * p.threshold if p.reset == "subtract" else u * (1 - z)
+    return m
+
+
+def inputs(cell, T, B, dtype, x_kind="normal", seed=0):
+    """Seeded (x, v0) whose membrane stays MARGIN away from the threshold at every step."""
+    for s in range(seed, seed + 200, 7):
+        x = seeded(s, T, B, cell.input_size, dtype=dtype, kind=x_kind)
+        v0 = 0.5 * seeded(s + 1, B, cell.hidden_size, dtype=dtype)
+        if _min_margin(cell, x, v0) > MARGIN:
+            return x, v0
+    raise AssertionError("no seed kept the membrane away from the threshold")  # pragma: no cover
+
+
+def run(cell, x, v0, strategy=None, reduce=None):
+    """Forward + backward with loss (out*dout).sum() + (vT*dvT).sum(); outputs and every gradient."""
+    x = x.clone().requires_grad_()
+    v0 = v0.clone().requires_grad_()
+    for p in cell.parameters():
+        p.grad = None
+    out, state = sb.scan(cell, x, (v0,), strategy=strategy, reduce=reduce)
+    loss = (out * seeded(100, *out.shape, dtype=x.dtype)).sum() + \
+        (state[-1] * seeded(101, *state[-1].shape, dtype=x.dtype)).sum()
+    loss.backward()
+    res = {"out": out.detach(), "vT": state[-1].detach(), "dx": x.grad, "dv0": v0.grad}
+    res.update({f"d{n}": p.grad for n, p in cell.named_parameters()})
+    return res
+
+
+def compare(ref, got, dtype):
+    assert ref.keys() == got.keys()
+    for name in ref:
+        assert_close(name, ref[name], got[name], dtype)
+
+
+# ---- the fused path equals the step path -------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_cid)
+def test_fused_equals_reference_every_config(cfg, dtype):
+    ref, fast = make_pair(dtype, **cfg)
+    x, v0 = inputs(ref, 63, 3, dtype)
+    got = run(fast, x, v0)
+    expect = run(ref, x, v0)
+    compare(expect, got, dtype)
+    if cfg["learn_beta"]:
+        assert got["dbeta"] is not None and got["dbeta"].abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("x_kind", ["normal", "spikes"])
+@pytest.mark.parametrize("T,B", [(1, 1), (1, 3), (2, 1), (2, 3), (63, 1), (63, 3)],
+                         ids=lambda v: str(v))
+def test_fused_equals_reference_shapes(T, B, x_kind, dtype):
+    for cfg in (dict(reset="subtract", learn_beta=True), dict(reset="zero", surrogate="atan")):
+        ref, fast = make_pair(dtype, **cfg)
+        x, v0 = inputs(ref, T, B, dtype, x_kind)
+        compare(run(ref, x, v0), run(fast, x, v0), dtype)
+
+
+def test_float32_forward_is_bitwise():
+    """Same currents, same rounding: the fused forward equals the reference bit for bit."""
+    ref, fast = make_pair(torch.float32, learn_beta=True, reset="zero")
+    x, v0 = inputs(ref, 63, 3, torch.float32)
+    i = torch.nn.functional.linear(x, ref.weight, ref.bias).detach()
+    beta = ref.beta.clamp(0, 1).detach()
+    z_ref, v_ref = naive_recurrent_lif(i, v0, beta, ref.params)
+    z, v = fused_recurrent_lif(i, v0, beta, ref.params)
+    assert torch.equal(z, z_ref) and torch.equal(v, v_ref)
+
+
+@pytest.mark.parametrize("strategy", [sb.FullBPTT(), sb.Checkpoint(every=5), sb.Revolve(slots=3),
+                                      sb.DoubleCheckpoint(outer=16, inner=4),
+                                      sb.DoubleCheckpoint(outer=16, inner=4, outer_storage="disk")],
+                         ids=lambda s: s.to_string() + getattr(s, "outer_storage", ""))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_fused_under_every_exact_strategy(strategy, dtype):
+    ref, fast = make_pair(dtype, learn_beta=True, surrogate="triangle")
+    x, v0 = inputs(ref, 63, 3, dtype)
+    expect = run(ref, x, v0, sb.FullBPTT())
+    compare(expect, run(fast, x, v0, strategy), dtype)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean", "last"])
+@pytest.mark.parametrize("strategy", [sb.FullBPTT(), sb.Checkpoint(every=10)], ids=lambda s: s.to_string())
+def test_fused_with_reduce(strategy, reduce):
+    ref, fast = make_pair(torch.float64, reset="zero")
+    x, v0 = inputs(ref, 41, 2, torch.float64)
+    compare(run(ref, x, v0, sb.FullBPTT(), reduce), run(fast, x, v0, strategy, reduce), torch.float64)
+
+
+def _stacks(dtype, mixed):
+    torch.manual_seed(1)
+    layers = {}
+    for backend in ("torch", "cpu"):
+        torch.manual_seed(1)
+        mid = [sb.cells.GRU(24, 24)] if mixed else []
+        layers[backend] = sb.cells.Stack(
+            [sb.cells.LIF(N_IN, 24, threshold=0.3, backend=backend)] + mid +
+            [sb.cells.LIF(24, 17, threshold=0.2, reset="zero", learn_beta=True, backend=backend)]).to(dtype)
+    return layers["torch"], layers["cpu"]
+
+
+def _run_stack(stack, x, strategy, reduce=None):
+    x = x.clone().requires_grad_()
+    for p in stack.parameters():
+        p.grad = None
+    state0 = tuple((0.3 * seeded(7 + k, *s.shape, dtype=x.dtype)).requires_grad_()
+                   for k, s in enumerate(stack.initial_state(x.shape[1], dtype=x.dtype)))
+    out, state = sb.scan(stack, x, state0, strategy=strategy, reduce=reduce)
+    loss = (out * seeded(100, *out.shape, dtype=x.dtype)).sum()
+    for k, s in enumerate(state):
+        loss = loss + (s * seeded(200 + k, *s.shape, dtype=x.dtype)).sum()
+    loss.backward()
+    res = {"out": out.detach(), "dx": x.grad}
+    res.update({f"state_T[{k}]": s.detach() for k, s in enumerate(state)})
+    res.update({f"dstate0[{k}]": s.grad for k, s in enumerate(state0)})
+    res.update({f"d{n}": p.grad for n, p in stack.named_parameters()})
+    return res
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["lif-lif", "lif-gru-lif"])
+@pytest.mark.parametrize("strategy", [sb.FullBPTT(), sb.Checkpoint(every=6), sb.Revolve(slots=3),
+                                      sb.DoubleCheckpoint(outer=16, inner=4)], ids=lambda s: s.to_string())
+def test_fused_inside_a_stack(strategy, mixed):
+    ref, fast = _stacks(torch.float64, mixed)
+    assert fast.scan_segment is not None and ref.scan_segment is None
+    x = seeded(3, 37, 2, N_IN, kind="spikes", p=0.4)
+    compare(_run_stack(ref, x, sb.FullBPTT()), _run_stack(fast, x, strategy), torch.float64)
+
+
+# ---- trace counters ----------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", [sb.FullBPTT(), sb.Checkpoint(every=7), sb.Revolve(slots=3)],
+                         ids=lambda s: s.to_string())
+def test_trace_counters_equal_the_reference(strategy):
+    ref, fast = _stacks(torch.float32, mixed=False)
+    x = seeded(3, 50, 4, N_IN, dtype=torch.float32, kind="spikes", p=0.4)
+    traces = []
+    for stack in (ref, fast):
+        with sb.trace() as t:
+            _run_stack(stack, x, strategy)
+        traces.append(t)
+    a, b = traces
+    for name in ("forward_steps", "recomputed_steps", "forward_macs", "recomputed_macs", "backward_macs"):
+        assert getattr(a, name) == getattr(b, name), (name, getattr(a, name), getattr(b, name))
+    assert a.activity.keys() == b.activity.keys()
+    for k in a.activity:
+        assert a.activity[k] == pytest.approx(b.activity[k], abs=1e-12), k
+    assert b.peak_stored_bytes <= a.peak_stored_bytes, (b.peak_stored_bytes, a.peak_stored_bytes)
+
+
+def test_fused_saves_one_tensor_per_step_and_layer():
+    """The fused LIF keeps u [T, B, H] for its backward (the input x is the caller's)."""
+    ref, fast = make_pair(torch.float32)
+    x, v0 = inputs(ref, 63, 3, torch.float32)
+    with sb.trace() as t:
+        run(fast, x, v0)
+    T, B = 63, 3
+    assert t.peak_stored_bytes == T * B * H * 4
+
+
+# ---- no-grad path and the kernel function ------------------------------------------------------
+def test_no_grad_forward_equals_and_saves_nothing():
+    ref, fast = make_pair(torch.float64, reset="zero")
+    x, v0 = inputs(ref, 20, 2, torch.float64)
+    with torch.no_grad():
+        y_ref, s_ref = sb.scan(ref, x, (v0,))
+        with sb.trace() as t:
+            y, s = sb.scan(fast, x, (v0,))
+    assert_close("out", y_ref, y) and assert_close("vT", s_ref[0], s[0])
+    assert t.peak_stored_bytes == 0 and not y.requires_grad
+
+
+@pytest.mark.parametrize("reset", ["subtract", "zero"])
+def test_kernel_gradients_match_naive_with_tensor_beta(reset):
+    p = LIFParams(threshold=0.7, reset=reset, surrogate="fast_sigmoid")
+    dtype = torch.float64
+    i = seeded(1, 30, 3, 11, dtype=dtype)
+    v0 = 0.3 * seeded(2, 3, 11, dtype=dtype)
+    beta = 0.6 + 0.3 * seeded(3, 11, dtype=dtype, kind="uniform")
+    outs = []
+    for fn in (naive_recurrent_lif, fused_recurrent_lif):
+        leaves = [t.clone().requires_grad_() for t in (i, v0, beta)]
+        z, v = fn(*leaves, p)
+        ((z * seeded(4, *z.shape, dtype=dtype)).sum() + (v * seeded(5, *v.shape, dtype=dtype)).sum()).backward()
+        outs.append([z, v] + [t.grad for t in leaves])
+    for name, a, b in zip(["z", "vT", "di", "dv0", "dbeta"], *outs):
+        assert_close(name, a, b, dtype)
+
+
+def test_only_some_outputs_used():
+    """Gradient from the spikes alone, or from the final membrane alone (None grads inside)."""
+    p = LIFParams(threshold=0.5)
+    i = seeded(1, 9, 2, 5).requires_grad_()
+    v0 = seeded(2, 2, 5).requires_grad_()
+    for pick in (0, 1):
+        ref = torch.autograd.grad(naive_recurrent_lif(i, v0, 0.8, p)[pick].sum(), (i, v0))
+        got = torch.autograd.grad(fused_recurrent_lif(i, v0, 0.8, p)[pick].sum(), (i, v0))
+        for a, b in zip(ref, got):
+            assert_close(f"pick{pick}", a, b)
+
+
+# ---- backend selection and errors --------------------------------------------------------------
+def test_scan_segment_only_with_a_fused_backend():
+    assert sb.cells.LIF(3, 4, backend="torch").scan_segment is None
+    cell = sb.cells.LIF(3, 4, backend="cpu")
+    assert cell.scan_segment is not None and cell.active_backend == "cpu"
+    assert sb.cells.LIF(3, 4, backend="auto", recurrent=True).scan_segment is None
+    assert "backend='cpu'" in repr(cell)
+
+
+def test_auto_is_resolved_once_logged_and_queryable(monkeypatch, caplog):
+    monkeypatch.setattr(kb, "_resolved", {})
+    with caplog.at_level(logging.INFO, logger="sparsebptt.kernels"):
+        assert kb.resolve_backend("auto", "cpu") == "cpu"
+        assert kb.resolve_backend("auto", "cpu") == "cpu"
+        assert sb.cells.LIF(3, 4, backend="auto").active_backend == "cpu"
+    logged = [r.getMessage() for r in caplog.records if "resolved" in r.getMessage()]
+    assert len(logged) == 1 and "'cpu'" in logged[0]
+
+
+def test_global_default(monkeypatch):
+    monkeypatch.setattr(kb, "_default", None)
+    monkeypatch.delenv("SPARSEBPTT_BACKEND", raising=False)
+    assert sb.get_backend() == kb.DEFAULT_BACKEND
+    sb.set_backend("cpu")
+    cell = sb.cells.LIF(3, 4)
+    assert sb.get_backend() == "cpu" and cell.active_backend == "cpu" and cell.scan_segment is not None
+    sb.set_backend("torch")
+    assert cell.active_backend == "torch" and cell.scan_segment is None
+    monkeypatch.setattr(kb, "_default", None)
+    monkeypatch.setenv("SPARSEBPTT_BACKEND", "cpu")
+    assert sb.get_backend() == "cpu"
+
+
+@pytest.mark.parametrize("bad", ["cuda", "CPU", 3])
+def test_unknown_backend_lists_the_valid_ones(bad):
+    with pytest.raises(ValueError, match="valid backends are: auto, torch, cpu, triton"):
+        sb.cells.LIF(3, 4, backend=bad)
+    with pytest.raises(ValueError, match="unknown backend"):
+        sb.set_backend(bad)
+
+
+def test_unavailable_backend_raises(monkeypatch):
+    monkeypatch.setitem(kb._probes, "cpu", (False, "no C compiler found"))
+    with pytest.raises(kb.BackendUnavailable, match="'cpu' was requested but is unavailable: no C compiler"):
+        sb.cells.LIF(3, 4, backend="cpu")
+    with pytest.raises(kb.BackendUnavailable, match="no C compiler"):
+        sb.set_backend("cpu")
+    monkeypatch.setitem(kb._probes, "triton", (False, "triton is not importable"))
+    with pytest.raises(kb.BackendUnavailable, match="'triton' was requested but is unavailable"):
+        sb.cells.LIF(3, 4, backend="triton")
+
+
+def test_auto_without_a_fused_backend_runs_torch_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(kb, "_resolved", {})
+    monkeypatch.setitem(kb._probes, "cpu", (False, "no C compiler found"))
+    with caplog.at_level(logging.INFO, logger="sparsebptt.kernels"):
+        cell = sb.cells.LIF(3, 4, backend="auto")
+        assert cell.active_backend == "torch" and cell.scan_segment is None
+    assert any("resolved to 'torch' (no C compiler found)" in r.getMessage() for r in caplog.records)
+
+
+def test_recurrent_with_an_explicit_fused_backend_raises():
+    with pytest.raises(ValueError, match="no kernel for recurrent=True"):
+        sb.cells.LIF(3, 4, recurrent=True, backend="cpu")
+
+
+def test_missing_compiler_is_a_build_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("SPARSEBPTT_CACHE_DIR", str(tmp_path))
+    with pytest.raises(cbuild.CBuildError, match="does not run"):
+        cbuild.build("probe", "int f(void) { return 1; }")
+
+
+def test_compile_error_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSEBPTT_CACHE_DIR", str(tmp_path))
+    with pytest.raises(cbuild.CBuildError, match="failed"):
+        cbuild.build("broken", "int f(void) { return }")
+
+
+@pytest.mark.parametrize("case,match", [
+    ("rank", "must be a 3-D tensor"),
+    ("v0", r"v0 must have shape \(2, 5\)"),
+    ("dtype", "dtype torch.float16 is not supported"),
+    ("v0dtype", "they must match"),
+    ("beta", r"tensor beta must have shape \(5,\)"),
+    ("betatype", "beta must be a float"),
+])
+def test_kernel_input_checks(case, match):
+    p = LIFParams()
+    i, v0, beta = torch.zeros(3, 2, 5), torch.zeros(2, 5), 0.9
+    if case == "rank":
+        i = torch.zeros(2, 5)
+    elif case == "v0":
+        v0 = torch.zeros(5)
+    elif case == "dtype":
+        i, v0 = i.half(), v0.half()
+    elif case == "v0dtype":
+        v0 = v0.double()
+    elif case == "beta":
+        beta = torch.zeros(4)
+    elif case == "betatype":
+        beta = "0.9"
+    with pytest.raises((ValueError, TypeError), match=match):
+        fused_recurrent_lif(i, v0, beta, p)
