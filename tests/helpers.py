@@ -57,6 +57,8 @@ def make_cell(kind: str, dtype=torch.float64):
     elif kind == "stack":
         cell = sb.cells.Stack([sb.cells.LIF(N_IN, 8, threshold=0.3, surrogate="triangle"),
                                sb.cells.GRU(8, 6), sb.cells.LSTM(6, 5)])
+    elif kind == "egru":  # "union": embedding_bag (the per-sample path) is slow with 2 busy threads
+        cell = sb.cells.EGRU(N_IN, 7, threshold_init=0.1, active_set="union")
     elif kind == "user":
         cell = LeakyTanh(N_IN, 6)
     elif kind == "segment":

@@ -9,7 +9,7 @@ from sparsebptt.testing import assert_close
 
 from helpers import make_cell, run
 
-CELLS = ["lif", "lif-zero", "gru", "lstm", "stack", "user", "segment", "stack-segment"]
+CELLS = ["lif", "lif-zero", "gru", "lstm", "stack", "user", "segment", "stack-segment", "egru"]
 STRATEGIES = [sb.Checkpoint(every=1), sb.Checkpoint(every=4), sb.Checkpoint(every=7),
               sb.Revolve(slots=1), sb.Revolve(slots=2), sb.Revolve(slots=5),
               sb.DoubleCheckpoint(outer=10, inner=3, outer_storage="host"),

@@ -1,6 +1,7 @@
 """Reference cells: each one a pure ``<cell>_step`` function and an ``nn.Module`` with the protocol."""
 from .base import Cell, linear
 from .delta import DeltaGRU, DeltaLSTM, delta_gru_step, delta_lstm_step
+from .egru import EGRU, activity_regularizer, egru_step, event_statistics
 from .gru import GRU, gru_step
 from .lif import LIF, LIFParams, lif_step
 from .lstm import LSTM, lstm_step
@@ -8,6 +9,7 @@ from .sparse import sparse_linear
 from .stack import Stack
 from .surrogate import SURROGATES, spike
 
-__all__ = ["Cell", "linear", "DeltaGRU", "DeltaLSTM", "delta_gru_step", "delta_lstm_step", "GRU",
+__all__ = ["Cell", "linear", "DeltaGRU", "DeltaLSTM", "delta_gru_step", "delta_lstm_step", "EGRU",
+           "activity_regularizer", "egru_step", "event_statistics", "GRU",
            "gru_step", "LIF", "LIFParams", "lif_step", "LSTM", "lstm_step", "sparse_linear", "Stack",
            "SURROGATES", "spike"]
