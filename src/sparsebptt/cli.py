@@ -126,7 +126,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where double checkpointing keeps its coarse checkpoints (default: %(default)s)")
     p.add_argument("--rows", type=_positive_int, default=15, help="table rows to print (default: %(default)s)")
     p.set_defaults(run=_cmd_plan, subparser=p)
+
+    r = sub.add_parser(
+        "report", help="plot and compare training runs",
+        description="Draw the training loss, accuracy, wall time per epoch and peak stored memory of "
+                    "one or more run folders into a PNG and print a comparison table.")
+    r.add_argument("runs", nargs="+", metavar="DIR", help="run folders written by `sparsebptt train`")
+    r.add_argument("--png", default=None, metavar="PATH",
+                   help="where to write the figure (default: DIR/report.png for one run, report.png for several)")
+    r.set_defaults(run=_cmd_report, subparser=r)
     return parser
+
+
+def _cmd_report(args, parser) -> int:
+    from .report import report
+    from .train.runs import RunError
+
+    try:
+        table, png = report(args.runs, args.png)
+    except RunError as e:
+        parser.fail(str(e), 2)
+    except (OSError, ValueError) as e:
+        parser.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    print(table)
+    print(f"figure: {png}")
+    return 0
 
 
 _PLAN_MODELS = {"lif": "LIF", "gru": "GRU", "lstm": "LSTM"}
