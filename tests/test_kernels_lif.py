@@ -36,7 +36,7 @@ def _cid(c):
         ("-learnbeta" if c["learn_beta"] else "")
 
 
-def make_pair(dtype, n_in=N_IN, h=H, **kw):
+def make_pair(dtype, n_in=N_IN, h=H, backend="cpu", device="cpu", **kw):
     """A reference LIF and a fused one with the same parameters (beta perturbed when learnable)."""
     torch.manual_seed(0)
     kw = {"beta": 0.85, "threshold": 0.6, **kw}
@@ -44,18 +44,18 @@ def make_pair(dtype, n_in=N_IN, h=H, **kw):
     if ref.beta is not None:
         with torch.no_grad():
             ref.beta.copy_(0.5 + 0.45 * seeded(9, h, dtype=dtype, kind="uniform"))
-    fast = sb.cells.LIF(n_in, h, backend="cpu", **kw).to(dtype)
+    fast = sb.cells.LIF(n_in, h, backend=backend, **kw).to(dtype)
     fast.load_state_dict(ref.state_dict())
-    return ref, fast
+    return ref.to(device), fast.to(device)
 
 
 def _min_margin(cell, x, v0) -> float:
     """min over steps of |u_t - threshold| of the LIF ``cell`` in float64 (no graph)."""
     p = cell.params
     with torch.no_grad():
-        w, b = cell.weight.double(), None if cell.bias is None else cell.bias.double()
+        w, b = cell.weight.double().cpu(), None if cell.bias is None else cell.bias.double().cpu()
         i = torch.nn.functional.linear(x.double(), w, b)
-        beta = p.beta if cell.beta is None else cell.beta.double().clamp(0, 1)
+        beta = p.beta if cell.beta is None else cell.beta.double().cpu().clamp(0, 1)
         v, m = v0.double(), float("inf")
         for t in range(x.shape[0]):
             u = beta * v + i[t]
@@ -65,13 +65,13 @@ def _min_margin(cell, x, v0) -> float:
     return m
 
 
-def inputs(cell, T, B, dtype, x_kind="normal", seed=0):
-    """Seeded (x, v0) whose membrane stays MARGIN away from the threshold at every step."""
+def inputs(cell, T, B, dtype, x_kind="normal", seed=0, margin=MARGIN):
+    """Seeded (x, v0) whose membrane stays ``margin`` away from the threshold at every step."""
     for s in range(seed, seed + 200, 7):
         x = seeded(s, T, B, cell.input_size, dtype=dtype, kind=x_kind)
         v0 = 0.5 * seeded(s + 1, B, cell.hidden_size, dtype=dtype)
-        if _min_margin(cell, x, v0) > MARGIN:
-            return x, v0
+        if _min_margin(cell, x, v0) > margin:
+            return x.to(cell.weight.device), v0.to(cell.weight.device)
     raise AssertionError("no seed kept the membrane away from the threshold")  # pragma: no cover
 
 
@@ -82,8 +82,8 @@ def run(cell, x, v0, strategy=None, reduce=None):
     for p in cell.parameters():
         p.grad = None
     out, state = sb.scan(cell, x, (v0,), strategy=strategy, reduce=reduce)
-    loss = (out * seeded(100, *out.shape, dtype=x.dtype)).sum() + \
-        (state[-1] * seeded(101, *state[-1].shape, dtype=x.dtype)).sum()
+    loss = (out * seeded(100, *out.shape, dtype=x.dtype).to(x.device)).sum() + \
+        (state[-1] * seeded(101, *state[-1].shape, dtype=x.dtype).to(x.device)).sum()
     loss.backward()
     res = {"out": out.detach(), "vT": state[-1].detach(), "dx": x.grad, "dv0": v0.grad}
     res.update({f"d{n}": p.grad for n, p in cell.named_parameters()})

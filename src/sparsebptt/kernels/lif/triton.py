@@ -1,0 +1,237 @@
+"""Triton LIF recurrence (GPU): one program per block of BH neurons walks all L steps.
+
+Same equations, saved tensor (``u`` [L, B, H]) and backward as `sparsebptt.kernels.lif.cpu`
+(see its docstring). The backward keeps the per-neuron ``dbeta`` partial sums in registers and
+writes one [B, H] buffer, summed over B afterwards (deterministic: no atomics).
+
+Runs on CUDA tensors; under ``TRITON_INTERPRET=1`` (set before this module is imported) also on
+CPU tensors in Triton's interpreter, which is how the default test suite checks it.
+Constants (threshold, beta, surrogate scale) are passed as a tensor of the data's dtype, so that
+float64 runs do not round them to float32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ...cells.lif import LIFParams
+from ...cells.surrogate import SURROGATES
+
+__all__ = ["fused_recurrent_lif"]
+
+_SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "triangle": 2}
+_DTYPES = (torch.float32, torch.float64)
+
+
+@triton.jit
+def _surrogate(x, c_scale, c_atan_k, c_atan_a, SURROGATE: tl.constexpr):
+    if SURROGATE == 0:  # fast sigmoid
+        a = c_scale * tl.abs(x) + 1.0
+        s = 1.0 / (a * a)
+    elif SURROGATE == 1:  # atan
+        y = c_atan_k * x
+        s = c_atan_a / (1.0 + y * y)
+    else:  # triangle
+        s = tl.maximum(1.0 - tl.abs(x) / c_scale, 0.0)
+    return s
+
+
+@triton.jit
+def fused_recurrent_lif_fwd_kernel(i, v0, beta, c, z, u, vT, L, N, H,
+                                   BH: tl.constexpr, HAS_BETA: tl.constexpr, RESET_ZERO: tl.constexpr,
+                                   SAVE_U: tl.constexpr):
+    i_n = tl.program_id(0)
+    o_n = i_n * BH + tl.arange(0, BH)  # flattened (b, h)
+    m_n = o_n < N
+    c_th = tl.load(c + 0)
+    b_v = tl.load(v0 + o_n, mask=m_n, other=0)
+    if HAS_BETA:
+        b_beta = tl.load(beta + o_n % H, mask=m_n, other=0)
+    else:
+        b_beta = tl.load(c + 1) + tl.zeros_like(b_v)
+    for t in range(0, L):
+        p_i = i + t * N + o_n
+        b_u = b_beta * b_v
+        b_u = b_u + tl.load(p_i, mask=m_n, other=0)
+        b_z = tl.where(b_u > c_th, 1.0, 0.0).to(b_u.dtype)
+        tl.store(z + t * N + o_n, b_z, mask=m_n)
+        if SAVE_U:
+            tl.store(u + t * N + o_n, b_u, mask=m_n)
+        if RESET_ZERO:
+            b_v = b_u * (1.0 - b_z)
+        else:
+            b_v = b_u - b_z * c_th
+    tl.store(vT + o_n, b_v, mask=m_n)
+
+
+@triton.jit
+def fused_recurrent_lif_bwd_kernel(u, dz, dvT, v0, beta, c, di, dv0, dbeta, L, N, H,
+                                   BH: tl.constexpr, HAS_BETA: tl.constexpr, RESET_ZERO: tl.constexpr,
+                                   DETACH: tl.constexpr, SURROGATE: tl.constexpr, HAS_DZ: tl.constexpr,
+                                   HAS_DVT: tl.constexpr, NEED_DBETA: tl.constexpr):
+    i_n = tl.program_id(0)
+    o_n = i_n * BH + tl.arange(0, BH)
+    m_n = o_n < N
+    c_th = tl.load(c + 0)
+    c_scale = tl.load(c + 2)
+    c_atan_k = tl.load(c + 3)
+    c_atan_a = tl.load(c + 4)
+    b_g = tl.zeros([BH], dtype=c_th.dtype)
+    if HAS_DVT:
+        b_g = tl.load(dvT + o_n, mask=m_n, other=0)
+    if HAS_BETA:
+        b_beta = tl.load(beta + o_n % H, mask=m_n, other=0)
+    else:
+        b_beta = tl.load(c + 1) + tl.zeros_like(b_g)
+    b_dbeta = tl.zeros([BH], dtype=tl.float64)
+    for k in range(0, L):
+        t = L - 1 - k
+        b_u = tl.load(u + t * N + o_n, mask=m_n, other=0)
+        b_s = _surrogate(b_u - c_th, c_scale, c_atan_k, c_atan_a, SURROGATE)
+        b_dz = tl.zeros_like(b_u)
+        if HAS_DZ:
+            b_dz = tl.load(dz + t * N + o_n, mask=m_n, other=0)
+        if RESET_ZERO:
+            b_keep = tl.where(b_u > c_th, 0.0, 1.0).to(b_u.dtype)
+            if DETACH:
+                b_du = b_g * b_keep + b_dz * b_s
+            else:
+                b_du = b_g * b_keep + (b_dz - b_u * b_g) * b_s
+        else:
+            if DETACH:
+                b_du = b_g + b_dz * b_s
+            else:
+                b_du = b_g + (b_dz - c_th * b_g) * b_s
+        tl.store(di + t * N + o_n, b_du, mask=m_n)
+        if NEED_DBETA:
+            if t > 0:
+                b_up = tl.load(u + (t - 1) * N + o_n, mask=m_n, other=0)
+                b_zp = tl.where(b_up > c_th, 1.0, 0.0).to(b_up.dtype)
+                if RESET_ZERO:
+                    b_vp = b_up * (1.0 - b_zp)
+                else:
+                    b_vp = b_up - b_zp * c_th
+            else:
+                b_vp = tl.load(v0 + o_n, mask=m_n, other=0)
+            b_dbeta += b_du.to(tl.float64) * b_vp.to(tl.float64)
+        b_g = b_beta * b_du
+    tl.store(dv0 + o_n, b_g, mask=m_n)
+    if NEED_DBETA:
+        tl.store(dbeta + o_n, b_dbeta, mask=m_n)
+
+
+def _block(N: int) -> int:
+    return min(triton.next_power_of_2(N), 128)
+
+
+def _consts(p: LIFParams, beta_s: float, dtype, device) -> torch.Tensor:
+    scale = float(SURROGATES[p.surrogate][1] if p.surrogate_scale is None else p.surrogate_scale)
+    return torch.tensor([p.threshold, beta_s, scale, math.pi / 2 * scale, scale / 2], dtype=dtype, device=device)
+
+
+def fused_recurrent_lif_fwd(i, v0, beta, p: LIFParams, save_u: bool):
+    L, B, H = i.shape
+    N = B * H
+    z = torch.empty_like(i)
+    u = torch.empty_like(i) if save_u else z  # dummy pointer when not saved
+    vT = torch.empty_like(v0)
+    has_beta = isinstance(beta, torch.Tensor)
+    c = _consts(p, 0.0 if has_beta else float(beta), i.dtype, i.device)
+    BH = _block(N)
+    fused_recurrent_lif_fwd_kernel[(triton.cdiv(N, BH),)](
+        i, v0, beta if has_beta else c, c, z, u, vT, L, N, H,
+        BH=BH, HAS_BETA=has_beta, RESET_ZERO=p.reset == "zero", SAVE_U=save_u)
+    return z, (u if save_u else None), vT
+
+
+def fused_recurrent_lif_bwd(u, dz, dvT, v0, beta, p: LIFParams, need_dbeta: bool):
+    L, B, H = u.shape
+    N = B * H
+    di = torch.empty_like(u)
+    dv0 = torch.empty(B, H, dtype=u.dtype, device=u.device)
+    has_beta = isinstance(beta, torch.Tensor)
+    c = _consts(p, 0.0 if has_beta else float(beta), u.dtype, u.device)
+    dbeta = torch.empty(B, H, dtype=torch.float64, device=u.device) if need_dbeta else dv0
+    BH = _block(N)
+    fused_recurrent_lif_bwd_kernel[(triton.cdiv(N, BH),)](
+        u, u if dz is None else dz, dv0 if dvT is None else dvT, u if v0 is None else v0,
+        beta if has_beta else c, c, di, dv0, dbeta, L, N, H,
+        BH=BH, HAS_BETA=has_beta, RESET_ZERO=p.reset == "zero", DETACH=bool(p.detach_reset),
+        SURROGATE=_SURROGATE_IDS[p.surrogate], HAS_DZ=dz is not None, HAS_DVT=dvT is not None,
+        NEED_DBETA=need_dbeta)
+    return di, dv0, (dbeta.sum(0).to(u.dtype) if need_dbeta else None)
+
+
+class FusedRecurrentLIFFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, i, v0, beta, p: LIFParams):
+        z, u, vT = fused_recurrent_lif_fwd(i, v0, beta, p, save_u=True)
+        beta_t = beta if isinstance(beta, torch.Tensor) else None
+        ctx.p = p
+        ctx.beta_s = None if beta_t is not None else beta
+        ctx.need_dbeta = beta_t is not None and beta_t.requires_grad
+        ctx.save_for_backward(u, v0 if ctx.need_dbeta else None, beta_t)
+        ctx.set_materialize_grads(False)
+        return z, vT
+
+    @staticmethod
+    def backward(ctx, dz, dvT):
+        u, v0, beta_t = ctx.saved_tensors
+        beta = beta_t if beta_t is not None else ctx.beta_s
+        dz = None if dz is None else dz.contiguous()
+        dvT = None if dvT is None else dvT.contiguous()
+        di, dv0, dbeta = fused_recurrent_lif_bwd(u, dz, dvT, v0, beta, ctx.p, ctx.need_dbeta)
+        return di, dv0, dbeta, None
+
+
+def _check(i, v0, beta):
+    if not isinstance(i, torch.Tensor) or i.dim() != 3:
+        raise ValueError(f"fused_recurrent_lif (triton): i must be a 3-D tensor [L, B, H] of input currents, "
+                         f"got {tuple(i.shape) if isinstance(i, torch.Tensor) else type(i).__name__}")
+    L, B, H = i.shape
+    if i.dtype not in _DTYPES:
+        raise TypeError(f"fused_recurrent_lif (triton): dtype {i.dtype} is not supported; use float32 or "
+                        "float64 (or backend='torch')")
+    if i.device.type != "cuda" and not triton.knobs.runtime.interpret:
+        raise ValueError(f"fused_recurrent_lif (triton): i is on {i.device}; the triton backend needs CUDA "
+                         "tensors (CPU tensors only under TRITON_INTERPRET=1); use backend='cpu' on CPU")
+    if not isinstance(v0, torch.Tensor) or v0.shape != (B, H):
+        raise ValueError(f"fused_recurrent_lif (triton): v0 must have shape {(B, H)} (B, H) like i[0], got "
+                         f"{tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__}")
+    if v0.dtype != i.dtype or v0.device != i.device:
+        raise TypeError(f"fused_recurrent_lif (triton): v0 is {v0.dtype} on {v0.device} but i is {i.dtype} "
+                        f"on {i.device}; they must match")
+    if isinstance(beta, torch.Tensor):
+        if beta.shape != (H,) or beta.dtype != i.dtype or beta.device != i.device:
+            raise ValueError(f"fused_recurrent_lif (triton): a tensor beta must have shape ({H},), dtype "
+                             f"{i.dtype} and device {i.device}; got shape {tuple(beta.shape)}, {beta.dtype}, "
+                             f"{beta.device}")
+    elif not isinstance(beta, (int, float)):
+        raise TypeError(f"fused_recurrent_lif (triton): beta must be a float or a [H] tensor, got "
+                        f"{type(beta).__name__}")
+
+
+def fused_recurrent_lif(i: torch.Tensor, v0: torch.Tensor, beta, p: LIFParams):
+    """The LIF recurrence over a segment with Triton: ``(z [L, B, H], v_T [B, H])``.
+
+    Args:
+        i: input currents ``W x_t + b`` for every step, [L, B, H], float32 or float64, on CUDA.
+        v0: membrane before the first step, [B, H].
+        beta: decay, a float or a per-neuron [H] tensor (already clamped to [0, 1]).
+        p: the LIF constants (threshold, reset, surrogate, detach_reset); ``p.beta`` is ignored.
+
+    Differentiable in ``i``, ``v0`` and a tensor ``beta``; saves only ``u`` [L, B, H].
+    """
+    _check(i, v0, beta)
+    i, v0 = i.contiguous(), v0.contiguous()
+    if isinstance(beta, torch.Tensor):
+        beta = beta.contiguous()
+    needs_grad = torch.is_grad_enabled() and (
+        i.requires_grad or v0.requires_grad or (isinstance(beta, torch.Tensor) and beta.requires_grad))
+    if not needs_grad:
+        z, _, vT = fused_recurrent_lif_fwd(i, v0, beta, p, save_u=False)
+        return z, vT
+    return FusedRecurrentLIFFunction.apply(i, v0, beta, p)

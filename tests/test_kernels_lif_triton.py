@@ -1,0 +1,97 @@
+"""Triton LIF kernels against the reference: on CPU in Triton's interpreter (TRITON_INTERPRET=1,
+small shapes, the default suite), and on a CUDA device when there is one (marked ``gpu``).
+
+Triton is optional: without it this module is skipped with the reason.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    # must be set before the kernels are defined (triton.jit reads it at decoration time)
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton", reason="triton is not installed (optional: pip install triton)")
+
+import sparsebptt as sb  # noqa: E402
+from sparsebptt.cells.lif import LIFParams  # noqa: E402
+from sparsebptt.kernels import backend as kb  # noqa: E402
+from sparsebptt.kernels.lif.naive import naive_recurrent_lif  # noqa: E402
+from sparsebptt.kernels.lif.triton import fused_recurrent_lif  # noqa: E402
+from sparsebptt.testing import assert_close, seeded  # noqa: E402
+
+from test_kernels_lif import CONFIGS, _cid, compare, inputs, make_pair, run  # noqa: E402
+
+kb._probes.pop("triton", None)  # probe again now that the interpreter is on
+DEV = "cuda" if CUDA else "cpu"
+
+
+def _kernel_case(dtype, T, B, H, device, **kw):
+    p = LIFParams(threshold=0.7, **kw)
+    i = seeded(1, T, B, H, dtype=dtype).to(device)
+    v0 = (0.3 * seeded(2, B, H, dtype=dtype)).to(device)
+    beta = (0.6 + 0.3 * seeded(3, H, dtype=dtype, kind="uniform")).to(device)
+    outs = []
+    for fn in (naive_recurrent_lif, fused_recurrent_lif):
+        leaves = [t.clone().requires_grad_() for t in (i, v0, beta)]
+        z, v = fn(*leaves, p)
+        loss = (z * seeded(4, *z.shape, dtype=dtype).to(device)).sum() + \
+            (v * seeded(5, *v.shape, dtype=dtype).to(device)).sum()
+        loss.backward()
+        outs.append([z, v] + [t.grad for t in leaves])
+    for name, a, b in zip(["z", "vT", "di", "dv0", "dbeta"], *outs):
+        assert_close(name, a, b, dtype)
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if not c["learn_beta"]], ids=_cid)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_triton_kernel_matches_naive(cfg, dtype):
+    cfg = {k: v for k, v in cfg.items() if k != "learn_beta"}
+    _kernel_case(dtype, 9, 3, 60, DEV, **cfg)  # 180 neurons: two blocks, the second one masked
+
+
+@pytest.mark.parametrize("T,B", [(1, 1), (2, 3), (63, 1)], ids=lambda v: str(v))
+def test_triton_kernel_shapes(T, B):
+    _kernel_case(torch.float64, T, B, 11, DEV, reset="zero")
+
+
+@pytest.mark.parametrize("strategy", [sb.FullBPTT(), sb.Checkpoint(every=5), sb.Revolve(slots=3)],
+                         ids=lambda s: s.to_string())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_triton_lif_cell_under_strategies(strategy, dtype):
+    ref, fast = make_pair(dtype, h=20, backend="triton", device=DEV, learn_beta=True, reset="zero")
+    assert fast.active_backend == "triton" and fast.scan_segment is not None
+    x, v0 = inputs(ref, 23, 2, dtype)
+    compare(run(ref, x, v0, sb.FullBPTT()), run(fast, x, v0, strategy), dtype)
+
+
+def test_triton_input_checks():
+    p = LIFParams()
+    with pytest.raises(ValueError, match="must be a 3-D tensor"):
+        fused_recurrent_lif(torch.zeros(2, 5, device=DEV), torch.zeros(2, 5, device=DEV), 0.9, p)
+    with pytest.raises(TypeError, match="dtype torch.float16 is not supported"):
+        fused_recurrent_lif(torch.zeros(3, 2, 5, device=DEV).half(), torch.zeros(2, 5, device=DEV).half(), 0.9, p)
+    with pytest.raises(ValueError, match=r"v0 must have shape \(2, 5\)"):
+        fused_recurrent_lif(torch.zeros(3, 2, 5, device=DEV), torch.zeros(5, device=DEV), 0.9, p)
+    with pytest.raises(ValueError, match=r"tensor beta must have shape \(5,\)"):
+        fused_recurrent_lif(torch.zeros(3, 2, 5, device=DEV), torch.zeros(2, 5, device=DEV),
+                            torch.zeros(4, device=DEV), p)
+    if CUDA:
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            fused_recurrent_lif(torch.zeros(3, 2, 5), torch.zeros(2, 5), 0.9, p)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[7], CONFIGS[-1]], ids=_cid)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_triton_on_gpu_large(cfg, dtype):
+    """On the GPU, T=200, B=4, H=200 (two blocks of 128 per row, masked): Full and Checkpoint."""
+    ref, fast = make_pair(dtype, n_in=7, h=200, backend="triton", device="cuda", **cfg)
+    x, v0 = inputs(ref, 200, 4, dtype, margin=2e-5)
+    expect = run(ref, x, v0, sb.FullBPTT())
+    for st in (sb.FullBPTT(), sb.Checkpoint(every=17)):
+        compare(expect, run(fast, x, v0, st), dtype)
