@@ -135,7 +135,61 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--png", default=None, metavar="PATH",
                    help="where to write the figure (default: DIR/report.png for one run, report.png for several)")
     r.set_defaults(run=_cmd_report, subparser=r)
+
+    e = sub.add_parser(
+        "export", help="export a trained LIF run to NIR",
+        description="Write the LIF stack and readout of a run folder (its checkpoint.pt) in the "
+                    "Neuromorphic Intermediate Representation (needs `pip install nir`). NIR's neurons "
+                    "are continuous-time: the graph uses dt = 1 step, tau = 1/(1-beta), r = tau (see "
+                    "sparsebptt.export).")
+    e.add_argument("--nir", required=True, metavar="RUN_DIR", help="run folder written by `sparsebptt train`")
+    e.add_argument("--out", default=None, metavar="PATH", help="NIR file to write (default: RUN_DIR/model.nir)")
+    e.add_argument("--subtract-reset", choices=["exact", "zero"], default="exact",
+                   help="exact: subtractive reset as LI -> Threshold with a back edge (default); zero: NIR "
+                        "LIF nodes with reset to zero (approximate, for targets that only run LIF)")
+    e.set_defaults(run=_cmd_export, subparser=e)
     return parser
+
+
+def _cmd_export(args, parser) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .export import export_nir
+    from .train import build_model
+    from .train.runs import CHECKPOINT_FILE, RunError, load_checkpoint
+    from .train.trainer import config_from_run
+    from .data import get_dataset
+
+    run = Path(args.nir)
+    try:
+        config = config_from_run(run)
+        if config.model != "lif":
+            raise RunError(f"the run in {str(run)!r} trained model {config.model!r}; NIR export covers LIF "
+                           "models (--model lif)")
+        ckpt = load_checkpoint(run / CHECKPOINT_FILE)
+        if ckpt is None:
+            raise RunError(f"the run in {str(run)!r} has no {CHECKPOINT_FILE} (no epoch finished); train it "
+                           "first or resume it with sparsebptt train --resume")
+    except RunError as err:
+        parser.fail(str(err), 2)
+    try:
+        dataset = get_dataset(config.dataset, config.T, **(config.dataset_options or {}))
+        torch.manual_seed(config.seed)
+        model = build_model(config, dataset.input_size, dataset.num_classes)
+        model.load_state_dict(ckpt["model"])
+        out = run / "model.nir" if args.out is None else Path(args.out)
+        graph = export_nir(model, out, T=config.T, subtract_reset=args.subtract_reset)
+    except ImportError as err:
+        parser.fail(str(err))
+    except (ValueError, TypeError, OSError) as err:
+        parser.fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    sizes = " -> ".join(str(n) for n in [dataset.input_size] + [config.hidden] * config.layers)
+    print(f"wrote {out}: {config.layers} LIF layers ({sizes}), readout to {dataset.num_classes} classes "
+          f"(epoch {ckpt['epoch']}, val_acc {ckpt['val_acc']:.4f}); {len(graph.nodes)} NIR nodes, dt = 1 step; "
+          f"reset: {graph.metadata['reset']}")
+    return 0
 
 
 def _cmd_report(args, parser) -> int:
