@@ -118,7 +118,7 @@ def plot_runs(runs: "list[Run]", path: "str | Path", *, dpi: int = 120) -> Path:
                         ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     ax_mem.set_xticks(range(len(runs)), [run.name for run in runs], rotation=20 if len(runs) > 3 else 0,
                       fontsize=8)
-    ax_mem.set(title="peak stored bytes of the scan (sb.trace, first batch of each epoch)", ylabel="MiB")
+    ax_mem.set(title="peak stored bytes of the scan (sb.trace)", ylabel="MiB")
     ax_mem.set_ylim(0, max(mib + [1e-3]) * 1.25)
     ax_mem.grid(alpha=0.3, axis="y")
     path = Path(path)
