@@ -130,8 +130,8 @@ def test_train_config_checks(kwargs, match):
 def test_train_bad_strategy_and_dataset(tmp_path):
     with pytest.raises(ValueError, match="unknown strategy 'nope'; valid forms are"):
         train(TrainConfig(strategy="nope"), tmp_path, progress=False)
-    with pytest.raises(ValueError, match="unknown dataset 'shd'; valid datasets are: .*digits-spikes"):
-        train(TrainConfig(dataset="shd"), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="unknown dataset .imagenet.; valid datasets are: .*digits-spikes"):
+        train(TrainConfig(dataset="imagenet"), tmp_path, progress=False)
 
 
 def _metrics(path):

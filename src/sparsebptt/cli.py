@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=_positive_int, default=d.threads,
                    help="torch intra-op threads while training (default: %(default)s)")
     t.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/<timestamp>)")
+    t.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder of the files of shd, ssc, nmnist or dvs-gesture (as distributed, or tonic's "
+                        "save_to folder); nothing is downloaded")
     t.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR from its last finished epoch, with its saved config "
                         "(options given must match it, but --epochs, --threads, --device and "
@@ -267,6 +270,16 @@ def _cmd_train(args, parser) -> int:
     from .train.trainer import RESUME_MAY_CHANGE, config_from_run
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    data_dir = None if args.data_dir is None else str(Path(args.data_dir).expanduser().resolve())
+    if data_dir is not None and args.resume is None:
+        from .data import DATASETS
+        from .data.events import EventDataset
+
+        if not issubclass(DATASETS[args.dataset], EventDataset):
+            readers = ", ".join(k for k, v in sorted(DATASETS.items()) if issubclass(v, EventDataset))
+            parser.error(f"--data-dir is for the datasets read from files ({readers}); dataset "
+                         f"{args.dataset!r} needs none")
+        args.dataset_options = {**(getattr(args, "dataset_options", None) or {}), "data_dir": data_dir}
     device = args.device
     if args.resume is not None:
         if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
@@ -281,6 +294,9 @@ def _cmd_train(args, parser) -> int:
         given = {k: v for k, v in _explicit_train_options(args).items() if k in fields}
         try:
             config = dataclasses.replace(saved, **given)
+            if data_dir is not None:  # the run's files moved: same data, another folder
+                config = dataclasses.replace(config, dataset_options={**(config.dataset_options or {}),
+                                                                      "data_dir": data_dir})
         except ValueError as e:
             parser.error(str(e).replace("TrainConfig: ", ""))
         from .train.trainer import config_mismatches

@@ -8,10 +8,11 @@ from __future__ import annotations
 from .base import SPLITS, RateCodedDataset
 from .digits import DigitsSpikes
 from .digits_seq import DigitsSeq
+from .events import DVSGesture, EventDataset, NMNIST, SHD, SSC
 from .synthetic import Adding, DelayedRecall, SyntheticDataset
 
 __all__ = ["DATASETS", "SPLITS", "RateCodedDataset", "DigitsSpikes", "DigitsSeq", "SyntheticDataset",
-           "DelayedRecall", "Adding", "get_dataset"]
+           "DelayedRecall", "Adding", "EventDataset", "SHD", "SSC", "NMNIST", "DVSGesture", "get_dataset"]
 
 #: name -> dataset class; each takes ``T`` first and keyword-only options after it
 DATASETS = {
@@ -19,6 +20,10 @@ DATASETS = {
     DigitsSeq.name: DigitsSeq,
     DelayedRecall.name: DelayedRecall,
     Adding.name: Adding,
+    SHD.name: SHD,
+    SSC.name: SSC,
+    NMNIST.name: NMNIST,
+    DVSGesture.name: DVSGesture,
 }
 
 

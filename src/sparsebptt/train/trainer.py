@@ -308,6 +308,8 @@ def config_mismatches(saved: TrainConfig, given: TrainConfig,
             a, b = saved.resolved_threshold, given.resolved_threshold
         elif f.name == "strategy":
             a, b = parse_strategy(a).to_string(), parse_strategy(b).to_string()
+        elif f.name == "dataset_options":  # where the files are may change, not what they are
+            a, b = ({k: v for k, v in (o or {}).items() if k != "data_dir"} or None for o in (a, b))
         if a != b:
             diffs.append(f"{f.name}: run has {a!r}, given {b!r}")
     return diffs
