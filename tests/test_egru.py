@@ -297,3 +297,125 @@ def test_regularizer_bad_arguments():
         sb.cells.activity_regularizer(counting, counting.initial_state(2), 5, target=2)
     with pytest.raises(ValueError, match="steps must be a positive int"):
         sb.cells.activity_regularizer(counting, counting.initial_state(2), 0)
+
+
+# ---- tasks: the text corpus, training on digits-seq and the language model --------------------
+
+def _pangrams(path, n=120):
+    path.write_text("the quick brown fox jumps over the lazy dog.\n" * n, encoding="utf-8")
+    return path
+
+
+def test_text_dataset_windows_and_entropy(tmp_path):
+    import math
+
+    from sparsebptt.data import CharText, get_dataset
+
+    f = _pangrams(tmp_path / "p.txt")
+    ds = get_dataset("text", 16, path=str(f))
+    assert isinstance(ds, CharText) and ds.sequence_targets
+    text = f.read_text()
+    assert ds.vocab == sorted(set(text)) and ds.input_size == ds.num_classes == len(set(text))
+    p = [text.count(c) / len(text) for c in set(text)]
+    assert abs(ds.unigram_bits - -sum(q * math.log2(q) for q in p)) < 1e-12
+    x, y = next(ds.batches("train", 5, seed=1))
+    assert x.shape == (16, 5, ds.input_size) and x.dtype == torch.float32 and y.shape == (5, 16)
+    assert torch.equal(x.argmax(-1)[1:], y.t()[:-1])  # the target is the next input
+    assert ds.decode(y[0]) in text
+    again = next(ds.batches("train", 5, seed=1))
+    assert torch.equal(again[0], x) and torch.equal(again[1], y)
+    val = torch.cat([yv for _, yv in ds.batches("val", 4, seed=0)])
+    assert val.shape == (ds.num_examples("val"), 16)
+    assert ds.decode(val.flatten()) == text[len(text) - int(len(text) * 0.1) + 1:][:val.numel()]
+
+
+def test_text_dataset_builtin_corpus_and_errors(tmp_path):
+    from sparsebptt.data import CharText
+
+    ds = CharText(64)
+    assert ds.num_chars == 400_000 and ds.files == sorted(ds.files)
+    assert all(f.endswith(".py") and not f.startswith("_") for f in ds.files)
+    assert 3.5 < ds.unigram_bits < 5.5 and len(ds.vocab) <= 256
+    with pytest.raises(ValueError, match="text: path .* is not a file"):
+        CharText(8, path=str(tmp_path / "missing.txt"))
+    (tmp_path / "short.txt").write_text("abc")
+    with pytest.raises(ValueError, match=r"text: the train split has 3 characters, fewer than T \+ 1 = 9"):
+        CharText(8, path=str(tmp_path / "short.txt"), val_fraction=0.01)
+    with pytest.raises(ValueError, match=r"text: val_fraction must be in \(0, 1\), got 0"):
+        CharText(8, path=str(tmp_path / "short.txt"), val_fraction=0)
+
+
+def test_cli_language_model_on_own_text(tmp_path, capsys):
+    import json
+
+    from sparsebptt import cli
+    from sparsebptt.train import SEQUENCE_METRIC_KEYS
+
+    f = _pangrams(tmp_path / "p.txt", 200)
+    out = tmp_path / "lm"
+    argv = ["train", "--model", "egru", "--text", str(f), "--T", "16", "--epochs", "3", "--hidden", "48",
+            "--layers", "1", "--batch-size", "16", "--lr", "0.01", "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert tuple(rows[0]) == SEQUENCE_METRIC_KEYS
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset"] == "text" and config["dataset_options"] == {"path": str(f)}
+    from sparsebptt.data import CharText
+    unigram = CharText(16, path=str(f)).unigram_bits
+    assert rows[-1]["val_bpc"] < 0.5 * unigram and rows[-1]["val_bpc"] < rows[0]["val_bpc"]
+    assert 0.0 < rows[-1]["activity"]["0:EGRU"] < 1.0 and rows[-1]["backward_macs"] > 0
+    printed = capsys.readouterr().out
+    assert "bits per character" in printed and "unigram entropy" in printed
+
+
+def test_cli_egru_digits_seq_with_activity_regulariser(tmp_path):
+    import json
+
+    from sparsebptt import cli
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", "egru", "--dataset", "digits-seq", "--T", "8", "--epochs", "1", "--hidden", "16",
+            "--batch-size", "512", "--activity-reg", "0.5", "--activity-target", "0.1", "--threshold", "0.2",
+            "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(row["activity"]) == {"0:EGRU", "1:EGRU"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["activity_reg"] == 0.5 and config["threshold"] == 0.2
+
+
+def test_models_with_egru():
+    from sparsebptt.train import SequenceModel, TrainConfig, build_model
+
+    net = build_model(TrainConfig(model="egru", hidden=6, layers=2, activity_reg=1.0), 8, 10)
+    x = seeded(0, 9, 3, 8, dtype=torch.float32)
+    logits = net(x)
+    assert logits.shape == (3, 10) and net.aux_loss is not None and net.aux_loss.requires_grad
+    seq = build_model(TrainConfig(model="egru", hidden=6, layers=1), 8, 8, sequence=True)
+    assert isinstance(seq, SequenceModel) and seq(x).shape == (3, 9, 8) and seq.aux_loss is None
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"model": "gru", "activity_reg": 0.1}, r"activity_reg needs model 'egru' .* got model 'gru'"),
+    ({"model": "egru", "activity_target": 1.5}, r"activity_target must be a number in \[0, 1\], got 1.5"),
+    ({"model": "egru", "threshold": -0.1}, r"threshold must be a number >= 0 for model 'egru'"),
+])
+def test_train_config_egru_checks(kwargs, match):
+    from sparsebptt.train import TrainConfig
+
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_cli_text_with_other_dataset_exits_2(tmp_path, capsys):
+    from sparsebptt import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--model", "egru", "--dataset", "digits-seq", "--text", str(tmp_path / "a.txt"),
+                  "--out", str(tmp_path / "never")])
+    assert e.value.code == 2
+    assert "--text trains the character language model" in capsys.readouterr().err
+    from sparsebptt.train import TrainConfig, build_model
+
+    with pytest.raises(ValueError, match="has a label per step; train it with a recurrent model"):
+        build_model(TrainConfig(model="lif", dataset="text"), 8, 8, sequence=True)

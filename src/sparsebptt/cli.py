@@ -70,17 +70,30 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train", help="train a spiking or recurrent classifier under a memory strategy",
         description="Train a stack of LIF layers (spike counts -> linear readout) or of GRU / LSTM / "
-                    "Delta GRU / Delta LSTM layers (last hidden state -> linear readout) with Adam, "
-                    "writing config.json and metrics.jsonl into the run folder; the activity per "
-                    "layer (spike rates, transmitted deltas) is printed every epoch.")
+                    "Delta GRU / Delta LSTM layers (last hidden state -> linear readout) or EGRU layers "
+                    "(mean event output -> linear readout) with Adam, writing config.json and "
+                    "metrics.jsonl into the run folder; the activity per layer (spike rates, "
+                    "transmitted deltas, event rates) is printed every epoch. --dataset text (or "
+                    "--text PATH) trains a character-level language model (a readout at every step) "
+                    "and reports bits per character.")
     t.add_argument("--dataset", default=d.dataset, choices=sorted(DATASETS),
                    help="dataset name (default: %(default)s)")
     t.add_argument("--model", default=d.model, choices=list(MODELS),
                    help="lif: LIF layers, spike counts -> readout; gru, lstm, delta-gru, delta-lstm: "
-                        "recurrent layers, last hidden state -> readout (default: %(default)s)")
+                        "recurrent layers, last hidden state -> readout; egru: event-based GRU layers, "
+                        "mean event output -> readout (default: %(default)s)")
     t.add_argument("--threshold", type=_non_negative_float, default=None,
                    help="LIF firing threshold (default 1.0), or the delta threshold of delta-gru / "
-                        "delta-lstm (default 0.1)")
+                        "delta-lstm (default 0.1), or every EGRU unit's initial threshold (default: "
+                        "per-unit draws from EvNN's Beta distribution, mean 0.3)")
+    t.add_argument("--text", default=None, metavar="PATH",
+                   help="train the character-level language model (--dataset text) on this UTF-8 text "
+                        "file instead of the built-in corpus (the standard library's source)")
+    t.add_argument("--activity-reg", type=_non_negative_float, default=d.activity_reg, metavar="STRENGTH",
+                   help="egru: add STRENGTH times the mean event rate above --activity-target to the "
+                        "loss (default: %(default)s, off)")
+    t.add_argument("--activity-target", type=_non_negative_float, default=d.activity_target, metavar="RATE",
+                   help="egru: event rate per step the activity regulariser allows (default: %(default)s)")
     t.add_argument("--T", type=_positive_int, default=d.T, help="time steps per example (default: %(default)s)")
     t.add_argument("--epochs", type=_positive_int, default=d.epochs, help="passes over the training split (default: %(default)s)")
     t.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="examples per step (default: %(default)s)")
@@ -270,6 +283,11 @@ def _cmd_train(args, parser) -> int:
     from .train.trainer import RESUME_MAY_CHANGE, config_from_run
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if args.text is not None:  # the language model on the user's corpus
+        if _explicit_train_options(args).get("dataset", "text") != "text":
+            parser.error(f"--text trains the character language model (dataset text); drop --dataset "
+                         f"{args.dataset}")
+        args.dataset, args.dataset_options = "text", {"path": args.text}
     data_dir = None if args.data_dir is None else str(Path(args.data_dir).expanduser().resolve())
     if data_dir is not None and args.resume is None:
         from .data import DATASETS

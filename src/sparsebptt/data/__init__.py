@@ -1,7 +1,8 @@
 """Datasets for `sparsebptt train`, chosen by name with `get_dataset`.
 
 Every dataset yields time-major batches ``x`` (T, B, input_size) float32 and labels (B,) int64
-from ``dataset.batches(split, batch_size, seed=...)``; the same seed gives the same batches.
+from ``dataset.batches(split, batch_size, seed=...)``; the same seed gives the same batches. A
+dataset with ``sequence_targets = True`` (``text``) has one label per step instead: y (B, T).
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from .digits import DigitsSpikes
 from .digits_seq import DigitsSeq
 from .events import DVSGesture, EventDataset, NMNIST, SHD, SSC
 from .synthetic import Adding, DelayedRecall, SyntheticDataset
+from .text import CharText
 
 __all__ = ["DATASETS", "SPLITS", "RateCodedDataset", "DigitsSpikes", "DigitsSeq", "SyntheticDataset",
-           "DelayedRecall", "Adding", "EventDataset", "SHD", "SSC", "NMNIST", "DVSGesture", "get_dataset"]
+           "DelayedRecall", "Adding", "EventDataset", "SHD", "SSC", "NMNIST", "DVSGesture", "CharText", "get_dataset"]
 
 #: name -> dataset class; each takes ``T`` first and keyword-only options after it
 DATASETS = {
@@ -24,6 +26,7 @@ DATASETS = {
     SSC.name: SSC,
     NMNIST.name: NMNIST,
     DVSGesture.name: DVSGesture,
+    CharText.name: CharText,
 }
 
 

@@ -3,7 +3,17 @@
 The model (``--model``) is a stack of LIF layers scanned with ``reduce="sum"`` (so no (T, B, H)
 tensor is held) and a linear readout of each neuron's spike count, or a stack of GRU / LSTM /
 DeltaGRU / DeltaLSTM layers scanned with ``reduce="last"`` and a readout of the last hidden
-state. A run writes into its folder:
+state, or of EGRU layers scanned with ``reduce="mean"`` (their output is the sparse event output,
+so the readout sees each unit's mean event output over the sequence).
+
+A dataset with ``sequence_targets = True`` (``text``: next-character prediction) has one label
+per step, y (B, T): the model is then a `SequenceModel` (the stack scanned with ``reduce=None``
+and the readout applied at every step), every step is scored, and each metrics line adds
+``train_bpc, val_loss, val_bpc`` (bits per character: the cross-entropy over ln 2).
+
+With ``activity_reg > 0`` (EGRU models) the loss adds ``activity_reg`` times
+`sparsebptt.cells.activity_regularizer` (event rates above ``activity_target``). A run writes
+into its folder:
 
 - ``config.json``: the `TrainConfig`, the resolved strategy and the library versions;
 - ``metrics.jsonl``: one JSON object per epoch with ``epoch, train_loss, train_acc, val_acc,
@@ -16,7 +26,7 @@ Under ``torchrun`` the processes train one model with DDP, each on its share of 
 (see `sparsebptt.train.distributed`).
 
 ``peak_stored_bytes``, ``activity`` (per layer: spike rate of LIF layers, fraction of transmitted
-deltas of Delta layers; empty for dense GRU / LSTM) and ``backward_macs`` are what `sb.trace`
+deltas of Delta layers, event rate of EGRU layers; empty for dense GRU / LSTM) and ``backward_macs`` are what `sb.trace`
 counts for the scan during the forward and backward of the epoch's first training batch (a full
 batch; the readout is not part of the scan).
 """
@@ -47,16 +57,20 @@ from .distributed import Dist, all_sum, broadcast_object, setup, shard, share_lo
 from .runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RunError, atomic_write, load_checkpoint,
                    read_run_meta, rng_state, save_checkpoint, set_rng_state)
 
-__all__ = ["TrainConfig", "SpikingClassifier", "RecurrentClassifier", "build_model", "train",
-           "default_out_dir", "chrono_init_", "METRIC_KEYS", "MODELS", "GATE_INITS"]
+__all__ = ["TrainConfig", "SpikingClassifier", "RecurrentClassifier", "SequenceModel", "build_model", "train",
+           "default_out_dir", "chrono_init_", "METRIC_KEYS", "SEQUENCE_METRIC_KEYS", "MODELS", "GATE_INITS"]
 
 #: keys of every line of metrics.jsonl
 METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_acc", "seconds", "peak_stored_bytes",
                "activity", "backward_macs")
 
-#: --model name -> (cell class name in `sparsebptt.cells`, default threshold or None)
+#: keys of every line of metrics.jsonl for a dataset with one label per step (``text``)
+SEQUENCE_METRIC_KEYS = METRIC_KEYS + ("train_bpc", "val_loss", "val_bpc")
+
+#: --model name -> (cell class name in `sparsebptt.cells`, default threshold or None). EGRU's
+#: default "beta" draws each unit's initial threshold from EvNN's Beta distribution (mean 0.3).
 MODELS = {"lif": ("LIF", 1.0), "gru": ("GRU", None), "lstm": ("LSTM", None),
-          "delta-gru": ("DeltaGRU", 0.1), "delta-lstm": ("DeltaLSTM", 0.1)}
+          "delta-gru": ("DeltaGRU", 0.1), "delta-lstm": ("DeltaLSTM", 0.1), "egru": ("EGRU", "beta")}
 
 #: --gate-init names: how the gate biases of the gated models start
 GATE_INITS = ("uniform", "chrono")
@@ -69,7 +83,7 @@ class TrainConfig:
     dataset: a name from `sparsebptt.data.DATASETS`.
     T: time steps per example.
     epochs, batch_size: passes over the training split and examples per step.
-    model: "lif" (spiking), "gru", "lstm", "delta-gru" or "delta-lstm" (see `MODELS`).
+    model: "lif" (spiking), "gru", "lstm", "delta-gru", "delta-lstm" or "egru" (see `MODELS`).
     hidden: neurons per layer; layers: number of layers.
     lr: Adam learning rate.
     strategy: string for `sb.parse_strategy` ("full", "checkpoint:8", "revolve:4", ...).
@@ -77,7 +91,8 @@ class TrainConfig:
         bytes fit it, instead of ``strategy``.
     beta: LIF membrane decay per step.
     threshold: LIF firing threshold (default 1.0), or the delta threshold of the input and hidden
-        deltas of delta-gru / delta-lstm (default 0.1); None takes the model's default.
+        deltas of delta-gru / delta-lstm (default 0.1), or the initial threshold of every EGRU
+        unit (default "beta": EvNN's per-unit draw, mean 0.3); None takes the model's default.
     seed: seeds the initial weights and every batch (order and spikes).
     threads: torch intra-op threads while training (restored afterwards). The default 1 is the
         fastest for these small matmuls and, on a shared machine, avoids the oversubscription
@@ -85,7 +100,10 @@ class TrainConfig:
     gate_init: "uniform" (PyTorch's initialisation) or "chrono" (gated models only, see
         `chrono_init_`): memory time scales spread up to T, which long-range tasks need.
     dataset_options: keyword options of the dataset (e.g. ``{"noise_rate": 0.02}`` for
-        delayed-recall, ``{"max_rate": 0.5}`` for digits-spikes); None for its defaults.
+        delayed-recall, ``{"max_rate": 0.5}`` for digits-spikes, ``{"path": "my.txt"}`` for
+        text); None for its defaults.
+    activity_reg: strength of the EGRU activity regulariser added to the loss (0: none; egru
+        models only); activity_target: the event rate per step it allows before it penalises.
     """
 
     dataset: str = "digits-spikes"
@@ -104,6 +122,8 @@ class TrainConfig:
     threads: int = 1
     gate_init: str = "uniform"
     dataset_options: "dict | None" = None
+    activity_reg: float = 0.0
+    activity_target: float = 0.05
 
     def __post_init__(self):
         for name in ("T", "epochs", "batch_size", "hidden", "layers", "threads"):
@@ -127,6 +147,13 @@ class TrainConfig:
         if self.dataset_options is not None and not isinstance(self.dataset_options, dict):
             raise ValueError(f"TrainConfig: dataset_options must be a dict of the dataset's keyword options "
                              f"or None, got {type(self.dataset_options).__name__}")
+        for name, hi in (("activity_reg", math.inf), ("activity_target", 1.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= hi or v == math.inf:
+                raise ValueError(f"TrainConfig: {name} must be a number in [0, {hi:g}], got {v!r}")
+        if self.activity_reg > 0 and self.model != "egru":
+            raise ValueError(f"TrainConfig: activity_reg needs model 'egru' (the event rates it penalises), "
+                             f"got model {self.model!r}")
         if self.gate_init not in GATE_INITS:
             raise ValueError(f"TrainConfig: unknown gate_init {self.gate_init!r}; valid gate inits are: "
                              f"{', '.join(GATE_INITS)}")
@@ -163,32 +190,86 @@ class SpikingClassifier(nn.Module):
         return self.readout(counts / x.shape[0])  # [B, classes]
 
 
-class RecurrentClassifier(nn.Module):
-    """``Stack([cell(in, H), cell(H, H), ...])`` scanned with reduce="last", then ``Linear(H, classes)``.
+def _recurrent_stack(owner: str, model: str, input_size: int, hidden: int, layers: int,
+                     threshold, activity_reg: float) -> "cells.Stack":
+    """``Stack([cell(in, H), cell(H, H), ...])`` of the recurrent model called ``model``."""
+    if model not in MODELS or model == "lif":
+        raise ValueError(f"{owner}: unknown model {model!r}; valid models are: "
+                         f"{', '.join(m for m in MODELS if m != 'lif')}")
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ValueError(f"{owner}: layers must be a positive int, got {layers!r}")
+    cls = getattr(cells, MODELS[model][0])
+    default = MODELS[model][1]
+    if model == "egru":
+        kw = {"threshold_init": default if threshold is None else threshold,
+              "count_events": activity_reg > 0}
+    else:
+        kw = {} if default is None else {"threshold": default if threshold is None else threshold}
+    sizes = [input_size] + [hidden] * layers
+    return cells.Stack([cls(a, b, **kw) for a, b in zip(sizes, sizes[1:])])
+
+
+class _ActivityLoss:
+    """``aux_loss``: the EGRU activity regulariser of the last forward (None without one)."""
+
+    aux_loss: "torch.Tensor | None" = None
+
+    def _set_aux_loss(self, state, T: int) -> None:
+        self.aux_loss = None
+        if self.activity_reg > 0:
+            self.aux_loss = self.activity_reg * cells.activity_regularizer(
+                self.cell, state, T, self.activity_target)
+
+
+class RecurrentClassifier(_ActivityLoss, nn.Module):
+    """``Stack([cell(in, H), cell(H, H), ...])`` scanned with reduce="last" (EGRU: "mean", its
+    output being the sparse event output), then ``Linear(H, classes)``.
 
     ``cell`` is a name from `MODELS` other than "lif"; ``threshold`` is the delta threshold of the
-    Delta cells (input and hidden). ``forward(x)`` takes x (T, B, input_size) and returns logits.
+    Delta cells (input and hidden), or EGRU's initial threshold. ``forward(x)`` takes x (T, B,
+    input_size) and returns logits; with ``activity_reg > 0`` (EGRU) it also sets ``aux_loss``,
+    the term the trainer adds to the loss.
     """
 
     def __init__(self, input_size: int, num_classes: int, *, model: str = "gru", hidden: int = 128,
-                 layers: int = 1, threshold: float | None = None, strategy: "Strategy | str" = "full"):
+                 layers: int = 1, threshold: float | None = None, strategy: "Strategy | str" = "full",
+                 activity_reg: float = 0.0, activity_target: float = 0.05):
         super().__init__()
-        if model not in MODELS or model == "lif":
-            raise ValueError(f"RecurrentClassifier: unknown model {model!r}; valid models are: "
-                             f"{', '.join(m for m in MODELS if m != 'lif')}")
-        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
-            raise ValueError(f"RecurrentClassifier: layers must be a positive int, got {layers!r}")
-        cls = getattr(cells, MODELS[model][0])
-        kw = {} if MODELS[model][1] is None else {
-            "threshold": MODELS[model][1] if threshold is None else threshold}
-        sizes = [input_size] + [hidden] * layers
-        self.cell = cells.Stack([cls(a, b, **kw) for a, b in zip(sizes, sizes[1:])])
+        self.cell = _recurrent_stack("RecurrentClassifier", model, input_size, hidden, layers, threshold,
+                                     activity_reg)
         self.readout = nn.Linear(hidden, num_classes)
         self.strategy = parse_strategy(strategy)
+        self.reduce = "mean" if model == "egru" else "last"
+        self.activity_reg, self.activity_target = float(activity_reg), float(activity_target)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, _ = scan(self.cell, x, strategy=self.strategy, reduce="last")  # [B, H]
+        h, state = scan(self.cell, x, strategy=self.strategy, reduce=self.reduce)  # [B, H]
+        self._set_aux_loss(state, x.shape[0])
         return self.readout(h)  # [B, classes]
+
+
+class SequenceModel(_ActivityLoss, nn.Module):
+    """A recurrent stack scanned with reduce=None and ``Linear(H, classes)`` at every step.
+
+    ``forward(x)`` takes x (T, B, input_size) and returns logits (B, T, classes), batch-first
+    like the labels of a dataset with ``sequence_targets`` (``text``). Arguments as
+    `RecurrentClassifier`.
+    """
+
+    def __init__(self, input_size: int, num_classes: int, *, model: str = "egru", hidden: int = 128,
+                 layers: int = 1, threshold: float | None = None, strategy: "Strategy | str" = "full",
+                 activity_reg: float = 0.0, activity_target: float = 0.05):
+        super().__init__()
+        self.cell = _recurrent_stack("SequenceModel", model, input_size, hidden, layers, threshold,
+                                     activity_reg)
+        self.readout = nn.Linear(hidden, num_classes)
+        self.strategy = parse_strategy(strategy)
+        self.activity_reg, self.activity_target = float(activity_reg), float(activity_target)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, state = scan(self.cell, x, strategy=self.strategy)  # [T, B, H]
+        self._set_aux_loss(state, x.shape[0])
+        return self.readout(h.transpose(0, 1))  # [B, T, classes]
 
 
 def chrono_init_(cell: nn.Module, T: int) -> nn.Module:
@@ -220,14 +301,20 @@ def chrono_init_(cell: nn.Module, T: int) -> nn.Module:
     return cell
 
 
-def build_model(config: TrainConfig, input_size: int, num_classes: int) -> nn.Module:
-    """The model a `TrainConfig` describes, for a dataset with these sizes."""
+def build_model(config: TrainConfig, input_size: int, num_classes: int, *, sequence: bool = False) -> nn.Module:
+    """The model a `TrainConfig` describes, for a dataset with these sizes; ``sequence``: one
+    label per step (a `SequenceModel`)."""
     if config.model == "lif":
+        if sequence:
+            raise ValueError(f"dataset {config.dataset!r} has a label per step; train it with a recurrent "
+                             f"model ({', '.join(m for m in MODELS if m != 'lif')}), not 'lif'")
         return SpikingClassifier(input_size, num_classes, hidden=config.hidden, layers=config.layers,
                                  beta=config.beta, threshold=config.resolved_threshold,
                                  strategy=config.strategy)
-    model = RecurrentClassifier(input_size, num_classes, model=config.model, hidden=config.hidden,
-                                layers=config.layers, threshold=config.threshold, strategy=config.strategy)
+    cls = SequenceModel if sequence else RecurrentClassifier
+    model = cls(input_size, num_classes, model=config.model, hidden=config.hidden, layers=config.layers,
+                threshold=config.threshold, strategy=config.strategy, activity_reg=config.activity_reg,
+                activity_target=config.activity_target)
     if config.gate_init == "chrono":
         chrono_init_(model.cell, config.T)
     return model
@@ -249,10 +336,19 @@ def _batch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+def _per_label(logits: torch.Tensor, y: torch.Tensor):
+    """Logits and labels with one row per label: a sequence model's (B, T, classes) and (B, T)
+    become (B * T, classes) and (B * T,); a classifier's pass through."""
+    if logits.dim() == 3:
+        return logits.flatten(0, 1), y.flatten()
+    return logits, y
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, split: str, batch_size: int, seed: int, *,
-             dist: "Dist | None" = None) -> float:
-    """Accuracy of ``model`` on ``split``, with spikes drawn from ``seed``.
+             dist: "Dist | None" = None, with_loss: bool = False):
+    """Accuracy of ``model`` on ``split``, with spikes drawn from ``seed`` (per step for a
+    dataset with one label per step); with ``with_loss`` also the mean cross-entropy per label.
 
     Under DDP (``dist`` with world > 1) each process scores its share of every batch and the
     counts are summed over the processes; every process returns the same accuracy.
@@ -261,15 +357,19 @@ def evaluate(model: nn.Module, dataset, split: str, batch_size: int, seed: int, 
     d = Dist() if dist is None else dist
     device = next(model.parameters()).device
     correct = total = 0
+    loss_sum = 0.0
     for x, y in dataset.batches(split, batch_size, seed=seed):
         x, y, _, empty = shard(x, y, d.rank, d.world)
         if empty:
             continue
         x, y = x.to(device), y.to(device)
-        correct += int((model(x).argmax(-1) == y).sum())
+        logits, y = _per_label(model(x), y)
+        correct += int((logits.argmax(-1) == y).sum())
         total += len(y)
-    correct, total = all_sum([correct, total], d)
-    return correct / total
+        if with_loss:
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+    correct, total, loss_sum = all_sum([correct, total, loss_sum], d)
+    return (correct / total, loss_sum / total) if with_loss else correct / total
 
 
 #: config entries a resumed run may change (`--epochs` to train longer, `--threads`)
@@ -384,8 +484,9 @@ def _check_resume(config: TrainConfig, out: Path) -> dict:
 
 def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log, resume: bool, d: Dist) -> dict:
     dataset = get_dataset(config.dataset, config.T, **(config.dataset_options or {}))
+    sequence = bool(getattr(dataset, "sequence_targets", False))
     torch.manual_seed(config.seed)
-    core = build_model(config, dataset.input_size, dataset.num_classes)
+    core = build_model(config, dataset.input_size, dataset.num_classes, sequence=sequence)
     local_batch = -(-config.batch_size // d.world)  # what one process holds
     if resume:
         out = Path(out)
@@ -454,6 +555,8 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log, re
         + f", strategy={strategy.to_string()}, run folder {out}"
         + (f", {d.world} processes ({d.device.type}), about {local_batch} examples each per batch"
            if d.enabled else ""))
+    if sequence and hasattr(dataset, "unigram_bits"):
+        say(f"{dataset!r}: a model that ignores context needs {dataset.unigram_bits:.3f} bits per character")
     if resume:
         say(f"resuming after epoch {done}/{config.epochs}" if ckpt is not None
             else "resuming: no epoch had finished, starting at epoch 1")
@@ -463,6 +566,7 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log, re
     n_batches = dataset.num_batches("train", config.batch_size)
     start = time.perf_counter()
     epoch_activity: dict = {}
+    val_bpc = json.loads(lines[-1]).get("val_bpc", float("nan")) if lines else float("nan")
     metrics_file = open(out / METRICS_FILE, "a") if d.is_main else contextlib.nullcontext()
     with metrics_file as metrics:
         for epoch in range(done + 1, config.epochs + 1):
@@ -478,7 +582,14 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log, re
                 opt.zero_grad(set_to_none=True)
                 with (trace() if i == 0 else contextlib.nullcontext()) as t:
                     logits = model(x)
+                    if sequence:  # one label per step: score every step
+                        n_global *= y.shape[1]
+                        logits, y = _per_label(logits, y)
                     loss, loss_total = share_loss(logits, y, n_global, d.world, empty)
+                    aux = getattr(core, "aux_loss", None)
+                    if aux is not None:  # the EGRU activity regulariser (dropped: it holds the graph)
+                        core.aux_loss = None
+                        loss = loss + aux
                     loss.backward()
                 if t is not None:
                     epoch_peak, activity, bwd_macs = t.peak_stored_bytes, t.activity, t.backward_macs
@@ -496,11 +607,17 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log, re
                 seen += int(n)
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
             bar.close()
-            val_acc = evaluate(core, dataset, "val", config.batch_size, _batch_seed(config.seed, 0), dist=d)
+            val_acc = evaluate(core, dataset, "val", config.batch_size, _batch_seed(config.seed, 0), dist=d,
+                               with_loss=sequence)
+            if sequence:
+                val_acc, val_loss = val_acc
             best, peak = max(best, val_acc), max(peak, epoch_peak)
             row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                    "val_acc": val_acc, "seconds": time.perf_counter() - t0,
                    "peak_stored_bytes": epoch_peak, "activity": activity, "backward_macs": bwd_macs}
+            if sequence:
+                val_bpc = val_loss / math.log(2)
+                row.update(train_bpc=row["train_loss"] / math.log(2), val_loss=val_loss, val_bpc=val_bpc)
             lines.append(json.dumps(row))
             epoch_activity = activity
             if d.is_main:  # the line first, then the checkpoint that lists it (see runs.py)
@@ -516,18 +633,23 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log, re
                     "config": dataclasses.asdict(config), "strategy": strategy.to_string()})
             say(f"epoch {epoch:3d}/{config.epochs}  loss {row['train_loss']:.4f}  "
                 f"train_acc {row['train_acc']:.4f}  val_acc {val_acc:.4f}  {row['seconds']:.1f}s"
+                + (f"  bits/char train {row['train_bpc']:.3f} val {row['val_bpc']:.3f}" if sequence else "")
                 + ("  activity " + " ".join(f"{k} {v:.3f}" for k, v in activity.items()) if activity else ""))
     seconds = time.perf_counter() - start
     epochs_run = config.epochs - done
     summary = {"val_acc": val_acc, "best_val_acc": best, "seconds": seconds,
                "peak_stored_bytes": peak, "approximate_gradient": approximate, "activity": epoch_activity,
                "epochs_run": epochs_run, "resumed_from": done if resume else None, "out": str(out)}
+    if sequence:
+        summary.update(val_bpc=val_bpc, unigram_bits=getattr(dataset, "unigram_bits", None))
     if epochs_run == 0:
         say(f"nothing to do: the run in {out} already finished {done}/{config.epochs} epochs "
             f"(val_acc {val_acc:.4f}, best {best:.4f}); pass a larger --epochs to train longer")
         return summary
     say(f"done: val_acc {val_acc:.4f} (best {best:.4f}), {seconds:.1f}s wall, "
-        f"peak stored {peak} bytes ({peak / 2**20:.2f} MiB) with {strategy.to_string()}"
+        + (f"val {val_bpc:.3f} bits/char (unigram entropy {dataset.unigram_bits:.3f}), "
+           if sequence and hasattr(dataset, "unigram_bits") else "")
+        + f"peak stored {peak} bytes ({peak / 2**20:.2f} MiB) with {strategy.to_string()}"
         f"{' (approximate gradient)' if approximate else ''}; "
         f"metrics in {out / METRICS_FILE}")
     return summary
