@@ -140,15 +140,15 @@ class LIF(Cell):
         return None if self.active_backend == "torch" else self._scan_segment
 
     def _scan_segment(self, x_seg, state):
-        backend = self.active_backend
-        if backend == "cpu":
-            from ..kernels.lif.cpu import fused_recurrent_lif
+        (v,) = state
+        beta = self.params.beta if self.beta is None else self.beta.clamp(0.0, 1.0)
+        if self.active_backend == "cpu":  # projection, recurrence and their backward in one node
+            from ..kernels.lif.cpu import fused_lif_layer
+            z, v = fused_lif_layer(x_seg, v, self.weight, self.bias, beta, self.params)
         else:
             from ..kernels.lif.triton import fused_recurrent_lif
-        (v,) = state
-        i = linear(x_seg, self.weight, self.bias)  # [L, B, H]: one matmul, MACs counted as per step
-        beta = self.params.beta if self.beta is None else self.beta.clamp(0.0, 1.0)
-        z, v = fused_recurrent_lif(i, v, beta, self.params)  # [L, B, H], [B, H]
+            i = linear(x_seg, self.weight, self.bias)  # [L, B, H]: one matmul, MACs counted as per step
+            z, v = fused_recurrent_lif(i, v, beta, self.params)  # [L, B, H], [B, H]
         t = current_trace()
         if t is not None:
             t.add_activity(self, torch.count_nonzero(z), z.numel())

@@ -21,106 +21,136 @@ forward is bitwise equal to the reference for the same currents.
 from __future__ import annotations
 
 import ctypes
+import sys
 
 import torch
 
 from ...cells.lif import LIFParams
 from ...cells.surrogate import SURROGATES
 from ..cbuild import build
+from ...trace import current_trace
 
-__all__ = ["fused_recurrent_lif", "load_library", "SOURCE"]
+__all__ = ["fused_recurrent_lif", "fused_lif_layer", "load_library", "SOURCE"]
 
 _SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "triangle": 2}
 assert set(_SURROGATE_IDS) == set(SURROGATES), "every surrogate needs a C implementation"
 
-SOURCE = r"""
+_HEADER = r"""
 #include <math.h>
 #include <stddef.h>
 #include <string.h>
 
-#define PI_2 1.57079632679489661923
-
-#define DEF(T, SUF, FABS)                                                                          \
-static inline T surrogate_##SUF(T x, int kind, double scale) {                                     \
-    if (kind == 0) { T a = (T)scale * FABS(x) + (T)1; return (T)1 / (a * a); }                    \
-    if (kind == 1) { T y = (T)(PI_2 * scale) * x; return (T)(scale / 2) / ((T)1 + y * y); }       \
-    { T r = (T)1 - FABS(x) / (T)scale; return r > (T)0 ? r : (T)0; }                              \
-}                                                                                                  \
-/* forward: i [L,B,H], v0 [B,H], beta [H] or NULL (then beta_s) -> z [L,B,H], u [L,B,H] or NULL, */ \
-/* vT [B,H] */                                                                                     \
-void lif_fwd_##SUF(const T* i, const T* v0, const T* beta, double beta_s, double th_d,            \
-                   int reset_zero, long L, long B, long H, T* z, T* u, T* vT) {                   \
-    const long N = B * H; const T th = (T)th_d; const T bs = (T)beta_s;                            \
-    memcpy(vT, v0, sizeof(T) * N);                                                                 \
-    for (long t = 0; t < L; ++t) {                                                                 \
-        const T* i_t = i + t * N; T* z_t = z + t * N; T* u_t = u ? u + t * N : NULL;               \
-        for (long b = 0; b < B; ++b) {                                                             \
-            T* p_v = vT + b * H; const T* p_i = i_t + b * H; T* p_z = z_t + b * H;                 \
-            if (beta) {                                                                            \
-                for (long h = 0; h < H; ++h) {                                                     \
-                    T b_u = beta[h] * p_v[h]; b_u = b_u + p_i[h];                                  \
-                    T b_z = b_u > th ? (T)1 : (T)0;                                                \
-                    p_z[h] = b_z;                                                                  \
-                    p_v[h] = reset_zero ? b_u * ((T)1 - b_z) : b_u - b_z * th;                     \
-                    if (u_t) u_t[b * H + h] = b_u;                                                 \
-                }                                                                                  \
-            } else {                                                                               \
-                for (long h = 0; h < H; ++h) {                                                     \
-                    T b_u = bs * p_v[h]; b_u = b_u + p_i[h];                                       \
-                    T b_z = b_u > th ? (T)1 : (T)0;                                                \
-                    p_z[h] = b_z;                                                                  \
-                    p_v[h] = reset_zero ? b_u * ((T)1 - b_z) : b_u - b_z * th;                     \
-                    if (u_t) u_t[b * H + h] = b_u;                                                 \
-                }                                                                                  \
-            }                                                                                      \
-        }                                                                                          \
-    }                                                                                              \
-}                                                                                                  \
-/* backward: u [L,B,H], dz [L,B,H] or NULL, dvT [B,H] or NULL, v0 [B,H] -> di [L,B,H],          */ \
-/* dv0 [B,H], dbeta [H] (float64, accumulated) or NULL                                          */ \
-void lif_bwd_##SUF(const T* u, const T* dz, const T* dvT, const T* v0, const T* beta,             \
-                   double beta_s, double th_d, int reset_zero, int detach, int kind, double scale, \
-                   long L, long B, long H, T* di, T* dv0, double* dbeta) {                         \
-    const long N = B * H; const T th = (T)th_d; const T bs = (T)beta_s;                            \
-    T* g = dv0;                                                                                    \
-    if (dvT) memcpy(g, dvT, sizeof(T) * N); else memset(g, 0, sizeof(T) * N);                      \
-    for (long t = L - 1; t >= 0; --t) {                                                            \
-        const T* u_t = u + t * N; const T* dz_t = dz ? dz + t * N : NULL; T* di_t = di + t * N;   \
-        const T* u_p = t > 0 ? u + (t - 1) * N : NULL;                                             \
-        for (long b = 0; b < B; ++b) {                                                             \
-            for (long h = 0; h < H; ++h) {                                                         \
-                const long j = b * H + h;                                                          \
-                const T b_u = u_t[j]; const T b_g = g[j];                                          \
-                const T b_s = surrogate_##SUF(b_u - th, kind, scale);                              \
-                const T b_dz = dz_t ? dz_t[j] : (T)0;                                              \
-                T b_du;                                                                            \
-                if (reset_zero) {                                                                  \
-                    const T keep = b_u > th ? (T)0 : (T)1;                                         \
-                    b_du = detach ? b_g * keep + b_dz * b_s : b_g * keep + (b_dz - b_u * b_g) * b_s; \
-                } else {                                                                           \
-                    b_du = detach ? b_g + b_dz * b_s : b_g + (b_dz - th * b_g) * b_s;              \
-                }                                                                                  \
-                di_t[j] = b_du;                                                                    \
-                const T b_beta = beta ? beta[h] : bs;                                              \
-                if (dbeta) {                                                                       \
-                    T v_p;                                                                         \
-                    if (u_p) {                                                                     \
-                        const T up = u_p[j]; const T zp = up > th ? (T)1 : (T)0;                   \
-                        v_p = reset_zero ? up * ((T)1 - zp) : up - zp * th;                        \
-                    } else {                                                                       \
-                        v_p = v0[j];                                                               \
-                    }                                                                              \
-                    dbeta[h] += (double)b_du * (double)v_p;                                        \
-                }                                                                                  \
-                g[j] = b_beta * b_du;                                                              \
-            }                                                                                      \
-        }                                                                                          \
-    }                                                                                              \
-}
-
-DEF(float, f32, fabsf)
-DEF(double, f64, fabs)
+#define INL static inline __attribute__((always_inline))
 """
+
+#: one copy per dtype: @T@ the C type, @SUF@ the suffix, @FABS@ its fabs
+_TEMPLATE = r"""
+INL @T@ surrogate_@SUF@(const @T@ x, const int kind, const @T@ c_scale, const @T@ c_k, const @T@ c_a) {
+    if (kind == 0) { const @T@ a = c_scale * @FABS@(x) + (@T@)1; return (@T@)1 / (a * a); }
+    if (kind == 1) { const @T@ y = c_k * x; return c_a / ((@T@)1 + y * y); }
+    { const @T@ r = (@T@)1 - @FABS@(x) / c_scale; return r > (@T@)0 ? r : (@T@)0; }
+}
+/* forward over the segment; u may alias i (each u_t is written after i_t is read) */
+INL void fwd_loop_@SUF@(const @T@* i, const @T@* beta, const @T@ bs, const @T@ th, const long L,
+                        const long B, const long H, @T@* z, @T@* u, @T@* vT,
+                        const int reset_zero, const int has_beta, const int save_u) {
+    const long N = B * H;
+    for (long t = 0; t < L; ++t) {
+        for (long b = 0; b < B; ++b) {
+            @T@* p_v = vT + b * H; const @T@* p_i = i + t * N + b * H; @T@* p_z = z + t * N + b * H;
+            @T@* p_u = u + t * N + b * H;
+            for (long h = 0; h < H; ++h) {
+                @T@ b_u = (has_beta ? beta[h] : bs) * p_v[h];
+                b_u = b_u + p_i[h];
+                const @T@ b_z = b_u > th ? (@T@)1 : (@T@)0;
+                p_z[h] = b_z;
+                if (save_u) p_u[h] = b_u;
+                p_v[h] = reset_zero ? b_u * ((@T@)1 - b_z) : b_u - b_z * th;
+            }
+        }
+    }
+}
+void lif_fwd_@SUF@(const @T@* i, const @T@* v0, const @T@* beta, double beta_s, double th_d,
+                   int reset_zero, long L, long B, long H, @T@* z, @T@* u, @T@* vT) {
+    const @T@ th = (@T@)th_d; const @T@ bs = (@T@)beta_s;
+    memcpy(vT, v0, sizeof(@T@) * B * H);
+    switch (reset_zero * 4 + (beta != NULL) * 2 + (u != NULL)) {
+@FWD_CASES@
+    }
+}
+/* backward over the segment, t = L-1 .. 0; g = dL/dv_t carried in dv0 */
+INL void bwd_loop_@SUF@(const @T@* u, const @T@* dz, const @T@* v0, const @T@* beta, const @T@ bs,
+                        const @T@ th, const @T@ c_scale, const @T@ c_k, const @T@ c_a, const long L,
+                        const long B, const long H, @T@* di, @T@* g, double* dbeta, const int kind,
+                        const int reset_zero, const int detach, const int beta_mode) {
+    const long N = B * H;
+    for (long t = L - 1; t >= 0; --t) {
+        for (long b = 0; b < B; ++b) {
+            const long o = t * N + b * H;
+            const @T@* p_u = u + o; const @T@* p_dz = dz + o; @T@* p_di = di + o; @T@* p_g = g + b * H;
+            const @T@* p_up = t > 0 ? u + o - N : NULL; const @T@* p_v0 = v0 + b * H;
+            for (long h = 0; h < H; ++h) {
+                const @T@ b_u = p_u[h]; const @T@ b_g = p_g[h]; const @T@ b_dz = p_dz[h];
+                const @T@ b_s = surrogate_@SUF@(b_u - th, kind, c_scale, c_k, c_a);
+                @T@ b_du;
+                if (reset_zero) {
+                    const @T@ keep = b_u > th ? (@T@)0 : (@T@)1;
+                    b_du = detach ? b_g * keep + b_dz * b_s : b_g * keep + (b_dz - b_u * b_g) * b_s;
+                } else {
+                    b_du = detach ? b_g + b_dz * b_s : b_g + (b_dz - th * b_g) * b_s;
+                }
+                p_di[h] = b_du;
+                if (beta_mode == 2) {
+                    @T@ v_p;
+                    if (p_up) {
+                        const @T@ up = p_up[h]; const @T@ zp = up > th ? (@T@)1 : (@T@)0;
+                        v_p = reset_zero ? up * ((@T@)1 - zp) : up - zp * th;
+                    } else {
+                        v_p = p_v0[h];
+                    }
+                    dbeta[h] += (double)b_du * (double)v_p;
+                }
+                p_g[h] = (beta_mode ? beta[h] : bs) * b_du;
+            }
+        }
+    }
+}
+/* u [L,B,H], dz [L,B,H], dvT [B,H] or NULL, v0 [B,H] (read only for dbeta) -> di [L,B,H],       */
+/* dv0 [B,H], dbeta [H] (float64, accumulated) or NULL. beta: [H] or NULL (then beta_s).         */
+void lif_bwd_@SUF@(const @T@* u, const @T@* dz, const @T@* dvT, const @T@* v0, const @T@* beta,
+                   double beta_s, double th_d, int reset_zero, int detach, int kind, double scale,
+                   long L, long B, long H, @T@* di, @T@* dv0, double* dbeta) {
+    const @T@ th = (@T@)th_d; const @T@ bs = (@T@)beta_s; const @T@ c_scale = (@T@)scale;
+    const @T@ c_k = (@T@)(1.57079632679489661923 * scale); const @T@ c_a = (@T@)(scale / 2);
+    @T@* g = dv0;
+    if (dvT) memcpy(g, dvT, sizeof(@T@) * B * H); else memset(g, 0, sizeof(@T@) * B * H);
+    const int beta_mode = beta == NULL ? 0 : dbeta == NULL ? 1 : 2;
+    switch (((kind * 2 + reset_zero) * 2 + detach) * 3 + beta_mode) {
+@BWD_CASES@
+    }
+}
+"""
+
+
+def _source() -> str:
+    """The C source: float and double copies; every flag combination gets its own specialised
+    loop (the flags are constants after inlining, so no branch is left inside the loops)."""
+    parts = [_HEADER]
+    for ctype, suf, fabs in (("float", "f32", "fabsf"), ("double", "f64", "fabs")):
+        fwd = "".join(
+            f"    case {rz * 4 + hb * 2 + su}: fwd_loop_{suf}(i, beta, bs, th, L, B, H, z, u, vT, "
+            f"{rz}, {hb}, {su}); break;\n"
+            for rz in (0, 1) for hb in (0, 1) for su in (0, 1))
+        bwd = "".join(
+            f"    case {((k * 2 + rz) * 2 + d) * 3 + bm}: bwd_loop_{suf}(u, dz, v0, beta, bs, th, c_scale, "
+            f"c_k, c_a, L, B, H, di, g, dbeta, {k}, {rz}, {d}, {bm}); break;\n"
+            for k in (0, 1, 2) for rz in (0, 1) for d in (0, 1) for bm in (0, 1, 2))
+        parts.append(_TEMPLATE.replace("@T@", ctype).replace("@SUF@", suf).replace("@FABS@", fabs)
+                     .replace("@FWD_CASES@", fwd).replace("@BWD_CASES@", bwd))
+    return "\n".join(parts)
+
+
+SOURCE = _source()
 
 _lib = None
 _P = ctypes.c_void_p
@@ -145,6 +175,31 @@ def load_library():
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
+_HUGE = 2 << 20  # bytes of a transparent huge page (x86-64, aarch64 with 4 KiB pages)
+_MADV_HUGEPAGE = 14
+_libc = None
+
+
+def _empty(shape, dtype) -> torch.Tensor:
+    """``torch.empty`` for the [L, B, H] buffers, with Linux's huge pages advised on large ones.
+
+    A fresh 32 MiB buffer otherwise costs ~8,000 page faults on its first touch, which (measured
+    on the 2-core CI machine) took longer than the kernel that fills it. The advice is a hint:
+    where the kernel ignores it, nothing changes.
+    """
+    global _libc
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if nbytes >= 2 * _HUGE and sys.platform == "linux":
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        a = t.data_ptr()
+        lo, hi = -(-a // _HUGE) * _HUGE, (a + nbytes) // _HUGE * _HUGE
+        if hi > lo:
+            _libc.madvise(lo, hi - lo, _MADV_HUGEPAGE)
+    return t
+
 
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
@@ -154,14 +209,19 @@ def _scale(p: LIFParams) -> float:
     return float(SURROGATES[p.surrogate][1] if p.surrogate_scale is None else p.surrogate_scale)
 
 
-def _lif_fwd(i, v0, beta, p: LIFParams, save_u: bool):
+def _beta_args(beta):
+    beta_t = beta if isinstance(beta, torch.Tensor) else None
+    return beta_t, (0.0 if beta_t is not None else float(beta))
+
+
+def _lif_fwd(i, v0, beta, p: LIFParams, save_u: bool, u_into_i: bool = False):
+    """Run the forward kernel; ``u_into_i`` writes u over the currents (the caller's buffer)."""
     L, B, H = i.shape
     fn = getattr(load_library(), f"lif_fwd_{_SUFFIX[i.dtype]}")
-    z = torch.empty_like(i)
-    u = torch.empty_like(i) if save_u else None
+    z = _empty(i.shape, i.dtype)
+    u = (i if u_into_i else _empty(i.shape, i.dtype)) if save_u else None
     vT = torch.empty_like(v0)
-    beta_t = beta if isinstance(beta, torch.Tensor) else None
-    beta_s = 0.0 if beta_t is not None else float(beta)
+    beta_t, beta_s = _beta_args(beta)
     fn(_ptr(i), _ptr(v0), _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"),
        L, B, H, _ptr(z), _ptr(u), _ptr(vT))
     return z, u, vT
@@ -170,18 +230,22 @@ def _lif_fwd(i, v0, beta, p: LIFParams, save_u: bool):
 def _lif_bwd(u, dz, dvT, v0, beta, p: LIFParams, need_dbeta: bool):
     L, B, H = u.shape
     fn = getattr(load_library(), f"lif_bwd_{_SUFFIX[u.dtype]}")
-    di = torch.empty_like(u)
-    dv0 = torch.empty(B, H, dtype=u.dtype, device=u.device)
-    beta_t = beta if isinstance(beta, torch.Tensor) else None
-    beta_s = 0.0 if beta_t is not None else float(beta)
+    di = _empty(u.shape, u.dtype)
+    dv0 = torch.empty(B, H, dtype=u.dtype)
+    # no gradient reaching the spikes: zeros (calloc'd, read without being touched)
+    dz = torch.zeros_like(u) if dz is None else dz.contiguous()  # kept alive across the call
+    dvT = None if dvT is None else dvT.contiguous()
+    beta_t, beta_s = _beta_args(beta)
     dbeta = torch.zeros(H, dtype=torch.float64) if need_dbeta else None
-    fn(_ptr(u), _ptr(dz), _ptr(dvT), _ptr(v0), _ptr(beta_t), beta_s, float(p.threshold),
-       int(p.reset == "zero"), int(p.detach_reset), _SURROGATE_IDS[p.surrogate], _scale(p),
-       L, B, H, _ptr(di), _ptr(dv0), _ptr(dbeta))
+    fn(_ptr(u), _ptr(dz), _ptr(dvT), _ptr(v0),
+       _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"), int(p.detach_reset),
+       _SURROGATE_IDS[p.surrogate], _scale(p), L, B, H, _ptr(di), _ptr(dv0), _ptr(dbeta))
     return di, dv0, (None if dbeta is None else dbeta.to(u.dtype))
 
 
 class FusedRecurrentLIFFunction(torch.autograd.Function):
+    """The recurrence alone, from currents ``i``: (i, v0, beta) -> (z, v_T)."""
+
     @staticmethod
     def forward(ctx, i, v0, beta, p: LIFParams):
         z, u, vT = _lif_fwd(i, v0, beta, p, save_u=True)
@@ -198,36 +262,91 @@ class FusedRecurrentLIFFunction(torch.autograd.Function):
     def backward(ctx, dz, dvT):
         u, v0, beta_t = ctx.saved_tensors
         beta = beta_t if beta_t is not None else ctx.beta_s
-        dz = None if dz is None else dz.contiguous()
-        dvT = None if dvT is None else dvT.contiguous()
         di, dv0, dbeta = _lif_bwd(u, dz, dvT, v0, beta, ctx.p, ctx.need_dbeta)
         return di, dv0, dbeta, None
 
 
-def _check(i, v0, beta):
+class FusedLIFLayerFunction(torch.autograd.Function):
+    """A whole feed-forward LIF layer over a segment: (x, v0, W, b, beta) -> (z, v_T).
+
+    Forward: the currents of every step as one matmul into a fresh buffer, then the recurrence,
+    which overwrites the currents with u (the one [L, B, H] tensor saved). Backward: the
+    recurrence backward gives di; then dW = di^T x, db = sum di, dx = di W, each one matmul.
+    MACs are counted in an active `sb.trace` exactly as the per-step reference `linear` counts
+    them: ``L*B*in*H`` forward (or recomputed), and that once more for each of dx and dW.
+    """
+
+    @staticmethod
+    def forward(ctx, x, v0, weight, bias, beta, p: LIFParams):
+        L, B, n_in = x.shape
+        H = weight.shape[0]
+        x2 = x.reshape(L * B, n_in)
+        i = _empty((L, B, H), x.dtype)
+        if bias is None:
+            torch.mm(x2, weight.t(), out=i.view(L * B, H))
+        else:
+            torch.addmm(bias, x2, weight.t(), out=i.view(L * B, H))
+        z, u, vT = _lif_fwd(i, v0, beta, p, save_u=True, u_into_i=True)
+        macs = L * B * n_in * H
+        t = current_trace()
+        if t is not None:
+            t.add_forward_macs(macs)
+        beta_t = beta if isinstance(beta, torch.Tensor) else None
+        ctx.p, ctx.trace = p, t
+        ctx.beta_s = None if beta_t is not None else beta
+        ctx.need_dbeta = beta_t is not None and beta_t.requires_grad
+        ctx.bwd_macs = macs * (int(x.requires_grad) + int(weight.requires_grad))
+        ctx.save_for_backward(u, x, weight, v0 if ctx.need_dbeta else None, beta_t)
+        ctx.set_materialize_grads(False)
+        return z, vT
+
+    @staticmethod
+    def backward(ctx, dz, dvT):
+        u, x, weight, v0, beta_t = ctx.saved_tensors
+        beta = beta_t if beta_t is not None else ctx.beta_s
+        di, dv0, dbeta = _lif_bwd(u, dz, dvT, v0, beta, ctx.p, ctx.need_dbeta)
+        L, B, H = di.shape
+        di2 = di.view(L * B, H)
+        need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
+        dx = dw = db = None
+        if need_x:
+            dx = _empty((L, B, weight.shape[1]), di.dtype)
+            torch.mm(di2, weight, out=dx.view(L * B, -1))
+        if need_w:
+            dw = di2.t().mm(x.reshape(L * B, -1))
+        if need_b:
+            db = di2.sum(0)
+        if ctx.trace is not None and ctx.bwd_macs:
+            ctx.trace.add_backward_macs(ctx.bwd_macs)
+        return dx, dv0, dw, db, dbeta, None
+
+
+def _check(i, v0, beta, who="fused_recurrent_lif", what="i", H=None):
+    """Input checks; ``i`` is the [L, B, H] currents (or, for a layer, the [L, B, in] input x
+    with ``H`` the number of neurons)."""
     if not isinstance(i, torch.Tensor) or i.dim() != 3:
-        raise ValueError(f"fused_recurrent_lif: i must be a 3-D tensor [L, B, H] of input currents, got "
+        raise ValueError(f"{who}: {what} must be a 3-D tensor [L, B, {'H' if H is None else 'in'}], got "
                          f"{tuple(i.shape) if isinstance(i, torch.Tensor) else type(i).__name__}")
-    L, B, H = i.shape
+    B, H = i.shape[1], (i.shape[2] if H is None else H)
     if i.dtype not in _SUFFIX:
-        raise TypeError(f"fused_recurrent_lif (cpu): dtype {i.dtype} is not supported; use float32 or "
+        raise TypeError(f"{who} (cpu): dtype {i.dtype} is not supported; use float32 or "
                         "float64 (or backend='torch')")
     if i.device.type != "cpu":
-        raise ValueError(f"fused_recurrent_lif (cpu): i is on {i.device}; the cpu backend needs CPU "
+        raise ValueError(f"{who} (cpu): {what} is on {i.device}; the cpu backend needs CPU "
                          "tensors (use backend='triton' or 'auto' for CUDA)")
     if not isinstance(v0, torch.Tensor) or v0.shape != (B, H):
-        raise ValueError(f"fused_recurrent_lif: v0 must have shape {(B, H)} (B, H) like i[0], got "
+        raise ValueError(f"{who}: v0 must have shape {(B, H)} (B, H), got "
                          f"{tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__}")
     if v0.dtype != i.dtype or v0.device != i.device:
-        raise TypeError(f"fused_recurrent_lif: v0 is {v0.dtype} on {v0.device} but i is {i.dtype} on "
+        raise TypeError(f"{who}: v0 is {v0.dtype} on {v0.device} but {what} is {i.dtype} on "
                         f"{i.device}; they must match")
     if isinstance(beta, torch.Tensor):
         if beta.shape != (H,) or beta.dtype != i.dtype or beta.device != i.device:
-            raise ValueError(f"fused_recurrent_lif: a tensor beta must have shape ({H},), dtype {i.dtype} "
+            raise ValueError(f"{who}: a tensor beta must have shape ({H},), dtype {i.dtype} "
                              f"and device {i.device}; got shape {tuple(beta.shape)}, {beta.dtype}, "
                              f"{beta.device}")
     elif not isinstance(beta, (int, float)):
-        raise TypeError(f"fused_recurrent_lif: beta must be a float or a [H] tensor, got {type(beta).__name__}")
+        raise TypeError(f"{who}: beta must be a float or a [H] tensor, got {type(beta).__name__}")
 
 
 def fused_recurrent_lif(i: torch.Tensor, v0: torch.Tensor, beta, p: LIFParams):
@@ -253,3 +372,42 @@ def fused_recurrent_lif(i: torch.Tensor, v0: torch.Tensor, beta, p: LIFParams):
         z, _, vT = _lif_fwd(i, v0, beta, p, save_u=False)
         return z, vT
     return FusedRecurrentLIFFunction.apply(i, v0, beta, p)
+
+
+def fused_lif_layer(x: torch.Tensor, v0: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    beta, p: LIFParams):
+    """A feed-forward LIF layer over a segment on CPU: ``(z [L, B, H], v_T [B, H])``.
+
+    ``x`` [L, B, in]; ``weight`` [H, in]; ``bias`` [H] or None; ``beta`` a float or an [H] tensor
+    (clamped by the caller); see `FusedLIFLayerFunction`. Differentiable in every tensor.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"fused_lif_layer: weight must be a 2-D tensor [H, in], got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    _check(x, v0, beta, "fused_lif_layer", "x", H=weight.shape[0])
+    if weight.shape[1] != x.shape[2] or (bias is not None and bias.shape != (weight.shape[0],)):
+        raise ValueError(f"fused_lif_layer: weight must be [H, {x.shape[2]}] and bias [H] for x "
+                         f"{tuple(x.shape)}, got {tuple(weight.shape)} and "
+                         f"{None if bias is None else tuple(bias.shape)}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"fused_lif_layer: x is {x.dtype} but weight/bias are {weight.dtype}/"
+                        f"{None if bias is None else bias.dtype}; they must match")
+    L, B, _ = x.shape
+    H = weight.shape[0]
+    x, v0, weight = x.contiguous(), v0.contiguous(), weight.contiguous()
+    if isinstance(beta, torch.Tensor):
+        beta = beta.contiguous()
+    tensors = [t for t in (x, v0, weight, bias, beta) if isinstance(t, torch.Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return FusedLIFLayerFunction.apply(x, v0, weight, bias, beta, p)
+    i = _empty((L, B, H), x.dtype)
+    x2 = x.reshape(L * B, -1)
+    if bias is None:
+        torch.mm(x2, weight.t(), out=i.view(L * B, H))
+    else:
+        torch.addmm(bias, x2, weight.t(), out=i.view(L * B, H))
+    t = current_trace()
+    if t is not None:
+        t.add_forward_macs(L * B * x.shape[2] * H)
+    z, _, vT = _lif_fwd(i, v0, beta, p, save_u=False)
+    return z, vT
