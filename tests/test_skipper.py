@@ -113,3 +113,33 @@ def test_train_says_gradient_is_approximate(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "approximate gradient" in out
     assert json.loads((tmp_path / "r" / "config.json").read_text())["approximate_gradient"] is True
+
+
+def test_carry_through_string_roundtrip():
+    st = sb.Skipper(64, 16, carry="through")
+    assert st.to_string() == "skipper-through:64,16"
+    assert sb.parse_strategy(st.to_string()) == st
+    assert sb.parse_strategy("skipper:64,16").carry == "drop"
+
+
+def test_no_recompute_where_no_gradient_reaches():
+    """reduce="last" with carry=drop: only the last tail is back-propagated; earlier tails are
+    not recomputed at all (no gradient can reach them)."""
+    cell = make_cell("gru")
+    x = seeded(0, 40, 2, 5).requires_grad_()
+    with sb.trace() as t:
+        y, _ = sb.scan(cell, x, strategy=sb.Skipper(8, 3), reduce="last")
+        y.sum().backward()
+    assert t.recomputed_steps == 0
+    assert [s for s in range(40) if x.grad[s].abs().sum() > 0] == [37, 38, 39]
+    assert t.stored_bytes == 0
+
+
+def test_early_exit_keeps_exact_strategies_exact():
+    """A loss on the final state only still reaches every step through the state: no early exit."""
+    for kind in ["gru", "lif"]:
+        cell = make_cell(kind)
+        ref = run(cell, 30, 2, torch.float64, sb.FullBPTT(), reduce="last")
+        got = run(cell, 30, 2, torch.float64, sb.Checkpoint(7), reduce="last")
+        for name in ref:
+            assert_close(name, ref[name], got[name])

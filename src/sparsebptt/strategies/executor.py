@@ -80,6 +80,10 @@ class Reducer:
         """Whether step t's output enters the scan's output."""
         return self.reduce != "last" or t == self.T - 1
 
+    def reaches_before(self, t: int, dout) -> bool:
+        """Whether the output gradient ``dout`` reaches any step before t."""
+        return dout is not None and t > 0 and (self.reduce != "last" or self.T - 1 < t)
+
     def grad_at(self, dout: torch.Tensor | None, t: int):
         """dL/dy_t from the gradient of the scan's output (None where it does not reach y_t)."""
         if dout is None:
@@ -336,7 +340,11 @@ class _ScheduledScan(torch.autograd.Function):
                             raise RuntimeError(f"schedule reverses steps {a.n0}..{a.n1} at step {pos} "
                                                "without their recomputed graph (a bug in the strategy)")
                         dstate = _reverse(run, seg, dout, dstate, grads)
+                        del seg  # free this graph before the next one is built
                         pos = a.n0
+                        if not run.reducer.reaches_before(pos, dout) and all(g is None for g in dstate):
+                            pos = 0  # no gradient reaches steps before pos: the rest is zero
+                            break
                     elif isinstance(a, (Copy, Move)):
                         if a.to_storage != StorageType.WORK:
                             raise NotImplementedError(f"action {a!r}: only restores to WORK are supported")
@@ -355,6 +363,9 @@ class _ScheduledScan(torch.autograd.Function):
                         if run.strategy.carry == "drop":
                             dstate = [None] * len(dstate)
                         pos = a.n0
+                        if not run.reducer.reaches_before(pos, dout) and all(g is None for g in dstate):
+                            pos = 0  # no gradient reaches steps before pos: the rest is zero
+                            break
                     elif isinstance(a, EndReverse):
                         break
                     else:

@@ -104,4 +104,19 @@ class Skipper(Strategy):
         return max(0, -(-T // self.every) - 1)
 
     def to_string(self):
-        return f"skipper:{self.every},{self.keep}"
+        name = "skipper" if self.carry == "drop" else f"skipper-{self.carry}"
+        return f"{name}:{self.every},{self.keep}"
+
+
+@register
+class _SkipperThrough:
+    """The string form of ``Skipper(every, keep, carry="through")``: ``skipper-through:E,K``."""
+
+    name = "skipper-through"
+    usage = "skipper-through:EVERY,KEEP"
+
+    @classmethod
+    def from_args(cls, args):
+        if len(args) != 2:
+            raise TypeError("skipper-through takes 2 arguments")
+        return Skipper(*args, carry="through")
