@@ -265,9 +265,10 @@ def test_only_some_outputs_used():
 # ---- backend selection and errors --------------------------------------------------------------
 def test_scan_segment_only_with_a_fused_backend():
     assert sb.cells.LIF(3, 4, backend="torch").scan_segment is None
+    assert sb.cells.LIF(3, 4, backend="torch", recurrent=True).scan_segment is None
     cell = sb.cells.LIF(3, 4, backend="cpu")
     assert cell.scan_segment is not None and cell.active_backend == "cpu"
-    assert sb.cells.LIF(3, 4, backend="auto", recurrent=True).scan_segment is None
+    assert sb.cells.LIF(3, 4, backend="auto", recurrent=True).active_backend == "cpu"
     assert "backend='cpu'" in repr(cell)
 
 
@@ -323,9 +324,14 @@ def test_auto_without_a_fused_backend_runs_torch_and_says_so(monkeypatch, caplog
     assert any("resolved to 'torch' (no C compiler found)" in r.getMessage() for r in caplog.records)
 
 
-def test_recurrent_with_an_explicit_fused_backend_raises():
-    with pytest.raises(ValueError, match="no kernel for recurrent=True"):
-        sb.cells.LIF(3, 4, recurrent=True, backend="cpu")
+def test_recurrent_with_triton_raises(monkeypatch):
+    with pytest.raises(ValueError, match="'triton' has no kernel for recurrent=True"):
+        sb.cells.LIF(3, 4, recurrent=True, backend="triton")
+    monkeypatch.setitem(kb._probes, "triton", (True, "pretend"))
+    monkeypatch.setattr(kb, "_default", "triton")  # the process default, not the cell's choice
+    cell = sb.cells.LIF(3, 4, recurrent=True)
+    with pytest.raises(ValueError, match="process default"):
+        cell.active_backend
 
 
 def test_missing_compiler_is_a_build_error(monkeypatch, tmp_path):
@@ -366,3 +372,123 @@ def test_kernel_input_checks(case, match):
         beta = "0.9"
     with pytest.raises((ValueError, TypeError), match=match):
         fused_recurrent_lif(i, v0, beta, p)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("xrank", r"x must be a 3-D tensor \[L, B, in\]"),
+    ("wrank", r"weight must be a 2-D tensor \[H, in\]"),
+    ("wshape", r"weight must be \[H, 5\] and bias \[H\]"),
+    ("bshape", r"weight must be \[H, 5\] and bias \[H\]"),
+    ("wdtype", "they must match"),
+    ("v0", r"v0 must have shape \(2, 4\)"),
+])
+def test_layer_input_checks(case, match):
+    from sparsebptt.kernels.lif.cpu import fused_lif_layer
+    x, v0, w, b = torch.zeros(3, 2, 5), torch.zeros(2, 4), torch.zeros(4, 5), torch.zeros(4)
+    if case == "xrank":
+        x = torch.zeros(2, 5)
+    elif case == "wrank":
+        w = torch.zeros(4)
+    elif case == "wshape":
+        w = torch.zeros(4, 6)
+    elif case == "bshape":
+        b = torch.zeros(3)
+    elif case == "wdtype":
+        w = w.double()
+    elif case == "v0":
+        v0 = torch.zeros(2, 3)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fused_lif_layer(x, v0, w, b, 0.9, LIFParams())
+
+
+def test_layer_without_bias_and_frozen_weight():
+    """bias=False, a frozen weight and x without grad: only v0 and the rest get gradients."""
+    ref, fast = make_pair(torch.float64, bias=False)
+    for cell in (ref, fast):
+        cell.weight.requires_grad_(False)
+    x, v0 = inputs(ref, 17, 2, torch.float64)
+    res = []
+    for cell in (ref, fast):
+        v = v0.clone().requires_grad_()
+        with sb.trace() as t:
+            y, (vT,) = sb.scan(cell, x, (v,))
+            (y.sum() + vT.sum()).backward()
+        res.append((y.detach(), vT.detach(), v.grad, t.backward_macs, t.forward_macs))
+    for name, a, b in zip(["out", "vT", "dv0"], res[0], res[1]):
+        assert_close(name, a, b)
+    assert res[0][3:] == res[1][3:] and res[1][3] == 0
+
+
+# ---- recurrent weights ---------------------------------------------------------------------------
+def rec_inputs(cell, T, B, dtype, seed=0):
+    """(x, (v0, z0)) for a recurrent LIF whose membrane stays MARGIN away from the threshold."""
+    p = cell.params
+    for s in range(seed, seed + 200, 7):
+        x = seeded(s, T, B, cell.input_size, dtype=dtype)
+        v0 = 0.5 * seeded(s + 1, B, cell.hidden_size, dtype=dtype)
+        z0 = (seeded(s + 2, B, cell.hidden_size, dtype=dtype, kind="uniform") < 0.3).to(dtype)
+        with torch.no_grad():
+            i = torch.nn.functional.linear(x.double(), cell.weight.double(), cell.bias.double())
+            beta = p.beta if cell.beta is None else cell.beta.double().clamp(0, 1)
+            v, z, m = v0.double(), z0.double(), float("inf")
+            for t in range(T):
+                u = beta * v + i[t] + z @ cell.recurrent_weight.double().t()
+                m = min(m, (u - p.threshold).abs().min().item())
+                z = (u > p.threshold).double()
+                v = u - z * p.threshold if p.reset == "subtract" else u * (1 - z)
+        if m > MARGIN:
+            return x, (v0, z0)
+    raise AssertionError("no seed kept the membrane away from the threshold")  # pragma: no cover
+
+
+def run_rec(cell, x, state0, strategy):
+    x = x.clone().requires_grad_()
+    state0 = tuple(s.clone().requires_grad_() for s in state0)
+    for p in cell.parameters():
+        p.grad = None
+    with sb.trace() as t:
+        out, state = sb.scan(cell, x, state0, strategy=strategy)
+        loss = (out * seeded(100, *out.shape, dtype=x.dtype)).sum()
+        for k, s in enumerate(state):
+            loss = loss + (s * seeded(101 + k, *s.shape, dtype=x.dtype)).sum()
+        loss.backward()
+    res = {"out": out.detach(), "vT": state[0].detach(), "zT": state[1].detach(), "dx": x.grad,
+           "dv0": state0[0].grad, "dz0": state0[1].grad}
+    res.update({f"d{n}": p.grad for n, p in cell.named_parameters()})
+    counters = {k: getattr(t, k) for k in ("forward_steps", "recomputed_steps", "forward_macs",
+                                           "recomputed_macs", "backward_macs")}
+    return res, counters, t.activity
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("cfg", CONFIGS[::3], ids=_cid)
+def test_recurrent_fused_equals_reference(cfg, dtype):
+    ref, fast = make_pair(dtype, recurrent=True, **cfg)
+    assert fast.active_backend == "cpu"
+    for T, B in ((1, 1), (31, 3)):
+        x, s0 = rec_inputs(ref, T, B, dtype)
+        expect, c_ref, act_ref = run_rec(ref, x, s0, sb.FullBPTT())
+        for st in (sb.FullBPTT(), sb.Checkpoint(every=7), sb.Revolve(slots=3)):
+            got, c_got, act_got = run_rec(fast, x, s0, st)
+            compare(expect, got, dtype)
+            if isinstance(st, sb.FullBPTT):
+                assert c_ref == c_got and act_ref == pytest.approx(act_got)
+
+
+def test_recurrent_trace_counters_under_checkpoint():
+    ref, fast = make_pair(torch.float32, recurrent=True)
+    x, s0 = rec_inputs(ref, 40, 2, torch.float32)
+    _, c_ref, act_ref = run_rec(ref, x, s0, sb.Checkpoint(every=6))
+    _, c_got, act_got = run_rec(fast, x, s0, sb.Checkpoint(every=6))
+    assert c_ref == c_got and act_ref == pytest.approx(act_got)
+
+
+def test_recurrent_no_grad_forward():
+    ref, fast = make_pair(torch.float64, recurrent=True, reset="zero")
+    x, s0 = rec_inputs(ref, 20, 2, torch.float64)
+    with torch.no_grad():
+        y_ref, s_ref = sb.scan(ref, x, s0)
+        y, s = sb.scan(fast, x, s0)
+    assert_close("out", y_ref, y)
+    for k in range(2):
+        assert_close(f"state[{k}]", s_ref[k], s[k])

@@ -16,6 +16,7 @@ with the input projection as one matmul; "auto" picks the fastest available. The
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -23,12 +24,21 @@ from torch import nn
 
 from .base import Cell, init_uniform_, linear
 from .surrogate import check_surrogate, spike
-from ..kernels.backend import check_backend, require_backend, resolve_backend
+from ..kernels.backend import check_backend, get_backend, require_backend, resolve_backend
 from ..trace import current_trace
 
 __all__ = ["LIFParams", "lif_step", "LIF", "RESETS"]
 
 RESETS = ("subtract", "zero")
+
+log = logging.getLogger("sparsebptt.kernels")
+_logged: set[str] = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged:
+        _logged.add(msg)
+        log.info(msg)
 
 
 @dataclass(frozen=True)
@@ -85,8 +95,8 @@ class LIF(Cell):
         learn_beta: make beta a trainable per-neuron parameter (clamped to [0, 1]).
         bias: add a bias to the input projection.
         backend: "auto", "torch", "cpu" or "triton" (see the module docstring); None follows the
-            process-wide default (`sparsebptt.set_backend`). Fused backends have no recurrent
-            kernel yet: "auto" runs a recurrent LIF on "torch", an explicit "cpu"/"triton" raises.
+            process-wide default (`sparsebptt.set_backend`). "triton" has no recurrent kernel
+            yet: "auto" runs a recurrent LIF on CUDA with "torch", an explicit "triton" raises.
             An explicit backend that is unavailable here raises `BackendUnavailable`.
     """
 
@@ -98,9 +108,10 @@ class LIF(Cell):
         super().__init__(input_size, hidden_size)
         if backend is not None:
             check_backend(backend)
-            if recurrent and backend in ("cpu", "triton"):
-                raise ValueError(f"LIF: backend {backend!r} has no kernel for recurrent=True yet; use "
-                                 "backend='torch' (or 'auto', which runs recurrent LIFs on 'torch')")
+            if recurrent and backend == "triton":
+                raise ValueError("LIF: backend 'triton' has no kernel for recurrent=True yet; use "
+                                 "backend='torch' or 'cpu' (or 'auto', which runs recurrent LIFs on CUDA "
+                                 "with 'torch')")
             require_backend(backend)
         self.backend = backend
         self.params = LIFParams(beta, threshold, reset, surrogate, surrogate_scale, detach_reset)
@@ -130,9 +141,16 @@ class LIF(Cell):
     @property
     def active_backend(self) -> str:
         """The backend the next scan runs ("torch", "cpu" or "triton"), for the weights' device."""
-        if self.recurrent:  # no fused recurrent kernel yet (explicit fused backends raise in __init__)
+        requested = get_backend() if self.backend is None else self.backend
+        name = resolve_backend(requested, self.weight.device.type)
+        if self.recurrent and name == "triton":  # no recurrent Triton kernel yet
+            if requested != "auto":
+                raise ValueError("LIF: backend 'triton' (the process default) has no kernel for "
+                                 "recurrent=True yet; pass backend='torch' or 'auto' to this cell")
+            _log_once("sparsebptt: backend 'auto' runs recurrent LIFs on CUDA with 'torch' "
+                      "(no recurrent Triton kernel yet)")
             return "torch"
-        return resolve_backend(self.backend, self.weight.device.type)
+        return name
 
     @property
     def scan_segment(self):
@@ -140,8 +158,15 @@ class LIF(Cell):
         return None if self.active_backend == "torch" else self._scan_segment
 
     def _scan_segment(self, x_seg, state):
-        (v,) = state
         beta = self.params.beta if self.beta is None else self.beta.clamp(0.0, 1.0)
+        if self.recurrent:  # "cpu" (active_backend never gives "triton" here)
+            from ..kernels.lif.cpu import fused_recurrent_lif_layer
+            v, z_prev = state
+            z, v = fused_recurrent_lif_layer(x_seg, v, z_prev, self.weight, self.bias, self.recurrent_weight,
+                                             beta, self.params)
+            self._count_activity(z)
+            return z, (v, z[-1])
+        (v,) = state
         if self.active_backend == "cpu":  # projection, recurrence and their backward in one node
             from ..kernels.lif.cpu import fused_lif_layer
             z, v = fused_lif_layer(x_seg, v, self.weight, self.bias, beta, self.params)
@@ -149,10 +174,13 @@ class LIF(Cell):
             from ..kernels.lif.triton import fused_recurrent_lif
             i = linear(x_seg, self.weight, self.bias)  # [L, B, H]: one matmul, MACs counted as per step
             z, v = fused_recurrent_lif(i, v, beta, self.params)  # [L, B, H], [B, H]
+        self._count_activity(z)
+        return z, (v,)
+
+    def _count_activity(self, z):
         t = current_trace()
         if t is not None:
             t.add_activity(self, torch.count_nonzero(z), z.numel())
-        return z, (v,)
 
     def extra_repr(self) -> str:
         p = self.params
