@@ -111,18 +111,28 @@ def _masked_input_grad(g: torch.Tensor, wt: torch.Tensor, mask: torch.Tensor):
     return dy, nnz * out
 
 
+#: the weight gradient of a step runs as one dense in-place GEMM over every column (silent units
+#: add exact zeros) once the batch's events cover this share of the units: a gathered GEMM plus
+#: a scatter of its rows then costs more memory passes than it saves (measured at H = 512, B = 8,
+#: one thread: dense ``addmm_`` 0.33 ms, gathered rows + ``index_add_`` 0.51 ms at 70 %, 0.26 ms
+#: at 35 %).
+DENSE_DW_ABOVE = 0.5
+
+
 def _add_rows(buf, idx, rows):
-    """``buf[idx] += rows`` for distinct ``idx``. Not ``index_add_``: on a shared 2-core machine
-    with 2 intra-op threads it took 65 ms for a [3, 21] add (scatter_add_ wakes every thread),
-    ``index_copy_`` a few microseconds."""
-    if idx.numel():
-        buf.index_copy_(0, idx, buf.index_select(0, idx) + rows)
-    return buf
+    """``buf[idx] += rows`` for distinct ``idx``. ``index_add_`` with one intra-op thread; with
+    more, ``index_copy_`` of the sum: on a shared 2-core machine with 2 threads ``index_add_``
+    took 65 ms for a [3, 21] add (its scatter_add_ wakes every thread), ``index_copy_`` 5 us."""
+    if not idx.numel():
+        return buf
+    if torch.get_num_threads() == 1:
+        return buf.index_add_(0, idx, rows)
+    return buf.index_copy_(0, idx, buf.index_select(0, idx) + rows)
 
 
 class _Chain:
-    """The weight gradient of the recurrent products of one segment, kept as rows of dW.T that
-    each step adds to (only the rows of units with an event) and handed to the weight once, by
+    """The weight gradient of the recurrent products of one segment, kept as dW.T [H, 3H], to
+    which each step adds only the rows of units with an event, and handed to the weight once, by
     the segment's first step (its backward runs last: every later step depends on it). Tied to
     the autograd graph task, so a partial backward never leaks into another."""
 
@@ -132,12 +142,23 @@ class _Chain:
         self.buf = None
         self.task = None
 
-    def add(self, idx, rows, shape):
+    def accumulate(self, y, g, fired) -> int:
+        """``buf += y.T @ g`` over the columns with an event in the batch; returns the MACs."""
         task = torch._C._current_graph_task_id()
         if self.buf is None or self.task != task:
-            self.buf = rows.new_zeros(shape)
+            self.buf = g.new_zeros(y.shape[1], g.shape[1])
             self.task = task
-        _add_rows(self.buf, idx, rows)
+        B, H = y.shape
+        union = fired.any(0)
+        k = int(union.sum())
+        if k == 0:
+            return 0
+        if k >= DENSE_DW_ABOVE * H:
+            self.buf.addmm_(y.t(), g)  # [H, 3H]
+            return B * H * g.shape[1]
+        idx = union.nonzero().squeeze(1)  # [k]
+        _add_rows(self.buf, idx, y.index_select(1, idx).t() @ g)  # [k, 3H]
+        return B * k * g.shape[1]
 
     def take(self):
         buf, self.buf, self.task = self.buf, None, None
@@ -173,18 +194,11 @@ class _RecurrentGrad(torch.autograd.Function):
             if t is not None:
                 t.add_backward_macs(macs)
         if need_w:
-            idx = fired.any(0).nonzero().squeeze(1)  # [k] columns with an event in the batch
-            if idx.numel():
-                rows = y.index_select(1, idx).t() @ g  # [k, 3H]
-                if t is not None:
-                    t.add_backward_macs(rows.numel() * g.shape[0])
-            else:
-                rows = g.new_zeros(0, wt.shape[1])
-            if ctx.chain is None:
-                dw = _add_rows(g.new_zeros(wt.shape), idx, rows).t()
-            else:
-                ctx.chain.add(idx, rows, wt.shape)
-                dw = ctx.chain.take().t() if ctx.root else None
+            chain = _Chain() if ctx.chain is None else ctx.chain
+            macs = chain.accumulate(y, g, fired)
+            if t is not None:
+                t.add_backward_macs(macs)
+            dw = chain.take().t() if ctx.root or ctx.chain is None else None
         dbias = g.sum(0) if ctx.has_bias and need_b else None
         return g, dy, dw, dbias, None, None, None, None, None
 
@@ -227,6 +241,65 @@ def _pointwise(gi, gh, c, threshold, gamma, epsilon):
     return y, c, e, v.detach()
 
 
+class _FusedPointwise(torch.autograd.Function):
+    """`_pointwise` as one autograd node with a hand-written backward (the sparse path's: a step
+    has ~15 elementwise nodes otherwise, whose overhead rivals the sparse products). Outputs
+    ``(y', c', e, v)``; ``v = c~ - threshold`` carries no gradient. Checked against autograd
+    through `_pointwise` by the reference backend's tests.
+
+    Backward, from ``dy'``, ``dc'`` and ``de`` (the event counts)::
+
+        dv  = (dy' c~ - dc' threshold + de) psi(v)
+        dc~ = dy' e + dc' + dv;   dthreshold = -sum_b (dc' e + dv)
+        dc  = dc~ u;   du = dc~ (c - n);   dn = dc~ (1 - u)
+        da_n = dn (1 - n^2);   da_u = du u (1 - u);   da_r = da_n (W_hn y + b_hn) r (1 - r)
+        dgi = [da_r, da_u, da_n];   dgh = [da_r, da_u, da_n r]
+    """
+
+    @staticmethod
+    def forward(ctx, gi, gh, c, threshold, gamma, epsilon):
+        i_r, i_z, i_n = gi.chunk(3, 1)
+        h_r, h_z, h_n = gh.chunk(3, 1)
+        r = torch.sigmoid(i_r + h_r)
+        u = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(torch.addcmul(i_n, r, h_n))
+        ct = torch.addcmul(n, u, c - n)  # c~ [B, H]
+        v = ct - threshold
+        e = (v > 0).to(ct.dtype)
+        y = ct * e
+        c_new = torch.addcmul(ct, e, threshold, value=-1.0)
+        ctx.save_for_backward(r, u, n, c, h_n, v, e, threshold)
+        ctx.gamma, ctx.epsilon = gamma, epsilon
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(v)
+        return y, c_new, e, v
+
+    @staticmethod
+    def backward(ctx, dy, dc_new, de, _dv):
+        r, u, n, c, h_n, v, e, threshold = ctx.saved_tensors
+        ct = v + threshold
+        de_total = dy * ct if dy is not None else torch.zeros_like(v)
+        if dc_new is not None:
+            de_total = torch.addcmul(de_total, dc_new, threshold, value=-1.0)
+        if de is not None:
+            de_total = de_total + de
+        dv = de_total * pseudo_derivative(v, ctx.gamma, ctx.epsilon)
+        dct = dv if dy is None else torch.addcmul(dv, dy, e)
+        if dc_new is not None:
+            dct = dct + dc_new
+        dthr = dv if dc_new is None else torch.addcmul(dv, dc_new, e)
+        dthr = -dthr.sum(0)
+        dc = dct * u
+        dn = dct - dc  # dc~ (1 - u)
+        du = dct * (c - n)
+        da_n = dn * (1.0 - n * n)
+        da_u = du * u * (1.0 - u)
+        da_r = da_n * h_n * r * (1.0 - r)
+        dgi = torch.cat([da_r, da_u, da_n], 1)
+        dgh = torch.cat([da_r, da_u, da_n * r], 1)
+        return dgi, dgh, dc, dthr, None, None
+
+
 def _record(layer, fired):
     t = current_trace()
     if t is not None:
@@ -245,9 +318,10 @@ def egru_step(x_t, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, *, 
     if backend == "sparse":
         fired, grad_mask = _entry_masks(y)
         gh = _recurrent(y, weight_hh, bias_hh, fired, grad_mask, transposed_weight(weight_hh), active_set)
+        y, c, e, v = _FusedPointwise.apply(gi, gh, c, threshold, gamma, epsilon)
     else:
         gh = linear(y, weight_hh, bias_hh)  # [B, 3H]
-    y, c, e, v = _pointwise(gi, gh, c, threshold, gamma, epsilon)
+        y, c, e, v = _pointwise(gi, gh, c, threshold, gamma, epsilon)
     _record(layer, v > 0)
     new = (c, y) if len(state) == 2 else (c, y, state[2] + e)
     return y, new
@@ -270,7 +344,7 @@ def fused_recurrent_egru(x, state, weight_ih, weight_hh, bias_ih, bias_hh, thres
     ys = []
     for t, gi in enumerate(gis):
         gh = _recurrent(y, weight_hh, bias_hh, fired, grad_mask, wt, active_set, chain, root=t == 0)
-        y, c, e, v = _pointwise(gi, gh, c, threshold, gamma, epsilon)
+        y, c, e, v = _FusedPointwise.apply(gi, gh, c, threshold, gamma, epsilon)
         fired = v > 0
         _record(layer, fired)
         grad_mask = fired | (v.abs() < epsilon)  # dy/dc~ = e + c~ psi(v) is zero elsewhere
