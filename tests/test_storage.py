@@ -140,6 +140,8 @@ def test_double_bad_sizes(outer, inner, match):
 def test_parse_double():
     assert sb.parse_strategy("double:1024,32") == sb.DoubleCheckpoint(1024, 32)
     assert sb.parse_strategy("double-optimal:8,4") == sb.DoubleCheckpoint.optimal(8, 4)
+    disk = sb.DoubleCheckpoint(64, 8, "disk")
+    assert disk.to_string() == "double-disk:64,8" and sb.parse_strategy("double-disk:64,8") == disk
     with pytest.raises(ValueError, match="expected the form 'double:OUTER,INNER'"):
         sb.parse_strategy("double:1024")
 

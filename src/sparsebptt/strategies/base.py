@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Iterable
 
-__all__ = ["Strategy", "parse_strategy", "register", "positive_int"]
+__all__ = ["Strategy", "parse_strategy", "register", "register_variant", "positive_int"]
 
 _REGISTRY: dict[str, type["Strategy"]] = {}
 
@@ -62,6 +62,24 @@ class Strategy:
 def register(cls):
     _REGISTRY[cls.name] = cls
     return cls
+
+
+class _Variant:
+    """A string form that builds a strategy with non-default options (see `register_variant`)."""
+
+    def __init__(self, name, usage, make, n_args):
+        self.name, self.usage, self._make, self.n_args = name, usage, make, n_args
+
+    def from_args(self, args):
+        if len(args) != self.n_args:
+            raise TypeError(f"{self.name} takes {self.n_args} arguments, got {len(args)}")
+        return self._make(*args)
+
+
+def register_variant(name: str, usage: str, make, n_args: int = 2) -> None:
+    """Register ``name:ARGS`` for ``parse_strategy``, built by ``make(*args)`` (e.g.
+    ``double-disk:O,I`` -> ``DoubleCheckpoint(O, I, "disk")``)."""
+    _REGISTRY[name] = _Variant(name, usage, make, n_args)
 
 
 def _forms() -> str:

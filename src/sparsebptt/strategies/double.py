@@ -19,7 +19,7 @@ from checkpoint_schedules import (EndForward, EndReverse, Forward, Move, Multist
                                   Reverse, StorageType)
 
 from ..storage import check_disk_dir, check_storage
-from .base import Strategy, positive_int, register
+from .base import Strategy, positive_int, register, register_variant
 
 __all__ = ["DoubleCheckpoint", "TwoLevelRevolve"]
 
@@ -106,7 +106,12 @@ class DoubleCheckpoint(Strategy):
         return max(0, -(-T // self.outer) - 1)
 
     def to_string(self):
-        return f"double:{self.outer},{self.inner}"
+        name = "double" if self.outer_storage == "host" else f"double-{self.outer_storage}"
+        return f"{name}:{self.outer},{self.inner}"
+
+
+register_variant("double-disk", "double-disk:OUTER,INNER",
+                 lambda outer, inner: DoubleCheckpoint(outer, inner, "disk"))
 
 
 @register
@@ -147,4 +152,9 @@ class TwoLevelRevolve(Strategy):
         return self._split(T)[1] if T > 1 else 0
 
     def to_string(self):
-        return f"double-optimal:{self.fast},{self.slow}"
+        name = "double-optimal" if self.outer_storage == "host" else f"double-optimal-{self.outer_storage}"
+        return f"{name}:{self.fast},{self.slow}"
+
+
+register_variant("double-optimal-disk", "double-optimal-disk:FAST,SLOW",
+                 lambda fast, slow: TwoLevelRevolve(fast, slow, "disk"))

@@ -24,7 +24,7 @@ from typing import ClassVar
 from checkpoint_schedules import (CheckpointAction, EndForward, EndReverse, Forward, Move, Reverse,
                                   StorageType)
 
-from .base import Strategy, positive_int, register
+from .base import Strategy, positive_int, register, register_variant
 
 __all__ = ["Skipper", "SkipReverse", "CARRIES"]
 
@@ -108,15 +108,5 @@ class Skipper(Strategy):
         return f"{name}:{self.every},{self.keep}"
 
 
-@register
-class _SkipperThrough:
-    """The string form of ``Skipper(every, keep, carry="through")``: ``skipper-through:E,K``."""
-
-    name = "skipper-through"
-    usage = "skipper-through:EVERY,KEEP"
-
-    @classmethod
-    def from_args(cls, args):
-        if len(args) != 2:
-            raise TypeError("skipper-through takes 2 arguments")
-        return Skipper(*args, carry="through")
+register_variant("skipper-through", "skipper-through:EVERY,KEEP",
+                 lambda every, keep: Skipper(every, keep, carry="through"))
