@@ -94,12 +94,14 @@ def test_parameter_names_and_layout_shared_with_gru():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("active_set", ["auto", "union", "sample"])
+@pytest.mark.parametrize("epsilon", [0.5, 0.1], ids=lambda e: f"eps{e}")
 @pytest.mark.parametrize("B", [1, 4], ids=lambda b: f"B{b}")
 @pytest.mark.parametrize("T", [1, 2, 23], ids=lambda t: f"T{t}")
-def test_sparse_backward_equals_reference(T, B, active_set, dtype):
-    """Outputs, final state and every gradient (x, c0, y0, all parameters, the threshold)."""
-    ref_cell = make_egru(dtype, backend="torch")
-    cell = make_egru(dtype, backend="sparse", active_set=active_set)
+def test_sparse_backward_equals_reference(T, B, epsilon, active_set, dtype):
+    """Outputs, final state and every gradient (x, c0, y0, all parameters, the threshold);
+    epsilon 0.1 leaves few units near the threshold: the input gradient runs sparse too."""
+    ref_cell = make_egru(dtype, backend="torch", epsilon=epsilon)
+    cell = make_egru(dtype, backend="sparse", active_set=active_set, epsilon=epsilon)
     x = seeded(0, T, B, N_IN, dtype=dtype)
     s0 = [0.3 * seeded(1 + i, B, 9, dtype=dtype) for i in range(2)]
     assert margin(cell, x, s0) > (1e-9 if dtype == torch.float64 else 1e-4)
@@ -116,6 +118,10 @@ def test_activity_of_the_equality_check_is_mixed():
     stats = event_statistics(cell, seeded(0, 23, 4, N_IN), tuple(0.3 * seeded(1 + i, 4, 9) for i in range(2)))
     s = stats["EGRU"]
     assert 0.1 < s["activity"] < 0.6 and s["activity"] < s["backward_activity"] < 0.95, s
+    narrow = event_statistics(make_egru(epsilon=0.1), seeded(0, 23, 4, N_IN),
+                              tuple(0.3 * seeded(1 + i, 4, 9) for i in range(2)))["EGRU"]
+    assert narrow["backward_activity"] < sb.cells.egru.DENSE_ABOVE, narrow  # the sparse products run
+    assert sb.cells.egru.sparse_kernels() == "c"  # this machine has a C compiler
 
 
 @pytest.mark.parametrize("y0", ["zeros", "sparse"])
@@ -199,6 +205,48 @@ def test_stack_of_egru_under_checkpoint_and_partial_backward():
     (y_ref * seeded(1, *y.shape)).sum().backward()
     for (name, p), q in zip(net.named_parameters(), ref_net.parameters()):
         assert_close(f"d{name}", q.grad, p.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("B,H,O", [(1, 5, 7), (3, 11, 37), (4, 9, 64)], ids=lambda v: str(v))
+def test_c_kernels_equal_torch(B, H, O, dtype):
+    """The masked products of the sparse backward (odd sizes: the SIMD loops' remainders)."""
+    from sparsebptt.kernels.egru.cpu import masked_rows_axpy_, masked_rows_dot
+
+    g, wt, y = seeded(0, B, O, dtype=dtype), seeded(1, H, O, dtype=dtype), seeded(2, B, H, dtype=dtype)
+    for mask in (seeded(3, B, H, kind="uniform") < 0.4, torch.zeros(B, H, dtype=torch.bool),
+                 torch.ones(B, H, dtype=torch.bool)):
+        assert_close("dy", (g @ wt.t()) * mask, masked_rows_dot(g, wt, mask), dtype)
+        buf = seeded(4, H, O, dtype=dtype)
+        assert_close("buf", buf + (y * mask).t() @ g, masked_rows_axpy_(buf.clone(), y, g, mask), dtype)
+    tiny = torch.full((B, O), 1e-40, dtype=torch.float32)  # denormals are flushed to zero
+    assert float(masked_rows_dot(tiny, wt.float(), torch.ones(B, H, dtype=torch.bool)).abs().max()) == 0.0
+
+
+def test_c_kernels_bad_arguments():
+    from sparsebptt.kernels.egru.cpu import masked_rows_axpy_, masked_rows_dot
+
+    g, wt, mask = torch.randn(2, 6), torch.randn(3, 6), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="masked_rows_dot: g must be a contiguous CPU tensor"):
+        masked_rows_dot(g.t().contiguous().t(), wt, mask)
+    with pytest.raises(ValueError, match="needs float32 or float64 tensors of one dtype"):
+        masked_rows_dot(g.double(), wt, mask)
+    with pytest.raises(ValueError, match=r"masked_rows_dot: g \[B, O\], wt \[H, O\], mask bool \[B, H\]"):
+        masked_rows_dot(g, wt, mask.t().contiguous())
+    with pytest.raises(ValueError, match=r"masked_rows_axpy_: buf \[H, O\]"):
+        masked_rows_axpy_(torch.zeros(3, 5), torch.randn(2, 3), g, mask)
+
+
+@pytest.mark.parametrize("B", [1, 4], ids=lambda b: f"B{b}")
+def test_torch_gather_paths_equal_reference(B, monkeypatch):
+    """Without the C kernels (no compiler) the sparse backward runs torch gathers: still exact."""
+    from sparsebptt.cells import egru
+
+    monkeypatch.setitem(egru._kernel_state, "name", "torch")
+    ref = run(make_egru(backend="torch"), 23, B, torch.float64, sb.FullBPTT())
+    got = run(make_egru(), 23, B, torch.float64, sb.Checkpoint(every=6))
+    for name in ref:
+        assert_close(name, ref[name], got[name])
 
 
 # ---- every exact strategy equals FullBPTT ----------------------------------------------------

@@ -42,16 +42,19 @@ strategy): one GEMM for the input projection of all its steps and one transposed
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import nn
 
 from .base import Cell, init_uniform_, linear
-from .sparse import ACTIVE_SETS, FULL_ABOVE, UNION_OVERLAP, sparse_linear, transposed_weight
+from .sparse import ACTIVE_SETS, UNION_OVERLAP, sparse_linear, transposed_weight
 from ..trace import current_trace
 
-__all__ = ["EGRU", "BACKENDS", "pseudo_derivative", "event", "egru_step", "fused_recurrent_egru",
+log = logging.getLogger("sparsebptt.kernels")
+
+__all__ = ["EGRU", "BACKENDS", "sparse_kernels", "pseudo_derivative", "event", "egru_step", "fused_recurrent_egru",
            "naive_egru", "activity_regularizer", "event_statistics"]
 
 BACKENDS = ("sparse", "torch")
@@ -82,22 +85,61 @@ def event(v: torch.Tensor, gamma: float = 0.7, epsilon: float = 0.5) -> torch.Te
     return _Event.apply(v, gamma, epsilon)
 
 
-# ---- the recurrent product and the input gradient of silent units near the threshold ----------
+# ---- the sparse products of the backward --------------------------------------------------------
 
-def _masked_input_grad(g: torch.Tensor, wt: torch.Tensor, mask: torch.Tensor):
-    """``dy[b, j] = g[b] . wt[j]`` where ``mask[b, j]``, else 0; returns (dy, MACs done).
+#: below this share of active entries (of B x H) the backward's products run sparse, above it as
+#: one dense GEMM (masked afterwards): measured at H = 512, B = 8, one thread, random masks, the
+#: C kernels cost 0.86x the dense GEMM at 30 % (input gradient) and 1.2x at 50 %; the weight
+#: gradient 0.9x at 30 %, 1.5x at 50 %.
+DENSE_ABOVE = 0.4
 
-    Same three ways as `sparse_linear` (same measured rule): a dense GEMM when nearly every entry
-    is wanted, the union of the batch's columns when the samples share them, else per sample
-    (the fused gather-dot of ``embedding_bag``'s backward).
+_kernel_state: dict = {}
+
+
+def sparse_kernels() -> str:
+    """Which implementation EGRU's sparse backward uses, resolved once and logged: "c" (the C
+    kernels of `sparsebptt.kernels.egru.cpu`, AVX2 + FMA where available) or "torch" (gathered
+    GEMMs and ``embedding_bag``'s gather-dot, when no C compiler works)."""
+    if "name" not in _kernel_state:
+        from ..kernels.cbuild import CBuildError
+        from ..kernels.egru.cpu import load_library
+
+        try:
+            simd = load_library().egru_simd()
+            _kernel_state["name"] = "c"
+            log.info("EGRU sparse backward: C kernels (%s)", "AVX2+FMA" if simd else "plain C")
+        except CBuildError as e:
+            _kernel_state["name"] = "torch"
+            log.warning("EGRU sparse backward: torch gather paths, the C kernels are unavailable: %s", e)
+    return _kernel_state["name"]
+
+
+def _use_kernels(*tensors) -> bool:
+    return (all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
+            and sparse_kernels() == "c")
+
+
+def _masked_input_grad(g: torch.Tensor, weight: torch.Tensor, wt: torch.Tensor, mask: torch.Tensor):
+    """``dy[b, j] = g[b] . W[:, j]`` where ``mask[b, j]``, else 0; returns (dy, MACs done).
+
+    A dense GEMM ``g @ W`` (masked) when at least `DENSE_ABOVE` of the entries are wanted; else
+    the C kernel over the wanted entries (``nnz * 3H`` MACs, no gathered copy); without it the
+    torch paths of `sparse_linear` (the batch's union of columns when the samples share them,
+    else per sample).
     """
     B, n = mask.shape
     out = wt.shape[1]
+    nnz = int(mask.sum())
+    if nnz >= DENSE_ABOVE * B * n:  # g @ W (row-major W): 3x faster here than g @ wt.T
+        return (g @ weight).masked_fill_(~mask, 0.0), B * n * out
+    if nnz == 0:
+        return g.new_zeros(B, n), 0
+    if _use_kernels(g, wt):
+        from ..kernels.egru.cpu import masked_rows_dot
+
+        return masked_rows_dot(g.contiguous(), wt, mask), nnz * out
     union = mask.any(0)
     k = int(union.sum())
-    nnz = int(mask.sum())
-    if k == n or nnz >= FULL_ABOVE * B * n:
-        return (g @ wt.t()).masked_fill_(~mask, 0.0), B * n * out
     dy = g.new_zeros(B, n)
     if B > 1 and B * k <= UNION_OVERLAP * nnz:
         idx = union.nonzero().squeeze(1)  # [k]
@@ -109,14 +151,6 @@ def _masked_input_grad(g: torch.Tensor, wt: torch.Tensor, mask: torch.Tensor):
     offsets = torch.searchsorted(r, torch.arange(B, device=g.device))
     dy[r, c] = torch.ops.aten._embedding_bag_per_sample_weights_backward(g, wt, c, offsets, r, 0, -1)
     return dy, nnz * out
-
-
-#: the weight gradient of a step runs as one dense in-place GEMM over every column (silent units
-#: add exact zeros) once the batch's events cover this share of the units: a gathered GEMM plus
-#: a scatter of its rows then costs more memory passes than it saves (measured at H = 512, B = 8,
-#: one thread: dense ``addmm_`` 0.33 ms, gathered rows + ``index_add_`` 0.51 ms at 70 %, 0.26 ms
-#: at 35 %).
-DENSE_DW_ABOVE = 0.5
 
 
 def _add_rows(buf, idx, rows):
@@ -143,22 +177,31 @@ class _Chain:
         self.task = None
 
     def accumulate(self, y, g, fired) -> int:
-        """``buf += y.T @ g`` over the columns with an event in the batch; returns the MACs."""
+        """``buf += y.T @ g`` over the entries with an event; returns the MACs done.
+
+        One dense in-place GEMM over every unit (silent ones add exact zeros) once `DENSE_ABOVE`
+        of the entries have an event; else the C kernel over the events (``nnz * 3H`` MACs), or
+        without it a GEMM over the batch's union of units and an ``index_add_`` of its rows.
+        """
         task = torch._C._current_graph_task_id()
         if self.buf is None or self.task != task:
             self.buf = g.new_zeros(y.shape[1], g.shape[1])
             self.task = task
         B, H = y.shape
-        union = fired.any(0)
-        k = int(union.sum())
-        if k == 0:
+        nnz = int(fired.sum())
+        if nnz == 0:
             return 0
-        if k >= DENSE_DW_ABOVE * H:
+        if nnz >= DENSE_ABOVE * B * H:
             self.buf.addmm_(y.t(), g)  # [H, 3H]
             return B * H * g.shape[1]
-        idx = union.nonzero().squeeze(1)  # [k]
+        if _use_kernels(y, g):
+            from ..kernels.egru.cpu import masked_rows_axpy_
+
+            masked_rows_axpy_(self.buf, y.contiguous(), g.contiguous(), fired)
+            return nnz * g.shape[1]
+        idx = fired.any(0).nonzero().squeeze(1)  # [k]
         _add_rows(self.buf, idx, y.index_select(1, idx).t() @ g)  # [k, 3H]
-        return B * k * g.shape[1]
+        return B * idx.numel() * g.shape[1]
 
     def take(self):
         buf, self.buf, self.task = self.buf, None, None
@@ -177,20 +220,20 @@ class _RecurrentGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gh, y, weight, bias, fired, grad_mask, wt, chain, root):
-        ctx.save_for_backward(y, fired, grad_mask)
+        ctx.save_for_backward(y, fired, grad_mask, weight)
         ctx.wt, ctx.chain, ctx.root = wt, chain, root
         ctx.has_bias = bias is not None
         return gh + bias if bias is not None else gh.clone()
 
     @staticmethod
     def backward(ctx, g):
-        y, fired, grad_mask = ctx.saved_tensors
+        y, fired, grad_mask, weight = ctx.saved_tensors
         wt = ctx.wt
         need_y, need_w, need_b = ctx.needs_input_grad[1:4]
         t = current_trace()
         dy = dw = None
         if need_y:
-            dy, macs = _masked_input_grad(g, wt, grad_mask)
+            dy, macs = _masked_input_grad(g, weight, wt, grad_mask)
             if t is not None:
                 t.add_backward_macs(macs)
         if need_w:

@@ -1,0 +1,1 @@
+"""EGRU's sparse-backward kernels (`cpu.py`); the reference is `sparsebptt.cells.egru`."""
