@@ -18,7 +18,8 @@ Methods (each an adapter below; peers are optional imports, skipped with a note 
 
 Every (method, repeat) runs in a fresh process: after a T=4 warm-up (one-time set-up), a first
 step at full T gives the peak resident memory increase (``/proc/self/status`` VmHWM after resetting it with ``clear_refs``, over the resident
-set once the model and input exist), the next ``--inner`` steps are timed (their median is that
+set once the model and input exist), after one more untimed step the next ``--inner`` steps are
+timed (their median is that
 process's time), a last one gives the peak autograd-saved
 bytes (``saved_tensors_hooks``, the caller's x and parameters not counted; tensors saved inside a
 ``torch.utils.checkpoint`` region are hidden from the hooks, so that column understates
@@ -277,6 +278,8 @@ def worker(spec):
     reset_peak_rss()
     step()
     peak = _status_kib("VmHWM") * 1024
+    clear()
+    step()  # one more untimed step: the allocator settles (glibc adapts its mmap threshold)
     times = []
     for _ in range(spec.get("inner", 3)):
         clear()

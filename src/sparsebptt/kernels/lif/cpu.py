@@ -1,7 +1,12 @@
-"""Fused CPU LIF recurrence: one C call runs a whole segment forward, one its backward.
+"""Fused CPU LIF: one C call runs a whole segment's recurrence forward, one its backward.
 
-Given input currents ``i`` [L, B, H] (the segment's input projection, done by the caller as one
-matmul) and the membrane ``v0`` [B, H], the forward computes per step (see `cells.lif`)::
+Entry points: `fused_lif_layer` (what ``LIF(backend="cpu")`` runs: the input projection of the
+whole segment as one matmul, the recurrence, and dW/db/dx as batched matmuls, in one autograd
+node), `fused_recurrent_lif` (the recurrence alone, from currents) and
+`fused_recurrent_lif_layer` (with recurrent weights: one ``addmm`` and one C step per step).
+
+Given input currents ``i`` [L, B, H] and the membrane ``v0`` [B, H], the forward computes per
+step (see `cells.lif`)::
 
     u_t = beta * v_{t-1} + i_t
     z_t = H(u_t - threshold)
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import threading
 
 import torch
 
@@ -30,7 +36,7 @@ from ...cells.surrogate import SURROGATES
 from ..cbuild import build
 from ...trace import current_trace
 
-__all__ = ["fused_recurrent_lif", "fused_lif_layer", "load_library", "SOURCE"]
+__all__ = ["fused_recurrent_lif", "fused_lif_layer", "fused_recurrent_lif_layer", "load_library", "SOURCE"]
 
 _SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "triangle": 2}
 assert set(_SURROGATE_IDS) == set(SURROGATES), "every surrogate needs a C implementation"
@@ -79,7 +85,8 @@ void lif_fwd_@SUF@(const @T@* i, const @T@* v0, const @T@* beta, double beta_s, 
     }
 }
 /* backward over the segment, t = L-1 .. 0; g = dL/dv_t carried in dv0 */
-INL void bwd_loop_@SUF@(const @T@* u, const @T@* dz, const @T@* v0, const @T@* beta, const @T@ bs,
+INL void bwd_loop_@SUF@(const @T@* u, const @T@* dz, const long dz_st, const @T@* v0, const @T@* beta,
+                        const @T@ bs,
                         const @T@ th, const @T@ c_scale, const @T@ c_k, const @T@ c_a, const long L,
                         const long B, const long H, @T@* di, @T@* g, double* dbeta, const int kind,
                         const int reset_zero, const int detach, const int beta_mode) {
@@ -87,7 +94,8 @@ INL void bwd_loop_@SUF@(const @T@* u, const @T@* dz, const @T@* v0, const @T@* b
     for (long t = L - 1; t >= 0; --t) {
         for (long b = 0; b < B; ++b) {
             const long o = t * N + b * H;
-            const @T@* p_u = u + o; const @T@* p_dz = dz + o; @T@* p_di = di + o; @T@* p_g = g + b * H;
+            const @T@* p_u = u + o; const @T@* p_dz = dz + t * dz_st + b * H; @T@* p_di = di + o;
+            @T@* p_g = g + b * H;
             const @T@* p_up = t > 0 ? u + o - N : NULL; const @T@* p_v0 = v0 + b * H;
             for (long h = 0; h < H; ++h) {
                 const @T@ b_u = p_u[h]; const @T@ b_g = p_g[h]; const @T@ b_dz = p_dz[h];
@@ -115,9 +123,10 @@ INL void bwd_loop_@SUF@(const @T@* u, const @T@* dz, const @T@* v0, const @T@* b
         }
     }
 }
-/* u [L,B,H], dz [L,B,H], dvT [B,H] or NULL, v0 [B,H] (read only for dbeta) -> di [L,B,H],       */
+/* u [L,B,H], dz [L,B,H] (time stride dz_st: B*H, or 0 for one [B,H] slice repeated), dvT [B,H] */
+/* or NULL, v0 [B,H] (read only for dbeta) -> di [L,B,H],                                      */
 /* dv0 [B,H], dbeta [H] (float64, accumulated) or NULL. beta: [H] or NULL (then beta_s).         */
-void lif_bwd_@SUF@(const @T@* u, const @T@* dz, const @T@* dvT, const @T@* v0, const @T@* beta,
+void lif_bwd_@SUF@(const @T@* u, const @T@* dz, long dz_st, const @T@* dvT, const @T@* v0, const @T@* beta,
                    double beta_s, double th_d, int reset_zero, int detach, int kind, double scale,
                    long L, long B, long H, @T@* di, @T@* dv0, double* dbeta) {
     const @T@ th = (@T@)th_d; const @T@ bs = (@T@)beta_s; const @T@ c_scale = (@T@)scale;
@@ -142,7 +151,7 @@ def _source() -> str:
             f"{rz}, {hb}, {su}); break;\n"
             for rz in (0, 1) for hb in (0, 1) for su in (0, 1))
         bwd = "".join(
-            f"    case {((k * 2 + rz) * 2 + d) * 3 + bm}: bwd_loop_{suf}(u, dz, v0, beta, bs, th, c_scale, "
+            f"    case {((k * 2 + rz) * 2 + d) * 3 + bm}: bwd_loop_{suf}(u, dz, dz_st, v0, beta, bs, th, c_scale, "
             f"c_k, c_a, L, B, H, di, g, dbeta, {k}, {rz}, {d}, {bm}); break;\n"
             for k in (0, 1, 2) for rz in (0, 1) for d in (0, 1) for bm in (0, 1, 2))
         parts.append(_TEMPLATE.replace("@T@", ctype).replace("@SUF@", suf).replace("@FABS@", fabs)
@@ -156,7 +165,7 @@ _lib = None
 _P = ctypes.c_void_p
 _FWD_ARGS = [_P, _P, _P, ctypes.c_double, ctypes.c_double, ctypes.c_int,
              ctypes.c_long, ctypes.c_long, ctypes.c_long, _P, _P, _P]
-_BWD_ARGS = [_P, _P, _P, _P, _P, ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_int,
+_BWD_ARGS = [_P, _P, ctypes.c_long, _P, _P, _P, ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_int,
              ctypes.c_int, ctypes.c_double, ctypes.c_long, ctypes.c_long, ctypes.c_long, _P, _P, _P]
 
 
@@ -175,6 +184,7 @@ def load_library():
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
+_tls = threading.local()
 _HUGE = 2 << 20  # bytes of a transparent huge page (x86-64, aarch64 with 4 KiB pages)
 _MADV_HUGEPAGE = 14
 _libc = None
@@ -227,17 +237,36 @@ def _lif_fwd(i, v0, beta, p: LIFParams, save_u: bool, u_into_i: bool = False):
     return z, u, vT
 
 
-def _lif_bwd(u, dz, dvT, v0, beta, p: LIFParams, need_dbeta: bool):
+def _scratch(shape, dtype) -> torch.Tensor:
+    """A per-thread reusable buffer for [L, B, H] temporaries that never leave a backward (di of a
+    layer): a fresh 32 MiB buffer costs more in page faults than the kernel that fills it."""
+    n = 1
+    for d in shape:
+        n *= d
+    cache = _tls.__dict__.setdefault("scratch", {})
+    buf = cache.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = cache[dtype] = _empty((n,), dtype)
+    return buf[:n].view(shape)
+
+
+def _lif_bwd(u, dz, dvT, v0, beta, p: LIFParams, need_dbeta: bool, scratch: bool = False):
+    """Run the backward kernel; ``scratch``: di goes to the per-thread buffer (caller consumes it
+    before the next call)."""
     L, B, H = u.shape
     fn = getattr(load_library(), f"lif_bwd_{_SUFFIX[u.dtype]}")
-    di = _empty(u.shape, u.dtype)
+    di = _scratch(u.shape, u.dtype) if scratch else _empty(u.shape, u.dtype)
     dv0 = torch.empty(B, H, dtype=u.dtype)
-    # no gradient reaching the spikes: zeros (calloc'd, read without being touched)
-    dz = torch.zeros_like(u) if dz is None else dz.contiguous()  # kept alive across the call
+    if dz is None:  # no gradient reaches the spikes: one zero slice for every step
+        dz, dz_st = torch.zeros(B, H, dtype=u.dtype), 0
+    elif dz.stride(0) == 0 and dz[0].is_contiguous():  # the same slice every step (reduce="sum")
+        dz, dz_st = dz[0], 0
+    else:
+        dz, dz_st = dz.contiguous(), B * H  # kept alive across the call
     dvT = None if dvT is None else dvT.contiguous()
     beta_t, beta_s = _beta_args(beta)
     dbeta = torch.zeros(H, dtype=torch.float64) if need_dbeta else None
-    fn(_ptr(u), _ptr(dz), _ptr(dvT), _ptr(v0),
+    fn(_ptr(u), _ptr(dz), dz_st, _ptr(dvT), _ptr(v0),
        _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"), int(p.detach_reset),
        _SURROGATE_IDS[p.surrogate], _scale(p), L, B, H, _ptr(di), _ptr(dv0), _ptr(dbeta))
     return di, dv0, (None if dbeta is None else dbeta.to(u.dtype))
@@ -304,7 +333,7 @@ class FusedLIFLayerFunction(torch.autograd.Function):
     def backward(ctx, dz, dvT):
         u, x, weight, v0, beta_t = ctx.saved_tensors
         beta = beta_t if beta_t is not None else ctx.beta_s
-        di, dv0, dbeta = _lif_bwd(u, dz, dvT, v0, beta, ctx.p, ctx.need_dbeta)
+        di, dv0, dbeta = _lif_bwd(u, dz, dvT, v0, beta, ctx.p, ctx.need_dbeta, scratch=True)
         L, B, H = di.shape
         di2 = di.view(L * B, H)
         need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
@@ -485,7 +514,7 @@ class FusedRecurrentLIFLayerFunction(torch.autograd.Function):
                 dz_in = torch.add(dz[t], dz_carry, out=dz_t)
             g_in = g[0] if t == L - 1 else g[1 + (t + 1) % 2]
             g_out = g[1 + t % 2]
-            bwd(_ptr(u[t]), _ptr(dz_in), _ptr(g_in), _ptr(v0), _ptr(beta_b), beta_s, th, *flags,
+            bwd(_ptr(u[t]), _ptr(dz_in), B * H, _ptr(g_in), _ptr(v0), _ptr(beta_b), beta_s, th, *flags,
                 1, B, H, _ptr(du[t]), _ptr(g_out), None)
             dz_carry = du[t].mm(rweight)  # dL/dz_{t-1} through V
         dv0 = g[1]  # g_out of t = 0
