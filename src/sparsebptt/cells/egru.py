@@ -22,19 +22,24 @@ Sparse backward (``backend="sparse"``, the default). ``y`` is zero for units wit
 so ``W_hh y`` runs through `sparse_linear` with the events as mask: it reads only the columns of
 units that had an event. Its backward (`_RecurrentGrad`) is sparse in the same way:
 
-- the weight gradient ``dW_hh[:, j] = sum_b g[b] y[b, j]`` touches only the columns j with an
-  event in the batch, accumulated along the segment (no dense [3H, H] gradient per step);
+- the weight gradient ``dW_hh[:, j] += sum_b g[b] y[b, j]`` is accumulated over the events
+  only, in place along the segment (no dense [3H, H] gradient per step);
 - the input gradient ``dL/dy = W_hh^T g`` is needed only where ``dy/dc~ = e + c~ psi(c~ -
   threshold)`` is non-zero: at events and within ``epsilon`` of the threshold. Every unit
   farther away is skipped (the pseudo-derivative is zero there).
 
-The MACs done go to `sb.trace`. Where ``y`` enters a scan or a recomputed segment from outside
-(``state0`` or a checkpoint), nothing tells which of its units were near the threshold, so the
-first step of a segment takes ``dL/dy`` at every unit (when ``y`` needs a gradient). The result
-is the exact gradient of the reference (``backend="torch"``: dense matmuls, plain autograd, the
-same pseudo-derivative), up to rounding. (`sparse_linear`'s own backward is not used: it gives
-the input gradient only on its forward mask, and without a delta-memory chain a dense weight
-gradient per step.)
+Both run in the C kernels of `sparsebptt.kernels.egru.cpu` (``nnz * 3H`` MACs; torch gathers
+when no C compiler works, see `sparse_kernels`), or as one dense GEMM once `DENSE_ABOVE` of the
+entries are needed (faster then on a CPU). The MACs done go to `sb.trace`. The pointwise part of
+a step is one autograd node with a hand-written backward (`_FusedPointwise`).
+
+Where ``y`` enters a scan or a recomputed segment from outside (``state0`` or a checkpoint),
+nothing tells which of its units were near the threshold, so the first step of a segment takes
+``dL/dy`` at every unit (when ``y`` needs a gradient). The result is the exact gradient of the
+reference (``backend="torch"``: dense matmuls, plain autograd, the same pseudo-derivative), up to
+rounding (and denormals below 1.2e-38, flushed to zero in the kernels). (`sparse_linear`'s own
+backward is not used: it gives the input gradient only on its forward mask, and without a
+delta-memory chain a dense weight gradient per step.)
 
 A whole segment runs in `fused_recurrent_egru` (the cell's ``scan_segment``, used by every
 strategy): one GEMM for the input projection of all its steps and one transposed copy of
@@ -214,8 +219,8 @@ class _RecurrentGrad(torch.autograd.Function):
 
     - ``dL/dy[b, j] = g[b] . W_hh[:, j]`` only where ``grad_mask`` (events, and silent units
       within epsilon of the threshold; every entry for a ``y`` from outside the segment);
-    - ``dW_hh[:, j] += sum_b g[b] * y[b, j]`` only for the columns j with an event in the batch,
-      accumulated along the segment's ``chain`` (no dense [3H, H] gradient per step).
+    - ``dW_hh[:, j] += sum_b g[b] * y[b, j]`` only over the events, accumulated along the
+      segment's ``chain`` (no dense [3H, H] gradient per step).
     """
 
     @staticmethod
