@@ -168,3 +168,27 @@ def test_cli_layers_and_gate_init(tmp_path, capsys):
         cli.main(["train", "--gate-init", "chrono", "--out", str(tmp_path / "x")])
     assert e.value.code == 2
     assert "gate_init='chrono' needs a gated model" in capsys.readouterr().err
+
+
+def test_slow_sines_is_slow_and_labelled_by_frequency():
+    from sparsebptt.data import get_dataset
+
+    ds = get_dataset("slow-sines", 400, noise=0.0)
+    x, y = next(ds.batches("train", 16, seed=0))
+    assert x.shape == (400, 16, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert (x[1:] - x[:-1]).abs().max() <= 2 * 3.1416 * 4 / 400 + 1e-5  # slowly varying
+    for b in range(16):  # zero crossings per channel = 2 * cycles
+        s = torch.sign(x[:, b, 0])
+        crossings = int((s[1:] != s[:-1]).sum())
+        assert abs(crossings - 2 * (1 + int(y[b]))) <= 1
+    x2, y2 = next(ds.batches("train", 16, seed=0))
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_slow_sines_bad_options():
+    from sparsebptt.data import get_dataset
+
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        get_dataset("slow-sines", 100, num_classes=1)
+    with pytest.raises(ValueError, match="noise must be a standard deviation >= 0"):
+        get_dataset("slow-sines", 100, noise=-1)

@@ -10,11 +10,11 @@ from .base import SPLITS, RateCodedDataset
 from .digits import DigitsSpikes
 from .digits_seq import DigitsSeq
 from .events import DVSGesture, EventDataset, NMNIST, SHD, SSC
-from .synthetic import Adding, DelayedRecall, SyntheticDataset
+from .synthetic import Adding, DelayedRecall, SlowSines, SyntheticDataset
 from .text import CharText
 
 __all__ = ["DATASETS", "SPLITS", "RateCodedDataset", "DigitsSpikes", "DigitsSeq", "SyntheticDataset",
-           "DelayedRecall", "Adding", "EventDataset", "SHD", "SSC", "NMNIST", "DVSGesture", "CharText", "get_dataset"]
+           "DelayedRecall", "Adding", "SlowSines", "EventDataset", "SHD", "SSC", "NMNIST", "DVSGesture", "CharText", "get_dataset"]
 
 #: name -> dataset class; each takes ``T`` first and keyword-only options after it
 DATASETS = {
@@ -22,6 +22,7 @@ DATASETS = {
     DigitsSeq.name: DigitsSeq,
     DelayedRecall.name: DelayedRecall,
     Adding.name: Adding,
+    SlowSines.name: SlowSines,
     SHD.name: SHD,
     SSC.name: SSC,
     NMNIST.name: NMNIST,

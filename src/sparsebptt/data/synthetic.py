@@ -232,3 +232,47 @@ class Adding(SyntheticDataset):
     def __repr__(self) -> str:
         return (f"Adding(T={self.T}, num_classes={self.num_classes}, train_size={self.train_size}, "
                 f"val_size={self.val_size})")
+
+
+class SlowSines(SyntheticDataset):
+    """Slowly varying input: which of K frequencies the sinusoids of the channels share.
+
+    Every channel is ``sin(2 pi f t / T + phase) + noise``, with a random phase per channel and
+    the class's frequency ``f = 1 + class`` cycles per sequence, plus Gaussian noise of standard
+    deviation ``noise`` per step: between steps the input changes by ~2 pi f / T (tiny for long T),
+    so a Delta RNN's deltas are mostly below threshold, as for audio features at high frame rates.
+
+    Args:
+        T: time steps per example (>= 8).
+        num_classes: K frequencies, 1..K cycles per sequence (>= 2).
+        channels: input channels.
+        noise: Gaussian noise standard deviation (>= 0).
+        train_size, val_size, val_seed: see `SyntheticDataset`.
+    """
+
+    name = "slow-sines"
+
+    def __init__(self, T: int = 200, *, num_classes: int = 4, channels: int = 8, noise: float = 0.01,
+                 train_size: int = 1024, val_size: int = 256, val_seed: int = 0):
+        super().__init__(T, train_size=train_size, val_size=val_size, val_seed=val_seed)
+        if T < 8:
+            raise ValueError(f"{self.name}: T must be >= 8, got {T!r}")
+        check_positive_int(self.name, "num_classes", num_classes)
+        if num_classes < 2:
+            raise ValueError(f"{self.name}: num_classes must be >= 2, got {num_classes!r}")
+        check_positive_int(self.name, "channels", channels)
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise < math.inf:
+            raise ValueError(f"{self.name}: noise must be a standard deviation >= 0, got {noise!r}")
+        self.num_classes, self.input_size, self.noise = num_classes, channels, float(noise)
+
+    def _label(self, g):
+        return int(torch.randint(self.num_classes, (1,), generator=g))
+
+    def _example(self, g):
+        label = self._label(g)
+        phase = 2 * math.pi * torch.rand(self.input_size, generator=g)  # [N]
+        t = torch.arange(self.T, dtype=torch.float32).unsqueeze(1)  # [T, 1]
+        x = torch.sin(2 * math.pi * (1 + label) * t / self.T + phase)  # [T, N]
+        if self.noise:
+            x = x + self.noise * torch.randn(self.T, self.input_size, generator=g)
+        return x.float(), label
