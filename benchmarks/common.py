@@ -144,6 +144,9 @@ def metadata(torch_threads: int) -> dict:
         "numpy": numpy.__version__,
         "checkpoint_schedules": getattr(checkpoint_schedules, "__version__", "unknown"),
         "sparsebptt": sparsebptt.__version__,
+        # checkpoint_schedules JIT-compiles its multistage (Revolve) schedule with numba when it
+        # imports: memory and first-run time of revolve depend on it
+        "numba": sys.modules["numba"].__version__ if "numba" in sys.modules else None,
         "sparsebptt_path": pkg,
         "sparsebptt_git_commit": _git(pkg, "rev-parse", "HEAD"),
         "sparsebptt_git_dirty": bool(dirty) if dirty is not None else None,

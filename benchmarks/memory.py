@@ -166,6 +166,7 @@ def worker(spec: dict) -> dict:
             out["times_s"], out["cpu_times_s"] = times, cpu
         else:
             raise ValueError(f"unknown worker mode {mode!r}")
+        out["numba_loaded"] = "numba" in sys.modules  # checkpoint_schedules JIT-compiles with it
     except (RuntimeError, MemoryError) as e:  # RLIMIT_AS reached: record, do not take the box down
         return {"status": "failed", "spec": spec["spec"], "T": T, "reason": f"{type(e).__name__}: {e}"[:300]}
     return out
@@ -264,7 +265,7 @@ def run_case(name: str, T: int, cfg: dict, args, rows: list[dict]) -> dict:
         rss_increase_min_bytes=incs[0], rss_increase_max_bytes=incs[-1], mem_samples=len(incs),
         traced_time_s=m["traced_time_s"], backend="/".join(m["backend"]),
         _activity=m["activity"], _peak_reset=all(x["peak_reset"] for x in mems),
-        _rss_increase_samples=incs, _grads_finite=m["grads_finite"])
+        _rss_increase_samples=incs, _grads_finite=m["grads_finite"], _numba_loaded=m["numba_loaded"])
     one = max(one, m["traced_time_s"])
     budget = args.max_minutes * 60
     repeats = args.repeats if one * (1 + args.repeats) <= budget else max(1, int(budget // one) - 1)
