@@ -1,12 +1,12 @@
 """Builds the CPU kernels: C source compiled by the system C compiler, loaded with ctypes.
 
-Why C through ctypes (measured, see BENCHMARKS.md "Fast paths and peers"): a shared library of
-plain C loops builds in under half a second with the ``gcc`` every supported machine has, needs
-no extra package, and runs the LIF recurrence 5-10x faster than a loop of batched torch ops.
-A ``torch.utils.cpp_extension.load_inline`` module runs the same loop equally fast but takes
-~25 s to build (torch headers) and needs ``ninja``; numba needs a 40 MB dependency, ~3 s of JIT
-per process and ran the loop no faster than torch ops; ``torch.compile`` took 12 s to compile a
-step and ran slower than eager.
+Why C through ctypes (measured with ``benchmarks/lif_routes.py``, 2,000 x 16 x 256 float32, one
+thread; see BENCHMARKS.md "Fast paths and peers"): plain C loops run the LIF recurrence 5-10x
+faster than a loop of batched torch ops and build once per machine (0.5-3.5 s, cached) with the
+``gcc`` every supported machine has, needing no extra package. numba runs the same loop as fast,
+but adds numba + llvmlite (tied to numpy versions) and ~5 s of JIT per process; a
+``torch.utils.cpp_extension.load_inline`` module runs the same C code but takes ~25-36 s to
+build (torch headers) and needs ``ninja``; ``torch.compile`` of the step ran slower than eager.
 
 The library is cached under ``$SPARSEBPTT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/sparsebptt`` or
 ``~/.cache/sparsebptt``), named by a hash of the source, the flags and the compiler's version,
