@@ -492,3 +492,21 @@ def test_recurrent_no_grad_forward():
     assert_close("out", y_ref, y)
     for k in range(2):
         assert_close(f"state[{k}]", s_ref[k], s[k])
+
+
+def test_large_segment_with_huge_page_buffers():
+    """[L, B, H] buffers past 4 MiB get madvise(MADV_HUGEPAGE) (and the layer's di the scratch
+    buffer): results still equal the reference loop."""
+    dtype = torch.float64
+    p = LIFParams(threshold=0.8, reset="zero", surrogate="atan")
+    i = seeded(1, 40, 64, 256, dtype=dtype)  # 5 MiB
+    v0 = 0.3 * seeded(2, 64, 256, dtype=dtype)
+    dz = seeded(3, *i.shape, dtype=dtype)
+    outs = []
+    for fn in (naive_recurrent_lif, fused_recurrent_lif):
+        leaves = [t.clone().requires_grad_() for t in (i, v0)]
+        z, v = fn(*leaves, 0.9, p)
+        ((z * dz).sum() + v.sum()).backward()
+        outs.append([z, v] + [t.grad for t in leaves])
+    for name, a, b in zip(["z", "vT", "di", "dv0"], *outs):
+        assert_close(name, a, b, dtype)
