@@ -510,3 +510,11 @@ def test_large_segment_with_huge_page_buffers():
         outs.append([z, v] + [t.grad for t in leaves])
     for name, a, b in zip(["z", "vT", "di", "dv0"], *outs):
         assert_close(name, a, b, dtype)
+
+
+def test_the_fused_path_says_it_ran(caplog):
+    lif_mod = __import__("sparsebptt.cells.lif", fromlist=["_logged"])
+    lif_mod._logged.discard("sparsebptt: LIF scans run the fused 'cpu' backend")
+    with caplog.at_level(logging.INFO, logger="sparsebptt.kernels"):
+        sb.scan(sb.cells.LIF(3, 4, backend="cpu"), torch.rand(5, 2, 3))
+    assert any("fused 'cpu' backend" in r.getMessage() for r in caplog.records)

@@ -158,6 +158,8 @@ class LIF(Cell):
         return None if self.active_backend == "torch" else self._scan_segment
 
     def _scan_segment(self, x_seg, state):
+        backend = self.active_backend
+        _log_once(f"sparsebptt: LIF scans run the fused {backend!r} backend")
         beta = self.params.beta if self.beta is None else self.beta.clamp(0.0, 1.0)
         if self.recurrent:  # "cpu" (active_backend never gives "triton" here)
             from ..kernels.lif.cpu import fused_recurrent_lif_layer
@@ -167,7 +169,7 @@ class LIF(Cell):
             self._count_activity(z)
             return z, (v, z[-1])
         (v,) = state
-        if self.active_backend == "cpu":  # projection, recurrence and their backward in one node
+        if backend == "cpu":  # projection, recurrence and their backward in one node
             from ..kernels.lif.cpu import fused_lif_layer
             z, v = fused_lif_layer(x_seg, v, self.weight, self.bias, beta, self.params)
         else:
