@@ -82,7 +82,7 @@ def test_killed_mid_epoch_resumes_and_lists_each_epoch_once(tmp_path):
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "no checkpoint after 240 s"
             time.sleep(0.005)
-        time.sleep(0.2)  # well inside epoch 2 (an epoch takes about a second)
+        time.sleep(0.05)  # inside a later epoch (or its checkpoint write): any point must resume
         assert proc.poll() is None  # killed mid-run, not after it
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -91,11 +91,12 @@ def test_killed_mid_epoch_resumes_and_lists_each_epoch_once(tmp_path):
             proc.kill()
         proc.stderr.close()
     done = load_checkpoint(run / "checkpoint.pt")["epoch"]
-    assert done in (1, 2)
-    assert cli.main([*argv, "--resume", str(run), "--epochs", "3"]) == 0
-    assert [json.loads(x)["epoch"] for x in _lines(run)] == [1, 2, 3]
+    assert 1 <= done < 50
+    total = done + 2
+    assert cli.main([*argv, "--resume", str(run), "--epochs", str(total)]) == 0
+    assert [json.loads(x)["epoch"] for x in _lines(run)] == list(range(1, total + 1))
     ref = tmp_path / "ref"
-    assert cli.main([*argv, "--epochs", "3", "--out", str(ref)]) == 0
+    assert cli.main([*argv, "--epochs", str(total), "--out", str(ref)]) == 0
     assert _without_seconds(ref) == _without_seconds(run)
 
 

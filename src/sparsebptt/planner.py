@@ -5,8 +5,11 @@ batch size it measures the bytes autograd saves per step (``G``), the bytes of o
 (``S``, and ``S_enc`` as stored: spikes bit-packed) and of one output (``Y``). A strategy's
 schedule then gives the rest exactly:
 
-    fast bytes = fast_slots * S_enc + (longest graph segment) * (G + Y) + S
-    (Y counted once, not per step, for reduce="last")
+    fast bytes = fast_slots * S_enc + (longest graph segment) * (G + Y) + S + C
+    (Y counted once, not per step, for reduce="last", unless the cell runs a fused
+    ``scan_segment``: its autograd node returns, and so holds, the whole [L, B, H] output block)
+    (C: what a recomputed graph segment holds besides its steps, e.g. the input state a fused
+    segment's node saves; measured with one traced Checkpoint(1) run)
     slow bytes = slow_slots * S_enc
     time       = cell-step evaluations = T + recomputed steps (the backward is the same for all)
 
@@ -70,12 +73,14 @@ def format_bytes(n: float) -> str:
 
 @dataclass(frozen=True)
 class StepCosts:
-    """Bytes of one state as held (S) and as stored (S_enc), per-step saved bytes G, output Y."""
+    """Bytes of one state as held (S) and as stored (S_enc), per-step saved bytes G, output Y,
+    and the bytes C a recomputed graph segment holds besides its steps."""
 
     state_bytes: int
     stored_state_bytes: int
     saved_per_step: float
     output_bytes: int
+    segment_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,15 @@ def measure(cell, shape, reduce="sum", dtype=None, device=None) -> StepCosts:
         out_bytes = y.numel() * y.element_size() if reduce is not None else y[0].numel() * y.element_size()
         del y, st
     G = max(peaks[1] - peaks[0], 0) / 4
-    return StepCosts(S, S_enc, G, out_bytes)
+    costs = StepCosts(S, S_enc, G, out_bytes)
+    # one checkpointed forward+backward (gradient w.r.t. x only: the parameters' .grad is untouched)
+    L = 3
+    x = torch.rand(L, B, n_in, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    with trace() as t:
+        y, st = scan(cell, x, strategy=Checkpoint(1), reduce=reduce)
+        torch.autograd.grad(y.sum(), [x])
+    modelled = estimate(cell, (L, B, n_in), Checkpoint(1), reduce, costs).fast_bytes
+    return StepCosts(S, S_enc, G, out_bytes, max(t.peak_stored_bytes - modelled, 0))
 
 
 def _walk(strategy: Strategy, T: int):
@@ -168,9 +181,11 @@ def estimate(cell, shape, strategy: Strategy, reduce="sum", costs: StepCosts | N
         fast = T * c.saved_per_step
         slow = 0
     else:
-        held_outputs = 1 if reduce == "last" else longest  # outputs kept for the reverse sweep
+        # outputs kept for the reverse sweep: a fused segment's node holds its whole output block
+        fused = getattr(cell, "scan_segment", None) is not None
+        held_outputs = 1 if reduce == "last" and not fused else longest
         fast = (strategy.fast_slots(T) * c.stored_state_bytes + longest * c.saved_per_step
-                + held_outputs * c.output_bytes + c.state_bytes)
+                + held_outputs * c.output_bytes + c.state_bytes + c.segment_bytes)
         slow = strategy.slow_slots(T) * c.stored_state_bytes
     return Estimate(strategy, int(fast), int(slow), T + recomputed, T)
 

@@ -167,7 +167,8 @@ class LIF(Cell):
             z, v = fused_recurrent_lif_layer(x_seg, v, z_prev, self.weight, self.bias, self.recurrent_weight,
                                              beta, self.params)
             self._count_activity(z)
-            return z, (v, z[-1])
+            # a copy: a view z[-1] would keep the whole [L, B, H] block alive as the carried state
+            return z, (v, z[-1].clone())
         (v,) = state
         if backend == "cpu":  # projection, recurrence and their backward in one node
             from ..kernels.lif.cpu import fused_lif_layer

@@ -26,9 +26,8 @@ log = logging.getLogger("sparsebptt.kernels")
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
 
-#: the default until the planner models fused segments: with reduce="last" a fused segment holds
-#: its whole output block, which the planner's per-step model does not count yet
-DEFAULT_BACKEND = "torch"
+#: the fastest available backend per device ("cpu" C kernels on CPU, "triton" on CUDA)
+DEFAULT_BACKEND = "auto"
 
 _default: str | None = None
 _resolved: dict[str, str] = {}  # device type -> what "auto" resolved to
