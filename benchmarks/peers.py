@@ -11,7 +11,9 @@ Methods (each an adapter below; peers are optional imports, skipped with a note 
 - ``sb-torch-full`` / ``sb-torch-ckpt``: sparsebptt, backend "torch", FullBPTT / Checkpoint(k)
 - ``sb-cpu-full`` / ``sb-cpu-ckpt``: sparsebptt, backend "cpu" (fused C kernels), same strategies
 - ``snntorch``, ``norse`` (``LIFBoxCell``, the current-free LIF), ``spikingjelly`` (multi-step
-  ``LIFNode``, ``nn.Linear`` over the whole sequence): the peers' own idiomatic loops
+  ``LIFNode``, ``nn.Linear`` over the whole sequence; on CPU its registered ``sj_lif`` op),
+  ``spikingjelly-torch`` (multi-step ``SimpleLIFNode``, SpikingJelly's pure-PyTorch neuron,
+  stepped; it has no reset by subtraction, so it resets to zero): the peers' own idiomatic code
 - ``gru``: ``torch.nn.GRU`` of the same size (2 layers), for scale
 - ``floor``: the same matmuls batched over all T steps (forward and backward of both layers'
   input projections, no recurrence): the hardware's floor for this network
@@ -27,7 +29,7 @@ bytes (``saved_tensors_hooks``, the caller's x and parameters not counted; tenso
 reported with the ratio to ``loop`` (the time is the median over processes of each process's
 median). ``torch.set_num_threads(1)`` in every worker.
 
-    .venv/bin/python benchmarks/peers.py                 # T=2000, 3 repeats (several minutes)
+    .venv/bin/python benchmarks/peers.py                 # T in 100, 1000, 2000, 5000; 3 repeats
     .venv/bin/python benchmarks/peers.py --preset ci     # T=200
     .venv/bin/python benchmarks/peers.py --methods loop sb-cpu-full --T 500 --repeats 5
 
@@ -52,9 +54,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 METHODS = ["loop", "loop-ckpt", "sb-torch-full", "sb-torch-ckpt", "sb-cpu-full", "sb-cpu-ckpt",
-           "snntorch", "norse", "spikingjelly", "gru", "floor"]
-PEER_MODULES = {"snntorch": "snntorch", "norse": "norse", "spikingjelly": "spikingjelly"}
-PRESETS = {"ci": {"T": 200, "repeats": 3}, "full": {"T": 2000, "repeats": 3}}
+           "snntorch", "norse", "spikingjelly", "spikingjelly-torch", "gru", "floor"]
+PEER_MODULES = {"snntorch": "snntorch", "norse": "norse", "spikingjelly": "spikingjelly",
+                "spikingjelly-torch": "spikingjelly"}
+PRESETS = {"ci": {"T": [200], "repeats": 3}, "full": {"T": [100, 1000, 2000, 5000], "repeats": 3}}
 BETA, THRESHOLD, P_IN = 0.9, 1.0, 0.1
 
 
@@ -226,6 +229,22 @@ def build(method, T, B, n_in, H, k):
             (out.sum(0) * D).sum().backward()
         return step, list(net.parameters()), x
 
+    if method == "spikingjelly-torch":
+        from spikingjelly.activation_based import functional, neuron, surrogate
+        lin1, lin2 = torch.nn.Linear(n_in, H), torch.nn.Linear(H, H)
+        with torch.no_grad():
+            for p, w in zip(list(lin1.parameters()) + list(lin2.parameters()), weights(n_in, H)):
+                p.copy_(w)
+        kw = dict(tau=1.0 / (1.0 - BETA), decay_input=False, v_threshold=THRESHOLD, v_reset=0.0,
+                  surrogate_function=surrogate.Sigmoid(), step_mode="m")
+        net = torch.nn.Sequential(lin1, neuron.SimpleLIFNode(**kw), lin2, neuron.SimpleLIFNode(**kw))
+
+        def step():
+            functional.reset_net(net)
+            out = net(x)  # Linear over [T, B, *], the pure-PyTorch neuron stepped over T
+            (out.sum(0) * D).sum().backward()
+        return step, list(net.parameters()), x
+
     if method == "gru":
         gru = torch.nn.GRU(n_in, H, num_layers=2)
 
@@ -349,41 +368,109 @@ def gate(n_in, H):
 def metadata():
     import torch
     import sparsebptt as sb
+    from sparsebptt.kernels.backend import resolve_backend
     with open("/proc/cpuinfo") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
     commit = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python"] + sys.argv), "python": platform.python_version(),
             "torch": torch.__version__, "sparsebptt": sb.__version__, "git_commit": commit,
+            "default_backend": sb.get_backend(),  # what a cell built without backend= runs:
+            "default_backend_on_cpu": resolve_backend(None, "cpu"),
             "cpu_model": cpu, "cpu_count": os.cpu_count(), "torch_threads": 1, "gpu": None,
             "peers": {m: _version(mod) for m, mod in PEER_MODULES.items()},
             "loadavg_at_start": os.getloadavg()}
 
 
-def plot(rows, path, T):
+def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ok = [r for r in rows if r["status"] == "ok"]
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = [r["method"] for r in ok]
-    ax[0].barh(names, [r["ms_per_step"] for r in ok], color=["C0" if r["method"].startswith("sb-") else "C7"
-                                                              for r in ok])
-    ax[0].set_xlabel("ms per time step (forward + backward), median")
-    ax[0].invert_yaxis()
-    ax[1].barh(names, [r["peak_rss_increase"] / 2 ** 20 for r in ok], color="C1")
-    ax[1].set_xlabel("peak resident memory increase (MiB)")
-    ax[1].invert_yaxis()
-    fig.suptitle(f"2-layer LIF, T={T}: one training step on CPU (1 thread)")
+    Ts = sorted({r["T"] for r in ok})
+    fig, ax = plt.subplots(1, 2, figsize=(13, 5))
+    for i, m in enumerate(dict.fromkeys(r["method"] for r in ok)):
+        pts = sorted((r["T"], r["ms_per_step"], r["peak_rss_increase"] / 2 ** 20) for r in ok if r["method"] == m)
+        style = dict(marker="o", lw=2.2 if m.startswith("sb-") else 1.2, ls="-" if m.startswith("sb-") else "--",
+                     color=f"C{i % 10}", label=m)
+        ax[0].plot([p[0] for p in pts], [p[1] for p in pts], **style)
+        ax[1].plot([p[0] for p in pts], [p[2] for p in pts], **style)
+    ax[0].set(xscale="log", yscale="log", xlabel="T (time steps)",
+              ylabel="ms per time step (forward + backward), median")
+    ax[1].set(xscale="log", yscale="log", xlabel="T (time steps)", ylabel="peak resident memory increase (MiB)")
+    ax[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"2-layer LIF, one training step on CPU (1 thread), T in {Ts}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+#: the issue's targets: (method, peer, largest allowed time ratio); checked at every T
+TARGETS = [("sb-cpu-full", "snntorch", 0.25), ("sb-cpu-full", "norse", 0.25), ("sb-cpu-full", "loop", 0.4),
+           ("sb-cpu-full", "spikingjelly", 0.4), ("sb-cpu-ckpt", "loop-ckpt", 0.5),
+           ("sb-cpu-full", "floor", 2.0), ("sb-cpu-ckpt", "floor", 2.0)]
+
+
+def targets(rows, T):
+    """The issue's ratios at sequence length T: [(text, ratio, bound, passed)]."""
+    by = {r["method"]: r for r in rows if r["status"] == "ok" and r["T"] == T}
+    out = []
+    for a, b, bound in TARGETS:
+        if a in by and b in by:
+            q = by[a]["time_s"] / by[b]["time_s"]
+            out.append((f"time {a} / {b}", q, bound, q <= bound))
+    if "sb-cpu-ckpt" in by and "loop" in by:
+        q = by["sb-cpu-ckpt"]["peak_rss_increase"] / by["loop"]["peak_rss_increase"]
+        out.append(("peak RSS increase sb-cpu-ckpt / loop", q, 0.2, q <= 0.2))
+    return out
+
+
+def summarise(runs, T):
+    """One row per method at T from the per-process results (medians over repeats)."""
+    rows = []
+    for m, res in runs.items():
+        ok = [x for x in res if x["status"] == "ok"]
+        if not ok:
+            rows.append({"T": T, "method": m, "status": "failed", "reason": res[0].get("reason")})
+            continue
+        times = [x["time_s"] for x in ok]
+        rows.append({"T": T, "method": m, "status": "ok", "n": len(ok), "time_s": statistics.median(times),
+                     "min_s": min(times), "max_s": max(times),
+                     "ms_per_step": statistics.median(times) / T * 1e3,
+                     "peak_rss_increase": int(statistics.median(x["peak_rss_increase"] for x in ok)),
+                     "peak_saved_bytes": int(statistics.median(x["peak_saved_bytes"] for x in ok))})
+    base = next((r["time_s"] for r in rows if r["method"] == "loop" and r["status"] == "ok"), None)
+    for r in rows:
+        if r["status"] == "ok" and base:
+            r["vs_loop"] = r["time_s"] / base
+    return rows
+
+
+def markdown(rows, Ts):
+    """A table: one line per method, ms/step (and x loop) per T, then peak RSS increase per T."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(r["method"], r["T"]): r for r in rows}
+    head = ("| method | " + " | ".join(f"T={T}: ms/step (x loop)" for T in Ts) + " | "
+            + " | ".join(f"T={T}: peak RSS" for T in Ts) + " |")
+    lines = [head, "|---|" + "---:|" * (2 * len(Ts))]
+    for m in methods:
+        cells, mem = [], []
+        for T in Ts:
+            r = by.get((m, T))
+            if r is None or r["status"] != "ok":
+                cells.append(r["status"] if r else "-")
+                mem.append("")
+                continue
+            cells.append(f"{r['ms_per_step']:.3f} ({r.get('vs_loop', float('nan')):.2f}x)")
+            mem.append(f"{r['peak_rss_increase'] / 2 ** 20:.1f} MiB")
+        lines.append(f"| {m} | " + " | ".join(cells) + " | " + " | ".join(mem) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    ap.add_argument("--T", type=int)
+    ap.add_argument("--T", type=int, nargs="+", help="sequence lengths (default: the preset's)")
     ap.add_argument("--B", type=int, default=16)
     ap.add_argument("--H", type=int, default=256)
     ap.add_argument("--n-in", type=int, default=64)
@@ -397,66 +484,53 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    T = args.T or PRESETS[args.preset]["T"]
+    Ts = args.T or PRESETS[args.preset]["T"]
     repeats = args.repeats or PRESETS[args.preset]["repeats"]
-    if repeats < 1 or args.inner < 1:
-        ap.error(f"--repeats and --inner must be >= 1, got {repeats} and {args.inner}")
-    k = math.ceil(math.sqrt(T))
+    if repeats < 1 or args.inner < 1 or min(Ts) < 1:
+        ap.error(f"--repeats, --inner and every --T must be >= 1, got {repeats}, {args.inner}, {Ts}")
     out = args.out or os.path.join(HERE, "results", "peers" + ("_ci" if args.preset == "ci" and not args.T else ""))
     gate(args.n_in, args.H)
-    print(f"gate passed: sparsebptt backends agree (T=53). T={T} B={args.B} H={args.H} n_in={args.n_in} "
-          f"k={k} repeats={repeats}", flush=True)
+    print(f"gate passed: sparsebptt backends agree (T=53). T={Ts} B={args.B} H={args.H} n_in={args.n_in} "
+          f"repeats={repeats}", flush=True)
     meta = metadata()
     methods = [m for m in args.methods if m not in PEER_MODULES or meta["peers"][m]
                and not str(meta["peers"][m]).startswith("import failed")]
     skipped = {m: f"not importable ({meta['peers'][m] or 'not installed'})" for m in args.methods if m not in methods}
     for m, why in skipped.items():
         print(f"skip {m}: {why}", flush=True)
-    runs = {m: [] for m in methods}
-    for r in range(repeats):  # interleaved: every method once per round
-        for m in methods:
-            res = run_worker({"method": m, "T": T, "B": args.B, "n_in": args.n_in, "H": args.H, "k": k,
-                              "inner": args.inner}, args.timeout)
-            runs[m].append(res)
-            shown = f"{res['time_s'] * 1e3:9.1f} ms" if res["status"] == "ok" else res["reason"]
-            print(f"round {r + 1}/{repeats} {m:14s} {shown}", flush=True)
-    rows = []
-    for m in methods:
-        ok = [x for x in runs[m] if x["status"] == "ok"]
-        if not ok:
-            rows.append({"method": m, "status": "failed", "reason": runs[m][0].get("reason")})
-            continue
-        times = [x["time_s"] for x in ok]
-        rows.append({"method": m, "status": "ok", "n": len(ok), "time_s": statistics.median(times),
-                     "min_s": min(times), "max_s": max(times),
-                     "ms_per_step": statistics.median(times) / T * 1e3,
-                     "peak_rss_increase": int(statistics.median(x["peak_rss_increase"] for x in ok)),
-                     "peak_saved_bytes": int(statistics.median(x["peak_saved_bytes"] for x in ok))})
-    base = next((r["time_s"] for r in rows if r["method"] == "loop" and r["status"] == "ok"), None)
-    for r in rows:
-        if r["status"] == "ok" and base:
-            r["vs_loop"] = r["time_s"] / base
-    for m, why in skipped.items():
-        rows.append({"method": m, "status": "skipped", "reason": why})
+    rows, all_runs = [], {}
+    for T in Ts:
+        k = math.ceil(math.sqrt(T))
+        runs = {m: [] for m in methods}
+        for r in range(repeats):  # interleaved: every method once per round
+            for m in methods:
+                res = run_worker({"method": m, "T": T, "B": args.B, "n_in": args.n_in, "H": args.H, "k": k,
+                                  "inner": args.inner}, args.timeout)
+                runs[m].append(res)
+                shown = f"{res['time_s'] * 1e3:9.1f} ms" if res["status"] == "ok" else res["reason"]
+                print(f"T={T} round {r + 1}/{repeats} {m:18s} {shown}", flush=True)
+        rows += summarise(runs, T)
+        all_runs[str(T)] = runs
+        for m, why in skipped.items():
+            rows.append({"T": T, "method": m, "status": "skipped", "reason": why})
+    checks = {str(T): targets(rows, T) for T in Ts}
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".json", "w") as f:
-        json.dump({"meta": meta, "config": {"T": T, "B": args.B, "H": args.H, "n_in": args.n_in, "k": k,
+        json.dump({"meta": meta, "config": {"T": Ts, "B": args.B, "H": args.H, "n_in": args.n_in,
+                                            "k": {str(T): math.ceil(math.sqrt(T)) for T in Ts},
                                             "repeats": repeats, "inner": args.inner},
-                   "rows": rows, "runs": runs}, f, indent=1)
-    cols = ["method", "status", "n", "time_s", "min_s", "max_s", "ms_per_step", "vs_loop",
+                   "rows": rows, "targets": checks, "runs": all_runs}, f, indent=1)
+    cols = ["T", "method", "status", "n", "time_s", "min_s", "max_s", "ms_per_step", "vs_loop",
             "peak_rss_increase", "peak_saved_bytes", "reason"]
     with open(out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    plot(rows, out + ".png", T)
-    print(f"\n| method | ms/step | vs loop | peak RSS increase | peak saved (hooks) |\n|---|---:|---:|---:|---:|")
-    for r in rows:
-        if r["status"] != "ok":
-            print(f"| {r['method']} | {r['status']}: {r.get('reason')} | | | |")
-            continue
-        print(f"| {r['method']} | {r['ms_per_step']:.3f} | {r.get('vs_loop', float('nan')):.2f}x | "
-              f"{r['peak_rss_increase'] / 2 ** 20:.1f} MiB | {r['peak_saved_bytes'] / 2 ** 20:.1f} MiB |")
+    plot(rows, out + ".png")
+    print("\n" + markdown(rows, Ts))
+    for T in Ts:
+        for text, q, bound, ok in checks[str(T)]:
+            print(f"T={T}: {text} = {q:.2f} (target <= {bound}) {'PASS' if ok else 'FAIL'}")
     print(f"\nwrote {out}.csv, .json, .png")
 
 
