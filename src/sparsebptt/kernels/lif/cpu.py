@@ -33,8 +33,9 @@ import torch
 
 from ...cells.lif import LIFParams
 from ...cells.surrogate import SURROGATES
-from ..cbuild import build
 from ...trace import current_trace
+from ..cbuild import build
+from .function import recurrence_function
 
 __all__ = ["fused_recurrent_lif", "fused_lif_layer", "fused_recurrent_lif_layer", "load_library", "SOURCE"]
 
@@ -272,27 +273,7 @@ def _lif_bwd(u, dz, dvT, v0, beta, p: LIFParams, need_dbeta: bool, scratch: bool
     return di, dv0, (None if dbeta is None else dbeta.to(u.dtype))
 
 
-class FusedRecurrentLIFFunction(torch.autograd.Function):
-    """The recurrence alone, from currents ``i``: (i, v0, beta) -> (z, v_T)."""
-
-    @staticmethod
-    def forward(ctx, i, v0, beta, p: LIFParams):
-        z, u, vT = _lif_fwd(i, v0, beta, p, save_u=True)
-        beta_t = beta if isinstance(beta, torch.Tensor) else None
-        ctx.p = p
-        ctx.beta_s = None if beta_t is not None else beta
-        ctx.need_dbeta = beta_t is not None and beta_t.requires_grad
-        # u is the one [L, B, H] tensor kept; v0 only when dbeta needs v_{-1}
-        ctx.save_for_backward(u, v0 if ctx.need_dbeta else None, beta_t)
-        ctx.set_materialize_grads(False)
-        return z, vT
-
-    @staticmethod
-    def backward(ctx, dz, dvT):
-        u, v0, beta_t = ctx.saved_tensors
-        beta = beta_t if beta_t is not None else ctx.beta_s
-        di, dv0, dbeta = _lif_bwd(u, dz, dvT, v0, beta, ctx.p, ctx.need_dbeta)
-        return di, dv0, dbeta, None
+FusedRecurrentLIFFunction = recurrence_function("FusedRecurrentLIFFunction", _lif_fwd, _lif_bwd)
 
 
 class FusedLIFLayerFunction(torch.autograd.Function):

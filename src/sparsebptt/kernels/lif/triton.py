@@ -19,6 +19,7 @@ import triton.language as tl
 
 from ...cells.lif import LIFParams
 from ...cells.surrogate import SURROGATES
+from .function import recurrence_function
 
 __all__ = ["fused_recurrent_lif"]
 
@@ -148,6 +149,8 @@ def fused_recurrent_lif_fwd(i, v0, beta, p: LIFParams, save_u: bool):
 
 
 def fused_recurrent_lif_bwd(u, dz, dvT, v0, beta, p: LIFParams, need_dbeta: bool):
+    dz = None if dz is None else dz.contiguous()
+    dvT = None if dvT is None else dvT.contiguous()
     L, B, H = u.shape
     N = B * H
     di = torch.empty_like(u)
@@ -165,26 +168,8 @@ def fused_recurrent_lif_bwd(u, dz, dvT, v0, beta, p: LIFParams, need_dbeta: bool
     return di, dv0, (dbeta.sum(0).to(u.dtype) if need_dbeta else None)
 
 
-class FusedRecurrentLIFFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, i, v0, beta, p: LIFParams):
-        z, u, vT = fused_recurrent_lif_fwd(i, v0, beta, p, save_u=True)
-        beta_t = beta if isinstance(beta, torch.Tensor) else None
-        ctx.p = p
-        ctx.beta_s = None if beta_t is not None else beta
-        ctx.need_dbeta = beta_t is not None and beta_t.requires_grad
-        ctx.save_for_backward(u, v0 if ctx.need_dbeta else None, beta_t)
-        ctx.set_materialize_grads(False)
-        return z, vT
-
-    @staticmethod
-    def backward(ctx, dz, dvT):
-        u, v0, beta_t = ctx.saved_tensors
-        beta = beta_t if beta_t is not None else ctx.beta_s
-        dz = None if dz is None else dz.contiguous()
-        dvT = None if dvT is None else dvT.contiguous()
-        di, dv0, dbeta = fused_recurrent_lif_bwd(u, dz, dvT, v0, beta, ctx.p, ctx.need_dbeta)
-        return di, dv0, dbeta, None
+FusedRecurrentLIFFunction = recurrence_function("FusedRecurrentLIFFunction", fused_recurrent_lif_fwd,
+                                                fused_recurrent_lif_bwd)
 
 
 def _check(i, v0, beta):
