@@ -49,12 +49,14 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 
 import torch
 from torch import nn
 
 from .base import Cell, init_uniform_, linear
 from .sparse import ACTIVE_SETS, UNION_OVERLAP, sparse_linear, transposed_weight
+from .surrogate import heaviside
 from ..trace import current_trace
 
 log = logging.getLogger("sparsebptt.kernels")
@@ -72,22 +74,9 @@ def pseudo_derivative(v: torch.Tensor, gamma: float, epsilon: float) -> torch.Te
     return gamma * torch.clamp(1.0 - v.abs() / epsilon, min=0.0)
 
 
-class _Event(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, v, gamma, epsilon):
-        ctx.save_for_backward(v)
-        ctx.gamma, ctx.epsilon = gamma, epsilon
-        return (v > 0).to(v.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        (v,) = ctx.saved_tensors
-        return g * pseudo_derivative(v, ctx.gamma, ctx.epsilon), None, None
-
-
 def event(v: torch.Tensor, gamma: float = 0.7, epsilon: float = 0.5) -> torch.Tensor:
     """``H(v) = 1[v > 0]`` in the forward, `pseudo_derivative` in the backward."""
-    return _Event.apply(v, gamma, epsilon)
+    return heaviside(v, partial(pseudo_derivative, gamma=gamma, epsilon=epsilon))
 
 
 # ---- the sparse products of the backward --------------------------------------------------------

@@ -9,11 +9,12 @@ Forward: ``z = H(x) = 1[x > 0]``. Backward: ``dz/dx`` replaced by a smooth bump 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable
 
 import torch
 
-__all__ = ["SURROGATES", "spike", "surrogate_derivative", "check_surrogate"]
+__all__ = ["SURROGATES", "spike", "heaviside", "surrogate_derivative", "check_surrogate"]
 
 
 def _fast_sigmoid(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -50,20 +51,25 @@ def surrogate_derivative(x: torch.Tensor, name: str, scale: float | None = None)
     return fn(x, default if scale is None else scale)
 
 
-class _Spike(torch.autograd.Function):
+class _Heaviside(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, name, scale):
+    def forward(ctx, x, derivative):
         ctx.save_for_backward(x)
-        ctx.name, ctx.scale = name, scale
+        ctx.derivative = derivative
         return (x > 0).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dz):
         (x,) = ctx.saved_tensors
-        return dz * surrogate_derivative(x, ctx.name, ctx.scale), None, None
+        return dz * ctx.derivative(x), None
+
+
+def heaviside(x: torch.Tensor, derivative) -> torch.Tensor:
+    """``1[x > 0]`` in the forward; ``dz * derivative(x)`` in the backward (a surrogate gradient)."""
+    return _Heaviside.apply(x, derivative)
 
 
 def spike(x: torch.Tensor, surrogate: str = "fast_sigmoid", scale: float | None = None) -> torch.Tensor:
     """``H(x)`` in the forward, the named surrogate derivative in the backward."""
     check_surrogate(surrogate)
-    return _Spike.apply(x, surrogate, scale)
+    return heaviside(x, partial(surrogate_derivative, name=surrogate, scale=scale))
