@@ -20,7 +20,30 @@ def check_positive_int(owner: str, name: str, value) -> None:
         raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
 
 
-class RateCodedDataset:
+class LabelledSplits:
+    """Split checks and label access shared by the datasets (``self.name``, ``self._labels``)."""
+
+    name: str
+    _labels: dict
+
+    def _check_split(self, split: str) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"{self.name}: unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
+
+    def labels(self, split: str) -> torch.Tensor:
+        """The labels of ``split`` (N,), int64, in split order (the order of unshuffled batches)."""
+        self._check_split(split)
+        return self._labels[split]
+
+    def num_examples(self, split: str) -> int:
+        self._check_split(split)
+        return len(self._labels[split])
+
+    def num_batches(self, split: str, batch_size: int) -> int:
+        return -(-self.num_examples(split) // batch_size)
+
+
+class RateCodedDataset(LabelledSplits):
     """Static features in [0, 1] turned into Bernoulli spike trains per batch (rate coding).
 
     At every step each input fires with probability ``feature * max_rate``, independently.
@@ -43,26 +66,10 @@ class RateCodedDataset:
         self._features: dict[str, torch.Tensor] = {}
         self._labels: dict[str, torch.Tensor] = {}
 
-    def _check_split(self, split: str) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"{self.name}: unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
-
     def features(self, split: str) -> torch.Tensor:
         """The static features of ``split`` (N, input_size), float32 in [0, 1], in split order."""
         self._check_split(split)
         return self._features[split]
-
-    def labels(self, split: str) -> torch.Tensor:
-        """The labels of ``split`` (N,), int64, in split order (the order of unshuffled batches)."""
-        self._check_split(split)
-        return self._labels[split]
-
-    def num_examples(self, split: str) -> int:
-        self._check_split(split)
-        return len(self._labels[split])
-
-    def num_batches(self, split: str, batch_size: int) -> int:
-        return -(-self.num_examples(split) // batch_size)
 
     def encode(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Rate-code ``features`` (B, F) in [0, 1] into spikes (T, B, F) float32 in {0, 1}."""

@@ -35,12 +35,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .base import SPLITS, check_positive_int
+from .base import SPLITS, LabelledSplits, check_positive_int
 
 __all__ = ["EventDataset", "SHD", "SSC", "NMNIST", "DVSGesture", "read_nmnist_bin"]
 
 
-class EventDataset:
+class EventDataset(LabelledSplits):
     """Shared binning and batching of event datasets; subclasses implement ``_read(split)``
     returning ``(examples, labels)``, each example a pair of int arrays ``(time_us, channel)``."""
 
@@ -102,21 +102,6 @@ class EventDataset:
             if (self.root / name).exists():
                 return self.root / name
         raise FileNotFoundError(f"{self.name}: {str(self.root / names[0])!r} not found; {self.how_to_get}")
-
-    def _check_split(self, split: str) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"{self.name}: unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
-
-    def labels(self, split: str) -> torch.Tensor:
-        self._check_split(split)
-        return self._labels[split]
-
-    def num_examples(self, split: str) -> int:
-        self._check_split(split)
-        return len(self._labels[split])
-
-    def num_batches(self, split: str, batch_size: int) -> int:
-        return -(-self.num_examples(split) // batch_size)
 
     def dense(self, split: str, idx) -> torch.Tensor:
         """Examples ``idx`` of ``split`` as (T, len(idx), input_size) float32."""
