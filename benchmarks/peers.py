@@ -53,31 +53,14 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from common import current_rss, peak_rss, reset_peak_rss, run_worker  # noqa: E402
 METHODS = ["loop", "loop-ckpt", "sb-torch-full", "sb-torch-ckpt", "sb-cpu-full", "sb-cpu-ckpt",
            "snntorch", "norse", "spikingjelly", "spikingjelly-torch", "gru", "floor"]
 PEER_MODULES = {"snntorch": "snntorch", "norse": "norse", "spikingjelly": "spikingjelly",
                 "spikingjelly-torch": "spikingjelly"}
 PRESETS = {"ci": {"T": [200], "repeats": 3}, "full": {"T": [100, 1000, 2000, 5000], "repeats": 3}}
 BETA, THRESHOLD, P_IN = 0.9, 1.0, 0.1
-
-
-# ---- resident memory (Linux /proc) -----------------------------------------------------------
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 # ---- the network, shared by every adapter ----------------------------------------------------
@@ -296,7 +279,7 @@ def worker(spec):
     rss0 = current_rss()
     reset_peak_rss()
     step()
-    peak = _status_kib("VmHWM") * 1024
+    peak = peak_rss()
     clear()
     step()  # one more untimed step: the allocator settles (glibc adapts its mmap threshold)
     times = []
@@ -312,19 +295,6 @@ def worker(spec):
     return {"status": "ok", "method": method, "time_s": statistics.median(times), "times_s": times,
             "peak_rss_increase": peak - rss0,
             "peak_saved_bytes": tr.peak_stored_bytes}
-
-
-def run_worker(spec, timeout):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "reason": f"timed out after {timeout:.0f} s"}
-    for line in reversed(p.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-    return {"status": "failed", "reason": f"worker exited {p.returncode}: " + " | ".join(tail)}
 
 
 def _version(mod):
@@ -504,8 +474,8 @@ def main(argv=None):
         runs = {m: [] for m in methods}
         for r in range(repeats):  # interleaved: every method once per round
             for m in methods:
-                res = run_worker({"method": m, "T": T, "B": args.B, "n_in": args.n_in, "H": args.H, "k": k,
-                                  "inner": args.inner}, args.timeout)
+                res = run_worker(os.path.abspath(__file__), {"method": m, "T": T, "B": args.B, "n_in": args.n_in,
+                                                             "H": args.H, "k": k, "inner": args.inner}, args.timeout)
                 runs[m].append(res)
                 shown = f"{res['time_s'] * 1e3:9.1f} ms" if res["status"] == "ok" else res["reason"]
                 print(f"T={T} round {r + 1}/{repeats} {m:18s} {shown}", flush=True)
