@@ -156,7 +156,7 @@ def _stacks(dtype, mixed):
     layers = {}
     for backend in ("torch", "cpu"):
         torch.manual_seed(1)
-        mid = [sb.cells.GRU(24, 24)] if mixed else []
+        mid = [sb.cells.GRU(24, 24, backend=backend)] if mixed else []
         layers[backend] = sb.cells.Stack(
             [sb.cells.LIF(N_IN, 24, threshold=0.3, backend=backend)] + mid +
             [sb.cells.LIF(24, 17, threshold=0.2, reset="zero", learn_beta=True, backend=backend)]).to(dtype)

@@ -10,15 +10,27 @@ Every exact strategy works with any such module. The reference cells here add ``
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.backend import check_backend, get_backend, require_backend, resolve_backend
 from ..trace import current_trace
 
-__all__ = ["Cell", "linear", "init_uniform_"]
+__all__ = ["Cell", "CPUFusedCell", "linear", "init_uniform_"]
+
+log = logging.getLogger("sparsebptt.kernels")
+_logged: set[str] = set()
+
+
+def log_once(msg: str) -> None:
+    """Log ``msg`` on the ``sparsebptt.kernels`` logger the first time it is seen."""
+    if msg not in _logged:
+        _logged.add(msg)
+        log.info(msg)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,3 +98,51 @@ class Cell(nn.Module):
     def forward(self, x_t, state):
         """Alias of `step`, so a cell can be called like ``nn.GRUCell``."""
         return self.step(x_t, state)
+
+
+class CPUFusedCell(Cell):
+    """A cell whose fused path is a "cpu" kernel only (GRU, LSTM): the backend choice.
+
+    ``backend`` is "auto", "torch", "cpu" or None (the process default, `sparsebptt.set_backend`);
+    "triton" has no kernel for these cells: asked for explicitly it raises, and "auto" on CUDA
+    runs "torch" (logged once). Subclasses set ``self.backend`` with `_set_backend` and define
+    ``_scan_segment(x_seg, state)`` and a ``weight_hh`` parameter (its device picks the backend).
+    """
+
+    def _set_backend(self, backend) -> None:
+        name = type(self).__name__
+        if backend is not None:
+            check_backend(backend)
+            if backend == "triton":
+                raise ValueError(f"{name}: backend 'triton' has no {name} kernel; use backend='torch' or "
+                                 f"'cpu' (or 'auto', which runs {name} cells on CUDA with 'torch')")
+            require_backend(backend)
+        self.backend = backend
+
+    @property
+    def active_backend(self) -> str:
+        """The backend the next scan runs ("torch" or "cpu"), for the weights' device."""
+        name = type(self).__name__
+        requested = get_backend() if self.backend is None else self.backend
+        resolved = resolve_backend(requested, self.weight_hh.device.type)
+        if resolved == "triton":  # no Triton kernel for this cell
+            if requested != "auto":
+                raise ValueError(f"{name}: backend 'triton' (the process default) has no {name} kernel; "
+                                 "pass backend='torch' or 'auto' to this cell")
+            log_once(f"sparsebptt: backend 'auto' runs {name} cells on CUDA with 'torch' "
+                     f"(no Triton {name} kernel)")
+            return "torch"
+        return resolved
+
+    @property
+    def scan_segment(self):
+        """The fused segment scan when the "cpu" backend is active, else None (the step path)."""
+        if self.active_backend == "torch":
+            return None
+        log_once(f"sparsebptt: {type(self).__name__} scans run the fused 'cpu' backend")
+        return self._scan_segment
+
+    def extra_repr(self) -> str:
+        bias = getattr(self, "bias_ih", None) is not None
+        backend = "" if self.backend is None else f", backend={self.backend!r}"
+        return f"{self.input_size}, {self.hidden_size}, bias={bias}{backend}"

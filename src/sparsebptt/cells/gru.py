@@ -4,13 +4,18 @@
     z = sigma(W_iz x + b_iz + W_hz h + b_hz)
     n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
     h' = (1 - z) * n + z * h
+
+Backends (``GRU(..., backend=...)``, see `sparsebptt.kernels.backend`): "torch" steps this
+reference; "cpu" runs whole segments through `sparsebptt.kernels.rnn.cpu.fused_gru_layer` (input
+projection as one matmul, gate math in C, hand-written backward); "auto" picks "cpu" on CPU and
+"torch" on CUDA (there is no Triton GRU kernel). ``backend=None`` follows `sparsebptt.set_backend`.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .base import Cell, init_uniform_, linear
+from .base import CPUFusedCell, init_uniform_, linear
 
 __all__ = ["gru_step", "GRU"]
 
@@ -27,13 +32,18 @@ def gru_step(x_t, h, weight_ih, weight_hh, bias_ih=None, bias_hh=None):
     return n + z * (h - n)
 
 
-class GRU(Cell):
-    """GRU cell with the `sb.scan` protocol. State: ``(h,)``; output: ``h``."""
+class GRU(CPUFusedCell):
+    """GRU cell with the `sb.scan` protocol. State: ``(h,)``; output: ``h``.
+
+    ``backend``: "auto", "torch" or "cpu" (see the module docstring); None follows the process
+    default. "triton" raises (no GRU kernel); an unavailable "cpu" raises `BackendUnavailable`.
+    """
 
     num_states = 1
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *, backend: str | None = None):
         super().__init__(input_size, hidden_size)
+        self._set_backend(backend)
         self.weight_ih = nn.Parameter(torch.empty(3 * hidden_size, input_size))
         self.weight_hh = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
         self.bias_ih = nn.Parameter(torch.empty(3 * hidden_size)) if bias else None
@@ -44,3 +54,9 @@ class GRU(Cell):
         (h,) = state
         h = gru_step(x_t, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         return h, (h,)
+
+    def _scan_segment(self, x_seg, state):
+        from ..kernels.rnn.cpu import fused_gru_layer
+        (h,) = state
+        ys, h = fused_gru_layer(x_seg, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return ys, (h,)

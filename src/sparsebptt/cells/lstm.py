@@ -3,13 +3,16 @@
     i, f, g, o = sigma, sigma, tanh, sigma of (W_ih x + b_ih + W_hh h + b_hh), in that order
     c' = f * c + i * g
     h' = o * tanh(c')
+
+Backends (``LSTM(..., backend=...)``): as `sparsebptt.cells.gru`; "cpu" runs
+`sparsebptt.kernels.rnn.cpu.fused_lstm_layer`.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .base import Cell, init_uniform_, linear
+from .base import CPUFusedCell, init_uniform_, linear
 
 __all__ = ["lstm_step", "LSTM"]
 
@@ -23,13 +26,17 @@ def lstm_step(x_t, h, c, weight_ih, weight_hh, bias_ih=None, bias_hh=None):
     return h, c
 
 
-class LSTM(Cell):
-    """LSTM cell with the `sb.scan` protocol. State: ``(h, c)``; output: ``h``."""
+class LSTM(CPUFusedCell):
+    """LSTM cell with the `sb.scan` protocol. State: ``(h, c)``; output: ``h``.
+
+    ``backend``: as `GRU` ("auto", "torch" or "cpu"; None follows the process default).
+    """
 
     num_states = 2
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *, backend: str | None = None):
         super().__init__(input_size, hidden_size)
+        self._set_backend(backend)
         self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size))
         self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
         self.bias_ih = nn.Parameter(torch.empty(4 * hidden_size)) if bias else None
@@ -40,3 +47,9 @@ class LSTM(Cell):
         h, c = state
         h, c = lstm_step(x_t, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         return h, (h, c)
+
+    def _scan_segment(self, x_seg, state):
+        from ..kernels.rnn.cpu import fused_lstm_layer
+        h, c = state
+        ys, h, c = fused_lstm_layer(x_seg, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return ys, (h, c)

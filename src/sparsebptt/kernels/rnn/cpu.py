@@ -14,7 +14,7 @@ LSTM 4) and a segment of ``L`` steps:
 GRU (gates r, z, n; as `cells.gru`)::
 
     r = sigma(gi_r + gh_r),  z = sigma(gi_z + gh_z),  n = tanh(gi_n + r * gh_n),  h' = n + z (h - n)
-    saved per step: r, z, n, gh_n [B, 4H] and the outputs h
+    saved per step: r, z, n, gh_n [B, 4H]; the backward recomputes h_{t-1} from h0, z and n
     g = dy + dh';  dn = g (1 - z);  da_n = dn (1 - n^2);  da_r = da_n gh_n r (1 - r);
     da_z = g (h - n) z (1 - z);  dgi = [da_r, da_z, da_n];  dgh = [da_r, da_z, da_n r];
     dh = g z + dgh W_hh
@@ -22,7 +22,7 @@ GRU (gates r, z, n; as `cells.gru`)::
 LSTM (gates i, f, g, o; as `cells.lstm`)::
 
     a = gi + gh;  i, f, o = sigma(a_i, a_f, a_o);  g = tanh(a_g);  c' = f c + i g;  h' = o tanh(c')
-    saved per step: i, f, g, o [B, 4H], c' and the outputs h
+    saved per step: i, f, g, o [B, 4H] and c'; the backward recomputes h_{t-1} = o tanh(c)
     dc = dc' + (dy + dh') o (1 - tanh(c')^2);  dgates = [dc g i (1-i), dc c f (1-f),
     dc i (1 - g^2), (dy + dh') tanh(c') o (1-o)] (= dgi = dgh);  dc_prev = dc f;  dh = dgates W_hh
 
@@ -132,6 +132,22 @@ CLONES void gru_bwd_@SUF@(const @T@* s, const @T@* h, const @T@* dy, const @T@* 
     if (dy) gru_bwd_loop_@SUF@(s, h, dy, dh, B, H, dgi, dgh, dhd, 1);
     else gru_bwd_loop_@SUF@(s, h, dh, dh, B, H, dgi, dgh, dhd, 0);
 }
+/* the hidden states h_{t-1} of a segment, recomputed from the saved gates: hs [L, B, H] gets h0,
+   then h_t = n_t + z_t (h_{t-1} - n_t), the forward's operations in its order (bitwise equal) */
+CLONES void gru_hist_@SUF@(const @T@* s, const @T@* h0, long L, long B, long H, @T@* hs) {
+    memcpy(hs, h0, sizeof(@T@) * B * H);
+    for (long t = 1; t < L; ++t) {
+        for (long b = 0; b < B; ++b) {
+            const @T@* restrict p_s = s + ((t - 1) * B + b) * 4 * H;
+            const @T@* restrict p_h = hs + ((t - 1) * B + b) * H;
+            @T@* restrict p_o = hs + (t * B + b) * H;
+            for (long j = 0; j < H; ++j) {
+                const @T@ b_z = p_s[H + j], b_n = p_s[2 * H + j];
+                p_o[j] = b_n + b_z * (p_h[j] - b_n);
+            }
+        }
+    }
+}
 
 /* LSTM step: gi, gh [B, 4H] (i f g o), c [B, H] -> hout, cout [B, H]; s [B, 4H] activations if save */
 INL void lstm_fwd_loop_@SUF@(const @T@* restrict gi, const @T@* restrict gh, const @T@* restrict c,
@@ -185,6 +201,19 @@ CLONES void lstm_bwd_@SUF@(const @T@* s, const @T@* c, const @T@* cp, const @T@*
     if (dy) lstm_bwd_loop_@SUF@(s, c, cp, dy, dh, dc, B, H, dg, dcp, 1);
     else lstm_bwd_loop_@SUF@(s, c, cp, dh, dh, dc, B, H, dg, dcp, 0);
 }
+/* hs [L, B, H] gets h0, then h_t = o_t tanh(c_t) from the saved gates and cell states (bitwise
+   equal to the forward's) */
+CLONES void lstm_hist_@SUF@(const @T@* s, const @T@* cs, const @T@* h0, long L, long B, long H, @T@* hs) {
+    memcpy(hs, h0, sizeof(@T@) * B * H);
+    for (long t = 1; t < L; ++t) {
+        for (long b = 0; b < B; ++b) {
+            const @T@* restrict p_s = s + ((t - 1) * B + b) * 4 * H;
+            const @T@* restrict p_c = cs + ((t - 1) * B + b) * H;
+            @T@* restrict p_o = hs + (t * B + b) * H;
+            for (long j = 0; j < H; ++j) p_o[j] = p_s[3 * H + j] * tanh_@SUF@(p_c[j]);
+        }
+    }
+}
 """
 
 #: Cephes expf: degree-5 polynomial on |r| <= ln2/2
@@ -225,6 +254,8 @@ _ARGS = {
     "gru_bwd": [_P, _P, _P, _P, _L, _L, _P, _P, _P],
     "lstm_fwd": [_P, _P, _P, _L, _L, _P, _P, _P],
     "lstm_bwd": [_P, _P, _P, _P, _P, _P, _L, _L, _P, _P],
+    "gru_hist": [_P, _P, _L, _L, _L, _P],
+    "lstm_hist": [_P, _P, _P, _L, _L, _L, _P],
 }
 _lib = None
 
@@ -280,10 +311,10 @@ def _count(ctx, macs_x, macs_h, L, x, h0, weight_ih, weight_hh, t_):
         per_step * ((L - 1) + int(h0.requires_grad) + L * int(weight_hh.requires_grad))
 
 
-def _param_grads(ctx, dgi, dgh, x, h0, ys, weight_ih, weight_hh, need):
+def _param_grads(ctx, dgi, dgh, x, hs, weight_ih, weight_hh, need):
     """dx, dW_ih, dW_hh, db_ih, db_hh as batched matmuls over the segment. ``dgi``/``dgh``
-    [L, B, G*H] are the gradients of the two projections (the same tensor for the LSTM); ``need``
-    the flags (x, W_ih, W_hh, b_ih, b_hh)."""
+    [L, B, G*H] are the gradients of the two projections (the same tensor for the LSTM), ``hs``
+    [L, B, H] the hidden states h_{t-1} they multiply; ``need`` the flags (x, W_ih, W_hh, b_ih, b_hh)."""
     L, B, GH = dgi.shape
     dgi2, dgh2 = dgi.view(L * B, GH), dgh.view(L * B, GH)
     dx = dw_ih = dw_hh = db_ih = db_hh = None
@@ -292,10 +323,8 @@ def _param_grads(ctx, dgi, dgh, x, h0, ys, weight_ih, weight_hh, need):
         torch.mm(dgi2, weight_ih, out=dx.view(L * B, -1))
     if need[1]:
         dw_ih = dgi2.t().mm(x.reshape(L * B, -1))
-    if need[2]:  # h_{t-1}: h0, then the outputs of steps 0..L-2
-        dw_hh = dgh[0].t().mm(h0)
-        if L > 1:
-            dw_hh.addmm_(dgh[1:].reshape((L - 1) * B, GH).t(), ys[:-1].reshape((L - 1) * B, -1))
+    if need[2]:
+        dw_hh = dgh2.t().mm(hs.view(L * B, -1))
     if need[3]:
         db_ih = dgi2.sum(0)
     if need[4]:
@@ -305,12 +334,24 @@ def _param_grads(ctx, dgi, dgh, x, h0, ys, weight_ih, weight_hh, need):
     return dx, dw_ih, dw_hh, db_ih, db_hh
 
 
+def _history(name, s, cs, h0, L, B, H):
+    """h_{t-1} of every step, [L, B, H], recomputed from the saved gates (a backward temporary)."""
+    hs = _empty((L, B, H), h0.dtype)
+    fn = _kernel(name, h0.dtype)
+    if cs is None:
+        fn(s.data_ptr(), h0.data_ptr(), L, B, H, hs.data_ptr())
+    else:
+        fn(s.data_ptr(), cs.data_ptr(), h0.data_ptr(), L, B, H, hs.data_ptr())
+    return hs
+
+
 class FusedGRULayerFunction(torch.autograd.Function):
     """A GRU layer over a segment: (x, h0, W_ih, W_hh, b_ih, b_hh) -> (ys [L, B, H], h_T).
 
-    Saved: the gate activations r, z, n and ``gh_n`` [L, B, 4H], the outputs (the previous
-    hidden states), x and h0. ``h_T`` is a copy of ``ys[-1]``, so the carried state does not hold
-    the output block.
+    Saved: the gate activations r, z, n and ``gh_n`` [L, B, 4H] (the reference's graph keeps
+    about 6H a step), x and h0; not the outputs: the backward recomputes the hidden states from
+    h0, z and n (bitwise, one elementwise pass). ``h_T`` is a copy of ``ys[-1]``, so the carried
+    state does not hold the output block.
     """
 
     @staticmethod
@@ -338,28 +379,28 @@ class FusedGRULayerFunction(torch.autograd.Function):
                 None if p_s is None else p_s + t * B * 4 * H * esz)
             h = h_steps[t]
         _count(ctx, L * B * n_in * 3 * H, L * B * H * 3 * H, L, x, h0, weight_ih, weight_hh, current_trace())
-        ctx.save_for_backward(s, ys, x, h0, weight_ih, weight_hh)
+        ctx.save_for_backward(s, x, h0, weight_ih, weight_hh)
         ctx.set_materialize_grads(False)
         return ys, ys[-1].clone()
 
     @staticmethod
     def backward(ctx, dys, dhT):
-        s, ys, x, h0, weight_ih, weight_hh = ctx.saved_tensors
-        L, B, H = ys.shape
-        bwd = _kernel("gru_bwd", ys.dtype)
-        esz = ys.element_size()
+        s, x, h0, weight_ih, weight_hh = ctx.saved_tensors
+        L, B, H = s.shape[0], s.shape[1], h0.shape[1]
+        bwd = _kernel("gru_bwd", s.dtype)
+        esz = s.element_size()
         need = ctx.needs_input_grad
-        dgi, dgh = _empty((L, B, 3 * H), ys.dtype), _empty((L, B, 3 * H), ys.dtype)
+        hs = _history("gru_hist", s, None, h0, L, B, H)  # h_{t-1}
+        dgi, dgh = _empty((L, B, 3 * H), s.dtype), _empty((L, B, 3 * H), s.dtype)
         keep, p_dy, dy_step = _step_grads(dys, B, H)
         dh = [torch.zeros_like(h0) if dhT is None else dhT.contiguous(), torch.empty_like(h0),
               torch.empty_like(h0)]
         dhd = torch.empty_like(h0)
         dgh_steps = dgh.unbind(0)
-        p_s, p_dgi, p_dgh = s.data_ptr(), dgi.data_ptr(), dgh.data_ptr()
+        p_s, p_hs, p_dgi, p_dgh = s.data_ptr(), hs.data_ptr(), dgi.data_ptr(), dgh.data_ptr()
         dh_in, dh0 = dh[0], None
         for t in range(L - 1, -1, -1):
-            h_prev = h0 if t == 0 else ys[t - 1]
-            bwd(p_s + t * B * 4 * H * esz, h_prev.data_ptr(), None if p_dy is None else p_dy + t * dy_step,
+            bwd(p_s + t * B * 4 * H * esz, p_hs + t * B * H * esz, None if p_dy is None else p_dy + t * dy_step,
                 dh_in.data_ptr(), B, H, p_dgi + t * B * 3 * H * esz, p_dgh + t * B * 3 * H * esz,
                 dhd.data_ptr())
             if t > 0 or need[1]:
@@ -367,7 +408,7 @@ class FusedGRULayerFunction(torch.autograd.Function):
                 torch.addmm(dhd, dgh_steps[t], weight_hh, out=dh_out)  # dL/dh_{t-1}
                 dh_in = dh0 = dh_out
         del keep
-        dx, dw_ih, dw_hh, db_ih, db_hh = _param_grads(ctx, dgi, dgh, x, h0, ys, weight_ih, weight_hh,
+        dx, dw_ih, dw_hh, db_ih, db_hh = _param_grads(ctx, dgi, dgh, x, hs, weight_ih, weight_hh,
                                                       (need[0], need[2], need[3], need[4], need[5]))
         return dx, (dh0 if need[1] else None), dw_ih, dw_hh, db_ih, db_hh
 
@@ -375,8 +416,9 @@ class FusedGRULayerFunction(torch.autograd.Function):
 class FusedLSTMLayerFunction(torch.autograd.Function):
     """An LSTM layer over a segment: (x, h0, c0, W_ih, W_hh, b_ih, b_hh) -> (ys [L, B, H], h_T, c_T).
 
-    Saved: the gate activations i, f, g, o [L, B, 4H], the cell states c [L, B, H], the outputs
-    (the previous hidden states), x, h0 and c0. ``h_T`` and ``c_T`` are copies.
+    Saved: the gate activations i, f, g, o [L, B, 4H] and the cell states c [L, B, H] (the
+    reference's graph keeps about 7H a step), x, h0 and c0; the backward recomputes the hidden
+    states ``o tanh(c)`` (bitwise). ``h_T`` and ``c_T`` are copies.
     """
 
     @staticmethod
@@ -406,18 +448,18 @@ class FusedLSTMLayerFunction(torch.autograd.Function):
                 c_out.data_ptr(), None if p_s is None else p_s + t * B * 4 * H * esz)
             h, c = h_steps[t], c_out
         _count(ctx, L * B * n_in * 4 * H, L * B * H * 4 * H, L, x, h0, weight_ih, weight_hh, current_trace())
-        ctx.save_for_backward(s, cs, ys, x, h0, c0, weight_ih, weight_hh)
+        ctx.save_for_backward(s, cs, x, h0, c0, weight_ih, weight_hh)
         ctx.set_materialize_grads(False)
         return ys, ys[-1].clone(), c.clone()
 
     @staticmethod
     def backward(ctx, dys, dhT, dcT):
-        s, cs, ys, x, h0, c0, weight_ih, weight_hh = ctx.saved_tensors
-        L, B, H = ys.shape
-        bwd = _kernel("lstm_bwd", ys.dtype)
-        esz = ys.element_size()
+        s, cs, x, h0, c0, weight_ih, weight_hh = ctx.saved_tensors
+        L, B, H = cs.shape
+        bwd = _kernel("lstm_bwd", s.dtype)
+        esz = s.element_size()
         need = ctx.needs_input_grad
-        dg = _empty((L, B, 4 * H), ys.dtype)
+        dg = _empty((L, B, 4 * H), s.dtype)
         keep, p_dy, dy_step = _step_grads(dys, B, H)
         dh = [torch.zeros_like(h0) if dhT is None else dhT.contiguous(), torch.empty_like(h0),
               torch.empty_like(h0)]
@@ -438,7 +480,8 @@ class FusedLSTMLayerFunction(torch.autograd.Function):
                 torch.mm(dg_steps[t], weight_hh, out=dh_out)  # dL/dh_{t-1}
                 dh_in = dh0 = dh_out
         del keep
-        dx, dw_ih, dw_hh, db_ih, db_hh = _param_grads(ctx, dg, dg, x, h0, ys, weight_ih, weight_hh,
+        hs = _history("lstm_hist", s, cs, h0, L, B, H) if need[4] else None  # h_{t-1}, for dW_hh
+        dx, dw_ih, dw_hh, db_ih, db_hh = _param_grads(ctx, dg, dg, x, hs, weight_ih, weight_hh,
                                                       (need[0], need[3], need[4], need[5], need[6]))
         return dx, (dh0 if need[1] else None), (dc_in if need[2] else None), dw_ih, dw_hh, db_ih, db_hh
 
