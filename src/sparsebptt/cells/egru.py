@@ -44,6 +44,11 @@ delta-memory chain a dense weight gradient per step.)
 A whole segment runs in `fused_recurrent_egru` (the cell's ``scan_segment``, used by every
 strategy): one GEMM for the input projection of all its steps and one transposed copy of
 ``W_hh`` for all its sparse products.
+
+On the GPU, ``backend="triton"`` runs segments through `sparsebptt.kernels.egru.triton`: cuBLAS
+GEMMs (dense) and one Triton kernel per step for the pointwise part, forward and backward.
+``backend="auto"`` is "triton" for CUDA weights when Triton is available, else "sparse";
+resolved once per device type, logged, and queryable as ``cell.active_backend``.
 """
 from __future__ import annotations
 
@@ -57,14 +62,37 @@ from torch import nn
 from .base import Cell, init_uniform_, linear
 from .sparse import ACTIVE_SETS, UNION_OVERLAP, sparse_linear, transposed_weight
 from .surrogate import heaviside
+from ..kernels.backend import backend_available, require_backend
 from ..trace import current_trace
 
 log = logging.getLogger("sparsebptt.kernels")
 
-__all__ = ["EGRU", "BACKENDS", "sparse_kernels", "pseudo_derivative", "event", "egru_step", "fused_recurrent_egru",
-           "naive_egru", "activity_regularizer", "event_statistics"]
+__all__ = ["EGRU", "BACKENDS", "resolve_egru_backend", "sparse_kernels", "pseudo_derivative", "event", "egru_step",
+           "fused_recurrent_egru", "naive_egru", "activity_regularizer", "event_statistics"]
 
-BACKENDS = ("sparse", "torch")
+BACKENDS = ("sparse", "torch", "triton", "auto")
+
+_auto: dict[str, str] = {}  # device type -> what backend "auto" resolved to
+
+
+def resolve_egru_backend(name: str, device_type: str) -> str:
+    """The concrete EGRU backend ("sparse", "torch" or "triton") that ``name`` runs as on
+    ``device_type``. "auto" is "triton" on CUDA when Triton is available, else "sparse"; it is
+    resolved once per device type and logged. "triton" raises `BackendUnavailable` when it
+    cannot run."""
+    if name == "triton":
+        require_backend("triton")
+    if name != "auto":
+        return name
+    if device_type not in _auto:
+        chosen, why = "sparse", f"no Triton kernels for device {device_type!r}"
+        if device_type == "cuda":
+            ok, why = backend_available("triton")
+            if ok:
+                chosen = "triton"
+        _auto[device_type] = chosen
+        log.info("sparsebptt: EGRU backend 'auto' on %s resolved to %r (%s)", device_type, chosen, why)
+    return _auto[device_type]
 
 
 # ---- events and their pseudo-derivative ------------------------------------------------------
@@ -350,6 +378,9 @@ def egru_step(x_t, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, *, 
     ``backend="torch"`` is the reference (dense matmuls, plain autograd); ``"sparse"`` reads only
     the columns of units with an event (the first step of a segment: see the module docstring).
     """
+    if backend not in ("sparse", "torch"):
+        raise ValueError(f"egru_step: backend must be 'sparse' or 'torch', got {backend!r} (the Triton "
+                         "kernels run whole segments: sparsebptt.kernels.egru.triton.fused_recurrent_egru)")
     c, y = state[0], state[1]
     gi = linear(x_t, weight_ih, bias_ih)  # [B, 3H]
     if backend == "sparse":
@@ -447,7 +478,10 @@ class EGRU(Cell):
         bias: add ``bias_ih`` and ``bias_hh`` (as `GRU`).
         count_events: add a third state tensor ``n`` [B, H] counting each unit's events, with
             the pseudo-derivative as gradient, for `activity_regularizer`.
-        backend: "sparse" (skip silent units forward and backward) or "torch" (reference).
+        backend: "sparse" (skip silent units forward and backward, the default), "torch"
+            (reference), "triton" (GPU kernels; raises `BackendUnavailable` where Triton cannot
+            run) or "auto" ("triton" for CUDA weights when available, else "sparse"; see
+            `active_backend`).
         active_set: how a batch shares the active columns in `sparse_linear`: "auto", "union",
             "sample".
     """
@@ -462,6 +496,8 @@ class EGRU(Cell):
             raise ValueError(f"EGRU: epsilon (pseudo-derivative width) must be a number > 0, got {epsilon!r}")
         if backend not in BACKENDS:
             raise ValueError(f"EGRU: unknown backend {backend!r}; valid backends are: {', '.join(BACKENDS)}")
+        if backend == "triton":
+            require_backend("triton")
         if active_set not in ACTIVE_SETS:
             raise ValueError(f"EGRU: unknown active_set {active_set!r}; valid values are: {', '.join(ACTIVE_SETS)}")
         if not isinstance(count_events, bool):
@@ -483,16 +519,31 @@ class EGRU(Cell):
     def _params(self):
         return (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.threshold)
 
+    @property
+    def active_backend(self) -> str:
+        """The backend the next step or scan runs ("sparse", "torch" or "triton"), for the
+        weights' device ("auto" resolved, see `resolve_egru_backend`)."""
+        return resolve_egru_backend(self.backend, self.weight_hh.device.type)
+
     def step(self, x_t, state):
+        backend = self.active_backend
+        if backend == "triton":  # a segment of one step
+            ys, state = self._scan_segment(x_t.unsqueeze(0), state)
+            return ys[0], state
         return egru_step(x_t, tuple(state), *self._params(), gamma=self.gamma, epsilon=self.epsilon,
-                         backend=self.backend, active_set=self.active_set, layer=self)
+                         backend=backend, active_set=self.active_set, layer=self)
 
     @property
     def scan_segment(self):
-        """`fused_recurrent_egru` for the sparse backend; None for the reference (stepped)."""
-        return self._scan_segment if self.backend == "sparse" else None
+        """The fused segment scan: `fused_recurrent_egru` for the sparse backend, its Triton
+        version (`sparsebptt.kernels.egru.triton`) for "triton"; None for the reference."""
+        return None if self.active_backend == "torch" else self._scan_segment
 
     def _scan_segment(self, x_seg, state):
+        if self.active_backend == "triton":
+            from ..kernels.egru.triton import fused_recurrent_egru as triton_segment
+            return triton_segment(x_seg, tuple(state), *self._params(), gamma=self.gamma,
+                                  epsilon=self.epsilon, layer=self)
         return fused_recurrent_egru(x_seg, tuple(state), *self._params(), gamma=self.gamma,
                                     epsilon=self.epsilon, active_set=self.active_set, layer=self)
 

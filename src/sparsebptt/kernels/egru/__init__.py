@@ -1,1 +1,2 @@
-"""EGRU's sparse-backward kernels (`cpu.py`); the reference is `sparsebptt.cells.egru`."""
+"""EGRU's fast paths: the sparse-backward CPU kernels (`cpu.py`) and the Triton GPU kernels
+(`triton.py`); the reference is `sparsebptt.cells.egru`."""

@@ -56,99 +56,94 @@ def _tanh(x):
     return tl.where(x < 0, -b_t, b_t)
 
 
-@triton.jit(do_not_specialize=["i_t"])
-def fused_recurrent_egru_fwd_kernel(gi, gh, c, thr, y, r, u, n, hn, ct, ns, i_t, B, H,
-                                    BH: tl.constexpr, SAVE: tl.constexpr):
-    """Step ``i_t`` for units [i_h*BH, (i_h+1)*BH) of sample i_b: reads gi[i_t] and gh [B, 3H],
-    updates c [B, H] and the event count ns [B, H] in place, writes y[i_t] (and the saved
-    tensors at i_t)."""
-    i_h, i_b = tl.program_id(0), tl.program_id(1)
-    o_h = i_h * BH + tl.arange(0, BH)
-    m_h = o_h < H
-    p_gi = gi + (i_t * B + i_b) * 3 * H + o_h
-    p_gh = gh + i_b * 3 * H + o_h
-    o_bh = i_b * H + o_h  # into [B, H]
-    o_t = i_t * B * H + o_bh  # into [L, B, H]
+@triton.jit
+def fused_recurrent_egru_fwd_kernel(gi, gh, c, thr, y, r, u, n, hn, ct, ns, N, H,
+                                    BN: tl.constexpr, SAVE: tl.constexpr):
+    """One step for the flattened (sample, unit) entries [i_n*BN, (i_n+1)*BN) of [B, H]: reads
+    the step's gi and gh [B, 3H], updates c and the event count ns [B, H] in place, writes the
+    step's y (and its saved r, u, n, gh_n, c~) [B, H]."""
+    i_n = tl.program_id(0)
+    o_n = i_n * BN + tl.arange(0, BN)  # b * H + h
+    m_n = o_n < N
+    o_g = o_n + (o_n // H) * (2 * H)  # b * 3H + h: gate r of (b, h) in [B, 3H]
+    o_h = o_n % H
 
-    b_c = tl.load(c + o_bh, mask=m_h, other=0)
-    b_thr = tl.load(thr + o_h, mask=m_h, other=0)
-    b_r = _sigmoid(tl.load(p_gi, mask=m_h, other=0) + tl.load(p_gh, mask=m_h, other=0))
-    b_u = _sigmoid(tl.load(p_gi + H, mask=m_h, other=0) + tl.load(p_gh + H, mask=m_h, other=0))
-    b_hn = tl.load(p_gh + 2 * H, mask=m_h, other=0)
-    b_n = _tanh(tl.load(p_gi + 2 * H, mask=m_h, other=0) + b_r * b_hn)
+    b_c = tl.load(c + o_n, mask=m_n, other=0)
+    b_thr = tl.load(thr + o_h, mask=m_n, other=0)
+    b_r = _sigmoid(tl.load(gi + o_g, mask=m_n, other=0) + tl.load(gh + o_g, mask=m_n, other=0))
+    b_u = _sigmoid(tl.load(gi + o_g + H, mask=m_n, other=0) + tl.load(gh + o_g + H, mask=m_n, other=0))
+    b_hn = tl.load(gh + o_g + 2 * H, mask=m_n, other=0)
+    b_n = _tanh(tl.load(gi + o_g + 2 * H, mask=m_n, other=0) + b_r * b_hn)
     b_ct = b_n + b_u * (b_c - b_n)  # c~
     b_e = tl.where(b_ct - b_thr > 0, 1.0, 0.0).to(b_ct.dtype)
-    tl.store(y + o_t, b_ct * b_e, mask=m_h)
-    tl.store(c + o_bh, b_ct - b_thr * b_e, mask=m_h)
-    tl.store(ns + o_bh, tl.load(ns + o_bh, mask=m_h, other=0) + b_e, mask=m_h)
+    tl.store(y + o_n, b_ct * b_e, mask=m_n)
+    tl.store(c + o_n, b_ct - b_thr * b_e, mask=m_n)
+    tl.store(ns + o_n, tl.load(ns + o_n, mask=m_n, other=0) + b_e, mask=m_n)
     if SAVE:
-        tl.store(r + o_t, b_r, mask=m_h)
-        tl.store(u + o_t, b_u, mask=m_h)
-        tl.store(n + o_t, b_n, mask=m_h)
-        tl.store(hn + o_t, b_hn, mask=m_h)
-        tl.store(ct + o_t, b_ct, mask=m_h)
+        tl.store(r + o_n, b_r, mask=m_n)
+        tl.store(u + o_n, b_u, mask=m_n)
+        tl.store(n + o_n, b_n, mask=m_n)
+        tl.store(hn + o_n, b_hn, mask=m_n)
+        tl.store(ct + o_n, b_ct, mask=m_n)
 
 
-@triton.jit(do_not_specialize=["i_t"])
-def fused_recurrent_egru_bwd_kernel(r, u, n, hn, ct, c0, thr, k, dys, dy, dc, dns, dgi, dgh, dthr,
-                                    i_t, B, H, BH: tl.constexpr, HAS_DYS: tl.constexpr,
+@triton.jit
+def fused_recurrent_egru_bwd_kernel(r, u, n, hn, ct, cp, thr, k, dys, dy, dc, dns, dgi, dgh, dthr, N, H,
+                                    BN: tl.constexpr, CP_FROM_CT: tl.constexpr, HAS_DYS: tl.constexpr,
                                     HAS_DNS: tl.constexpr, NEED_DTHR: tl.constexpr):
-    """The backward of step ``i_t``: from dy [B, H] (the recurrent gradient, plus dys[i_t]) and
-    dc [B, H] (overwritten with dc of the previous state), writes dgi[i_t], dgh[i_t] [B, 3H] and
-    adds the threshold gradient to dthr [B, H] (float64)."""
-    i_h, i_b = tl.program_id(0), tl.program_id(1)
-    o_h = i_h * BH + tl.arange(0, BH)
-    m_h = o_h < H
-    o_bh = i_b * H + o_h
-    o_t = i_t * B * H + o_bh
+    """The backward of one step: from dy [B, H] (the recurrent gradient; plus the step's dys) and
+    dc [B, H] (overwritten with dc of the previous state), writes the step's dgi, dgh [B, 3H] and
+    adds the threshold gradient to dthr [B, H] (float64). ``cp`` is the previous state c, or
+    (CP_FROM_CT) the previous step's c~, from which c is recomputed as in the forward."""
+    i_n = tl.program_id(0)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    o_g = o_n + (o_n // H) * (2 * H)
+    o_h = o_n % H
     c_gamma = tl.load(k + 0)
     c_eps = tl.load(k + 1)
 
-    b_thr = tl.load(thr + o_h, mask=m_h, other=0)
-    b_r = tl.load(r + o_t, mask=m_h, other=0)
-    b_u = tl.load(u + o_t, mask=m_h, other=0)
-    b_n = tl.load(n + o_t, mask=m_h, other=0)
-    b_hn = tl.load(hn + o_t, mask=m_h, other=0)
-    b_ct = tl.load(ct + o_t, mask=m_h, other=0)
+    b_thr = tl.load(thr + o_h, mask=m_n, other=0)
+    b_r = tl.load(r + o_n, mask=m_n, other=0)
+    b_u = tl.load(u + o_n, mask=m_n, other=0)
+    b_n = tl.load(n + o_n, mask=m_n, other=0)
+    b_hn = tl.load(hn + o_n, mask=m_n, other=0)
+    b_ct = tl.load(ct + o_n, mask=m_n, other=0)
     b_v = b_ct - b_thr
     b_e = tl.where(b_v > 0, 1.0, 0.0).to(b_ct.dtype)
-    if i_t > 0:  # c of the previous step, from its c~ as in the forward
-        b_cp = tl.load(ct + o_t - B * H, mask=m_h, other=0)
+    b_cp = tl.load(cp + o_n, mask=m_n, other=0)
+    if CP_FROM_CT:
         b_cp = b_cp - b_thr * tl.where(b_cp - b_thr > 0, 1.0, 0.0).to(b_cp.dtype)
-    else:
-        b_cp = tl.load(c0 + o_bh, mask=m_h, other=0)
 
-    b_dy = tl.load(dy + o_bh, mask=m_h, other=0)
+    b_dy = tl.load(dy + o_n, mask=m_n, other=0)
     if HAS_DYS:
-        b_dy += tl.load(dys + o_t, mask=m_h, other=0)
-    b_dc = tl.load(dc + o_bh, mask=m_h, other=0)
+        b_dy += tl.load(dys + o_n, mask=m_n, other=0)
+    b_dc = tl.load(dc + o_n, mask=m_n, other=0)
     b_de = b_dy * b_ct - b_dc * b_thr
     if HAS_DNS:
-        b_de += tl.load(dns + o_bh, mask=m_h, other=0)
+        b_de += tl.load(dns + o_n, mask=m_n, other=0)
     b_dv = b_de * (c_gamma * tl.maximum(1.0 - tl.abs(b_v) / c_eps, 0.0))  # psi(v)
     b_dct = b_dv + b_dy * b_e + b_dc
     if NEED_DTHR:
         b_dthr = -(b_dv + b_dc * b_e)
-        tl.store(dthr + o_bh, tl.load(dthr + o_bh, mask=m_h, other=0) + b_dthr.to(tl.float64), mask=m_h)
+        tl.store(dthr + o_n, tl.load(dthr + o_n, mask=m_n, other=0) + b_dthr.to(tl.float64), mask=m_n)
     b_dcp = b_dct * b_u
     b_dn = b_dct - b_dcp  # dc~ (1 - u)
     b_du = b_dct * (b_cp - b_n)
     b_dan = b_dn * (1.0 - b_n * b_n)
     b_dau = b_du * b_u * (1.0 - b_u)
     b_dar = b_dan * b_hn * b_r * (1.0 - b_r)
-    tl.store(dc + o_bh, b_dcp, mask=m_h)
-    p_dgi = dgi + (i_t * B + i_b) * 3 * H + o_h
-    p_dgh = dgh + (i_t * B + i_b) * 3 * H + o_h
-    tl.store(p_dgi, b_dar, mask=m_h)
-    tl.store(p_dgi + H, b_dau, mask=m_h)
-    tl.store(p_dgi + 2 * H, b_dan, mask=m_h)
-    tl.store(p_dgh, b_dar, mask=m_h)
-    tl.store(p_dgh + H, b_dau, mask=m_h)
-    tl.store(p_dgh + 2 * H, b_dan * b_r, mask=m_h)
+    tl.store(dc + o_n, b_dcp, mask=m_n)
+    tl.store(dgi + o_g, b_dar, mask=m_n)
+    tl.store(dgi + o_g + H, b_dau, mask=m_n)
+    tl.store(dgi + o_g + 2 * H, b_dan, mask=m_n)
+    tl.store(dgh + o_g, b_dar, mask=m_n)
+    tl.store(dgh + o_g + H, b_dau, mask=m_n)
+    tl.store(dgh + o_g + 2 * H, b_dan * b_r, mask=m_n)
 
 
-def _block(H: int) -> int:
-    return min(triton.next_power_of_2(H), 128)
+def _block(N: int) -> int:
+    return min(triton.next_power_of_2(N), 256)
 
 
 def _events(ct: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -168,8 +163,8 @@ def fused_recurrent_egru_fwd(x, c0, y0, weight_ih, weight_hh, bias_ih, bias_hh, 
     saved = tuple(x.new_empty(L, B, H) for _ in range(5)) if save else None
     r, u, n, hn, ct = saved if save else (ys,) * 5  # dummy pointers when nothing is saved
     gh = x.new_empty(B, 3 * H)
-    BH = _block(H)
-    grid = (triton.cdiv(H, BH), B)
+    N = B * H
+    BN = _block(N)
     for t in range(L):
         # dense on the GPU; y is zero off the events: an event-sparse GEMM could go here
         y = y0 if t == 0 else ys[t - 1]
@@ -177,8 +172,8 @@ def fused_recurrent_egru_fwd(x, c0, y0, weight_ih, weight_hh, bias_ih, bias_hh, 
             torch.mm(y, weight_hh.t(), out=gh)
         else:
             torch.addmm(bias_hh, y, weight_hh.t(), out=gh)  # [B, 3H]
-        fused_recurrent_egru_fwd_kernel[grid](gi, gh, c, threshold, ys, r, u, n, hn, ct, ns, t, B, H,
-                                              BH=BH, SAVE=save)
+        fused_recurrent_egru_fwd_kernel[(triton.cdiv(N, BN),)](
+            gi[t], gh, c, threshold, ys[t], r[t], u[t], n[t], hn[t], ct[t], ns, N, H, BN=BN, SAVE=save)
     return ys, c, ns, saved
 
 
@@ -198,15 +193,15 @@ def fused_recurrent_egru_bwd(x, c0, y0, weight_ih, weight_hh, threshold, saved, 
     dgh = x.new_empty(L, B, 3 * H)
     dthr = torch.zeros(B, H, dtype=torch.float64, device=x.device) if need_thr else dy
     k = torch.tensor([gamma, epsilon], dtype=x.dtype, device=x.device)
-    BH = _block(H)
-    grid = (triton.cdiv(H, BH), B)
+    N = B * H
+    BN = _block(N)
     tr = current_trace()
     macs = 0
     for t in range(L - 1, -1, -1):
-        fused_recurrent_egru_bwd_kernel[grid](
-            r, u, n, hn, ct, c0, threshold, k, dy if dys is None else dys, dy, dc,
-            dy if dns is None else dns, dgi, dgh, dthr, t, B, H,
-            BH=BH, HAS_DYS=dys is not None, HAS_DNS=dns is not None, NEED_DTHR=need_thr)
+        fused_recurrent_egru_bwd_kernel[(triton.cdiv(N, BN),)](
+            r[t], u[t], n[t], hn[t], ct[t], c0 if t == 0 else ct[t - 1], threshold, k,
+            dy if dys is None else dys[t], dy, dc, dy if dns is None else dns, dgi[t], dgh[t], dthr, N, H,
+            BN=BN, CP_FROM_CT=t > 0, HAS_DYS=dys is not None, HAS_DNS=dns is not None, NEED_DTHR=need_thr)
         if t > 0 or need_y0:
             # dense; dL/dy matters only at events and within epsilon of the threshold (sparse later)
             torch.mm(dgh[t], weight_hh, out=dy)  # [B, H]
