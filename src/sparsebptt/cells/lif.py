@@ -95,9 +95,8 @@ class LIF(Cell):
         learn_beta: make beta a trainable per-neuron parameter (clamped to [0, 1]).
         bias: add a bias to the input projection.
         backend: "auto", "torch", "cpu" or "triton" (see the module docstring); None follows the
-            process-wide default (`sparsebptt.set_backend`). "triton" has no recurrent kernel
-            yet: "auto" runs a recurrent LIF on CUDA with "torch", an explicit "triton" raises.
-            An explicit backend that is unavailable here raises `BackendUnavailable`.
+            process-wide default (`sparsebptt.set_backend`). An explicit backend that is
+            unavailable here raises `BackendUnavailable`.
     """
 
     def __init__(self, input_size: int, hidden_size: int, *, beta: float = 0.9, threshold: float = 1.0,
@@ -108,10 +107,6 @@ class LIF(Cell):
         super().__init__(input_size, hidden_size)
         if backend is not None:
             check_backend(backend)
-            if recurrent and backend == "triton":
-                raise ValueError("LIF: backend 'triton' has no kernel for recurrent=True yet; use "
-                                 "backend='torch' or 'cpu' (or 'auto', which runs recurrent LIFs on CUDA "
-                                 "with 'torch')")
             require_backend(backend)
         self.backend = backend
         self.params = LIFParams(beta, threshold, reset, surrogate, surrogate_scale, detach_reset)
@@ -142,15 +137,7 @@ class LIF(Cell):
     def active_backend(self) -> str:
         """The backend the next scan runs ("torch", "cpu" or "triton"), for the weights' device."""
         requested = get_backend() if self.backend is None else self.backend
-        name = resolve_backend(requested, self.weight.device.type)
-        if self.recurrent and name == "triton":  # no recurrent Triton kernel yet
-            if requested != "auto":
-                raise ValueError("LIF: backend 'triton' (the process default) has no kernel for "
-                                 "recurrent=True yet; pass backend='torch' or 'auto' to this cell")
-            _log_once("sparsebptt: backend 'auto' runs recurrent LIFs on CUDA with 'torch' "
-                      "(no recurrent Triton kernel yet)")
-            return "torch"
-        return name
+        return resolve_backend(requested, self.weight.device.type)
 
     @property
     def scan_segment(self):
@@ -161,8 +148,11 @@ class LIF(Cell):
         backend = self.active_backend
         _log_once(f"sparsebptt: LIF scans run the fused {backend!r} backend")
         beta = self.params.beta if self.beta is None else self.beta.clamp(0.0, 1.0)
-        if self.recurrent:  # "cpu" (active_backend never gives "triton" here)
-            from ..kernels.lif.cpu import fused_recurrent_lif_layer
+        if self.recurrent:  # per step: a matmul for V z_{t-1}, one backend call for the membrane
+            if backend == "cpu":
+                from ..kernels.lif.cpu import fused_recurrent_lif_layer
+            else:
+                from ..kernels.lif.triton import fused_recurrent_lif_layer
             v, z_prev = state
             z, v = fused_recurrent_lif_layer(x_seg, v, z_prev, self.weight, self.bias, self.recurrent_weight,
                                              beta, self.params)

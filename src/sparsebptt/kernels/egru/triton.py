@@ -9,6 +9,7 @@ version of the two kernels here; `naive_egru` is the reference they are tested a
     r, u = sigma(gi_r + gh_r), sigma(gi_z + gh_z);   n = tanh(gi_n + r gh_n)
     c~ = n + u (c - n);   e = H(c~ - threshold);   y' = c~ e;   c' = c~ - threshold e
 
+Each kernel program handles a block of ``BN`` flattened (sample, unit) entries of [B, H].
 Forward per step: the recurrent GEMM, then `fused_recurrent_egru_fwd_kernel` (gates, candidate,
 internal state, event, output, reset, event count). Saved for the backward: ``r, u, n, gh_n, c~``
 [L, B, H] each; the previous internal state and the event output are recomputed from ``c~``

@@ -35,7 +35,7 @@ from ...cells.lif import LIFParams
 from ...cells.surrogate import SURROGATES
 from ...trace import current_trace
 from ..cbuild import build
-from .function import recurrence_function
+from .function import NoCtx, recurrence_function, recurrent_layer_function
 
 __all__ = ["fused_recurrent_lif", "fused_lif_layer", "fused_recurrent_lif_layer", "load_library", "SOURCE"]
 
@@ -423,103 +423,32 @@ def fused_lif_layer(x: torch.Tensor, v0: torch.Tensor, weight: torch.Tensor, bia
     return z, vT
 
 
-class FusedRecurrentLIFLayerFunction(torch.autograd.Function):
-    """A LIF layer with recurrent weights over a segment: (x, v0, z0, W, b, V, beta) -> (z, v_T).
+def _step_fwd(i_t, v_in, beta, p: LIFParams, z_t, v_out):
+    """One step of the forward kernel from the currents i_t [B, H]; u_t is written over i_t."""
+    B, H = i_t.shape
+    beta_t, beta_s = _beta_args(beta)
+    getattr(load_library(), f"lif_fwd_{_SUFFIX[i_t.dtype]}")(
+        _ptr(i_t), _ptr(v_in), _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"), 1, B, H,
+        _ptr(z_t), _ptr(i_t), _ptr(v_out))
 
-    ``i_t = W x_t + b + V z_{t-1}``. The input projection of every step is one matmul; then per
-    step one ``addmm`` adds ``V z_{t-1}`` in place and one C call advances the membrane (no
-    autograd graph per step). Saved: u [L, B, H] (over the currents) and the inputs. Backward per
-    step: the C step backward (with the spike gradient plus ``du_{t+1} V``), then one matmul for
-    the recurrent path; dW, dV, db and dx are batched matmuls over the segment at the end.
-    """
 
-    @staticmethod
-    def forward(ctx, x, v0, z0, weight, bias, rweight, beta, p: LIFParams):
-        L, B, n_in = x.shape
-        H = weight.shape[0]
-        lib = load_library()
-        fwd = getattr(lib, f"lif_fwd_{_SUFFIX[x.dtype]}")
-        i = _empty((L, B, H), x.dtype)
-        x2 = x.reshape(L * B, n_in)
-        if bias is None:
-            torch.mm(x2, weight.t(), out=i.view(L * B, H))
-        else:
-            torch.addmm(bias, x2, weight.t(), out=i.view(L * B, H))
-        z = _empty((L, B, H), x.dtype)
-        v = [v0, torch.empty_like(v0), torch.empty_like(v0)]
-        beta_t, beta_s = _beta_args(beta)
-        vt = rweight.t()
-        th, rz = float(p.threshold), int(p.reset == "zero")
-        for t in range(L):
-            i[t].addmm_(z0 if t == 0 else z[t - 1], vt)  # + V z_{t-1}
-            v_in, v_out = v[0] if t == 0 else v[1 + (t + 1) % 2], v[1 + t % 2]
-            fwd(_ptr(i[t]), _ptr(v_in), _ptr(beta_t), beta_s, th, rz, 1, B, H, _ptr(z[t]), _ptr(i[t]),
-                _ptr(v_out))
-        vT = v[1 + (L - 1) % 2]
-        t_ = current_trace()
-        macs_x, macs_r = L * B * n_in * H, L * B * H * H
-        if t_ is not None:
-            t_.add_forward_macs(macs_x + macs_r)
-        ctx.p, ctx.trace = p, t_
-        ctx.beta_s = None if beta_t is not None else beta
-        ctx.need_dbeta = beta_t is not None and beta_t.requires_grad
-        # the reference's per-step linear(z_{t-1}, V): z_{t-1} needs grad for t >= 1 (it depends on
-        # whatever requires grad here), at t = 0 when z0 does
-        ctx.bwd_macs = macs_x * (int(x.requires_grad) + int(weight.requires_grad)) + \
-            B * H * H * ((L - 1) + int(z0.requires_grad) + L * int(rweight.requires_grad))
-        ctx.save_for_backward(i, x, v0, z0, weight, rweight, beta_t)
-        ctx.set_materialize_grads(False)
-        return z, vT
+def _step_bwd(u_t, dz_t, g_in, beta, p: LIFParams, du_t, g_out):
+    """One step of the backward kernel: du_t and g_out = dL/dv_{t-1} (no dbeta)."""
+    B, H = u_t.shape
+    beta_t, beta_s = _beta_args(beta)
+    flags = (int(p.reset == "zero"), int(p.detach_reset), _SURROGATE_IDS[p.surrogate], _scale(p))
+    getattr(load_library(), f"lif_bwd_{_SUFFIX[u_t.dtype]}")(
+        _ptr(u_t), _ptr(dz_t), B * H, _ptr(g_in), _ptr(g_in), _ptr(beta_t), beta_s, float(p.threshold), *flags,
+        1, B, H, _ptr(du_t), _ptr(g_out), None)
 
-    @staticmethod
-    def backward(ctx, dz, dvT):
-        u, x, v0, z0, weight, rweight, beta_t = ctx.saved_tensors
-        p = ctx.p
-        L, B, H = u.shape
-        bwd = getattr(load_library(), f"lif_bwd_{_SUFFIX[u.dtype]}")
-        beta = beta_t if beta_t is not None else ctx.beta_s
-        beta_b, beta_s = _beta_args(beta)
-        du = _empty((L, B, H), u.dtype)
-        g = [torch.zeros_like(v0) if dvT is None else dvT.contiguous(), torch.empty_like(v0),
-             torch.empty_like(v0)]
-        dz_carry = None
-        dz_t = torch.empty_like(v0)
-        th = float(p.threshold)
-        flags = (int(p.reset == "zero"), int(p.detach_reset), _SURROGATE_IDS[p.surrogate], _scale(p))
-        for t in range(L - 1, -1, -1):
-            if dz is None:
-                dz_in = dz_carry if dz_carry is not None else torch.zeros_like(v0)
-            elif dz_carry is None:
-                dz_in = dz[t].contiguous()
-            else:
-                dz_in = torch.add(dz[t], dz_carry, out=dz_t)
-            g_in = g[0] if t == L - 1 else g[1 + (t + 1) % 2]
-            g_out = g[1 + t % 2]
-            bwd(_ptr(u[t]), _ptr(dz_in), B * H, _ptr(g_in), _ptr(v0), _ptr(beta_b), beta_s, th, *flags,
-                1, B, H, _ptr(du[t]), _ptr(g_out), None)
-            dz_carry = du[t].mm(rweight)  # dL/dz_{t-1} through V
-        dv0 = g[1]  # g_out of t = 0
-        need = ctx.needs_input_grad
-        du2 = du.view(L * B, H)
-        dx = dw = db = dV = dbeta = None
-        if need[0]:
-            dx = _empty(x.shape, x.dtype)
-            torch.mm(du2, weight, out=dx.view(L * B, -1))
-        if need[3]:
-            dw = du2.t().mm(x.reshape(L * B, -1))
-        if need[4]:
-            db = du2.sum(0)
-        z = (u > th).to(u.dtype)  # z_t recomputed from u_t
-        if need[5]:
-            zprev = torch.cat([z0.unsqueeze(0), z[:-1]]).view(L * B, H)
-            dV = du2.t().mm(zprev)
-        if ctx.need_dbeta:
-            v = u - z * th if p.reset == "subtract" else u * (1 - z)  # v_t
-            vprev = torch.cat([v0.unsqueeze(0), v[:-1]])
-            dbeta = (du.double() * vprev.double()).sum((0, 1)).to(u.dtype)
-        if ctx.trace is not None and ctx.bwd_macs:
-            ctx.trace.add_backward_macs(ctx.bwd_macs)
-        return dx, dv0, dz_carry, dw, db, dV, dbeta, None
+
+_NoCtx = NoCtx  # the name other kernels import
+
+
+#: ``i_t = W x_t + b + V z_{t-1}``: one matmul for the inputs, per step one ``addmm`` and one C
+#: step, forward and backward (see `recurrent_layer_function`)
+FusedRecurrentLIFLayerFunction = recurrent_layer_function(
+    "FusedRecurrentLIFLayerFunction", _step_fwd, _step_bwd, lambda shape, dtype, device: _empty(shape, dtype))
 
 
 def fused_recurrent_lif_layer(x: torch.Tensor, v0: torch.Tensor, z0: torch.Tensor, weight: torch.Tensor,
@@ -543,17 +472,5 @@ def fused_recurrent_lif_layer(x: torch.Tensor, v0: torch.Tensor, z0: torch.Tenso
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return FusedRecurrentLIFLayerFunction.apply(x, v0, z0, weight, bias, rweight, beta, p)
     with torch.no_grad():
-        z, vT = FusedRecurrentLIFLayerFunction.forward(_NoCtx(), x, v0, z0, weight, bias, rweight, beta, p)
+        z, vT = FusedRecurrentLIFLayerFunction.forward(NoCtx(), x, v0, z0, weight, bias, rweight, beta, p)
     return z, vT
-
-
-class _NoCtx:
-    """Stands in for autograd's ctx when the forward runs outside autograd (nothing is kept)."""
-
-    needs_input_grad = ()
-
-    def save_for_backward(self, *tensors):
-        pass
-
-    def set_materialize_grads(self, value):
-        pass

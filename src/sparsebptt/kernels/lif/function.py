@@ -1,11 +1,12 @@
-"""The autograd node shared by the fused LIF recurrences (C on CPU, Triton on GPU)."""
+"""The autograd nodes shared by the fused LIF recurrences (C on CPU, Triton on GPU)."""
 from __future__ import annotations
 
 import torch
 
 from ...cells.lif import LIFParams
+from ...trace import current_trace
 
-__all__ = ["recurrence_function"]
+__all__ = ["recurrence_function", "recurrent_layer_function", "NoCtx"]
 
 
 def recurrence_function(name: str, fwd, bwd) -> type[torch.autograd.Function]:
@@ -35,3 +36,113 @@ def recurrence_function(name: str, fwd, bwd) -> type[torch.autograd.Function]:
     return type(name, (torch.autograd.Function,), {
         "__doc__": "The LIF recurrence alone, from currents ``i``: (i, v0, beta) -> (z, v_T).",
         "forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+def recurrent_layer_function(name: str, step_fwd, step_bwd, empty) -> type[torch.autograd.Function]:
+    """An autograd.Function ``(x, v0, z0, W, b, V, beta, p) -> (z, v_T)`` over a LIF layer with
+    recurrent weights V [H, H]: ``i_t = W x_t + b + V z_{t-1}``.
+
+    The input projection of every step is one matmul; then per step one ``addmm`` adds
+    ``V z_{t-1}`` in place and one backend call advances the membrane (no autograd graph per
+    step). Saved: u [L, B, H] (written over the currents) and the inputs. Backward per step: the
+    backend's step backward (with the spike gradient plus ``du_{t+1} V``), then one matmul for
+    the recurrent path; dW, dV, db, dx and dbeta are batched over the segment at the end.
+
+    A backend gives ``step_fwd(i_t, v_in, beta, p, z_t, v_out)`` (writes z_t, v_out, and u_t
+    over i_t), ``step_bwd(u_t, dz_t, g_in, beta, p, du_t, g_out)`` (writes du_t and
+    g_out = dL/dv_{t-1}; no dbeta) and ``empty(shape, dtype, device)`` for the [L, B, H] buffers.
+    """
+
+    def forward(ctx, x, v0, z0, weight, bias, rweight, beta, p: LIFParams):
+        L, B, n_in = x.shape
+        H = weight.shape[0]
+        i = empty((L, B, H), x.dtype, x.device)
+        x2 = x.reshape(L * B, n_in)
+        if bias is None:
+            torch.mm(x2, weight.t(), out=i.view(L * B, H))
+        else:
+            torch.addmm(bias, x2, weight.t(), out=i.view(L * B, H))
+        z = empty((L, B, H), x.dtype, x.device)
+        v = [v0, torch.empty_like(v0), torch.empty_like(v0)]
+        vt = rweight.t()
+        for t in range(L):
+            i[t].addmm_(z0 if t == 0 else z[t - 1], vt)  # + V z_{t-1}
+            v_in, v_out = v[0] if t == 0 else v[1 + (t + 1) % 2], v[1 + t % 2]
+            step_fwd(i[t], v_in, beta, p, z[t], v_out)
+        vT = v[1 + (L - 1) % 2]
+        t_ = current_trace()
+        macs_x, macs_r = L * B * n_in * H, L * B * H * H
+        if t_ is not None:
+            t_.add_forward_macs(macs_x + macs_r)
+        beta_t = beta if isinstance(beta, torch.Tensor) else None
+        ctx.p, ctx.trace = p, t_
+        ctx.beta_s = None if beta_t is not None else beta
+        ctx.need_dbeta = beta_t is not None and beta_t.requires_grad
+        # the reference's per-step linear(z_{t-1}, V): z_{t-1} needs grad for t >= 1 (it depends on
+        # whatever requires grad here), at t = 0 when z0 does
+        ctx.bwd_macs = macs_x * (int(x.requires_grad) + int(weight.requires_grad)) + \
+            B * H * H * ((L - 1) + int(z0.requires_grad) + L * int(rweight.requires_grad))
+        ctx.save_for_backward(i, x, v0, z0, weight, rweight, beta_t)
+        ctx.set_materialize_grads(False)
+        return z, vT
+
+    def backward(ctx, dz, dvT):
+        u, x, v0, z0, weight, rweight, beta_t = ctx.saved_tensors
+        p = ctx.p
+        L, B, H = u.shape
+        beta = beta_t if beta_t is not None else ctx.beta_s
+        du = empty((L, B, H), u.dtype, u.device)
+        g = [torch.zeros_like(v0) if dvT is None else dvT.contiguous(), torch.empty_like(v0),
+             torch.empty_like(v0)]
+        dz_carry = None
+        dz_t = torch.empty_like(v0)
+        th = float(p.threshold)
+        for t in range(L - 1, -1, -1):
+            if dz is None:
+                dz_in = dz_carry if dz_carry is not None else torch.zeros_like(v0)
+            elif dz_carry is None:
+                dz_in = dz[t].contiguous()
+            else:
+                dz_in = torch.add(dz[t], dz_carry, out=dz_t)
+            g_in = g[0] if t == L - 1 else g[1 + (t + 1) % 2]
+            g_out = g[1 + t % 2]
+            step_bwd(u[t], dz_in, g_in, beta, p, du[t], g_out)
+            dz_carry = du[t].mm(rweight)  # dL/dz_{t-1} through V
+        dv0 = g[1]  # g_out of t = 0
+        need = ctx.needs_input_grad
+        du2 = du.view(L * B, H)
+        dx = dw = db = dV = dbeta = None
+        if need[0]:
+            dx = empty(x.shape, x.dtype, x.device)
+            torch.mm(du2, weight, out=dx.view(L * B, -1))
+        if need[3]:
+            dw = du2.t().mm(x.reshape(L * B, -1))
+        if need[4]:
+            db = du2.sum(0)
+        z = (u > th).to(u.dtype)  # z_t recomputed from u_t
+        if need[5]:
+            zprev = torch.cat([z0.unsqueeze(0), z[:-1]]).view(L * B, H)
+            dV = du2.t().mm(zprev)
+        if ctx.need_dbeta:
+            v = u - z * th if p.reset == "subtract" else u * (1 - z)  # v_t
+            vprev = torch.cat([v0.unsqueeze(0), v[:-1]])
+            dbeta = (du.double() * vprev.double()).sum((0, 1)).to(u.dtype)
+        if ctx.trace is not None and ctx.bwd_macs:
+            ctx.trace.add_backward_macs(ctx.bwd_macs)
+        return dx, dv0, dz_carry, dw, db, dV, dbeta, None
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": "A LIF layer with recurrent weights over a segment: (x, v0, z0, W, b, V, beta) -> (z, v_T).",
+        "forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+class NoCtx:
+    """Stands in for autograd's ctx when a forward runs outside autograd (nothing is kept)."""
+
+    needs_input_grad = ()
+
+    def save_for_backward(self, *tensors):
+        pass
+
+    def set_materialize_grads(self, value):
+        pass

@@ -19,9 +19,9 @@ import triton.language as tl
 
 from ...cells.lif import LIFParams
 from ...cells.surrogate import SURROGATES
-from .function import recurrence_function
+from .function import NoCtx, recurrence_function, recurrent_layer_function
 
-__all__ = ["fused_recurrent_lif"]
+__all__ = ["fused_recurrent_lif", "fused_recurrent_lif_layer"]
 
 _SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "triangle": 2}
 _DTYPES = (torch.float32, torch.float64)
@@ -172,6 +172,39 @@ FusedRecurrentLIFFunction = recurrence_function("FusedRecurrentLIFFunction", fus
                                                 fused_recurrent_lif_bwd)
 
 
+def _step_fwd(i_t, v_in, beta, p: LIFParams, z_t, v_out):
+    """One step of the forward kernel from the currents i_t [B, H]; u_t is written over i_t (each
+    element is read before its own program overwrites it)."""
+    B, H = i_t.shape
+    N = B * H
+    has_beta = isinstance(beta, torch.Tensor)
+    c = _consts(p, 0.0 if has_beta else float(beta), i_t.dtype, i_t.device)
+    BH = _block(N)
+    fused_recurrent_lif_fwd_kernel[(triton.cdiv(N, BH),)](
+        i_t, v_in, beta if has_beta else c, c, z_t, i_t, v_out, 1, N, H,
+        BH=BH, HAS_BETA=has_beta, RESET_ZERO=p.reset == "zero", SAVE_U=True)
+
+
+def _step_bwd(u_t, dz_t, g_in, beta, p: LIFParams, du_t, g_out):
+    """One step of the backward kernel: du_t and g_out = dL/dv_{t-1} (dbeta is left to the caller)."""
+    B, H = u_t.shape
+    N = B * H
+    has_beta = isinstance(beta, torch.Tensor)
+    c = _consts(p, 0.0 if has_beta else float(beta), u_t.dtype, u_t.device)
+    BH = _block(N)
+    fused_recurrent_lif_bwd_kernel[(triton.cdiv(N, BH),)](
+        u_t, dz_t, g_in, g_in, beta if has_beta else c, c, du_t, g_out, g_out, 1, N, H,
+        BH=BH, HAS_BETA=has_beta, RESET_ZERO=p.reset == "zero", DETACH=bool(p.detach_reset),
+        SURROGATE=_SURROGATE_IDS[p.surrogate], HAS_DZ=True, HAS_DVT=True, NEED_DBETA=False)
+
+
+#: a LIF layer with recurrent weights: per step one ``addmm`` (cuBLAS) for ``V z_{t-1}`` and one
+#: Triton launch, forward and backward (see `recurrent_layer_function`)
+FusedRecurrentLIFLayerFunction = recurrent_layer_function(
+    "FusedRecurrentLIFLayerFunction", _step_fwd, _step_bwd,
+    lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device))
+
+
 def _check(i, v0, beta):
     if not isinstance(i, torch.Tensor) or i.dim() != 3:
         raise ValueError(f"fused_recurrent_lif (triton): i must be a 3-D tensor [L, B, H] of input currents, "
@@ -220,3 +253,40 @@ def fused_recurrent_lif(i: torch.Tensor, v0: torch.Tensor, beta, p: LIFParams):
         z, _, vT = fused_recurrent_lif_fwd(i, v0, beta, p, save_u=False)
         return z, vT
     return FusedRecurrentLIFFunction.apply(i, v0, beta, p)
+
+
+def fused_recurrent_lif_layer(x: torch.Tensor, v0: torch.Tensor, z0: torch.Tensor, weight: torch.Tensor,
+                              bias: torch.Tensor | None, rweight: torch.Tensor, beta, p: LIFParams):
+    """A LIF layer with recurrent weights ``rweight`` [H, H] over a segment with Triton:
+    ``(z [L, B, H], v_T [B, H])`` (the final spikes are ``z[-1]``).
+
+    ``i_t = W x_t + b + V z_{t-1}``: the input projection of all steps is one matmul, ``V z_{t-1}``
+    one cuBLAS ``addmm`` per step (dense; z is binary and sparse, an event-sparse product could
+    go here), the membrane one Triton launch per step. Differentiable in every tensor argument;
+    under no_grad the same loop runs without saving.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("fused_recurrent_lif_layer (triton): weight must be a 2-D tensor [H, in], got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    H = weight.shape[0]
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != weight.shape[1]:
+        raise ValueError(f"fused_recurrent_lif_layer (triton): x must be a 3-D tensor [L, B, {weight.shape[1]}], "
+                         f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    _check(x.new_empty(x.shape[0], x.shape[1], H), v0, beta)  # dtype, device, v0 and beta as the currents'
+    for name, t, want in (("z0", z0, v0.shape), ("recurrent weight", rweight, (H, H)), ("weight", weight, None),
+                          ("bias", bias, (H,))):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor) or (want is not None and t.shape != want) or t.dtype != x.dtype \
+                or t.device != x.device:
+            raise ValueError(f"fused_recurrent_lif_layer (triton): {name} must be a {x.dtype} tensor on {x.device}"
+                             f"{'' if want is None else f' of shape {tuple(want)}'}, got "
+                             f"{(t.dtype, tuple(t.shape), str(t.device)) if isinstance(t, torch.Tensor) else t!r}")
+    x, v0, z0, weight, rweight = (t.contiguous() for t in (x, v0, z0, weight, rweight))
+    if isinstance(beta, torch.Tensor):
+        beta = beta.contiguous()
+    tensors = [t for t in (x, v0, z0, weight, bias, rweight, beta) if isinstance(t, torch.Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return FusedRecurrentLIFLayerFunction.apply(x, v0, z0, weight, bias, rweight, beta, p)
+    with torch.no_grad():
+        return FusedRecurrentLIFLayerFunction.forward(NoCtx(), x, v0, z0, weight, bias, rweight, beta, p)
