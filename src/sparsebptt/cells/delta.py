@@ -20,22 +20,49 @@ are a consistent initial state (any ``h``, ``c`` may be given with zero referenc
 With both thresholds 0 every delta is transmitted and the outputs equal the dense `GRU` /
 `LSTM` with the same weights (same parameter names: ``load_state_dict`` works across).
 
-The matmuls run through `sparse_linear` (``backend="sparse"``): forward and backward touch only
-the active columns, the exact gradient of the thresholded forward. ``backend="torch"`` is the
-reference: plain autograd through dense matmuls on the masked deltas.
+Backends (``backend=``):
+
+- ``"sparse"`` (default): the matmuls run through `sparse_linear`: forward and backward touch only
+  the active columns, the exact gradient of the thresholded forward (stepped, any device).
+- ``"torch"``: the reference: plain autograd through dense matmuls on the masked deltas.
+- ``"triton"``: whole segments in `sparsebptt.kernels.delta.triton` (the cell's ``scan_segment``,
+  used by every strategy; ``step`` runs it for one step): Triton kernels for the delta encoding
+  and the gates, forward and backward, equal to the reference up to rounding. Needs CUDA tensors
+  (CPU tensors only under ``TRITON_INTERPRET=1``); unavailable, it raises `BackendUnavailable`.
+- ``"auto"``: "triton" for CUDA weights when Triton is available, else "sparse"; resolved once
+  per device type, logged on the ``sparsebptt.kernels`` logger, queryable as ``active_backend``.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
 
 from .base import Cell, init_uniform_, linear
 from .sparse import ACTIVE_SETS, sparse_linear
+from ..kernels.backend import backend_available, require_backend
 from ..trace import current_trace
 
 __all__ = ["DeltaGRU", "DeltaLSTM", "delta_encode", "delta_gru_step", "delta_lstm_step", "BACKENDS"]
 
-BACKENDS = ("sparse", "torch")
+BACKENDS = ("sparse", "torch", "triton", "auto")
+
+log = logging.getLogger("sparsebptt.kernels")
+_resolved: dict[str, str] = {}  # device type -> what "auto" runs Delta cells as
+
+
+def resolve_delta_backend(device_type: str) -> str:
+    """What ``backend="auto"`` runs a Delta cell as on ``device_type`` (resolved once, logged)."""
+    if device_type not in _resolved:
+        chosen, why = "sparse", f"no Triton kernels for device {device_type!r}"
+        if device_type == "cuda":
+            ok, why = backend_available("triton")
+            if ok:
+                chosen = "triton"
+        _resolved[device_type] = chosen
+        log.info("sparsebptt: Delta cells' backend 'auto' on %s resolved to %r (%s)", device_type, chosen, why)
+    return _resolved[device_type]
 
 
 def delta_encode(v: torch.Tensor, ref: torch.Tensor, threshold: float):
@@ -111,6 +138,8 @@ class _DeltaCell(Cell):
                 raise ValueError(f"{name}: {arg} must be a number >= 0 (0 transmits every change), got {v!r}")
         if backend not in BACKENDS:
             raise ValueError(f"{name}: unknown backend {backend!r}; valid backends are: {', '.join(BACKENDS)}")
+        if backend == "triton":
+            require_backend("triton")
         if active_set not in ACTIVE_SETS:
             raise ValueError(f"{name}: unknown active_set {active_set!r}; valid values are: "
                              f"{', '.join(ACTIVE_SETS)}")
@@ -135,10 +164,31 @@ class _DeltaCell(Cell):
         return tuple(z(H) for _ in range(self.num_states - 4)) + (
             z(self.input_size), z(H), z(G * H), z(G * H))
 
+    @property
+    def active_backend(self) -> str:
+        """The backend the next scan runs ("sparse", "torch" or "triton"), for the weights' device."""
+        if self.backend == "auto":
+            return resolve_delta_backend(self.weight_hh.device.type)
+        return self.backend
+
+    @property
+    def scan_segment(self):
+        """The fused Triton segment scan when the active backend is "triton", else None (stepped)."""
+        return self._scan_segment if self.active_backend == "triton" else None
+
+    def _scan_segment(self, x_seg, state):
+        from ..kernels.delta.triton import fused_recurrent_delta_gru, fused_recurrent_delta_lstm
+        fn = fused_recurrent_delta_gru if self.gates == 3 else fused_recurrent_delta_lstm
+        return fn(x_seg, tuple(state), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                  threshold=self.threshold, hidden_threshold=self.hidden_threshold, layer=self)
+
     def step(self, x_t, state):
+        if self.active_backend == "triton":  # the segment kernels over one step
+            ys, state = self._scan_segment(x_t.unsqueeze(0), state)
+            return ys[0], state
         h, state = type(self)._step(
             x_t, state, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-            threshold=self.threshold, hidden_threshold=self.hidden_threshold, backend=self.backend,
+            threshold=self.threshold, hidden_threshold=self.hidden_threshold, backend=self.active_backend,
             active_set=self.active_set, layer=self)
         return h, state
 
@@ -156,7 +206,8 @@ class DeltaGRU(_DeltaCell):
         threshold: input delta threshold theta_x (>= 0; 0 transmits every change).
         hidden_threshold: hidden delta threshold theta_h; default: ``threshold``.
         bias: add ``bias_ih`` and ``bias_hh`` (as `GRU`).
-        backend: "sparse" (skip inactive columns forward and backward) or "torch" (reference).
+        backend: "sparse" (skip inactive columns forward and backward), "torch" (reference),
+            "triton" (GPU segment kernels) or "auto" (see the module docstring).
         active_set: how a batch shares the active columns: "auto", "union", "sample"
             (see `sparsebptt.cells.sparse`).
     """

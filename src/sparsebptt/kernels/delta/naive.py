@@ -1,0 +1,32 @@
+"""The reference for the Delta kernels: a plain loop over `delta_gru_step` / `delta_lstm_step`
+with dense matmuls on the masked deltas (``backend="torch"``), differentiated by autograd."""
+from __future__ import annotations
+
+import torch
+
+from ...cells.delta import delta_gru_step, delta_lstm_step
+
+__all__ = ["naive_recurrent_delta_gru", "naive_recurrent_delta_lstm"]
+
+
+def _naive(step, x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, hidden_threshold):
+    ys = []
+    for t in range(x.shape[0]):
+        y, state = step(x[t], tuple(state), weight_ih, weight_hh, bias_ih, bias_hh, threshold=threshold,
+                        hidden_threshold=hidden_threshold, backend="torch")
+        ys.append(y)
+    return torch.stack(ys), tuple(state)
+
+
+def naive_recurrent_delta_gru(x, state, weight_ih, weight_hh, bias_ih=None, bias_hh=None, threshold=0.0,
+                              hidden_threshold=0.0):
+    """``(ys [L, B, H], (h, x_ref, h_ref, m_x, m_h))``: the Delta GRU step by step."""
+    return _naive(delta_gru_step, x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold,
+                  hidden_threshold)
+
+
+def naive_recurrent_delta_lstm(x, state, weight_ih, weight_hh, bias_ih=None, bias_hh=None, threshold=0.0,
+                               hidden_threshold=0.0):
+    """``(ys [L, B, H], (h, c, x_ref, h_ref, m_x, m_h))``: the Delta LSTM step by step."""
+    return _naive(delta_lstm_step, x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold,
+                  hidden_threshold)
