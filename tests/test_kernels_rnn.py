@@ -17,6 +17,7 @@ import torch
 import sparsebptt as sb
 from sparsebptt.cells import base as cells_base
 from sparsebptt.kernels import backend as kb
+from sparsebptt.kernels.rnn import cpu as rnn_cpu
 from sparsebptt.kernels.rnn.cpu import _history, fused_gru_layer, fused_lstm_layer
 from sparsebptt.testing import assert_close, seeded
 
@@ -95,6 +96,21 @@ def test_fused_without_bias(kind, dtype):
     expect = run(ref, x, state0)
     for strategy in (sb.FullBPTT(), sb.Checkpoint(every=5)):
         compare(expect, run(fast, x, state0, strategy), dtype, f"{strategy.to_string()}: ")
+
+
+@pytest.mark.parametrize("reduce", [None, "sum"], ids=["seq", "sum"])
+@pytest.mark.parametrize("kind", CELLS)
+def test_segments_of_many_chunks(kind, reduce, monkeypatch):
+    """Projections and batched gradients run chunk by chunk (here 3 steps of B=3, the last one
+    short); the result is the same."""
+    monkeypatch.setattr(rnn_cpu, "CHUNK_ROWS", 10)
+    ref, fast = make_pair(kind, torch.float64)
+    x, state0 = inputs(ref, 23, 3, torch.float64)
+    compare(run(ref, x, state0, sb.FullBPTT(), reduce), run(fast, x, state0, sb.FullBPTT(), reduce),
+            torch.float64)
+    with torch.no_grad():
+        y_ref, y = sb.scan(ref, x, state0)[0], sb.scan(fast, x, state0)[0]
+    assert_close("no-grad out", y_ref, y)
 
 
 @pytest.mark.parametrize("reduce", ["mean", "last"])

@@ -4,12 +4,13 @@ Entry points: `fused_gru_layer` and `fused_lstm_layer` (what ``GRU(backend="cpu"
 ``LSTM(backend="cpu")`` run for every segment a strategy hands them). With ``G`` gates (GRU 3,
 LSTM 4) and a segment of ``L`` steps:
 
-- forward: ``gi = x W_ih^T + b_ih`` for all L steps as one matmul [L, B, G*H]; then per step
-  one ``addmm`` ``gh = h W_hh^T + b_hh`` [B, G*H] and one C call for the fused gate math
-  (nonlinearities, state update, the saved activations);
+- forward: ``gi = x W_ih^T + b_ih`` as one matmul per chunk of steps (`CHUNK_ROWS` rows,
+  so the buffer stays in cache); then per step one ``addmm`` ``gh = h W_hh^T + b_hh``
+  [B, G*H] and one C call for the fused gate math (nonlinearities, state update, the saved
+  activations);
 - backward, per step from t = L-1 to 0: one C call for the gate derivatives (``dgi``, ``dgh``
-  [B, G*H]) and one ``addmm`` for ``dh_{t-1} = dh_direct + dgh W_hh``; then dW_ih, dW_hh, db
-  and dx as batched matmuls over the segment.
+  [B, G*H]) and one ``addmm`` for ``dh_{t-1} = dh_direct + dgh W_hh``; after each chunk, dW_ih,
+  dW_hh, db and dx of its steps as one matmul each.
 
 GRU (gates r, z, n; as `cells.gru`)::
 
@@ -277,16 +278,26 @@ def _kernel(name: str, dtype):
     return getattr(load_library(), f"{name}_{_SUFFIX[dtype]}")
 
 
-def _project(x, weight, bias):
-    """``x W^T + b`` for every step of the segment as one matmul: [L, B, G*H] (a fresh buffer)."""
-    L, B, n_in = x.shape
-    out = _empty((L, B, weight.shape[0]), x.dtype)
-    x2, o2 = x.reshape(L * B, n_in), out.view(L * B, -1)
+#: rows (steps x batch) of a chunk: the input projection and the batched gradients run over
+#: chunks of about this many rows, so their [chunk, B, G*H] buffers stay in cache and no
+#: [L, B, G*H] temporary is allocated however long the segment
+CHUNK_ROWS = 512
+
+
+def _chunks(L: int, B: int):
+    """(c0, c1) step ranges of about `CHUNK_ROWS` rows covering 0..L."""
+    n = max(1, CHUNK_ROWS // B)
+    return [(c0, min(L, c0 + n)) for c0 in range(0, L, n)]
+
+
+def _project(x, weight, bias, out):
+    """``out = x W^T + b`` for a chunk of steps as one matmul; x [n, B, in], out [n, B, G*H]."""
+    n, B, n_in = x.shape
+    x2, o2 = x.reshape(n * B, n_in), out.view(n * B, -1)
     if bias is None:
         torch.mm(x2, weight.t(), out=o2)
     else:
         torch.addmm(bias, x2, weight.t(), out=o2)
-    return out
 
 
 def _step_grads(dys, B, H):
@@ -311,27 +322,40 @@ def _count(ctx, macs_x, macs_h, L, x, h0, weight_ih, weight_hh, t_):
         per_step * ((L - 1) + int(h0.requires_grad) + L * int(weight_hh.requires_grad))
 
 
-def _param_grads(ctx, dgi, dgh, x, hs, weight_ih, weight_hh, need):
-    """dx, dW_ih, dW_hh, db_ih, db_hh as batched matmuls over the segment. ``dgi``/``dgh``
-    [L, B, G*H] are the gradients of the two projections (the same tensor for the LSTM), ``hs``
-    [L, B, H] the hidden states h_{t-1} they multiply; ``need`` the flags (x, W_ih, W_hh, b_ih, b_hh)."""
-    L, B, GH = dgi.shape
-    dgi2, dgh2 = dgi.view(L * B, GH), dgh.view(L * B, GH)
-    dx = dw_ih = dw_hh = db_ih = db_hh = None
-    if need[0]:
-        dx = _empty(x.shape, x.dtype)
-        torch.mm(dgi2, weight_ih, out=dx.view(L * B, -1))
-    if need[1]:
-        dw_ih = dgi2.t().mm(x.reshape(L * B, -1))
-    if need[2]:
-        dw_hh = dgh2.t().mm(hs.view(L * B, -1))
-    if need[3]:
-        db_ih = dgi2.sum(0)
-    if need[4]:
-        db_hh = dgh2.sum(0)  # a tensor of its own even when it equals db_ih (LSTM)
-    if ctx.trace is not None and ctx.bwd_macs:
-        ctx.trace.add_backward_macs(ctx.bwd_macs)
-    return dx, dw_ih, dw_hh, db_ih, db_hh
+class _Grads:
+    """dx, dW_ih, dW_hh, db_ih, db_hh, accumulated chunk by chunk with one matmul each.
+
+    ``need``: the flags (x, W_ih, W_hh, b_ih, b_hh). `add` takes a chunk's gradients of the two
+    projections, ``dgi`` / ``dgh`` [n, B, G*H] (the same tensor for the LSTM), and the hidden
+    states h_{t-1} ``hs`` [n, B, H] that ``dgh`` multiplies."""
+
+    def __init__(self, x, weight_ih, weight_hh, need):
+        self.x, self.weight_ih = x, weight_ih
+        self.dx = _empty(x.shape, x.dtype) if need[0] else None
+        self.dw_ih = torch.zeros_like(weight_ih) if need[1] else None
+        self.dw_hh = torch.zeros_like(weight_hh) if need[2] else None
+        GH = weight_hh.shape[0]
+        self.db_ih = torch.zeros(GH, dtype=x.dtype) if need[3] else None
+        self.db_hh = torch.zeros(GH, dtype=x.dtype) if need[4] else None
+
+    def add(self, c0, c1, dgi, dgh, hs):
+        n, B, GH = dgi.shape
+        dgi2, dgh2 = dgi.view(n * B, GH), dgh.view(n * B, GH)
+        if self.dx is not None:
+            torch.mm(dgi2, self.weight_ih, out=self.dx[c0:c1].view(n * B, -1))
+        if self.dw_ih is not None:
+            self.dw_ih.addmm_(dgi2.t(), self.x[c0:c1].reshape(n * B, -1))
+        if self.dw_hh is not None:
+            self.dw_hh.addmm_(dgh2.t(), hs.reshape(n * B, -1))
+        if self.db_ih is not None:
+            self.db_ih += dgi2.sum(0)
+        if self.db_hh is not None:
+            self.db_hh += dgh2.sum(0)
+
+    def result(self, ctx):
+        if ctx.trace is not None and ctx.bwd_macs:
+            ctx.trace.add_backward_macs(ctx.bwd_macs)
+        return self.dx, self.dw_ih, self.dw_hh, self.db_ih, self.db_hh
 
 
 def _history(name, s, cs, h0, L, B, H):
@@ -360,7 +384,8 @@ class FusedGRULayerFunction(torch.autograd.Function):
         H = h0.shape[1]
         save = not isinstance(ctx, _NoCtx)
         fwd = _kernel("gru_fwd", x.dtype)
-        gi = _project(x, weight_ih, bias_ih)  # [L, B, 3H]
+        chunks = _chunks(L, B)
+        gi = _empty((chunks[0][1], B, 3 * H), x.dtype)  # one chunk's input projection
         ys = _empty((L, B, H), x.dtype)
         s = _empty((L, B, 4 * H), x.dtype) if save else None
         gh = torch.empty(B, 3 * H, dtype=x.dtype)
@@ -370,14 +395,16 @@ class FusedGRULayerFunction(torch.autograd.Function):
         p_s = None if s is None else s.data_ptr()
         h_steps = ys.unbind(0)
         h = h0
-        for t in range(L):
-            if bias_hh is None:
-                torch.mm(h, wt, out=gh)
-            else:
-                torch.addmm(bias_hh, h, wt, out=gh)
-            fwd(p_gi + t * B * 3 * H * esz, p_gh, h.data_ptr(), B, H, p_ys + t * B * H * esz,
-                None if p_s is None else p_s + t * B * 4 * H * esz)
-            h = h_steps[t]
+        for c0, c1 in chunks:
+            _project(x[c0:c1], weight_ih, bias_ih, gi[:c1 - c0])
+            for t in range(c0, c1):
+                if bias_hh is None:
+                    torch.mm(h, wt, out=gh)
+                else:
+                    torch.addmm(bias_hh, h, wt, out=gh)
+                fwd(p_gi + (t - c0) * B * 3 * H * esz, p_gh, h.data_ptr(), B, H, p_ys + t * B * H * esz,
+                    None if p_s is None else p_s + t * B * 4 * H * esz)
+                h = h_steps[t]
         _count(ctx, L * B * n_in * 3 * H, L * B * H * 3 * H, L, x, h0, weight_ih, weight_hh, current_trace())
         ctx.save_for_backward(s, x, h0, weight_ih, weight_hh)
         ctx.set_materialize_grads(False)
@@ -390,8 +417,10 @@ class FusedGRULayerFunction(torch.autograd.Function):
         bwd = _kernel("gru_bwd", s.dtype)
         esz = s.element_size()
         need = ctx.needs_input_grad
+        grads = _Grads(x, weight_ih, weight_hh, (need[0], need[2], need[3], need[4], need[5]))
         hs = _history("gru_hist", s, None, h0, L, B, H)  # h_{t-1}
-        dgi, dgh = _empty((L, B, 3 * H), s.dtype), _empty((L, B, 3 * H), s.dtype)
+        chunks = _chunks(L, B)
+        dgi, dgh = _empty((chunks[0][1], B, 3 * H), s.dtype), _empty((chunks[0][1], B, 3 * H), s.dtype)
         keep, p_dy, dy_step = _step_grads(dys, B, H)
         dh = [torch.zeros_like(h0) if dhT is None else dhT.contiguous(), torch.empty_like(h0),
               torch.empty_like(h0)]
@@ -399,17 +428,19 @@ class FusedGRULayerFunction(torch.autograd.Function):
         dgh_steps = dgh.unbind(0)
         p_s, p_hs, p_dgi, p_dgh = s.data_ptr(), hs.data_ptr(), dgi.data_ptr(), dgh.data_ptr()
         dh_in, dh0 = dh[0], None
-        for t in range(L - 1, -1, -1):
-            bwd(p_s + t * B * 4 * H * esz, p_hs + t * B * H * esz, None if p_dy is None else p_dy + t * dy_step,
-                dh_in.data_ptr(), B, H, p_dgi + t * B * 3 * H * esz, p_dgh + t * B * 3 * H * esz,
-                dhd.data_ptr())
-            if t > 0 or need[1]:
-                dh_out = dh[1 + t % 2]
-                torch.addmm(dhd, dgh_steps[t], weight_hh, out=dh_out)  # dL/dh_{t-1}
-                dh_in = dh0 = dh_out
+        for c0, c1 in reversed(chunks):
+            for t in range(c1 - 1, c0 - 1, -1):
+                k = t - c0
+                bwd(p_s + t * B * 4 * H * esz, p_hs + t * B * H * esz,
+                    None if p_dy is None else p_dy + t * dy_step, dh_in.data_ptr(), B, H,
+                    p_dgi + k * B * 3 * H * esz, p_dgh + k * B * 3 * H * esz, dhd.data_ptr())
+                if t > 0 or need[1]:
+                    dh_out = dh[1 + t % 2]
+                    torch.addmm(dhd, dgh_steps[k], weight_hh, out=dh_out)  # dL/dh_{t-1}
+                    dh_in = dh0 = dh_out
+            grads.add(c0, c1, dgi[:c1 - c0], dgh[:c1 - c0], hs[c0:c1])
         del keep
-        dx, dw_ih, dw_hh, db_ih, db_hh = _param_grads(ctx, dgi, dgh, x, hs, weight_ih, weight_hh,
-                                                      (need[0], need[2], need[3], need[4], need[5]))
+        dx, dw_ih, dw_hh, db_ih, db_hh = grads.result(ctx)
         return dx, (dh0 if need[1] else None), dw_ih, dw_hh, db_ih, db_hh
 
 
@@ -427,7 +458,8 @@ class FusedLSTMLayerFunction(torch.autograd.Function):
         H = h0.shape[1]
         save = not isinstance(ctx, _NoCtx)
         fwd = _kernel("lstm_fwd", x.dtype)
-        gi = _project(x, weight_ih, bias_ih)  # [L, B, 4H]
+        chunks = _chunks(L, B)
+        gi = _empty((chunks[0][1], B, 4 * H), x.dtype)  # one chunk's input projection
         ys = _empty((L, B, H), x.dtype)
         s = _empty((L, B, 4 * H), x.dtype) if save else None
         cs = _empty((L, B, H), x.dtype) if save else torch.empty(2, B, H, dtype=x.dtype)
@@ -438,15 +470,17 @@ class FusedLSTMLayerFunction(torch.autograd.Function):
         p_s = None if s is None else s.data_ptr()
         h_steps = ys.unbind(0)
         h, c = h0, c0
-        for t in range(L):
-            if bias_hh is None:
-                torch.mm(h, wt, out=gh)
-            else:
-                torch.addmm(bias_hh, h, wt, out=gh)
-            c_out = cs[t] if save else cs[t % 2]
-            fwd(p_gi + t * B * 4 * H * esz, p_gh, c.data_ptr(), B, H, p_ys + t * B * H * esz,
-                c_out.data_ptr(), None if p_s is None else p_s + t * B * 4 * H * esz)
-            h, c = h_steps[t], c_out
+        for c0_, c1_ in chunks:
+            _project(x[c0_:c1_], weight_ih, bias_ih, gi[:c1_ - c0_])
+            for t in range(c0_, c1_):
+                if bias_hh is None:
+                    torch.mm(h, wt, out=gh)
+                else:
+                    torch.addmm(bias_hh, h, wt, out=gh)
+                c_out = cs[t] if save else cs[t % 2]
+                fwd(p_gi + (t - c0_) * B * 4 * H * esz, p_gh, c.data_ptr(), B, H, p_ys + t * B * H * esz,
+                    c_out.data_ptr(), None if p_s is None else p_s + t * B * 4 * H * esz)
+                h, c = h_steps[t], c_out
         _count(ctx, L * B * n_in * 4 * H, L * B * H * 4 * H, L, x, h0, weight_ih, weight_hh, current_trace())
         ctx.save_for_backward(s, cs, x, h0, c0, weight_ih, weight_hh)
         ctx.set_materialize_grads(False)
@@ -459,7 +493,10 @@ class FusedLSTMLayerFunction(torch.autograd.Function):
         bwd = _kernel("lstm_bwd", s.dtype)
         esz = s.element_size()
         need = ctx.needs_input_grad
-        dg = _empty((L, B, 4 * H), s.dtype)
+        grads = _Grads(x, weight_ih, weight_hh, (need[0], need[3], need[4], need[5], need[6]))
+        hs = _history("lstm_hist", s, cs, h0, L, B, H) if need[4] else None  # h_{t-1}, for dW_hh
+        chunks = _chunks(L, B)
+        dg = _empty((chunks[0][1], B, 4 * H), s.dtype)
         keep, p_dy, dy_step = _step_grads(dys, B, H)
         dh = [torch.zeros_like(h0) if dhT is None else dhT.contiguous(), torch.empty_like(h0),
               torch.empty_like(h0)]
@@ -468,21 +505,22 @@ class FusedLSTMLayerFunction(torch.autograd.Function):
         dg_steps = dg.unbind(0)
         p_s, p_cs, p_dg = s.data_ptr(), cs.data_ptr(), dg.data_ptr()
         dh_in, dc_in, dh0 = dh[0], dc[0], None
-        for t in range(L - 1, -1, -1):
-            c_prev = c0 if t == 0 else cs[t - 1]
-            dc_out = dc[1 + t % 2]
-            bwd(p_s + t * B * 4 * H * esz, p_cs + t * B * H * esz, c_prev.data_ptr(),
-                None if p_dy is None else p_dy + t * dy_step, dh_in.data_ptr(), dc_in.data_ptr(), B, H,
-                p_dg + t * B * 4 * H * esz, dc_out.data_ptr())
-            dc_in = dc_out
-            if t > 0 or need[1]:
-                dh_out = dh[1 + t % 2]
-                torch.mm(dg_steps[t], weight_hh, out=dh_out)  # dL/dh_{t-1}
-                dh_in = dh0 = dh_out
+        for c0_, c1_ in reversed(chunks):
+            for t in range(c1_ - 1, c0_ - 1, -1):
+                k = t - c0_
+                c_prev = c0 if t == 0 else cs[t - 1]
+                dc_out = dc[1 + t % 2]
+                bwd(p_s + t * B * 4 * H * esz, p_cs + t * B * H * esz, c_prev.data_ptr(),
+                    None if p_dy is None else p_dy + t * dy_step, dh_in.data_ptr(), dc_in.data_ptr(), B, H,
+                    p_dg + k * B * 4 * H * esz, dc_out.data_ptr())
+                dc_in = dc_out
+                if t > 0 or need[1]:
+                    dh_out = dh[1 + t % 2]
+                    torch.mm(dg_steps[k], weight_hh, out=dh_out)  # dL/dh_{t-1}
+                    dh_in = dh0 = dh_out
+            grads.add(c0_, c1_, dg[:c1_ - c0_], dg[:c1_ - c0_], None if hs is None else hs[c0_:c1_])
         del keep
-        hs = _history("lstm_hist", s, cs, h0, L, B, H) if need[4] else None  # h_{t-1}, for dW_hh
-        dx, dw_ih, dw_hh, db_ih, db_hh = _param_grads(ctx, dg, dg, x, hs, weight_ih, weight_hh,
-                                                      (need[0], need[3], need[4], need[5], need[6]))
+        dx, dw_ih, dw_hh, db_ih, db_hh = grads.result(ctx)
         return dx, (dh0 if need[1] else None), (dc_in if need[2] else None), dw_ih, dw_hh, db_ih, db_hh
 
 
