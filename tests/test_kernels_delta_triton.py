@@ -206,12 +206,13 @@ def test_triton_cell_under_strategies(kind, dtype, T, strategy):
     assert act == pytest.approx(act_ref)  # the same transmitted fraction, counted once per step
 
 
-@pytest.mark.parametrize("strategy", [sb.FullBPTT(), sb.Checkpoint(every=3),
+@pytest.mark.parametrize("strategy", [sb.Checkpoint(every=3),
                                       pytest.param(sb.Revolve(slots=2), marks=pytest.mark.slow)],
                          ids=lambda s: s.to_string())
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_triton_cell_long_sequence(kind, strategy):
-    """T = 100, float64 (Revolve(2) recomputes ~850 steps: slow in the interpreter)."""
+    """T = 100, float64 (full BPTT at T = 100 is `test_kernel_matches_reference`; Revolve(2)
+    recomputes ~850 steps: slow in the interpreter, run with --runslow)."""
     ref_cell, fast = make_pair(kind, torch.float64)
     x, s0 = inputs(ref_cell, 100, 2, torch.float64)
     ref, act_ref = run(ref_cell, x, s0)
@@ -233,6 +234,20 @@ def test_stack_of_triton_cells_reduced():
     ref, _ = run(ref_net, x, s0, reduce="sum")
     got, _ = run(fast_net, x, s0, sb.Checkpoint(every=4), reduce="sum")
     compare(ref, got, torch.float64)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_only_parameter_gradients(kind):
+    """x and state0 without gradients (the input side's backward is skipped): the parameters'."""
+    ref_cell, fast = make_pair(kind, torch.float64)
+    x, s0 = inputs(ref_cell, 5, 2, torch.float64)
+    grads = []
+    for cell in (ref_cell, fast):
+        y, state = sb.scan(cell, x, s0)
+        ((y * seeded(1, *y.shape).to(DEV)).sum() + state[-1].sum()).backward()
+        grads.append({k: p.grad for k, p in cell.named_parameters()})
+    for k in grads[0]:
+        assert_close(f"d{k}", grads[0][k], grads[1][k], atol=1e-9)
 
 
 def test_step_runs_the_kernels():

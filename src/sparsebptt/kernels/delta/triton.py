@@ -75,14 +75,14 @@ def delta_encode_fwd_kernel(v, ref, c, d, s, L, N, C: tl.constexpr, BN: tl.const
 
 @triton.jit
 def delta_encode_bwd_kernel(dd, s, dref, dv, L, N, BN: tl.constexpr):
-    """Backward of `delta_encode_fwd_kernel` from the last step: ``dd`` is the gradient of the
-    masked delta before masking; ``dref`` (the gradient of the final ``ref``) is updated in place
-    to the gradient of the first."""
+    """Backward of `delta_encode_fwd_kernel`, walking back from the last step (``dd``, ``s``,
+    ``dv`` point at it): ``dd`` is the gradient of the masked delta before masking; ``dref`` (the
+    gradient of the final ``ref``) is updated in place to the gradient of the first."""
     i_n = tl.program_id(0)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < N
     b_g = tl.load(dref + o_n, mask=m_n, other=0)
-    p_dd, p_s, p_dv = dd + (L - 1) * N + o_n, s + (L - 1) * N + o_n, dv + (L - 1) * N + o_n
+    p_dd, p_s, p_dv = dd + o_n, s + o_n, dv + o_n
     for _ in range(0, L):
         b_s = tl.load(p_s, mask=m_n, other=0) != 0
         b_dd = tl.where(b_s, tl.load(p_dd, mask=m_n, other=0), 0.0)
@@ -304,10 +304,12 @@ def _encode(v, ref, c, d, s, C: int, theta: float):
 
 
 def _encode_bwd(dd, s, dref, dv):
+    """`delta_encode_bwd_kernel` over [L, B, N]; ``dref`` [B, N] updated in place."""
     L = dd.shape[0]
     N = dref.numel()
     BN = _block(N)
-    delta_encode_bwd_kernel[(triton.cdiv(N, BN),)](dd, s, dref, dv, L, N, BN=BN)
+    # pointers at the last step (64-bit pointer arithmetic from there, no (L-1)*N in int32)
+    delta_encode_bwd_kernel[(triton.cdiv(N, BN),)](dd[L - 1], s[L - 1], dref, dv[L - 1], L, N, BN=BN)
 
 
 def fused_recurrent_delta_fwd(kind: str, x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold: float,
@@ -372,8 +374,11 @@ def fused_recurrent_delta_fwd(kind: str, x, state, weight_ih, weight_hh, bias_ih
     return ys, new_state, saved
 
 
-def fused_recurrent_delta_bwd(kind: str, saved, ys, weight_ih, weight_hh, has_bias: bool, dys, dstate):
-    """Backward of a segment: ``(dx, dW_ih, dW_hh, db_ih, db_hh, dstate0)``."""
+def fused_recurrent_delta_bwd(kind: str, saved, ys, weight_ih, weight_hh, has_bias: bool, dys, dstate,
+                              need_x: bool = True, need_w: tuple = (True, True)):
+    """Backward of a segment: ``(dx, dW_ih, dW_hh, db_ih, db_hh, dstate0)``. Without ``need_x``
+    (neither x nor x_ref0 needs a gradient) ``dx`` and ``dx_ref0`` are None; without
+    ``need_w[i]`` the weight gradient ``i`` (ih, hh) is None."""
     dxm, sx, dhm, sh, gates, aux, s0 = saved
     L, B, I = dxm.shape
     GH, H = weight_hh.shape
@@ -423,12 +428,16 @@ def fused_recurrent_delta_bwd(kind: str, saved, ys, weight_ih, weight_hh, has_bi
     dh0 = dh0[0] + dh
     # input side: one GEMM for the masked deltas' gradients, one kernel for the encoding
     GX, GHs = gx[:L], gh[:L]
-    ddx = torch.matmul(GX, weight_ih)                                        # [L, B, I] (dense)
-    dx = torch.empty(L, B, I, dtype=dtype, device=device)
-    dxref = grad0(dxrefT, B, I)
-    _encode_bwd(ddx, sx, dxref, dx)
-    dW_ih = GX.reshape(L * B, GH).t() @ dxm.reshape(L * B, I)                # [G*H, I]
-    dW_hh = GHs.reshape(L * B, GH).t() @ dhm.reshape(L * B, H)               # [G*H, H]
+    dx = dxref = dW_ih = dW_hh = None
+    if need_x:
+        ddx = torch.matmul(GX, weight_ih)                                    # [L, B, I] (dense)
+        dx = torch.empty(L, B, I, dtype=dtype, device=device)
+        dxref = grad0(dxrefT, B, I)
+        _encode_bwd(ddx, sx, dxref, dx)
+    if need_w[0]:
+        dW_ih = GX.reshape(L * B, GH).t() @ dxm.reshape(L * B, I)            # [G*H, I]
+    if need_w[1]:
+        dW_hh = GHs.reshape(L * B, GH).t() @ dhm.reshape(L * B, H)           # [G*H, H]
     db_ih = db_hh = None
     if has_bias:
         db_ih = dbx.sum(0)
@@ -443,8 +452,9 @@ def fused_recurrent_delta_bwd(kind: str, saved, ys, weight_ih, weight_hh, has_bi
 class FusedRecurrentDeltaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kind, threshold, hidden_threshold, layer, x, weight_ih, weight_hh, bias_ih, bias_hh, *state):
-        ys, new_state, saved = fused_recurrent_delta_fwd(kind, x, state, weight_ih, weight_hh, bias_ih, bias_hh,
-                                                         threshold, hidden_threshold, save=True)
+        with torch.autocast(x.device.type, enabled=False):  # the kernels run in the data's dtype
+            ys, new_state, saved = fused_recurrent_delta_fwd(kind, x, state, weight_ih, weight_hh, bias_ih,
+                                                             bias_hh, threshold, hidden_threshold, save=True)
         _count_activity(layer, saved[1], saved[3])
         ctx.kind = kind
         ctx.has_bias = bias_ih is not None
@@ -456,13 +466,17 @@ class FusedRecurrentDeltaFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dys, *dstate):
         *saved, ys, weight_ih, weight_hh = ctx.saved_tensors
-        dx, dW_ih, dW_hh, db_ih, db_hh, dstate0 = fused_recurrent_delta_bwd(
-            ctx.kind, saved, ys, weight_ih, weight_hh, ctx.has_bias, dys, dstate)
+        needs = ctx.needs_input_grad
+        need_x = needs[4] or needs[9 + len(dstate) - 4]  # x or x_ref0
+        need_w = (needs[5], needs[6])
+        with torch.autocast(ys.device.type, enabled=False):
+            dx, dW_ih, dW_hh, db_ih, db_hh, dstate0 = fused_recurrent_delta_bwd(
+                ctx.kind, saved, ys, weight_ih, weight_hh, ctx.has_bias, dys, dstate, need_x, need_w)
         t = ctx.trace
-        if t is not None:  # dense GEMMs: the masked deltas' gradients and both weight gradients
-            L, B, I = dx.shape
-            GH, H = weight_hh.shape
-            t.add_backward_macs(2 * L * B * GH * (I + H))
+        if t is not None:  # the dense GEMMs done: the masked deltas' gradients, the weight gradients
+            L, B, H = ys.shape
+            GH, I = weight_ih.shape
+            t.add_backward_macs(L * B * GH * (H + I * need_x + I * need_w[0] + H * need_w[1]))
         return (None, None, None, None, dx, dW_ih, dW_hh, db_ih, db_hh, *dstate0)
 
 
@@ -536,8 +550,9 @@ def _fused(kind, x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, hi
     if torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in inputs):
         ys, *new_state = FusedRecurrentDeltaFunction.apply(kind, threshold, hidden_threshold, layer, *inputs)
         return ys, tuple(new_state)
-    ys, new_state, masks = fused_recurrent_delta_fwd(kind, x, state, weight_ih, weight_hh, bias_ih, bias_hh,
-                                                     threshold, hidden_threshold, save=False)
+    with torch.autocast(x.device.type, enabled=False):
+        ys, new_state, masks = fused_recurrent_delta_fwd(kind, x, state, weight_ih, weight_hh, bias_ih, bias_hh,
+                                                         threshold, hidden_threshold, save=False)
     _count_activity(layer, *masks)
     return ys, new_state
 
