@@ -11,8 +11,12 @@ rounding, outputs and every gradient. Forward of a segment of L steps:
   (`delta_gru_fwd_kernel` / `delta_lstm_fwd_kernel`) adds ``px_t`` and ``ph`` to the memories,
   computes the gates and the new ``h`` (and ``c``), and delta-encodes the new ``h`` against
   ``h_ref`` for the next step (``h_0`` is encoded by `delta_encode_fwd_kernel` with L = 1).
-  It saves the gate activations (GRU: ``r, z, n`` and ``W_hn h_ref + b_hn``; LSTM:
-  ``sigma(i), sigma(f), tanh(g), sigma(o)``).
+  It saves the gate activations (GRU: ``r, z, n`` and the n gate's hidden input
+  ``m_h,n + b_hn``; LSTM: ``sigma(i), sigma(f), tanh(g), sigma(o)`` and ``c``).
+
+Saved per step for the backward: the masked deltas and their int8 masks (``(I + H) * (itemsize
++ 1)`` bytes per row), the gates (``G*H``), ``h`` (the output) and ``m_h,n + b_hn`` or ``c``
+(``H`` each): no memory states, no pre-activations.
 
 The matmuls are dense here: the masked deltas are mostly zero at a high threshold, so gathering
 the active columns of ``W_ih`` / ``W_hh`` (as `sparse_linear` does on CPU) is where column sparsity
@@ -23,7 +27,7 @@ first takes the gradient of step t+1's encoding of ``h_t`` (``ddh = G_h(t+1) @ W
 ``sh``: only the deltas that passed the threshold carry gradient, to ``h_t`` and, negated, to
 ``h_ref``; the reference update ``where(sh, h_t, h_ref)`` routes the ``h_ref`` gradient), then the
 gate backward, and accumulates the memory gradients ``G_x(t) = G_x(t+1) + dgates_x(t)`` (and
-``G_h``) in the same order as autograd does for the reference. The input side's encoding
+``G_h``) step by step, as autograd does for the reference. The input side's encoding
 backward is one kernel over the segment (`delta_encode_bwd_kernel`) after one GEMM
 ``ddx = G_x @ W_ih``; the weight gradients are one GEMM each over the segment
 (``dW_ih = G_x^T (dx * sx)``, ``dW_hh = G_h^T (dh * sh)``); the bias gradients are summed per
