@@ -59,7 +59,7 @@ def make_nn(kind: str, cell):
 
 
 def step_fn(kind: str, method: str, T: int):
-    """A closure running one training step; returns (fn, module) so the check can reuse it."""
+    """A closure running one training step ``(x, D) -> (out, dx, module)`` for `check`."""
     if method == "nn":
         mod = make_nn(kind, make(kind, "torch"))
 

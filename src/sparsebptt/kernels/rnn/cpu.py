@@ -41,7 +41,7 @@ import ctypes
 import torch
 
 from ..cbuild import build
-from ..lif.cpu import _NoCtx, _SUFFIX, _empty, _ptr
+from ..lif.cpu import _NoCtx, _SUFFIX, _empty
 from ...trace import current_trace
 
 __all__ = ["fused_gru_layer", "fused_lstm_layer", "load_library", "SOURCE"]
