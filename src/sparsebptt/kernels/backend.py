@@ -47,12 +47,14 @@ def check_backend(name) -> str:
 
 def _probe_cpu() -> tuple[bool, str]:
     from .cbuild import CBuildError
-    from .lif.cpu import load_library
-    try:
-        load_library()
+    from .lif.cpu import load_library as load_lif
+    from .rnn.cpu import load_library as load_rnn
+    try:  # every C library the "cpu" backend runs: a failure shows here, not at the first scan
+        load_lif()
+        load_rnn()
     except CBuildError as e:
         return False, str(e)
-    return True, "C kernels built"
+    return True, "C kernels built (LIF, GRU/LSTM)"
 
 
 def _probe_triton() -> tuple[bool, str]:
