@@ -143,3 +143,24 @@ def test_early_exit_keeps_exact_strategies_exact():
         got = run(cell, 30, 2, torch.float64, sb.Checkpoint(7), reduce="last")
         for name in ref:
             assert_close(name, ref[name], got[name])
+
+
+def _backend_cells(backend):
+    torch.manual_seed(5)
+    return {"lif-stack": sb.cells.Stack([sb.cells.LIF(5, 8, threshold=0.3, backend=backend),
+                                         sb.cells.LIF(8, 6, threshold=0.3, recurrent=True, backend=backend)]),
+            "gru": sb.cells.GRU(5, 6, backend=backend),
+            "lstm": sb.cells.LSTM(5, 4, backend=backend)}  # float32; .double() in the test
+
+
+@pytest.mark.parametrize("carry", ["drop", "through"])
+@pytest.mark.parametrize("kind", ["lif-stack", "gru", "lstm"])
+def test_fused_cpu_backend_gives_the_reference_skipper_gradients(kind, carry):
+    """Skipper runs the fused segments too: its (approximate) gradients equal the torch backend's."""
+    strategy = sb.Skipper(8, 3, carry=carry)
+    fused = _backend_cells("cpu")[kind].double()
+    assert fused.scan_segment is not None
+    ref = run(_backend_cells("torch")[kind].double(), 29, 3, torch.float64, strategy)
+    got = run(fused, 29, 3, torch.float64, strategy)
+    for name in ref:
+        assert_close(name, ref[name], got[name], atol=1e-10)
