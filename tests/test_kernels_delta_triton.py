@@ -25,7 +25,6 @@ if not CUDA:
 triton = pytest.importorskip("triton", reason="triton is not installed (optional: pip install triton)")
 
 import sparsebptt as sb  # noqa: E402
-from sparsebptt.cells import delta as delta_mod  # noqa: E402
 from sparsebptt.kernels import backend as kb  # noqa: E402
 from sparsebptt.kernels.delta.naive import naive_recurrent_delta_gru, naive_recurrent_delta_lstm  # noqa: E402
 from sparsebptt.kernels.delta.triton import fused_recurrent_delta_gru, fused_recurrent_delta_lstm  # noqa: E402
@@ -274,7 +273,7 @@ def test_trace_counts_dense_macs():
 # ---- backend selection -------------------------------------------------------------------------
 
 def test_auto_backend_resolves_once_and_logs(monkeypatch, caplog):
-    monkeypatch.setattr(delta_mod, "_resolved", {})
+    monkeypatch.setattr(kb, "_resolved_sparse", {})
     cell = sb.cells.DeltaGRU(3, 5, 0.1, backend="auto").to(DEV)
     with caplog.at_level(logging.INFO, logger="sparsebptt.kernels"):
         first = cell.active_backend
@@ -298,7 +297,7 @@ def test_triton_unavailable_raises(monkeypatch):
     with pytest.raises(kb.BackendUnavailable, match=r"backend 'triton' was requested but is unavailable: "
                                                      r"no CUDA device \(test\)"):
         sb.cells.DeltaGRU(3, 5, backend="triton")
-    monkeypatch.setattr(delta_mod, "_resolved", {})
+    monkeypatch.setattr(kb, "_resolved_sparse", {})
     assert sb.cells.DeltaGRU(3, 5, backend="auto").to(DEV).active_backend == "sparse"  # auto: no raise
 
 

@@ -211,7 +211,7 @@ def test_triton_trace_counts_activity_and_macs():
 # ---- backend selection ------------------------------------------------------------------------
 
 def test_backend_auto_and_explicit(caplog, monkeypatch):
-    monkeypatch.setattr(egru_mod, "_auto", {})
+    monkeypatch.setattr(kb, "_resolved_sparse", {})
     with caplog.at_level(logging.INFO, logger="sparsebptt.kernels"):
         cell = sb.cells.EGRU(N_IN, 4, backend="auto")
         assert cell.active_backend == ("triton" if CUDA else "sparse")
@@ -233,7 +233,7 @@ def test_backend_triton_unavailable_raises(monkeypatch):
     cell.backend = "triton"  # switched after construction: raises at use, never falls back
     with pytest.raises(kb.BackendUnavailable, match="unavailable"):
         sb.scan(cell, torch.randn(3, 2, N_IN))
-    monkeypatch.setattr(egru_mod, "_auto", {})
+    monkeypatch.setattr(kb, "_resolved_sparse", {})
     assert egru_mod.resolve_egru_backend("auto", "cuda") == "sparse"  # auto never picks it
 
 

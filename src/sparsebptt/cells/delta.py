@@ -34,35 +34,22 @@ Backends (``backend=``):
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
 from .base import Cell, init_uniform_, linear
 from .sparse import ACTIVE_SETS, sparse_linear
-from ..kernels.backend import backend_available, require_backend
+from ..kernels.backend import require_backend, resolve_sparse_auto
 from ..trace import current_trace
 
 __all__ = ["DeltaGRU", "DeltaLSTM", "delta_encode", "delta_gru_step", "delta_lstm_step", "BACKENDS"]
 
 BACKENDS = ("sparse", "torch", "triton", "auto")
 
-log = logging.getLogger("sparsebptt.kernels")
-_resolved: dict[str, str] = {}  # device type -> what "auto" runs Delta cells as
-
 
 def resolve_delta_backend(device_type: str) -> str:
     """What ``backend="auto"`` runs a Delta cell as on ``device_type`` (resolved once, logged)."""
-    if device_type not in _resolved:
-        chosen, why = "sparse", f"no Triton kernels for device {device_type!r}"
-        if device_type == "cuda":
-            ok, why = backend_available("triton")
-            if ok:
-                chosen = "triton"
-        _resolved[device_type] = chosen
-        log.info("sparsebptt: Delta cells' backend 'auto' on %s resolved to %r (%s)", device_type, chosen, why)
-    return _resolved[device_type]
+    return resolve_sparse_auto("Delta cells'", device_type)
 
 
 def delta_encode(v: torch.Tensor, ref: torch.Tensor, threshold: float):

@@ -62,7 +62,7 @@ from torch import nn
 from .base import Cell, init_uniform_, linear
 from .sparse import ACTIVE_SETS, UNION_OVERLAP, sparse_linear, transposed_weight
 from .surrogate import heaviside
-from ..kernels.backend import backend_available, require_backend
+from ..kernels.backend import require_backend, resolve_sparse_auto
 from ..trace import current_trace
 
 log = logging.getLogger("sparsebptt.kernels")
@@ -71,8 +71,6 @@ __all__ = ["EGRU", "BACKENDS", "resolve_egru_backend", "sparse_kernels", "pseudo
            "fused_recurrent_egru", "naive_egru", "activity_regularizer", "event_statistics"]
 
 BACKENDS = ("sparse", "torch", "triton", "auto")
-
-_auto: dict[str, str] = {}  # device type -> what backend "auto" resolved to
 
 
 def resolve_egru_backend(name: str, device_type: str) -> str:
@@ -84,15 +82,7 @@ def resolve_egru_backend(name: str, device_type: str) -> str:
         require_backend("triton")
     if name != "auto":
         return name
-    if device_type not in _auto:
-        chosen, why = "sparse", f"no Triton kernels for device {device_type!r}"
-        if device_type == "cuda":
-            ok, why = backend_available("triton")
-            if ok:
-                chosen = "triton"
-        _auto[device_type] = chosen
-        log.info("sparsebptt: EGRU backend 'auto' on %s resolved to %r (%s)", device_type, chosen, why)
-    return _auto[device_type]
+    return resolve_sparse_auto("EGRU", device_type)
 
 
 # ---- events and their pseudo-derivative ------------------------------------------------------
