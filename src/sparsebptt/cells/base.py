@@ -20,7 +20,7 @@ from torch import nn
 from ..kernels.backend import check_backend, get_backend, require_backend, resolve_backend
 from ..trace import current_trace
 
-__all__ = ["Cell", "CPUFusedCell", "linear", "init_uniform_"]
+__all__ = ["Cell", "CPUFusedCell", "linear", "init_uniform_", "run_steps"]
 
 log = logging.getLogger("sparsebptt.kernels")
 _logged: set[str] = set()
@@ -31,6 +31,23 @@ def log_once(msg: str) -> None:
     if msg not in _logged:
         _logged.add(msg)
         log.info(msg)
+
+
+def run_steps(step, x, state, *, on_output=None, t0: int = 0):
+    """The time loop, written once: ``y_t, state = step(x[t], state)`` for t in 0..len(x)-1.
+
+    Returns ``(ys, state)`` with ``ys`` the list of what each step gave back: ``y_t`` itself, or
+    ``on_output(t0 + t, y_t)`` when ``on_output`` is given (a reducer's hook; None entries are
+    kept, so ``ys[t]`` stays step ``t``'s). ``step`` is a cell's ``step`` or any
+    ``(x_t, state) -> (y_t, state)`` callable (a pure ``<cell>_step`` with its parameters bound).
+    Every reference loop in the package (the plain scan, the executor's segments, `Stack`, the
+    ``naive_*`` kernels' oracles) runs through here.
+    """
+    ys = []
+    for t in range(x.shape[0]):
+        y, state = step(x[t], state)
+        ys.append(y if on_output is None else on_output(t0 + t, y))
+    return ys, state
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
