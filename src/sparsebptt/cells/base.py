@@ -20,7 +20,7 @@ from torch import nn
 from ..kernels.backend import check_backend, get_backend, require_backend, resolve_backend
 from ..trace import current_trace
 
-__all__ = ["Cell", "CPUFusedCell", "linear", "init_uniform_", "run_steps"]
+__all__ = ["Cell", "FusedCell", "linear", "init_uniform_", "run_steps"]
 
 log = logging.getLogger("sparsebptt.kernels")
 _logged: set[str] = set()
@@ -117,46 +117,64 @@ class Cell(nn.Module):
         return self.step(x_t, state)
 
 
-class CPUFusedCell(Cell):
-    """A cell whose fused path is a "cpu" kernel only (GRU, LSTM): the backend choice.
+#: the device a fused backend serves, and what its kernels are written in (for messages)
+_DEVICE_OF = {"cpu": "CPU", "triton": "CUDA"}
+_KERNEL_KIND = {"cpu": "C", "triton": "Triton"}
 
-    ``backend`` is "auto", "torch", "cpu" or None (the process default, `sparsebptt.set_backend`);
-    "triton" has no kernel for these cells: asked for explicitly it raises, and "auto" on CUDA
-    runs "torch" (logged once). Subclasses set ``self.backend`` with `_set_backend` and define
-    ``_scan_segment(x_seg, state)`` and a ``weight_hh`` parameter (its device picks the backend).
+
+class FusedCell(Cell):
+    """A reference cell that also has fused kernels: the one place a cell's backend is chosen.
+
+    ``backend`` is "auto", "torch", "cpu", "triton" or None (the process default,
+    `sparsebptt.set_backend` / ``$SPARSEBPTT_BACKEND``). Subclasses list the fused backends they
+    have kernels for in ``kernels`` (e.g. ``("cpu",)`` for GRU/LSTM), call `_set_backend` in
+    ``__init__`` and define ``_scan_segment(x_seg, state)``; their first parameter's device picks
+    the backend. An explicit backend without a kernel raises ValueError, one that cannot run here
+    raises `BackendUnavailable`; "auto" resolves to the fastest backend available for the device
+    (once per device, logged) and runs "torch" where this cell has no kernel for it (logged once).
     """
+
+    #: the fused backends this cell has kernels for
+    kernels: tuple[str, ...] = ()
 
     def _set_backend(self, backend) -> None:
         name = type(self).__name__
         if backend is not None:
             check_backend(backend)
-            if backend == "triton":
-                raise ValueError(f"{name}: backend 'triton' has no {name} kernel; use backend='torch' or "
-                                 f"'cpu' (or 'auto', which runs {name} cells on CUDA with 'torch')")
+            if backend not in ("auto", "torch") and backend not in self.kernels:
+                other = " or ".join(repr(k) for k in ("torch",) + self.kernels)
+                raise ValueError(f"{name}: backend {backend!r} has no {name} kernel; use backend={other} "
+                                 f"(or 'auto', which runs {name} cells on {_DEVICE_OF[backend]} with 'torch')")
             require_backend(backend)
         self.backend = backend
 
+    def _backend_device(self) -> torch.device:
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
     @property
     def active_backend(self) -> str:
-        """The backend the next scan runs ("torch" or "cpu"), for the weights' device."""
+        """The backend the next scan runs ("torch" or one of ``kernels``), for the weights' device."""
         name = type(self).__name__
         requested = get_backend() if self.backend is None else self.backend
-        resolved = resolve_backend(requested, self.weight_hh.device.type)
-        if resolved == "triton":  # no Triton kernel for this cell
+        device = self._backend_device().type
+        resolved = resolve_backend(requested, device)
+        if resolved != "torch" and resolved not in self.kernels:
             if requested != "auto":
-                raise ValueError(f"{name}: backend 'triton' (the process default) has no {name} kernel; "
+                raise ValueError(f"{name}: backend {resolved!r} (the process default) has no {name} kernel; "
                                  "pass backend='torch' or 'auto' to this cell")
-            log_once(f"sparsebptt: backend 'auto' runs {name} cells on CUDA with 'torch' "
-                     f"(no Triton {name} kernel)")
+            log_once(f"sparsebptt: backend 'auto' runs {name} cells on {_DEVICE_OF[resolved]} with 'torch' "
+                     f"(no {_KERNEL_KIND[resolved]} {name} kernel)")
             return "torch"
         return resolved
 
     @property
     def scan_segment(self):
-        """The fused segment scan when the "cpu" backend is active, else None (the step path)."""
-        if self.active_backend == "torch":
+        """The fused segment scan when a fused backend is active, else None (the step path)."""
+        backend = self.active_backend
+        if backend == "torch":
             return None
-        log_once(f"sparsebptt: {type(self).__name__} scans run the fused 'cpu' backend")
+        log_once(f"sparsebptt: {type(self).__name__} scans run the fused {backend!r} backend")
         return self._scan_segment
 
     def extra_repr(self) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import CPUFusedCell, init_uniform_, linear
+from .base import FusedCell, init_uniform_, linear
 
 __all__ = ["gru_step", "GRU"]
 
@@ -32,13 +32,14 @@ def gru_step(x_t, h, weight_ih, weight_hh, bias_ih=None, bias_hh=None):
     return n + z * (h - n)
 
 
-class GRU(CPUFusedCell):
+class GRU(FusedCell):
     """GRU cell with the `sb.scan` protocol. State: ``(h,)``; output: ``h``.
 
     ``backend``: "auto", "torch" or "cpu" (see the module docstring); None follows the process
     default. "triton" raises (no GRU kernel); an unavailable "cpu" raises `BackendUnavailable`.
     """
 
+    kernels = ("cpu",)
     num_states = 1
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *, backend: str | None = None):

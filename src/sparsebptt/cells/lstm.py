@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import CPUFusedCell, init_uniform_, linear
+from .base import FusedCell, init_uniform_, linear
 
 __all__ = ["lstm_step", "LSTM"]
 
@@ -26,12 +26,13 @@ def lstm_step(x_t, h, c, weight_ih, weight_hh, bias_ih=None, bias_hh=None):
     return h, c
 
 
-class LSTM(CPUFusedCell):
+class LSTM(FusedCell):
     """LSTM cell with the `sb.scan` protocol. State: ``(h, c)``; output: ``h``.
 
     ``backend``: as `GRU` ("auto", "torch" or "cpu"; None follows the process default).
     """
 
+    kernels = ("cpu",)
     num_states = 2
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *, backend: str | None = None):
