@@ -11,10 +11,12 @@ from .strategies import (Checkpoint, DoubleCheckpoint, FullBPTT, Revolve, Skippe
                          TwoLevelRevolve, parse_strategy)
 from .planner import estimate, parse_bytes, plan
 from .trace import Trace, trace
+from .nn import Recurrent
 from .export import export_nir
 
 __version__ = "0.1.0"
 
 __all__ = ["cells", "kernels", "get_backend", "set_backend", "scan", "REDUCES", "Checkpoint",
            "DoubleCheckpoint", "FullBPTT", "Revolve", "Skipper", "TwoLevelRevolve", "Strategy",
-           "parse_strategy", "plan", "estimate", "parse_bytes", "Trace", "trace", "export_nir", "__version__"]
+           "parse_strategy", "plan", "estimate", "parse_bytes", "Trace", "trace", "Recurrent", "export_nir",
+           "__version__"]
