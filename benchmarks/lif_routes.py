@@ -82,7 +82,7 @@ def main():
     with tempfile.TemporaryDirectory() as d:  # a cold cache: time the build
         os.environ["SPARSEBPTT_CACHE_DIR"] = d
         t0 = time.perf_counter()
-        cbuild.build("sparsebptt_lif_timing", cpu.SOURCE)
+        cbuild.build_file("sparsebptt_lif_timing", cpu.C_SOURCE)
         build_s = time.perf_counter() - t0
         del os.environ["SPARSEBPTT_CACHE_DIR"]
     p = LIFParams(beta=BETA, threshold=TH)
@@ -138,7 +138,7 @@ def main():
 
     if args.load_inline:
         from torch.utils.cpp_extension import load_inline
-        src = "#include <torch/extension.h>\n" + cpu.SOURCE + "\nint probe() { return 1; }\n"
+        src = "#include <torch/extension.h>\n" + cbuild.source(cpu.C_SOURCE) + "\nint probe() { return 1; }\n"
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
             load_inline("lif_routes_probe", cpp_sources=[src], functions=["probe"], build_directory=d,

@@ -349,6 +349,39 @@ def test_compile_error_is_reported(monkeypatch, tmp_path):
         cbuild.build("broken", "int f(void) { return }")
 
 
+def test_build_file_instantiates_a_body_per_type_and_rebuilds_when_any_file_changes(monkeypatch, tmp_path):
+    """A kernel file includes its body once per scalar type (and cbuild.h from the package); the
+    cache key covers every included file and the -D flags."""
+    import ctypes
+    monkeypatch.setenv("SPARSEBPTT_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "k.c").write_text('#include "cbuild.h"\n'
+                                  '#define T float\n#define SUF f32\n#include "k_body.h"\n#undef T\n#undef SUF\n'
+                                  '#define T double\n#define SUF f64\n#include "k_body.h"\n')
+    (tmp_path / "k_body.h").write_text("T FN(twice)(T x) { return x + x + EXTRA; }\n")
+    lib = cbuild.build_file("probe_k", str(tmp_path / "k.c"), defines=("EXTRA=0",))
+    lib.twice_f64.restype, lib.twice_f64.argtypes = ctypes.c_double, [ctypes.c_double]
+    lib.twice_f32.restype, lib.twice_f32.argtypes = ctypes.c_float, [ctypes.c_float]
+    assert lib.twice_f64(1.5) == 3.0 and lib.twice_f32(1.5) == 3.0
+    assert "#include \"k_body.h\"" not in cbuild.source(str(tmp_path / "k.c"))
+    lib2 = cbuild.build_file("probe_k", str(tmp_path / "k.c"), defines=("EXTRA=1",))
+    lib2.twice_f64.restype, lib2.twice_f64.argtypes = ctypes.c_double, [ctypes.c_double]
+    assert lib2.twice_f64(1.5) == 4.0
+    (tmp_path / "k_body.h").write_text("T FN(twice)(T x) { return (x + x) * 2 + EXTRA; }\n")
+    lib3 = cbuild.build_file("probe_k", str(tmp_path / "k.c"), defines=("EXTRA=0",))
+    lib3.twice_f64.restype, lib3.twice_f64.argtypes = ctypes.c_double, [ctypes.c_double]
+    assert lib3.twice_f64(1.5) == 6.0
+    assert len(list((tmp_path / "cache").glob("probe_k-*.so"))) == 3
+
+
+def test_the_package_c_sources_are_its_libraries():
+    """Every kernels/<cell>/<cell>.c is a library the "cpu" probe builds; their includes resolve."""
+    libs = cbuild.libraries()
+    assert {"sparsebptt_lif", "sparsebptt_rnn"} <= set(libs)
+    for path in libs.values():
+        assert '#include "' not in cbuild.source(path)
+    assert "sparsebptt_lif" in kb.backend_available("cpu")[1]
+
+
 @pytest.mark.parametrize("case,match", [
     ("rank", "must be a 3-D tensor"),
     ("v0", r"v0 must have shape \(2, 5\)"),

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 
+from . import cbuild
+
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "BackendUnavailable", "check_backend", "set_backend",
            "get_backend", "backend_available", "require_backend", "resolve_backend", "resolve_sparse_auto"]
 
@@ -47,15 +49,11 @@ def check_backend(name) -> str:
 
 
 def _probe_cpu() -> tuple[bool, str]:
-    from .cbuild import CBuildError
-    from .lif.cpu import load_library as load_lif
-    from .rnn.cpu import load_library as load_rnn
     try:  # every C library the "cpu" backend runs: a failure shows here, not at the first scan
-        load_lif()
-        load_rnn()
-    except CBuildError as e:
+        built = cbuild.build_all()
+    except cbuild.CBuildError as e:
         return False, str(e)
-    return True, "C kernels built (LIF, GRU/LSTM)"
+    return True, f"C kernels built ({', '.join(built)})"
 
 
 def _probe_triton() -> tuple[bool, str]:

@@ -8,21 +8,38 @@ but adds numba + llvmlite (tied to numpy versions) and ~5 s of JIT per process; 
 ``torch.utils.cpp_extension.load_inline`` module runs the same C code but takes ~25-36 s to
 build (torch headers) and needs ``ninja``; ``torch.compile`` of the step ran slower than eager.
 
+The C sources are files of the package (shipped as package data): one library per
+``kernels/<cell>/<cell>.c``, which instantiates a body file (``<cell>_body.h``) once per scalar
+type with the preprocessor (``#define T float``, ``#define SUF f32``, ``FN(name)`` -> ``name_f32``;
+see ``kernels/cbuild.h``, the header they share, on the include path). API:
+
+- ``build_file(name, path, defines=())``: compile the package file ``path`` (relative to
+  ``sparsebptt/kernels``, e.g. ``"lif/lif.c"``, or absolute) with ``-D`` ``defines`` into the
+  cached library ``name`` and load it (a ``ctypes.CDLL``; the caller sets ``argtypes``).
+- `libraries` / `build_all`: every ``kernels/*/*.c`` as ``sparsebptt_<stem>``; the "cpu" backend
+  probe builds them all, so a failure shows when the backend is chosen, not at the first scan.
+- `source`: a file's text with its local ``#include "..."`` inlined (what the cache key hashes).
+- `build(name, text)`: the same from a source string.
+
 The library is cached under ``$SPARSEBPTT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/sparsebptt`` or
-``~/.cache/sparsebptt``), named by a hash of the source, the flags and the compiler's version,
-and written atomically, so concurrent processes never load a half-written file.
+``~/.cache/sparsebptt``), named by a hash of the source (with every file it includes), the flags
+and the compiler's version, and written atomically, so concurrent processes never load a
+half-written file.
 """
 from __future__ import annotations
 
 import ctypes
+import glob
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 
-__all__ = ["CBuildError", "build", "cache_dir", "compiler"]
+__all__ = ["CBuildError", "CFLAGS", "KERNELS_DIR", "build", "build_all", "build_file", "cache_dir",
+           "compiler", "libraries", "source"]
 
 log = logging.getLogger("sparsebptt.kernels")
 
@@ -32,7 +49,11 @@ log = logging.getLogger("sparsebptt.kernels")
 CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
           "-std=c99")
 
-_LOADED: dict[str, ctypes.CDLL] = {}
+#: the directory of the package's C sources (``<cell>/<cell>.c``) and of their shared ``cbuild.h``
+KERNELS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+_LOADED: dict[str, ctypes.CDLL] = {}  # path of the built library -> loaded library
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', re.MULTILINE)
 
 
 class CBuildError(RuntimeError):
@@ -66,17 +87,77 @@ def _version(cc: str) -> str:
         raise CBuildError(f"C compiler {cc!r} does not run: {e}") from e
 
 
+def _resolve(path: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(KERNELS_DIR, path)
+
+
+def source(path: str) -> str:
+    """The text of the package C file ``path`` with its local ``#include "..."`` inlined, each
+    looked up as the compiler does (beside the including file, then in `KERNELS_DIR`); system
+    headers (``<...>``) stay as they are. Raises `CBuildError` for a missing file."""
+    path = _resolve(path)
+
+    def expand(p: str, depth: int) -> str:
+        if depth > 16:
+            raise CBuildError(f"#include nesting deeper than 16 at {p!r}")
+        try:
+            with open(p) as f:
+                text = f.read()
+        except OSError as e:
+            raise CBuildError(f"cannot read the kernel source {p!r}: {e}") from e
+
+        def sub(m: re.Match) -> str:
+            for d in (os.path.dirname(p), KERNELS_DIR):
+                q = os.path.join(d, m.group(1))
+                if os.path.exists(q):
+                    return expand(q, depth + 1)
+            return m.group(0)  # not ours: left to the compiler
+
+        return _INCLUDE.sub(sub, text)
+
+    return expand(path, 0)
+
+
+def libraries() -> dict[str, str]:
+    """The package's C libraries: ``{"sparsebptt_<stem>": path}`` for every ``kernels/*/*.c``."""
+    paths = sorted(glob.glob(os.path.join(KERNELS_DIR, "*", "*.c")))
+    return {f"sparsebptt_{os.path.splitext(os.path.basename(p))[0]}": p for p in paths}
+
+
+def build_all() -> dict[str, ctypes.CDLL]:
+    """Build (or load from the cache) every library of `libraries`; raises `CBuildError`."""
+    return {name: build_file(name, path) for name, path in libraries().items()}
+
+
+def build_file(name: str, path: str, defines=()) -> ctypes.CDLL:
+    """Compile the package C file ``path`` (relative to `KERNELS_DIR` or absolute) into the cached
+    shared library ``name`` (once per source text, flags and compiler) and load it.
+
+    ``defines``: extra ``-D`` flags, e.g. ``("WIDTH=8",)``; they are part of the cache key.
+    """
+    path = _resolve(path)
+    flags = (*CFLAGS, *(f"-D{d}" for d in defines))
+    return _build(name, source(path), flags, path, ("-I", os.path.dirname(path), "-I", KERNELS_DIR))
+
+
 def build(name: str, source: str) -> ctypes.CDLL:
-    """Compile ``source`` into a cached shared library (once per source) and load it."""
+    """Compile the C text ``source`` into a cached shared library (once per source) and load it."""
+    return _build(name, source, CFLAGS, None)
+
+
+def _build(name: str, text: str, flags, src_path: str | None, includes=()) -> ctypes.CDLL:
+    """Compile ``src_path`` (or, if None, ``text`` written to a temporary file) with ``flags`` and
+    the ``-I`` ``includes``; ``text`` (the full source, includes inlined) and ``flags`` key the
+    cache."""
     cc = compiler()
     if cc is None:
         raise CBuildError("no C compiler found (looked for $CC, cc, gcc, clang on PATH); "
                           "install gcc (apt-get install gcc) to use backend='cpu'")
-    key = hashlib.sha256("\0".join([source, " ".join(CFLAGS), _version(cc)]).encode()).hexdigest()[:16]
-    if key in _LOADED:
-        return _LOADED[key]
+    key = hashlib.sha256("\0".join([text, " ".join(flags), _version(cc)]).encode()).hexdigest()[:16]
     d = cache_dir()
     path = os.path.join(d, f"{name}-{key}.so")
+    if path in _LOADED:
+        return _LOADED[path]
     if not os.path.exists(path):
         try:
             os.makedirs(d, exist_ok=True)
@@ -84,11 +165,13 @@ def build(name: str, source: str) -> ctypes.CDLL:
             raise CBuildError(f"cannot create the kernel cache directory {d!r} ({e}); "
                               "set SPARSEBPTT_CACHE_DIR to a writable directory") from e
         with tempfile.TemporaryDirectory(dir=d) as tmp:
-            src = os.path.join(tmp, f"{name}.c")
+            src = src_path
+            if src is None:
+                src = os.path.join(tmp, f"{name}.c")
+                with open(src, "w") as f:
+                    f.write(text)
             out = os.path.join(tmp, f"{name}.so")
-            with open(src, "w") as f:
-                f.write(source)
-            cmd = [cc, *CFLAGS, "-o", out, src, "-lm"]
+            cmd = [cc, *flags, *includes, "-o", out, src, "-lm"]
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             except (OSError, subprocess.SubprocessError) as e:
@@ -101,5 +184,5 @@ def build(name: str, source: str) -> ctypes.CDLL:
         lib = ctypes.CDLL(path)
     except OSError as e:
         raise CBuildError(f"cannot load the compiled kernel {path!r}: {e}") from e
-    _LOADED[key] = lib
+    _LOADED[path] = lib
     return lib

@@ -26,6 +26,7 @@ forward is bitwise equal to the reference for the same currents.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import threading
 
@@ -34,133 +35,16 @@ import torch
 from ...cells.lif import LIFParams
 from ...cells.surrogate import SURROGATES
 from ...trace import current_trace
-from ..cbuild import build
+from ..cbuild import build_file
 from .function import NoCtx, recurrence_function, recurrent_layer_function
 
-__all__ = ["fused_recurrent_lif", "fused_lif_layer", "fused_recurrent_lif_layer", "load_library", "SOURCE"]
+__all__ = ["fused_recurrent_lif", "fused_lif_layer", "fused_recurrent_lif_layer", "load_library", "C_SOURCE"]
 
 _SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "triangle": 2}
 assert set(_SURROGATE_IDS) == set(SURROGATES), "every surrogate needs a C implementation"
 
-_HEADER = r"""
-#include <math.h>
-#include <stddef.h>
-#include <string.h>
-
-#define INL static inline __attribute__((always_inline))
-"""
-
-#: one copy per dtype: @T@ the C type, @SUF@ the suffix, @FABS@ its fabs
-_TEMPLATE = r"""
-INL @T@ surrogate_@SUF@(const @T@ x, const int kind, const @T@ c_scale, const @T@ c_k, const @T@ c_a) {
-    if (kind == 0) { const @T@ a = c_scale * @FABS@(x) + (@T@)1; return (@T@)1 / (a * a); }
-    if (kind == 1) { const @T@ y = c_k * x; return c_a / ((@T@)1 + y * y); }
-    { const @T@ r = (@T@)1 - @FABS@(x) / c_scale; return r > (@T@)0 ? r : (@T@)0; }
-}
-/* forward over the segment; u may alias i (each u_t is written after i_t is read) */
-INL void fwd_loop_@SUF@(const @T@* i, const @T@* beta, const @T@ bs, const @T@ th, const long L,
-                        const long B, const long H, @T@* z, @T@* u, @T@* vT,
-                        const int reset_zero, const int has_beta, const int save_u) {
-    const long N = B * H;
-    for (long t = 0; t < L; ++t) {
-        for (long b = 0; b < B; ++b) {
-            @T@* p_v = vT + b * H; const @T@* p_i = i + t * N + b * H; @T@* p_z = z + t * N + b * H;
-            @T@* p_u = u + t * N + b * H;
-            for (long h = 0; h < H; ++h) {
-                @T@ b_u = (has_beta ? beta[h] : bs) * p_v[h];
-                b_u = b_u + p_i[h];
-                const @T@ b_z = b_u > th ? (@T@)1 : (@T@)0;
-                p_z[h] = b_z;
-                if (save_u) p_u[h] = b_u;
-                p_v[h] = reset_zero ? b_u * ((@T@)1 - b_z) : b_u - b_z * th;
-            }
-        }
-    }
-}
-void lif_fwd_@SUF@(const @T@* i, const @T@* v0, const @T@* beta, double beta_s, double th_d,
-                   int reset_zero, long L, long B, long H, @T@* z, @T@* u, @T@* vT) {
-    const @T@ th = (@T@)th_d; const @T@ bs = (@T@)beta_s;
-    memcpy(vT, v0, sizeof(@T@) * B * H);
-    switch (reset_zero * 4 + (beta != NULL) * 2 + (u != NULL)) {
-@FWD_CASES@
-    }
-}
-/* backward over the segment, t = L-1 .. 0; g = dL/dv_t carried in dv0 */
-INL void bwd_loop_@SUF@(const @T@* u, const @T@* dz, const long dz_st, const @T@* v0, const @T@* beta,
-                        const @T@ bs,
-                        const @T@ th, const @T@ c_scale, const @T@ c_k, const @T@ c_a, const long L,
-                        const long B, const long H, @T@* di, @T@* g, double* dbeta, const int kind,
-                        const int reset_zero, const int detach, const int beta_mode) {
-    const long N = B * H;
-    for (long t = L - 1; t >= 0; --t) {
-        for (long b = 0; b < B; ++b) {
-            const long o = t * N + b * H;
-            const @T@* p_u = u + o; const @T@* p_dz = dz + t * dz_st + b * H; @T@* p_di = di + o;
-            @T@* p_g = g + b * H;
-            const @T@* p_up = t > 0 ? u + o - N : NULL; const @T@* p_v0 = v0 + b * H;
-            for (long h = 0; h < H; ++h) {
-                const @T@ b_u = p_u[h]; const @T@ b_g = p_g[h]; const @T@ b_dz = p_dz[h];
-                const @T@ b_s = surrogate_@SUF@(b_u - th, kind, c_scale, c_k, c_a);
-                @T@ b_du;
-                if (reset_zero) {
-                    const @T@ keep = b_u > th ? (@T@)0 : (@T@)1;
-                    b_du = detach ? b_g * keep + b_dz * b_s : b_g * keep + (b_dz - b_u * b_g) * b_s;
-                } else {
-                    b_du = detach ? b_g + b_dz * b_s : b_g + (b_dz - th * b_g) * b_s;
-                }
-                p_di[h] = b_du;
-                if (beta_mode == 2) {
-                    @T@ v_p;
-                    if (p_up) {
-                        const @T@ up = p_up[h]; const @T@ zp = up > th ? (@T@)1 : (@T@)0;
-                        v_p = reset_zero ? up * ((@T@)1 - zp) : up - zp * th;
-                    } else {
-                        v_p = p_v0[h];
-                    }
-                    dbeta[h] += (double)b_du * (double)v_p;
-                }
-                p_g[h] = (beta_mode ? beta[h] : bs) * b_du;
-            }
-        }
-    }
-}
-/* u [L,B,H], dz [L,B,H] (time stride dz_st: B*H, or 0 for one [B,H] slice repeated), dvT [B,H] */
-/* or NULL, v0 [B,H] (read only for dbeta) -> di [L,B,H],                                      */
-/* dv0 [B,H], dbeta [H] (float64, accumulated) or NULL. beta: [H] or NULL (then beta_s).         */
-void lif_bwd_@SUF@(const @T@* u, const @T@* dz, long dz_st, const @T@* dvT, const @T@* v0, const @T@* beta,
-                   double beta_s, double th_d, int reset_zero, int detach, int kind, double scale,
-                   long L, long B, long H, @T@* di, @T@* dv0, double* dbeta) {
-    const @T@ th = (@T@)th_d; const @T@ bs = (@T@)beta_s; const @T@ c_scale = (@T@)scale;
-    const @T@ c_k = (@T@)(1.57079632679489661923 * scale); const @T@ c_a = (@T@)(scale / 2);
-    @T@* g = dv0;
-    if (dvT) memcpy(g, dvT, sizeof(@T@) * B * H); else memset(g, 0, sizeof(@T@) * B * H);
-    const int beta_mode = beta == NULL ? 0 : dbeta == NULL ? 1 : 2;
-    switch (((kind * 2 + reset_zero) * 2 + detach) * 3 + beta_mode) {
-@BWD_CASES@
-    }
-}
-"""
-
-
-def _source() -> str:
-    """The C source: float and double copies; every flag combination gets its own specialised
-    loop (the flags are constants after inlining, so no branch is left inside the loops)."""
-    parts = [_HEADER]
-    for ctype, suf, fabs in (("float", "f32", "fabsf"), ("double", "f64", "fabs")):
-        fwd = "".join(
-            f"    case {rz * 4 + hb * 2 + su}: fwd_loop_{suf}(i, beta, bs, th, L, B, H, z, u, vT, "
-            f"{rz}, {hb}, {su}); break;\n"
-            for rz in (0, 1) for hb in (0, 1) for su in (0, 1))
-        bwd = "".join(
-            f"    case {((k * 2 + rz) * 2 + d) * 3 + bm}: bwd_loop_{suf}(u, dz, dz_st, v0, beta, bs, th, c_scale, "
-            f"c_k, c_a, L, B, H, di, g, dbeta, {k}, {rz}, {d}, {bm}); break;\n"
-            for k in (0, 1, 2) for rz in (0, 1) for d in (0, 1) for bm in (0, 1, 2))
-        parts.append(_TEMPLATE.replace("@T@", ctype).replace("@SUF@", suf).replace("@FABS@", fabs)
-                     .replace("@FWD_CASES@", fwd).replace("@BWD_CASES@", bwd))
-    return "\n".join(parts)
-
-
-SOURCE = _source()
+#: the C source (package data): ``lif.c`` instantiates ``lif_body.h`` for float and double
+C_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lif.c")
 
 _lib = None
 _P = ctypes.c_void_p
@@ -174,7 +58,7 @@ def load_library():
     """Build (once, cached on disk) and load the C kernels; raises `CBuildError` if impossible."""
     global _lib
     if _lib is None:
-        lib = build("sparsebptt_lif", SOURCE)
+        lib = build_file("sparsebptt_lif", C_SOURCE)
         for suf in ("f32", "f64"):
             fwd, bwd = getattr(lib, f"lif_fwd_{suf}"), getattr(lib, f"lif_bwd_{suf}")
             fwd.restype = bwd.restype = None

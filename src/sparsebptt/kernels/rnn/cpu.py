@@ -37,217 +37,18 @@ vectorised C 14 us / 30 us. The float32 forward differs from torch's by rounding
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 
-from ..cbuild import build
+from ..cbuild import build_file
 from ..lif.cpu import _NoCtx, _SUFFIX, _empty
 from ...trace import current_trace
 
-__all__ = ["fused_gru_layer", "fused_lstm_layer", "load_library", "SOURCE"]
+__all__ = ["fused_gru_layer", "fused_lstm_layer", "load_library", "C_SOURCE"]
 
-_HEADER = r"""
-#include <stddef.h>
-#include <stdint.h>
-#include <string.h>
-
-#define INL static inline __attribute__((always_inline))
-/* an AVX2 copy of each entry point beside the baseline one, picked by the loader (ifunc) */
-#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define CLONES __attribute__((target_clones("avx2", "default")))
-#endif
-#endif
-#ifndef CLONES
-#define CLONES
-#endif
-"""
-
-#: one copy per dtype: @T@ C type, @SUF@ suffix, @I@ same-width integer; the exp constants below
-_TEMPLATE = r"""
-/* exp(x): x = n ln2 + r (ln2 in two parts), a polynomial in r, times 2^n built in the exponent
-   bits; no branch and no libm call, so loops over it vectorise. Clamped where 2^n stays normal. */
-INL @T@ exp_@SUF@(@T@ x) {
-    x = x < (@T@)@LO@ ? (@T@)@LO@ : x;
-    x = x > (@T@)@HI@ ? (@T@)@HI@ : x;
-    const @T@ magic = (@T@)@MAGIC@;  /* 1.5 * 2^mantissa bits: adding it rounds to an integer */
-    const @T@ t = x * (@T@)1.44269504088896340736 + magic;
-    const @T@ fn = t - magic;
-    @I@ bits, mbits;
-    memcpy(&bits, &t, sizeof bits);
-    memcpy(&mbits, &magic, sizeof mbits);
-    const @I@ n = bits - mbits;
-    @T@ r = x - fn * (@T@)@C1@;
-    r = r - fn * (@T@)@C2@;
-    @POLY@
-    const @I@ sb = (n + @BIAS@) << @MANT@;
-    @T@ s;
-    memcpy(&s, &sb, sizeof s);
-    return p * s;
-}
-INL @T@ sigm_@SUF@(const @T@ x) { return (@T@)1 / ((@T@)1 + exp_@SUF@(-x)); }
-INL @T@ tanh_@SUF@(const @T@ x) { return (@T@)1 - (@T@)2 / ((@T@)1 + exp_@SUF@((@T@)2 * x)); }
-
-/* GRU step: gi, gh [B, 3H] (r z n), h [B, H] -> hout [B, H]; s [B, 4H] (r z n gh_n) if save */
-INL void gru_fwd_loop_@SUF@(const @T@* restrict gi, const @T@* restrict gh, const @T@* restrict h,
-                            const long B, const long H, @T@* restrict hout, @T@* restrict s, const int save) {
-    for (long b = 0; b < B; ++b) {
-        const @T@* p_gi = gi + b * 3 * H; const @T@* p_gh = gh + b * 3 * H; const @T@* p_h = h + b * H;
-        @T@* p_o = hout + b * H; @T@* p_s = s + b * 4 * H;
-        for (long j = 0; j < H; ++j) {
-            const @T@ b_r = sigm_@SUF@(p_gi[j] + p_gh[j]);
-            const @T@ b_z = sigm_@SUF@(p_gi[H + j] + p_gh[H + j]);
-            const @T@ b_n = tanh_@SUF@(p_gi[2 * H + j] + b_r * p_gh[2 * H + j]);
-            p_o[j] = b_n + b_z * (p_h[j] - b_n);
-            if (save) { p_s[j] = b_r; p_s[H + j] = b_z; p_s[2 * H + j] = b_n; p_s[3 * H + j] = p_gh[2 * H + j]; }
-        }
-    }
-}
-CLONES void gru_fwd_@SUF@(const @T@* gi, const @T@* gh, const @T@* h, long B, long H, @T@* hout, @T@* s) {
-    if (s) gru_fwd_loop_@SUF@(gi, gh, h, B, H, hout, s, 1);
-    else gru_fwd_loop_@SUF@(gi, gh, h, B, H, hout, s, 0);
-}
-/* GRU step backward: s [B, 4H], h = h_{t-1} [B, H], dy [B, H] or NULL, dh = dL/dh_t from later
-   steps [B, H] -> dgi, dgh [B, 3H], dhd [B, H] (the gradient of h_{t-1} past W_hh) */
-INL void gru_bwd_loop_@SUF@(const @T@* restrict s, const @T@* restrict h, const @T@* restrict dy,
-                            const @T@* restrict dh, const long B, const long H, @T@* restrict dgi,
-                            @T@* restrict dgh, @T@* restrict dhd, const int has_dy) {
-    for (long b = 0; b < B; ++b) {
-        const @T@* p_s = s + b * 4 * H; const @T@* p_h = h + b * H; const @T@* p_dh = dh + b * H;
-        const @T@* p_dy = dy + b * H * has_dy;
-        @T@* p_dgi = dgi + b * 3 * H; @T@* p_dgh = dgh + b * 3 * H; @T@* p_dhd = dhd + b * H;
-        for (long j = 0; j < H; ++j) {
-            const @T@ b_g = has_dy ? p_dh[j] + p_dy[j] : p_dh[j];
-            const @T@ b_r = p_s[j], b_z = p_s[H + j], b_n = p_s[2 * H + j], b_hn = p_s[3 * H + j];
-            const @T@ b_dan = b_g * ((@T@)1 - b_z) * ((@T@)1 - b_n * b_n);
-            const @T@ b_dar = b_dan * b_hn * (b_r * ((@T@)1 - b_r));
-            const @T@ b_daz = b_g * (p_h[j] - b_n) * (b_z * ((@T@)1 - b_z));
-            p_dgi[j] = b_dar; p_dgi[H + j] = b_daz; p_dgi[2 * H + j] = b_dan;
-            p_dgh[j] = b_dar; p_dgh[H + j] = b_daz; p_dgh[2 * H + j] = b_dan * b_r;
-            p_dhd[j] = b_g * b_z;
-        }
-    }
-}
-CLONES void gru_bwd_@SUF@(const @T@* s, const @T@* h, const @T@* dy, const @T@* dh, long B, long H,
-                          @T@* dgi, @T@* dgh, @T@* dhd) {
-    if (dy) gru_bwd_loop_@SUF@(s, h, dy, dh, B, H, dgi, dgh, dhd, 1);
-    else gru_bwd_loop_@SUF@(s, h, dh, dh, B, H, dgi, dgh, dhd, 0);
-}
-/* the hidden states h_{t-1} of a segment, recomputed from the saved gates: hs [L, B, H] gets h0,
-   then h_t = n_t + z_t (h_{t-1} - n_t), the forward's operations in its order (bitwise equal) */
-CLONES void gru_hist_@SUF@(const @T@* s, const @T@* h0, long L, long B, long H, @T@* hs) {
-    memcpy(hs, h0, sizeof(@T@) * B * H);
-    for (long t = 1; t < L; ++t) {
-        for (long b = 0; b < B; ++b) {
-            const @T@* restrict p_s = s + ((t - 1) * B + b) * 4 * H;
-            const @T@* restrict p_h = hs + ((t - 1) * B + b) * H;
-            @T@* restrict p_o = hs + (t * B + b) * H;
-            for (long j = 0; j < H; ++j) {
-                const @T@ b_z = p_s[H + j], b_n = p_s[2 * H + j];
-                p_o[j] = b_n + b_z * (p_h[j] - b_n);
-            }
-        }
-    }
-}
-
-/* LSTM step: gi, gh [B, 4H] (i f g o), c [B, H] -> hout, cout [B, H]; s [B, 4H] activations if save */
-INL void lstm_fwd_loop_@SUF@(const @T@* restrict gi, const @T@* restrict gh, const @T@* restrict c,
-                             const long B, const long H, @T@* restrict hout, @T@* restrict cout,
-                             @T@* restrict s, const int save) {
-    for (long b = 0; b < B; ++b) {
-        const @T@* p_gi = gi + b * 4 * H; const @T@* p_gh = gh + b * 4 * H; const @T@* p_c = c + b * H;
-        @T@* p_h = hout + b * H; @T@* p_co = cout + b * H; @T@* p_s = s + b * 4 * H;
-        for (long j = 0; j < H; ++j) {
-            const @T@ b_i = sigm_@SUF@(p_gi[j] + p_gh[j]);
-            const @T@ b_f = sigm_@SUF@(p_gi[H + j] + p_gh[H + j]);
-            const @T@ b_g = tanh_@SUF@(p_gi[2 * H + j] + p_gh[2 * H + j]);
-            const @T@ b_o = sigm_@SUF@(p_gi[3 * H + j] + p_gh[3 * H + j]);
-            const @T@ b_c = b_f * p_c[j] + b_i * b_g;
-            p_co[j] = b_c;
-            p_h[j] = b_o * tanh_@SUF@(b_c);
-            if (save) { p_s[j] = b_i; p_s[H + j] = b_f; p_s[2 * H + j] = b_g; p_s[3 * H + j] = b_o; }
-        }
-    }
-}
-CLONES void lstm_fwd_@SUF@(const @T@* gi, const @T@* gh, const @T@* c, long B, long H, @T@* hout,
-                           @T@* cout, @T@* s) {
-    if (s) lstm_fwd_loop_@SUF@(gi, gh, c, B, H, hout, cout, s, 1);
-    else lstm_fwd_loop_@SUF@(gi, gh, c, B, H, hout, cout, s, 0);
-}
-/* LSTM step backward: s [B, 4H], c = c_t, cp = c_{t-1} [B, H], dy [B, H] or NULL, dh, dc =
-   dL/dh_t, dL/dc_t from later steps -> dg [B, 4H] (gate pre-activations), dcp = dL/dc_{t-1} */
-INL void lstm_bwd_loop_@SUF@(const @T@* restrict s, const @T@* restrict c, const @T@* restrict cp,
-                             const @T@* restrict dy, const @T@* restrict dh, const @T@* restrict dc,
-                             const long B, const long H, @T@* restrict dg, @T@* restrict dcp,
-                             const int has_dy) {
-    for (long b = 0; b < B; ++b) {
-        const @T@* p_s = s + b * 4 * H; const @T@* p_c = c + b * H; const @T@* p_cp = cp + b * H;
-        const @T@* p_dy = dy + b * H * has_dy; const @T@* p_dh = dh + b * H; const @T@* p_dc = dc + b * H;
-        @T@* p_dg = dg + b * 4 * H; @T@* p_dcp = dcp + b * H;
-        for (long j = 0; j < H; ++j) {
-            const @T@ b_gh = has_dy ? p_dh[j] + p_dy[j] : p_dh[j];
-            const @T@ b_i = p_s[j], b_f = p_s[H + j], b_g = p_s[2 * H + j], b_o = p_s[3 * H + j];
-            const @T@ b_tc = tanh_@SUF@(p_c[j]);
-            const @T@ b_dc = p_dc[j] + b_gh * b_o * ((@T@)1 - b_tc * b_tc);
-            p_dg[j] = b_dc * b_g * (b_i * ((@T@)1 - b_i));
-            p_dg[H + j] = b_dc * p_cp[j] * (b_f * ((@T@)1 - b_f));
-            p_dg[2 * H + j] = b_dc * b_i * ((@T@)1 - b_g * b_g);
-            p_dg[3 * H + j] = b_gh * b_tc * (b_o * ((@T@)1 - b_o));
-            p_dcp[j] = b_dc * b_f;
-        }
-    }
-}
-CLONES void lstm_bwd_@SUF@(const @T@* s, const @T@* c, const @T@* cp, const @T@* dy, const @T@* dh,
-                           const @T@* dc, long B, long H, @T@* dg, @T@* dcp) {
-    if (dy) lstm_bwd_loop_@SUF@(s, c, cp, dy, dh, dc, B, H, dg, dcp, 1);
-    else lstm_bwd_loop_@SUF@(s, c, cp, dh, dh, dc, B, H, dg, dcp, 0);
-}
-/* hs [L, B, H] gets h0, then h_t = o_t tanh(c_t) from the saved gates and cell states (bitwise
-   equal to the forward's) */
-CLONES void lstm_hist_@SUF@(const @T@* s, const @T@* cs, const @T@* h0, long L, long B, long H, @T@* hs) {
-    memcpy(hs, h0, sizeof(@T@) * B * H);
-    for (long t = 1; t < L; ++t) {
-        for (long b = 0; b < B; ++b) {
-            const @T@* restrict p_s = s + ((t - 1) * B + b) * 4 * H;
-            const @T@* restrict p_c = cs + ((t - 1) * B + b) * H;
-            @T@* restrict p_o = hs + (t * B + b) * H;
-            for (long j = 0; j < H; ++j) p_o[j] = p_s[3 * H + j] * tanh_@SUF@(p_c[j]);
-        }
-    }
-}
-"""
-
-#: Cephes expf: degree-5 polynomial on |r| <= ln2/2
-_POLY_F32 = ("const @T@ r2 = r * r; @T@ p = (@T@)1.9875691500E-4; p = p * r + (@T@)1.3981999507E-3; "
-             "p = p * r + (@T@)8.3334519073E-3; p = p * r + (@T@)4.1665795894E-2; "
-             "p = p * r + (@T@)1.6666665459E-1; p = p * r + (@T@)5.0000001201E-1; p = p * r2 + r; "
-             "p = p + (@T@)1;")
-#: Cephes exp: the Pade form 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2))
-_POLY_F64 = ("const @T@ r2 = r * r; "
-             "const @T@ px = r * ((1.26177193074810590878E-4 * r2 + 3.02994407707441961300E-2) * r2 "
-             "+ 9.99999999999999999910E-1); "
-             "const @T@ qx = ((3.00198505138664455042E-6 * r2 + 2.52448340349684104192E-3) * r2 "
-             "+ 2.27265548208155028766E-1) * r2 + 2.00000000000000000009E0; "
-             "@T@ p = px / (qx - px); p = (@T@)1 + (@T@)2 * p;")
-_DTYPES = (
-    dict(T="float", SUF="f32", I="int32_t", LO="-87.0", HI="88.0", MAGIC="12582912.0", C1="0.693359375",
-         C2="-2.12194440e-4", BIAS="127", MANT="23", POLY=_POLY_F32),
-    dict(T="double", SUF="f64", I="int64_t", LO="-708.0", HI="708.0", MAGIC="6755399441055744.0",
-         C1="6.93145751953125E-1", C2="1.42860682030941723212E-6", BIAS="1023", MANT="52", POLY=_POLY_F64),
-)
-
-
-def _source() -> str:
-    parts = [_HEADER]
-    for d in _DTYPES:
-        s = _TEMPLATE.replace("@POLY@", d["POLY"])
-        for k in ("T", "SUF", "I", "LO", "HI", "MAGIC", "C1", "C2", "BIAS", "MANT"):
-            s = s.replace(f"@{k}@", d[k])
-        parts.append(s)
-    return "\n".join(parts)
-
-
-SOURCE = _source()
+#: the C source (package data): ``rnn.c`` instantiates ``rnn_body.h`` for float and double
+C_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rnn.c")
 
 _P, _L = ctypes.c_void_p, ctypes.c_long
 _ARGS = {
@@ -265,7 +66,7 @@ def load_library():
     """Build (once, cached on disk) and load the C kernels; raises `CBuildError` if impossible."""
     global _lib
     if _lib is None:
-        lib = build("sparsebptt_rnn", SOURCE)
+        lib = build_file("sparsebptt_rnn", C_SOURCE)
         for name, args in _ARGS.items():
             for suf in ("f32", "f64"):
                 fn = getattr(lib, f"{name}_{suf}")

@@ -1,0 +1,23 @@
+/* Fused CPU LIF kernels (see sparsebptt/kernels/lif/cpu.py for the equations and the backward):
+   lif_fwd_f32 / lif_bwd_f32 and lif_fwd_f64 / lif_bwd_f64, one copy of lif_body.h per type. */
+#include <math.h>
+#include <stddef.h>
+#include <string.h>
+
+#include "cbuild.h"
+
+#define T float
+#define SUF f32
+#define FABS fabsf
+#include "lif_body.h"
+#undef T
+#undef SUF
+#undef FABS
+
+#define T double
+#define SUF f64
+#define FABS fabs
+#include "lif_body.h"
+#undef T
+#undef SUF
+#undef FABS

@@ -1,0 +1,108 @@
+/* The LIF kernels for one scalar type: included by lif.c with T (the C type), SUF (the name
+   suffix) and FABS (its fabs) defined. Every flag combination gets its own specialised loop (the
+   switch cases below: the flags are constants after inlining, so no branch is left inside the
+   loops). */
+
+INL T FN(surrogate)(const T x, const int kind, const T c_scale, const T c_k, const T c_a) {
+    if (kind == 0) { const T a = c_scale * FABS(x) + (T)1; return (T)1 / (a * a); }
+    if (kind == 1) { const T y = c_k * x; return c_a / ((T)1 + y * y); }
+    { const T r = (T)1 - FABS(x) / c_scale; return r > (T)0 ? r : (T)0; }
+}
+/* forward over the segment; u may alias i (each u_t is written after i_t is read) */
+INL void FN(fwd_loop)(const T* i, const T* beta, const T bs, const T th, const long L,
+                      const long B, const long H, T* z, T* u, T* vT,
+                      const int reset_zero, const int has_beta, const int save_u) {
+    const long N = B * H;
+    for (long t = 0; t < L; ++t) {
+        for (long b = 0; b < B; ++b) {
+            T* p_v = vT + b * H; const T* p_i = i + t * N + b * H; T* p_z = z + t * N + b * H;
+            T* p_u = u + t * N + b * H;
+            for (long h = 0; h < H; ++h) {
+                T b_u = (has_beta ? beta[h] : bs) * p_v[h];
+                b_u = b_u + p_i[h];
+                const T b_z = b_u > th ? (T)1 : (T)0;
+                p_z[h] = b_z;
+                if (save_u) p_u[h] = b_u;
+                p_v[h] = reset_zero ? b_u * ((T)1 - b_z) : b_u - b_z * th;
+            }
+        }
+    }
+}
+#define FWD_CASE(rz, hb, su) \
+    case (rz) * 4 + (hb) * 2 + (su): FN(fwd_loop)(i, beta, bs, th, L, B, H, z, u, vT, rz, hb, su); break;
+void FN(lif_fwd)(const T* i, const T* v0, const T* beta, double beta_s, double th_d,
+                 int reset_zero, long L, long B, long H, T* z, T* u, T* vT) {
+    const T th = (T)th_d; const T bs = (T)beta_s;
+    memcpy(vT, v0, sizeof(T) * B * H);
+    switch (reset_zero * 4 + (beta != NULL) * 2 + (u != NULL)) {
+        FWD_CASE(0, 0, 0) FWD_CASE(0, 0, 1) FWD_CASE(0, 1, 0) FWD_CASE(0, 1, 1)
+        FWD_CASE(1, 0, 0) FWD_CASE(1, 0, 1) FWD_CASE(1, 1, 0) FWD_CASE(1, 1, 1)
+    }
+}
+#undef FWD_CASE
+/* backward over the segment, t = L-1 .. 0; g = dL/dv_t carried in dv0 */
+INL void FN(bwd_loop)(const T* u, const T* dz, const long dz_st, const T* v0, const T* beta,
+                      const T bs,
+                      const T th, const T c_scale, const T c_k, const T c_a, const long L,
+                      const long B, const long H, T* di, T* g, double* dbeta, const int kind,
+                      const int reset_zero, const int detach, const int beta_mode) {
+    const long N = B * H;
+    for (long t = L - 1; t >= 0; --t) {
+        for (long b = 0; b < B; ++b) {
+            const long o = t * N + b * H;
+            const T* p_u = u + o; const T* p_dz = dz + t * dz_st + b * H; T* p_di = di + o;
+            T* p_g = g + b * H;
+            const T* p_up = t > 0 ? u + o - N : NULL; const T* p_v0 = v0 + b * H;
+            for (long h = 0; h < H; ++h) {
+                const T b_u = p_u[h]; const T b_g = p_g[h]; const T b_dz = p_dz[h];
+                const T b_s = FN(surrogate)(b_u - th, kind, c_scale, c_k, c_a);
+                T b_du;
+                if (reset_zero) {
+                    const T keep = b_u > th ? (T)0 : (T)1;
+                    b_du = detach ? b_g * keep + b_dz * b_s : b_g * keep + (b_dz - b_u * b_g) * b_s;
+                } else {
+                    b_du = detach ? b_g + b_dz * b_s : b_g + (b_dz - th * b_g) * b_s;
+                }
+                p_di[h] = b_du;
+                if (beta_mode == 2) {
+                    T v_p;
+                    if (p_up) {
+                        const T up = p_up[h]; const T zp = up > th ? (T)1 : (T)0;
+                        v_p = reset_zero ? up * ((T)1 - zp) : up - zp * th;
+                    } else {
+                        v_p = p_v0[h];
+                    }
+                    dbeta[h] += (double)b_du * (double)v_p;
+                }
+                p_g[h] = (beta_mode ? beta[h] : bs) * b_du;
+            }
+        }
+    }
+}
+/* one case per (surrogate kind, reset, detach, beta mode) */
+#define BWD_CASE(k, rz, d, bm) \
+    case (((k) * 2 + (rz)) * 2 + (d)) * 3 + (bm): \
+        FN(bwd_loop)(u, dz, dz_st, v0, beta, bs, th, c_scale, c_k, c_a, L, B, H, di, g, dbeta, k, rz, d, bm); \
+        break;
+#define BWD_CASES_BM(k, rz, d) BWD_CASE(k, rz, d, 0) BWD_CASE(k, rz, d, 1) BWD_CASE(k, rz, d, 2)
+#define BWD_CASES_D(k, rz) BWD_CASES_BM(k, rz, 0) BWD_CASES_BM(k, rz, 1)
+#define BWD_CASES_RZ(k) BWD_CASES_D(k, 0) BWD_CASES_D(k, 1)
+/* u [L,B,H], dz [L,B,H] (time stride dz_st: B*H, or 0 for one [B,H] slice repeated), dvT [B,H] */
+/* or NULL, v0 [B,H] (read only for dbeta) -> di [L,B,H],                                      */
+/* dv0 [B,H], dbeta [H] (float64, accumulated) or NULL. beta: [H] or NULL (then beta_s).         */
+void FN(lif_bwd)(const T* u, const T* dz, long dz_st, const T* dvT, const T* v0, const T* beta,
+                 double beta_s, double th_d, int reset_zero, int detach, int kind, double scale,
+                 long L, long B, long H, T* di, T* dv0, double* dbeta) {
+    const T th = (T)th_d; const T bs = (T)beta_s; const T c_scale = (T)scale;
+    const T c_k = (T)(1.57079632679489661923 * scale); const T c_a = (T)(scale / 2);
+    T* g = dv0;
+    if (dvT) memcpy(g, dvT, sizeof(T) * B * H); else memset(g, 0, sizeof(T) * B * H);
+    const int beta_mode = beta == NULL ? 0 : dbeta == NULL ? 1 : 2;
+    switch (((kind * 2 + reset_zero) * 2 + detach) * 3 + beta_mode) {
+        BWD_CASES_RZ(0) BWD_CASES_RZ(1) BWD_CASES_RZ(2)
+    }
+}
+#undef BWD_CASE
+#undef BWD_CASES_BM
+#undef BWD_CASES_D
+#undef BWD_CASES_RZ
