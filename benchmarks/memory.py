@@ -76,12 +76,12 @@ def scheduled_steps(spec: str, T: int) -> tuple[int, int]:
     import sparsebptt as sb
     from checkpoint_schedules import EndForward, Forward
 
-    strategy = sb.parse_strategy(spec)
-    if isinstance(strategy, sb.FullBPTT):
+    plan = sb.parse_strategy(spec).plan(T)
+    if plan.keep_graph:
         return T, 0
     fwd = rec = 0
     forward = True
-    for a in strategy.schedule(T):
+    for a in plan.actions:
         if isinstance(a, EndForward):
             forward = False
         elif isinstance(a, Forward):

@@ -141,3 +141,72 @@ def test_string_strategy_and_stack_state_layout():
     y, state = sb.scan(net, x, strategy="checkpoint:3")
     assert y.shape == (8, 2, 5)
     assert [tuple(s.shape) for s in state] == [(2, 8), (2, 6), (2, 5), (2, 5)]
+
+
+# ---- strategies are pure plans; the executor runs them ----------------------------------------
+def test_full_bptt_plan_keeps_the_graph_and_autograd_semantics():
+    plan = sb.FullBPTT().plan(9)
+    assert plan.keep_graph and plan.T == 9 and plan.fast_slots == 0 and plan.slow_slots == 0
+    cell = make_cell("user")
+    x = torch.randn(9, 2, 5, dtype=torch.float64, requires_grad=True)
+    for reduce in (None, "sum", "mean", "last"):
+        y, state = sb.scan(cell, x, reduce=reduce)
+        loss = (y ** 2).sum() + state[1].sum()
+        loss.backward(retain_graph=True)  # plain autograd: a second backward works
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)  # and double backward
+        (gg,) = torch.autograd.grad((g ** 2).sum(), x)
+        assert gg.shape == x.shape and torch.isfinite(gg).all()
+
+
+def test_plan_carries_schedule_and_storage():
+    plan = sb.DoubleCheckpoint(outer=8, inner=2, outer_storage="disk", disk_dir="/tmp").plan(20)
+    assert not plan.keep_graph and plan.T == 20
+    assert (plan.fast_slots, plan.slow_slots, plan.slow_storage, plan.disk_dir) == (3, 2, "disk", "/tmp")
+    plan = sb.Checkpoint(every=4).plan(10)
+    assert (plan.fast_slots, plan.slow_slots, plan.slow_storage) == (2, 0, None)
+
+
+class EveryOther(sb.Strategy):
+    """A user strategy: only a plan (periodic checkpoints every 2 steps); the executor runs it."""
+
+    name = "every-other-test"
+
+    def schedule(self, T):
+        return list(sb.Checkpoint(every=2).schedule(T))  # a list, not an iterator
+
+    def fast_slots(self, T):
+        return sb.Checkpoint(every=2).fast_slots(T)
+
+
+@pytest.mark.parametrize("T", [1, 7, 10])
+def test_user_strategy_runs_through_its_plan(T):
+    ref = reference("user", T, 2, torch.float64)
+    compare(ref, run(make_cell("user", torch.float64), T, 2, torch.float64, EveryOther()), torch.float64)
+
+
+def test_reducer_with_graph_stacks_steps_and_blocks():
+    from sparsebptt.strategies.executor import Reducer
+
+    ys = torch.randn(5, 2, 3, requires_grad=True)
+    r = Reducer(None, 5, keep_graph=True)
+    r.add_block(0, ys[:3])
+    r.add(3, ys[3])
+    r.add(4, ys[4])
+    out = r.result()
+    assert torch.equal(out, ys) and out.requires_grad
+    whole = Reducer(None, 5, keep_graph=True)
+    whole.add_block(0, ys)
+    assert whole.result() is ys  # one block: the cell's own output, no copy
+
+
+def test_executor_knows_no_strategy():
+    import ast
+    import inspect
+
+    from sparsebptt.strategies import executor
+
+    tree = ast.parse(inspect.getsource(executor))
+    imported = {(n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not imported & {"checkpoint", "double", "full", "revolve", "skipper"}, imported
+    attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert "strategy" not in attrs  # what it needs travels in the plan and its actions

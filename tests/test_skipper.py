@@ -164,3 +164,13 @@ def test_fused_cpu_backend_gives_the_reference_skipper_gradients(kind, carry):
     got = run(fused, 29, 3, torch.float64, strategy)
     for name in ref:
         assert_close(name, ref[name], got[name], atol=1e-10)
+
+
+def test_skip_reverse_carries_the_policy():
+    from sparsebptt.strategies import SkipReverse
+
+    for carry in ("drop", "through"):
+        skips = [a for a in sb.Skipper(6, 2, carry=carry).schedule(20) if isinstance(a, SkipReverse)]
+        assert [(a.n1, a.n0, a.carry) for a in skips] == [(16, 12, carry), (10, 6, carry), (4, 0, carry)]
+    with pytest.raises(ValueError, match="unknown carry 'all'; valid carries are: drop, through"):
+        SkipReverse(4, 0, "all")

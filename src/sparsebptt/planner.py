@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from math import comb
 
 import torch
-from checkpoint_schedules import EndReverse, Forward
+from checkpoint_schedules import EndForward, EndReverse, Forward
 
 from .storage import binary_states_of
-from .strategies import Checkpoint, DoubleCheckpoint, FullBPTT, Revolve, Strategy, TwoLevelRevolve
+from .strategies import Checkpoint, DoubleCheckpoint, FullBPTT, Plan, Revolve, Strategy, TwoLevelRevolve
 from .strategies.revolve import binomial_repetitions
 from .trace import trace
 
@@ -129,12 +129,10 @@ def measure(cell, shape, reduce="sum", dtype=None, device=None) -> StepCosts:
     return StepCosts(S, S_enc, G, out_bytes, max(t.peak_stored_bytes - modelled, 0))
 
 
-def _walk(strategy: Strategy, T: int):
-    """(recomputed steps, longest graph segment) by walking the schedule."""
+def _walk(plan: Plan):
+    """(recomputed steps, longest graph segment) by walking the plan's schedule."""
     recomputed, longest, forward_done = 0, 0, False
-    from checkpoint_schedules import EndForward
-
-    for a in strategy.schedule(T):
+    for a in plan.actions:
         if isinstance(a, Forward):
             if forward_done:
                 recomputed += a.n1 - a.n0
@@ -147,9 +145,10 @@ def _walk(strategy: Strategy, T: int):
     return recomputed, longest
 
 
-def _counts(strategy: Strategy, T: int):
+def _counts(strategy: Strategy, plan: Plan):
     """(recomputed steps, longest graph segment): closed forms where known, else a schedule walk."""
-    if isinstance(strategy, FullBPTT):
+    T = plan.T
+    if plan.keep_graph:
         return 0, T
     if type(strategy) is Checkpoint:
         k = strategy.every
@@ -169,24 +168,25 @@ def _counts(strategy: Strategy, T: int):
         s = min(s, max(T - 1, 1))
         r = binomial_repetitions(T, s)
         return r * T - comb(s + r, s + 1), 1
-    return _walk(strategy, T)
+    return _walk(plan)
 
 
 def estimate(cell, shape, strategy: Strategy, reduce="sum", costs: StepCosts | None = None) -> Estimate:
     """Modelled peak fast bytes, slow bytes and cell-step evaluations of one forward+backward."""
     T = shape[0]
     c = costs or measure(cell, shape, reduce)
-    recomputed, longest = _counts(strategy, T)
-    if isinstance(strategy, FullBPTT):
+    p = strategy.plan(T)  # what the executor would run
+    recomputed, longest = _counts(strategy, p)
+    if p.keep_graph:
         fast = T * c.saved_per_step
         slow = 0
     else:
         # outputs kept for the reverse sweep: a fused segment's node holds its whole output block
         fused = getattr(cell, "scan_segment", None) is not None
         held_outputs = 1 if reduce == "last" and not fused else longest
-        fast = (strategy.fast_slots(T) * c.stored_state_bytes + longest * c.saved_per_step
+        fast = (p.fast_slots * c.stored_state_bytes + longest * c.saved_per_step
                 + held_outputs * c.output_bytes + c.state_bytes + c.segment_bytes)
-        slow = strategy.slow_slots(T) * c.stored_state_bytes
+        slow = p.slow_slots * c.stored_state_bytes
     return Estimate(strategy, int(fast), int(slow), T + recomputed, T)
 
 

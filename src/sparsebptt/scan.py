@@ -1,11 +1,15 @@
-"""`sb.scan`: the one entry point that runs a cell over time under a memory strategy."""
+"""`sb.scan`: the one entry point that runs a cell over time under a memory strategy.
+
+It checks its inputs, asks the strategy for its `Plan` and hands it to the executor
+(`strategies.executor.execute`), which runs every strategy, `FullBPTT` included.
+"""
 from __future__ import annotations
 
 import torch
 
 from .strategies import FullBPTT, Strategy, parse_strategy
-from .strategies.executor import Reducer, run_schedule
-from .trace import current_trace, saving
+from .strategies.executor import execute
+from .trace import current_trace
 
 __all__ = ["scan", "REDUCES"]
 
@@ -79,30 +83,6 @@ def _check_finite(x, state0) -> None:
             raise ValueError(f"sb.scan: {name} contains {n_bad} NaN/Inf values (check_finite=True)")
 
 
-def _full_bptt(cell, x, state, reduce):
-    """The reference: a plain loop under autograd, every step's graph kept (or the cell's fused
-    ``scan_segment`` over the whole sequence)."""
-    out = Reducer(reduce, x.shape[0])
-    segment_fn = getattr(cell, "scan_segment", None)
-    if segment_fn is not None:
-        with saving(current_trace()):
-            ys, state = segment_fn(x, state)
-            if reduce is None:
-                return ys, tuple(state)
-            result = ys[-1] if reduce == "last" else ys.sum(0)
-            return (result / x.shape[0] if reduce == "mean" else result), tuple(state)
-    ys = []
-    with saving(current_trace()):
-        for t in range(x.shape[0]):
-            y, state = cell.step(x[t], state)
-            if reduce is None:
-                ys.append(y)
-            else:
-                out.add(t, y)
-        result = torch.stack(ys) if reduce is None else out.result()
-    return result, tuple(state)
-
-
 def scan(cell, x, state0=None, *, strategy: "Strategy | str | None" = None, reduce: str | None = None,
          check_finite: bool = False, preserve_rng: bool = True):
     """Run ``cell`` over the time-major input ``x`` (T, B, input_size) under a memory ``strategy``.
@@ -140,8 +120,4 @@ def scan(cell, x, state0=None, *, strategy: "Strategy | str | None" = None, redu
     if t is not None:
         t.add_external(x, *state0, *params)
         t.name_layers(cell)
-    if isinstance(strategy, FullBPTT):
-        if t is not None:
-            t.forward_steps += x.shape[0]
-        return _full_bptt(cell, x, state0, reduce)
-    return strategy.run(cell, x, state0, reduce, params, preserve_rng)
+    return execute(cell, x, state0, strategy.plan(x.shape[0]), reduce, params, preserve_rng)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .base import run_steps
+
 __all__ = ["Stack"]
 
 
@@ -72,10 +74,7 @@ class Stack(nn.Module):
             if fn is not None:
                 out, s = fn(out, s)
             else:
-                ys = []
-                for t in range(out.shape[0]):
-                    y, s = layer.step(out[t], s)
-                    ys.append(y)
+                ys, s = run_steps(layer.step, out, s)
                 out = torch.stack(ys)
             new.extend(s)
             i += n

@@ -1,16 +1,24 @@
-"""Strategy base class, validation helpers and `parse_strategy`.
+"""Strategy base class, the `Plan` a strategy hands to the executor, `parse_strategy`.
 
 A strategy is a small frozen dataclass that says which states a scan keeps, where, and what it
-recomputes. Exact strategies other than `FullBPTT` produce a *schedule*: a sequence of
-`checkpoint_schedules` actions (Forward / Reverse / Copy / Move / EndForward / EndReverse) that
-`sparsebptt.strategies.executor` runs.
+recomputes. It is a pure plan: `Strategy.plan(T)` returns a `Plan` (its *schedule*, a sequence of
+`checkpoint_schedules` actions: Forward / Reverse / Copy / Move / EndForward / EndReverse, plus
+`SkipReverse` below, and the checkpoint slots it needs), and `sparsebptt.strategies.executor` runs
+it, knowing no strategy by name. `FullBPTT`'s plan is the one without a schedule: keep the whole
+graph (plain autograd).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar, Iterable
 
-__all__ = ["Strategy", "parse_strategy", "register", "register_variant", "positive_int"]
+from checkpoint_schedules import CheckpointAction
+
+__all__ = ["Strategy", "Plan", "SkipReverse", "CARRIES", "parse_strategy", "register", "register_variant",
+           "positive_int"]
+
+#: what a `SkipReverse` does with dL/dstate at the end of the steps it skips
+CARRIES = ("drop", "through")
 
 _REGISTRY: dict[str, type["Strategy"]] = {}
 
@@ -18,6 +26,53 @@ _REGISTRY: dict[str, type["Strategy"]] = {}
 def positive_int(owner: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
+class SkipReverse(CheckpointAction):
+    """Move the reverse sweep from step n1 back to n0 without back-propagating steps n0..n1.
+
+    The steps n0..n1 send no gradient to the parameters or to x. ``carry`` says what becomes of
+    the state gradient dL/dstate_n1: ``"drop"`` stops it there (the sweep goes on from n0 with
+    none but what the outputs before n0 bring), ``"through"`` hands it unchanged to step n0, as if
+    the skipped steps were the identity map. (Skipper's approximation; see `strategies.skipper`.)
+    """
+
+    def __init__(self, n1, n0, carry="drop"):
+        if carry not in CARRIES:
+            raise ValueError(f"SkipReverse: unknown carry {carry!r}; valid carries are: {', '.join(CARRIES)}")
+        super().__init__(n1, n0, carry)
+
+    @property
+    def n1(self):
+        return self.args[0]
+
+    @property
+    def n0(self):
+        return self.args[1]
+
+    @property
+    def carry(self):
+        return self.args[2]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the executor needs to run a scan of ``T`` steps: made by `Strategy.plan`.
+
+    Either ``keep_graph`` (plain autograd over the whole sequence: every step's graph is kept and
+    nothing is stored or recomputed; `FullBPTT`) or a schedule: ``actions``, an iterator of
+    `checkpoint_schedules` actions (and `SkipReverse`) run once, with checkpoint slots preallocated
+    in fast memory (``fast_slots``, the schedule's StorageType.RAM) and in slow storage
+    (``slow_slots`` in ``slow_storage``, "host" or "disk", under ``disk_dir``; its StorageType.DISK).
+    """
+
+    T: int
+    keep_graph: bool = False
+    actions: Iterable = ()
+    fast_slots: int = 0
+    slow_slots: int = 0
+    slow_storage: str | None = None
+    disk_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -29,6 +84,13 @@ class Strategy:
     exact: ClassVar[bool] = True
     n_args: ClassVar[int] = 1  # integers in the string form
 
+    def plan(self, T: int) -> Plan:
+        """What the executor runs for a scan of length T: this strategy's schedule and slots."""
+        slow = self.slow_slots(T)
+        return Plan(T, actions=iter(self.schedule(T)), fast_slots=self.fast_slots(T), slow_slots=slow,
+                    slow_storage=self.slow_storage if slow else None,
+                    disk_dir=getattr(self, "disk_dir", None) if slow else None)
+
     def schedule(self, T: int) -> Iterable:
         """The actions that run a scan of length T (see `checkpoint_schedules`)."""
         raise NotImplementedError
@@ -39,14 +101,8 @@ class Strategy:
 
     def slow_slots(self, T: int) -> int:
         """How many checkpoints it holds at once in slow storage, at most. Strategies with slow
-        slots also have ``slow_storage`` ("host" or "disk") and ``disk_dir``."""
+        slots also have ``slow_storage`` ("host" or "disk") and may have ``disk_dir`` (a folder)."""
         return 0
-
-    def run(self, cell, x, state0, reduce, params, preserve_rng=True):
-        """Run ``cell`` over ``x`` under this strategy; returns (out, state_T)."""
-        from .executor import run_schedule
-
-        return run_schedule(cell, x, state0, self, reduce, params, preserve_rng)
 
     @classmethod
     def from_args(cls, args: list[int]) -> "Strategy":

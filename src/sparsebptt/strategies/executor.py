@@ -1,13 +1,21 @@
-"""Runs a checkpointing schedule over a cell as one autograd node.
+"""Runs a strategy's `Plan` over a cell: the whole graph kept, or a checkpointing schedule.
 
-The schedule is a sequence of `checkpoint_schedules` actions. In the forward pass (up to
-``EndForward``) the executor advances the cell without a graph, copying the states the schedule
-asks for into preallocated slot buffers (one allocation per state component: no per-step heap
-churn, so the memory saved shows in the resident set too), and builds a graph only for the
-steps the schedule marks ``write_adj_deps``. In the backward pass it continues the schedule:
-``Copy``/``Move`` restore a stored state (and the RNG state it was taken with, so stochastic steps
-replay identically), ``Forward`` recomputes, and ``Reverse`` back-propagates a recomputed segment
-with ``torch.autograd.grad``, carrying dL/dstate to the segment before it.
+`execute` is the one entry: a plan that keeps the graph (`FullBPTT`) runs through `run_graph`,
+plain autograd over the whole sequence; any other plan through `run_schedule`.
+
+A schedule is a sequence of `checkpoint_schedules` actions, run as one autograd node. In the
+forward pass (up to ``EndForward``) the executor advances the cell without a graph, copying the
+states the schedule asks for into preallocated slot buffers (one allocation per state component:
+no per-step heap churn, so the memory saved shows in the resident set too), and builds a graph
+only for the steps the schedule marks ``write_adj_deps``. In the backward pass it continues the
+schedule: ``Copy``/``Move`` restore a stored state (and the RNG state it was taken with, so
+stochastic steps replay identically), ``Forward`` recomputes, ``Reverse`` back-propagates a
+recomputed segment with ``torch.autograd.grad``, carrying dL/dstate to the segment before it, and
+`SkipReverse` moves the sweep back without back-propagating (its ``carry`` says whether dL/dstate
+passes). The executor knows no strategy by name: what it needs travels in the plan and its actions.
+
+Every loop over time steps here is `sparsebptt.cells.base.run_steps`, and every output over time
+is collected by one `Reducer`.
 """
 from __future__ import annotations
 
@@ -18,23 +26,34 @@ import torch
 from checkpoint_schedules import (Copy, EndForward, EndReverse, Forward, Move, Reverse,
                                   StorageType)
 
+from ..cells.base import run_steps
 from ..storage import binary_states_of, make_store
-from .skipper import SkipReverse
 from ..trace import current_trace, recomputing, saving
+from .base import Plan, SkipReverse
 
-__all__ = ["run_schedule", "Reducer"]
+__all__ = ["execute", "run_graph", "run_schedule", "Reducer", "NO_GRAD_CHUNK"]
 
 
 class Reducer:
-    """Collects step outputs: the whole sequence (reduce=None) or a running sum / mean / last."""
+    """Collects step outputs: the whole sequence (reduce=None) or a running sum / mean / last.
 
-    def __init__(self, reduce, T):
-        self.reduce, self.T = reduce, T
+    With ``keep_graph`` (plain autograd, `run_graph`) the outputs keep their graph: reduce=None
+    gathers them and stacks them once in `result` (a differentiable copy per step into one buffer
+    would cost a full-size gradient per step in backward); otherwise reduce=None copies each output
+    into one preallocated [T, B, H] buffer (outputs here carry no graph).
+    """
+
+    def __init__(self, reduce, T, keep_graph: bool = False):
+        self.reduce, self.T, self.keep_graph = reduce, T, keep_graph
         self.buf = None  # [T, B, H] for reduce=None, else the accumulator
+        self.parts = []  # keep_graph and reduce=None: (is_block, output) in time order
         self._mean_grad = None
 
     def add(self, t: int, y: torch.Tensor) -> None:
         if self.reduce is None:
+            if self.keep_graph:
+                self.parts.append((False, y))
+                return
             if self.buf is None:
                 self.buf = torch.empty((self.T,) + tuple(y.shape), dtype=y.dtype, device=y.device)
             self.buf[t].copy_(y)
@@ -47,6 +66,9 @@ class Reducer:
     def add_block(self, t0: int, ys: torch.Tensor) -> None:
         """Outputs of steps t0..t0+len(ys) at once (from a cell's ``scan_segment``)."""
         if self.reduce is None:
+            if self.keep_graph:
+                self.parts.append((True, ys))
+                return
             if self.buf is None:
                 self.buf = torch.empty((self.T,) + tuple(ys.shape[1:]), dtype=ys.dtype, device=ys.device)
             self.buf[t0:t0 + ys.shape[0]].copy_(ys)
@@ -72,6 +94,12 @@ class Reducer:
         return self.grad_at(dout, t0).expand_as(like)
 
     def result(self) -> torch.Tensor:
+        if self.reduce is None and self.keep_graph:
+            if len(self.parts) == 1 and self.parts[0][0]:
+                return self.parts[0][1]  # one block: the whole sequence as the cell gave it
+            if not any(block for block, _ in self.parts):
+                return torch.stack([y for _, y in self.parts])
+            return torch.cat([y if block else y.unsqueeze(0) for block, y in self.parts])
         if self.reduce == "mean":
             return self.buf / self.T
         return self.buf
@@ -130,8 +158,8 @@ class _Run:
     x: torch.Tensor
     params: list
     reduce: str | None
-    actions: object
-    strategy: object
+    plan: Plan
+    actions: object  # iter(plan.actions): the forward stops at EndForward, the backward goes on
     preserve_rng: bool
     trace: object = None
     stores: dict = field(default_factory=dict)
@@ -151,6 +179,31 @@ def _needs_grad(s: torch.Tensor) -> bool:
 NO_GRAD_CHUNK = 256
 
 
+def _discard(t: int, y: torch.Tensor) -> None:
+    """`run_steps` hook of a no-grad advance whose outputs go nowhere (none is held)."""
+    return None
+
+
+def run_graph(cell, x, state0, reduce):
+    """Plain autograd over the whole sequence: every step's graph is kept (`FullBPTT`, the
+    reference). A cell with ``scan_segment`` runs it over all T steps at once; any other cell step
+    by step. Returns (out, state_T); nothing is stored or recomputed, so ``retain_graph`` and double
+    backward work as on a hand-written loop."""
+    T = x.shape[0]
+    trace = current_trace()
+    if trace is not None:
+        trace.forward_steps += T
+    out = Reducer(reduce, T, keep_graph=True)
+    segment_fn = getattr(cell, "scan_segment", None)
+    with saving(trace):
+        if segment_fn is not None:
+            ys, state = segment_fn(x, state0)
+            out.add_block(0, ys)
+        else:
+            _, state = run_steps(cell.step, x, state0, on_output=out.add)
+        return out.result(), tuple(state)
+
+
 def _advance(run: _Run, n0: int, n1: int, state, graph: bool, emit: bool):
     """Run steps n0..n1 from ``state``. With ``graph`` returns a `_Segment`, else the new state.
 
@@ -167,10 +220,8 @@ def _advance(run: _Run, n0: int, n1: int, state, graph: bool, emit: bool):
                     if emit:
                         run.reducer.add_block(c0, ys)
                 return state
-            for t in range(n0, n1):
-                y, state = cell.step(x[t], state)
-                if emit:
-                    run.reducer.add(t, y)
+            _, state = run_steps(cell.step, x[n0:n1], state, t0=n0,
+                                 on_output=run.reducer.add if emit else _discard)
         return state
     state_in = tuple(s.detach().requires_grad_(_needs_grad(s) and (n0 > 0 or g))
                      for s, g in zip(state, run.state0_grad))
@@ -182,12 +233,12 @@ def _advance(run: _Run, n0: int, n1: int, state, graph: bool, emit: bool):
             if emit:
                 run.reducer.add_block(n0, ys.detach())
         else:
-            ys = []
-            for t in range(n0, n1):
-                y, state = cell.step(x_in[t - n0], state)
+            def keep(t, y):  # the output's graph is kept where it enters the scan's output
                 if emit:
                     run.reducer.add(t, y.detach())
-                ys.append(y if run.reducer.reaches(t) else None)
+                return y if run.reducer.reaches(t) else None
+
+            ys, state = run_steps(cell.step, x_in, state, on_output=keep, t0=n0)
     seg = _Segment(n0, n1, state_in, x_in, ys, tuple(state))
     if run.trace is not None:
         held = [ys] if isinstance(ys, torch.Tensor) else list(ys)
@@ -288,13 +339,13 @@ class _ScheduledScan(torch.autograd.Function):
         dev = x.device.type
         run.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         T = x.shape[0]
-        st = run.strategy
+        plan = run.plan
         binary = binary_states_of(run.cell, n_state)
         try:
-            run.stores[StorageType.RAM] = make_store("device", state0, st.fast_slots(T), binary, run.trace)
-            if st.slow_slots(T):
-                run.stores[StorageType.DISK] = make_store(st.slow_storage, state0, st.slow_slots(T), binary,
-                                                          run.trace, getattr(st, "disk_dir", None))
+            run.stores[StorageType.RAM] = make_store("device", state0, plan.fast_slots, binary, run.trace)
+            if plan.slow_slots:
+                run.stores[StorageType.DISK] = make_store(plan.slow_storage, state0, plan.slow_slots, binary,
+                                                          run.trace, plan.disk_dir)
             work = (0, state0)
             for a in run.actions:
                 if isinstance(a, Forward):
@@ -357,10 +408,10 @@ class _ScheduledScan(torch.autograd.Function):
                             _set_rng_state(rng, x.device)
                     elif isinstance(a, Forward):
                         work = _forward_action(run, a, work, recompute=True)
-                    elif isinstance(a, SkipReverse):  # Skipper: steps n0..n1 get no backward
+                    elif isinstance(a, SkipReverse):  # steps n0..n1 get no backward
                         if a.n1 != pos:
                             raise RuntimeError(f"schedule skips steps {a.n0}..{a.n1} at step {pos}")
-                        if run.strategy.carry == "drop":
+                        if a.carry == "drop":
                             dstate = [None] * len(dstate)
                         pos = a.n0
                         if not run.reducer.reaches_before(pos, dout) and all(g is None for g in dstate):
@@ -380,12 +431,22 @@ class _ScheduledScan(torch.autograd.Function):
         return (None, grads["x"], *dstate0, *dparams)
 
 
-def run_schedule(cell, x, state0, strategy, reduce, params, preserve_rng=True):
-    """Run ``cell`` over ``x`` under the schedule of ``strategy``; returns (out, state_T)."""
+def run_schedule(cell, x, state0, plan: Plan, reduce, params, preserve_rng=True):
+    """Run ``cell`` over ``x`` under the schedule of ``plan`` as one autograd node; returns
+    (out, state_T)."""
     T = x.shape[0]
-    trace = current_trace()
-    run = _Run(cell=cell, x=x, params=list(params), reduce=reduce, actions=iter(strategy.schedule(T)),
-               strategy=strategy, preserve_rng=preserve_rng, trace=trace,
-               reducer=Reducer(reduce, T), state0_grad=tuple(s.requires_grad for s in state0))
+    if plan.T != T:
+        raise RuntimeError(f"a plan for T={plan.T} steps cannot run a scan of T={T} steps")
+    run = _Run(cell=cell, x=x, params=list(params), reduce=reduce, plan=plan, actions=iter(plan.actions),
+               preserve_rng=preserve_rng, trace=current_trace(), reducer=Reducer(reduce, T),
+               state0_grad=tuple(s.requires_grad for s in state0))
     outs = _ScheduledScan.apply(run, x, *state0, *run.params)
     return outs[0], tuple(outs[1:])
+
+
+def execute(cell, x, state0, plan: Plan, reduce, params, preserve_rng=True):
+    """Run ``cell`` over ``x`` from ``state0`` as ``plan`` says (`Strategy.plan`); returns
+    (out, state_T). ``params``: the tensors the scan's gradient reaches besides x and state0."""
+    if plan.keep_graph:
+        return run_graph(cell, x, state0, reduce)
+    return run_schedule(cell, x, state0, plan, reduce, params, preserve_rng)

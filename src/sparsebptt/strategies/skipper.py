@@ -21,32 +21,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from checkpoint_schedules import (CheckpointAction, EndForward, EndReverse, Forward, Move, Reverse,
-                                  StorageType)
+from checkpoint_schedules import EndForward, EndReverse, Forward, Move, Reverse, StorageType
 
-from .base import Strategy, positive_int, register, register_variant
+from .base import CARRIES, SkipReverse, Strategy, positive_int, register, register_variant
 
-__all__ = ["Skipper", "SkipReverse", "CARRIES"]
-
-CARRIES = ("drop", "through")
+__all__ = ["Skipper", "SkipReverse", "CARRIES", "skipper_schedule"]
 
 
-class SkipReverse(CheckpointAction):
-    """Move the reverse sweep from step n1 back to n0 without back-propagating steps n0..n1."""
-
-    def __init__(self, n1, n0):
-        super().__init__(n1, n0)
-
-    @property
-    def n1(self):
-        return self.args[0]
-
-    @property
-    def n0(self):
-        return self.args[1]
-
-
-def skipper_schedule(T: int, every: int, keep: int):
+def skipper_schedule(T: int, every: int, keep: int, carry: str = "drop"):
+    """Checkpoint at the start of each kept tail; in reverse, recompute and back-propagate each
+    tail and `SkipReverse` (with ``carry``) over the head before it."""
     starts = list(range(0, T, every))
     spans = [(a, min(a + every, T)) for a in starts]
     tails = [max(a, b - keep) for a, b in spans]
@@ -61,13 +45,13 @@ def skipper_schedule(T: int, every: int, keep: int):
     yield EndForward()
     yield Reverse(b, k, True)
     if k > a:
-        yield SkipReverse(k, a)
+        yield SkipReverse(k, a, carry)
     for (a, b), k in zip(reversed(spans[:-1]), reversed(tails[:-1])):
         yield Move(k, StorageType.RAM, StorageType.WORK)
         yield Forward(k, b, False, True, StorageType.WORK)
         yield Reverse(b, k, True)
         if k > a:
-            yield SkipReverse(k, a)
+            yield SkipReverse(k, a, carry)
     yield EndReverse()
 
 
@@ -98,7 +82,7 @@ class Skipper(Strategy):
         return self.keep < self.every
 
     def schedule(self, T):
-        return skipper_schedule(T, self.every, self.keep)
+        return skipper_schedule(T, self.every, self.keep, self.carry)
 
     def fast_slots(self, T):
         return max(0, -(-T // self.every) - 1)
