@@ -129,10 +129,10 @@ def measure(cell, shape, reduce="sum", dtype=None, device=None) -> StepCosts:
     return StepCosts(S, S_enc, G, out_bytes, max(t.peak_stored_bytes - modelled, 0))
 
 
-def _walk(plan: Plan):
-    """(recomputed steps, longest graph segment) by walking the plan's schedule."""
+def _walk(strategy: Strategy, T: int):
+    """(recomputed steps, longest graph segment) by walking the schedule of the strategy's plan."""
     recomputed, longest, forward_done = 0, 0, False
-    for a in plan.actions:
+    for a in strategy.plan(T).actions:
         if isinstance(a, Forward):
             if forward_done:
                 recomputed += a.n1 - a.n0
@@ -145,10 +145,9 @@ def _walk(plan: Plan):
     return recomputed, longest
 
 
-def _counts(strategy: Strategy, plan: Plan):
+def _counts(strategy: Strategy, T: int, plan: Plan | None = None):
     """(recomputed steps, longest graph segment): closed forms where known, else a schedule walk."""
-    T = plan.T
-    if plan.keep_graph:
+    if (plan or strategy.plan(T)).keep_graph:
         return 0, T
     if type(strategy) is Checkpoint:
         k = strategy.every
@@ -168,7 +167,7 @@ def _counts(strategy: Strategy, plan: Plan):
         s = min(s, max(T - 1, 1))
         r = binomial_repetitions(T, s)
         return r * T - comb(s + r, s + 1), 1
-    return _walk(plan)
+    return _walk(strategy, T)
 
 
 def estimate(cell, shape, strategy: Strategy, reduce="sum", costs: StepCosts | None = None) -> Estimate:
@@ -176,7 +175,7 @@ def estimate(cell, shape, strategy: Strategy, reduce="sum", costs: StepCosts | N
     T = shape[0]
     c = costs or measure(cell, shape, reduce)
     p = strategy.plan(T)  # what the executor would run
-    recomputed, longest = _counts(strategy, p)
+    recomputed, longest = _counts(strategy, T, p)
     if p.keep_graph:
         fast = T * c.saved_per_step
         slow = 0
