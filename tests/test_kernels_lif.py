@@ -336,6 +336,15 @@ def test_recurrent_with_triton_backend_selection(monkeypatch):
     assert cell.active_backend == "triton" and cell.scan_segment is not None
 
 
+def test_the_kernels_surrogates_are_the_cells():
+    """The kernels (which import nothing from the cells) implement every surrogate of
+    `sparsebptt.cells.surrogate`, with the same default scales."""
+    from sparsebptt.cells.surrogate import SURROGATES
+    from sparsebptt.kernels.lif.function import SURROGATE_IDS, SURROGATE_SCALES
+    assert set(SURROGATE_IDS) == set(SURROGATES) == set(SURROGATE_SCALES)
+    assert {k: v[1] for k, v in SURROGATES.items()} == SURROGATE_SCALES
+
+
 def test_missing_compiler_is_a_build_error(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("SPARSEBPTT_CACHE_DIR", str(tmp_path))
@@ -548,8 +557,8 @@ def test_large_segment_with_huge_page_buffers():
 
 
 def test_the_fused_path_says_it_ran(caplog):
-    lif_mod = __import__("sparsebptt.cells.lif", fromlist=["_logged"])
-    lif_mod._logged.discard("sparsebptt: LIF scans run the fused 'cpu' backend")
+    base_mod = __import__("sparsebptt.cells.base", fromlist=["_logged"])
+    base_mod._logged.discard("sparsebptt: LIF scans run the fused 'cpu' backend")
     with caplog.at_level(logging.INFO, logger="sparsebptt.kernels"):
         sb.scan(sb.cells.LIF(3, 4, backend="cpu"), torch.rand(5, 2, 3))
     assert any("fused 'cpu' backend" in r.getMessage() for r in caplog.records)

@@ -19,6 +19,7 @@ from sparsebptt.cells import base as cells_base
 from sparsebptt.kernels import backend as kb
 from sparsebptt.kernels.rnn import cpu as rnn_cpu
 from sparsebptt.kernels.rnn.cpu import _history, fused_gru_layer, fused_lstm_layer
+from sparsebptt.kernels.rnn.naive import naive_gru, naive_lstm
 from sparsebptt.testing import assert_close, seeded
 
 pytestmark = pytest.mark.skipif(not kb.backend_available("cpu")[0],
@@ -85,6 +86,39 @@ def test_fused_equals_reference_under_every_strategy(kind, dtype, T, reduce):
         assert g is not None and (key == "dx" or g.abs().max() > 0), key  # every gradient is reached
     for strategy in STRATEGIES:
         compare(expect, run(fast, x, state0, strategy, reduce), dtype, f"{strategy.to_string()}: ")
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("T", [1, 2, 13], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("kind", CELLS)
+def test_fused_layer_equals_naive_loop(kind, dtype, T, bias):
+    """`fused_gru_layer` / `fused_lstm_layer` against `naive_gru` / `naive_lstm` (the plain loop
+    over the cell step) called directly: outputs, final states and the gradients of x, every
+    initial state and every weight and bias."""
+    n_states = 1 if kind == "gru" else 2
+    G = 3 if kind == "gru" else 4
+    B, h = 3, H
+    tensors = {"x": seeded(1, T, B, N_IN, dtype=dtype)}
+    tensors.update({f"s0[{k}]": 0.5 * seeded(2 + k, B, h, dtype=dtype) for k in range(n_states)})
+    tensors["weight_ih"] = 0.4 * seeded(5, G * h, N_IN, dtype=dtype)
+    tensors["weight_hh"] = 0.4 * seeded(6, G * h, h, dtype=dtype)
+    if bias:
+        tensors["bias_ih"] = 0.3 * seeded(7, G * h, dtype=dtype)
+        tensors["bias_hh"] = 0.3 * seeded(8, G * h, dtype=dtype)
+    results = []
+    for fn in ((naive_gru, fused_gru_layer) if kind == "gru" else (naive_lstm, fused_lstm_layer)):
+        leaves = {k: t.clone().requires_grad_() for k, t in tensors.items()}
+        out = fn(*leaves.values())
+        loss = sum((o * seeded(100 + k, *o.shape, dtype=dtype)).sum() for k, o in enumerate(out))
+        loss.backward()
+        res = {f"out[{k}]": o.detach() for k, o in enumerate(out)}
+        res.update({f"d{k}": t.grad for k, t in leaves.items()})
+        for k, g in res.items():
+            assert g is not None and g.abs().max() > 0, f"{fn.__name__}: {k} is zero or missing"
+        results.append(res)
+    compare(*results, dtype)
+    assert len(results[0]) == n_states + 1 + len(tensors)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)

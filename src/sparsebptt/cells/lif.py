@@ -16,29 +16,18 @@ with the input projection as one matmul; "auto" picks the fastest available. The
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .base import Cell, init_uniform_, linear
+from .base import FusedCell, init_uniform_, linear
 from .surrogate import check_surrogate, spike
-from ..kernels.backend import check_backend, get_backend, require_backend, resolve_backend
 from ..trace import current_trace
 
 __all__ = ["LIFParams", "lif_step", "LIF", "RESETS"]
 
 RESETS = ("subtract", "zero")
-
-log = logging.getLogger("sparsebptt.kernels")
-_logged: set[str] = set()
-
-
-def _log_once(msg: str) -> None:
-    if msg not in _logged:
-        _logged.add(msg)
-        log.info(msg)
 
 
 @dataclass(frozen=True)
@@ -85,7 +74,7 @@ def lif_step(i_t: torch.Tensor, v: torch.Tensor, p: LIFParams, beta=None):
     return z, v
 
 
-class LIF(Cell):
+class LIF(FusedCell):
     """A layer of LIF neurons with a dense input projection (and optional recurrent weights).
 
     Args:
@@ -99,16 +88,15 @@ class LIF(Cell):
             unavailable here raises `BackendUnavailable`.
     """
 
+    kernels = ("cpu", "triton")
+
     def __init__(self, input_size: int, hidden_size: int, *, beta: float = 0.9, threshold: float = 1.0,
                  reset: str = "subtract", surrogate: str = "fast_sigmoid",
                  surrogate_scale: float | None = None, detach_reset: bool = False,
                  recurrent: bool = False, learn_beta: bool = False, bias: bool = True,
                  backend: str | None = None):
         super().__init__(input_size, hidden_size)
-        if backend is not None:
-            check_backend(backend)
-            require_backend(backend)
-        self.backend = backend
+        self._set_backend(backend)
         self.params = LIFParams(beta, threshold, reset, surrogate, surrogate_scale, detach_reset)
         self.recurrent = recurrent
         self.num_states = 2 if recurrent else 1
@@ -133,20 +121,8 @@ class LIF(Cell):
             t.add_activity(self, z.sum(), z.numel())
         return z, ((v, z) if self.recurrent else (v,))
 
-    @property
-    def active_backend(self) -> str:
-        """The backend the next scan runs ("torch", "cpu" or "triton"), for the weights' device."""
-        requested = get_backend() if self.backend is None else self.backend
-        return resolve_backend(requested, self.weight.device.type)
-
-    @property
-    def scan_segment(self):
-        """The fused segment scan when a fused backend is active, else None (the step path)."""
-        return None if self.active_backend == "torch" else self._scan_segment
-
     def _scan_segment(self, x_seg, state):
-        backend = self.active_backend
-        _log_once(f"sparsebptt: LIF scans run the fused {backend!r} backend")
+        backend = self.active_backend  # "cpu" or "triton": `FusedCell.scan_segment` hands this out
         beta = self.params.beta if self.beta is None else self.beta.clamp(0.0, 1.0)
         if self.recurrent:  # per step: a matmul for V z_{t-1}, one backend call for the membrane
             if backend == "cpu":

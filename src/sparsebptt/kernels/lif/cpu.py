@@ -27,21 +27,16 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 import threading
 
 import torch
 
-from ...cells.lif import LIFParams
-from ...cells.surrogate import SURROGATES
 from ...trace import current_trace
 from ..cbuild import build_file
-from .function import NoCtx, recurrence_function, recurrent_layer_function
+from ..common import SUFFIX, NoCtx, empty
+from .function import SURROGATE_IDS, LIFConstants, recurrence_function, recurrent_layer_function, surrogate_scale
 
 __all__ = ["fused_recurrent_lif", "fused_lif_layer", "fused_recurrent_lif_layer", "load_library", "C_SOURCE"]
-
-_SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "triangle": 2}
-assert set(_SURROGATE_IDS) == set(SURROGATES), "every surrogate needs a C implementation"
 
 #: the C source (package data): ``lif.c`` instantiates ``lif_body.h`` for float and double
 C_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lif.c")
@@ -67,41 +62,8 @@ def load_library():
     return _lib
 
 
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-
-_tls = threading.local()
-_HUGE = 2 << 20  # bytes of a transparent huge page (x86-64, aarch64 with 4 KiB pages)
-_MADV_HUGEPAGE = 14
-_libc = None
-
-
-def _empty(shape, dtype) -> torch.Tensor:
-    """``torch.empty`` for the [L, B, H] buffers, with Linux's huge pages advised on large ones.
-
-    A fresh 32 MiB buffer otherwise costs ~8,000 page faults on its first touch, which (measured
-    on the 2-core CI machine) took longer than the kernel that fills it. The advice is a hint:
-    where the kernel ignores it, nothing changes.
-    """
-    global _libc
-    t = torch.empty(shape, dtype=dtype)
-    nbytes = t.numel() * t.element_size()
-    if nbytes >= 2 * _HUGE and sys.platform == "linux":
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        a = t.data_ptr()
-        lo, hi = -(-a // _HUGE) * _HUGE, (a + nbytes) // _HUGE * _HUGE
-        if hi > lo:
-            _libc.madvise(lo, hi - lo, _MADV_HUGEPAGE)
-    return t
-
-
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
-
-
-def _scale(p: LIFParams) -> float:
-    return float(SURROGATES[p.surrogate][1] if p.surrogate_scale is None else p.surrogate_scale)
 
 
 def _beta_args(beta):
@@ -109,17 +71,20 @@ def _beta_args(beta):
     return beta_t, (0.0 if beta_t is not None else float(beta))
 
 
-def _lif_fwd(i, v0, beta, p: LIFParams, save_u: bool, u_into_i: bool = False):
+def _lif_fwd(i, v0, beta, p: LIFConstants, save_u: bool, u_into_i: bool = False):
     """Run the forward kernel; ``u_into_i`` writes u over the currents (the caller's buffer)."""
     L, B, H = i.shape
-    fn = getattr(load_library(), f"lif_fwd_{_SUFFIX[i.dtype]}")
-    z = _empty(i.shape, i.dtype)
-    u = (i if u_into_i else _empty(i.shape, i.dtype)) if save_u else None
+    fn = getattr(load_library(), f"lif_fwd_{SUFFIX[i.dtype]}")
+    z = empty(i.shape, i.dtype)
+    u = (i if u_into_i else empty(i.shape, i.dtype)) if save_u else None
     vT = torch.empty_like(v0)
     beta_t, beta_s = _beta_args(beta)
     fn(_ptr(i), _ptr(v0), _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"),
        L, B, H, _ptr(z), _ptr(u), _ptr(vT))
     return z, u, vT
+
+
+_tls = threading.local()
 
 
 def _scratch(shape, dtype) -> torch.Tensor:
@@ -131,16 +96,16 @@ def _scratch(shape, dtype) -> torch.Tensor:
     cache = _tls.__dict__.setdefault("scratch", {})
     buf = cache.get(dtype)
     if buf is None or buf.numel() < n:
-        buf = cache[dtype] = _empty((n,), dtype)
+        buf = cache[dtype] = empty((n,), dtype)
     return buf[:n].view(shape)
 
 
-def _lif_bwd(u, dz, dvT, v0, beta, p: LIFParams, need_dbeta: bool, scratch: bool = False):
+def _lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: bool, scratch: bool = False):
     """Run the backward kernel; ``scratch``: di goes to the per-thread buffer (caller consumes it
     before the next call)."""
     L, B, H = u.shape
-    fn = getattr(load_library(), f"lif_bwd_{_SUFFIX[u.dtype]}")
-    di = _scratch(u.shape, u.dtype) if scratch else _empty(u.shape, u.dtype)
+    fn = getattr(load_library(), f"lif_bwd_{SUFFIX[u.dtype]}")
+    di = _scratch(u.shape, u.dtype) if scratch else empty(u.shape, u.dtype)
     dv0 = torch.empty(B, H, dtype=u.dtype)
     if dz is None:  # no gradient reaches the spikes: one zero slice for every step
         dz, dz_st = torch.zeros(B, H, dtype=u.dtype), 0
@@ -153,7 +118,7 @@ def _lif_bwd(u, dz, dvT, v0, beta, p: LIFParams, need_dbeta: bool, scratch: bool
     dbeta = torch.zeros(H, dtype=torch.float64) if need_dbeta else None
     fn(_ptr(u), _ptr(dz), dz_st, _ptr(dvT), _ptr(v0),
        _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"), int(p.detach_reset),
-       _SURROGATE_IDS[p.surrogate], _scale(p), L, B, H, _ptr(di), _ptr(dv0), _ptr(dbeta))
+       SURROGATE_IDS[p.surrogate], surrogate_scale(p), L, B, H, _ptr(di), _ptr(dv0), _ptr(dbeta))
     return di, dv0, (None if dbeta is None else dbeta.to(u.dtype))
 
 
@@ -171,11 +136,11 @@ class FusedLIFLayerFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, v0, weight, bias, beta, p: LIFParams):
+    def forward(ctx, x, v0, weight, bias, beta, p: LIFConstants):
         L, B, n_in = x.shape
         H = weight.shape[0]
         x2 = x.reshape(L * B, n_in)
-        i = _empty((L, B, H), x.dtype)
+        i = empty((L, B, H), x.dtype)
         if bias is None:
             torch.mm(x2, weight.t(), out=i.view(L * B, H))
         else:
@@ -204,7 +169,7 @@ class FusedLIFLayerFunction(torch.autograd.Function):
         need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
         dx = dw = db = None
         if need_x:
-            dx = _empty((L, B, weight.shape[1]), di.dtype)
+            dx = empty((L, B, weight.shape[1]), di.dtype)
             torch.mm(di2, weight, out=dx.view(L * B, -1))
         if need_w:
             dw = di2.t().mm(x.reshape(L * B, -1))
@@ -222,7 +187,7 @@ def _check(i, v0, beta, who="fused_recurrent_lif", what="i", H=None):
         raise ValueError(f"{who}: {what} must be a 3-D tensor [L, B, {'H' if H is None else 'in'}], got "
                          f"{tuple(i.shape) if isinstance(i, torch.Tensor) else type(i).__name__}")
     B, H = i.shape[1], (i.shape[2] if H is None else H)
-    if i.dtype not in _SUFFIX:
+    if i.dtype not in SUFFIX:
         raise TypeError(f"{who} (cpu): dtype {i.dtype} is not supported; use float32 or "
                         "float64 (or backend='torch')")
     if i.device.type != "cpu":
@@ -243,7 +208,7 @@ def _check(i, v0, beta, who="fused_recurrent_lif", what="i", H=None):
         raise TypeError(f"{who}: beta must be a float or a [H] tensor, got {type(beta).__name__}")
 
 
-def fused_recurrent_lif(i: torch.Tensor, v0: torch.Tensor, beta, p: LIFParams):
+def fused_recurrent_lif(i: torch.Tensor, v0: torch.Tensor, beta, p: LIFConstants):
     """The LIF recurrence over a segment on CPU: ``(z [L, B, H], v_T [B, H])``.
 
     Args:
@@ -269,7 +234,7 @@ def fused_recurrent_lif(i: torch.Tensor, v0: torch.Tensor, beta, p: LIFParams):
 
 
 def fused_lif_layer(x: torch.Tensor, v0: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    beta, p: LIFParams):
+                    beta, p: LIFConstants):
     """A feed-forward LIF layer over a segment on CPU: ``(z [L, B, H], v_T [B, H])``.
 
     ``x`` [L, B, in]; ``weight`` [H, in]; ``bias`` [H] or None; ``beta`` a float or an [H] tensor
@@ -294,7 +259,7 @@ def fused_lif_layer(x: torch.Tensor, v0: torch.Tensor, weight: torch.Tensor, bia
     tensors = [t for t in (x, v0, weight, bias, beta) if isinstance(t, torch.Tensor)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return FusedLIFLayerFunction.apply(x, v0, weight, bias, beta, p)
-    i = _empty((L, B, H), x.dtype)
+    i = empty((L, B, H), x.dtype)
     x2 = x.reshape(L * B, -1)
     if bias is None:
         torch.mm(x2, weight.t(), out=i.view(L * B, H))
@@ -307,36 +272,33 @@ def fused_lif_layer(x: torch.Tensor, v0: torch.Tensor, weight: torch.Tensor, bia
     return z, vT
 
 
-def _step_fwd(i_t, v_in, beta, p: LIFParams, z_t, v_out):
+def _step_fwd(i_t, v_in, beta, p: LIFConstants, z_t, v_out):
     """One step of the forward kernel from the currents i_t [B, H]; u_t is written over i_t."""
     B, H = i_t.shape
     beta_t, beta_s = _beta_args(beta)
-    getattr(load_library(), f"lif_fwd_{_SUFFIX[i_t.dtype]}")(
+    getattr(load_library(), f"lif_fwd_{SUFFIX[i_t.dtype]}")(
         _ptr(i_t), _ptr(v_in), _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"), 1, B, H,
         _ptr(z_t), _ptr(i_t), _ptr(v_out))
 
 
-def _step_bwd(u_t, dz_t, g_in, beta, p: LIFParams, du_t, g_out):
+def _step_bwd(u_t, dz_t, g_in, beta, p: LIFConstants, du_t, g_out):
     """One step of the backward kernel: du_t and g_out = dL/dv_{t-1} (no dbeta)."""
     B, H = u_t.shape
     beta_t, beta_s = _beta_args(beta)
-    flags = (int(p.reset == "zero"), int(p.detach_reset), _SURROGATE_IDS[p.surrogate], _scale(p))
-    getattr(load_library(), f"lif_bwd_{_SUFFIX[u_t.dtype]}")(
+    flags = (int(p.reset == "zero"), int(p.detach_reset), SURROGATE_IDS[p.surrogate], surrogate_scale(p))
+    getattr(load_library(), f"lif_bwd_{SUFFIX[u_t.dtype]}")(
         _ptr(u_t), _ptr(dz_t), B * H, _ptr(g_in), _ptr(g_in), _ptr(beta_t), beta_s, float(p.threshold), *flags,
         1, B, H, _ptr(du_t), _ptr(g_out), None)
-
-
-_NoCtx = NoCtx  # the name other kernels import
 
 
 #: ``i_t = W x_t + b + V z_{t-1}``: one matmul for the inputs, per step one ``addmm`` and one C
 #: step, forward and backward (see `recurrent_layer_function`)
 FusedRecurrentLIFLayerFunction = recurrent_layer_function(
-    "FusedRecurrentLIFLayerFunction", _step_fwd, _step_bwd, lambda shape, dtype, device: _empty(shape, dtype))
+    "FusedRecurrentLIFLayerFunction", _step_fwd, _step_bwd, lambda shape, dtype, device: empty(shape, dtype))
 
 
 def fused_recurrent_lif_layer(x: torch.Tensor, v0: torch.Tensor, z0: torch.Tensor, weight: torch.Tensor,
-                              bias: torch.Tensor | None, rweight: torch.Tensor, beta, p: LIFParams):
+                              bias: torch.Tensor | None, rweight: torch.Tensor, beta, p: LIFConstants):
     """A LIF layer with recurrent weights ``rweight`` [H, H] over a segment on CPU:
     ``(z [L, B, H], v_T [B, H])`` (the final spikes are ``z[-1]``). See
     `FusedRecurrentLIFLayerFunction`; under no_grad the same loop runs without saving."""

@@ -1,12 +1,41 @@
-"""The autograd nodes shared by the fused LIF recurrences (C on CPU, Triton on GPU)."""
+"""What the fused LIF recurrences share (C on CPU, Triton on GPU): the constants they take and
+their autograd nodes.
+
+The kernels take the LIF constants as any object with the attributes of `LIFConstants` (the
+cells pass their `sparsebptt.cells.LIFParams`), so that they import nothing from the cells.
+"""
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
-from ...cells.lif import LIFParams
 from ...trace import current_trace
 
-__all__ = ["recurrence_function", "recurrent_layer_function", "NoCtx"]
+__all__ = ["LIFConstants", "SURROGATE_IDS", "SURROGATE_SCALES", "surrogate_scale", "recurrence_function",
+           "recurrent_layer_function"]
+
+#: the surrogate gradients the kernels implement, by the id their C and Triton code switches on
+SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "triangle": 2}
+#: each one's default scale: the same as `sparsebptt.cells.surrogate.SURROGATES` (a test checks)
+SURROGATE_SCALES = {"fast_sigmoid": 25.0, "atan": 2.0, "triangle": 1.0}
+
+
+class LIFConstants(Protocol):
+    """The LIF constants a kernel reads (`sparsebptt.cells.LIFParams` has them; ``beta`` is
+    passed separately): threshold (> 0), reset ("subtract" or "zero"), surrogate (a key of
+    `SURROGATE_IDS`), surrogate_scale (None: the surrogate's default), detach_reset."""
+
+    threshold: float
+    reset: str
+    surrogate: str
+    surrogate_scale: float | None
+    detach_reset: bool
+
+
+def surrogate_scale(p: LIFConstants) -> float:
+    """The surrogate's scale: ``p.surrogate_scale``, or the surrogate's default when None."""
+    return float(SURROGATE_SCALES[p.surrogate] if p.surrogate_scale is None else p.surrogate_scale)
 
 
 def recurrence_function(name: str, fwd, bwd) -> type[torch.autograd.Function]:
@@ -17,7 +46,7 @@ def recurrence_function(name: str, fwd, bwd) -> type[torch.autograd.Function]:
     u [L, B, H] is kept, and v0 only when the gradient of a learnable beta needs v_{-1}.
     """
 
-    def forward(ctx, i, v0, beta, p: LIFParams):
+    def forward(ctx, i, v0, beta, p: LIFConstants):
         z, u, vT = fwd(i, v0, beta, p, save_u=True)
         beta_t = beta if isinstance(beta, torch.Tensor) else None
         ctx.p = p
@@ -53,7 +82,7 @@ def recurrent_layer_function(name: str, step_fwd, step_bwd, empty) -> type[torch
     g_out = dL/dv_{t-1}; no dbeta) and ``empty(shape, dtype, device)`` for the [L, B, H] buffers.
     """
 
-    def forward(ctx, x, v0, z0, weight, bias, rweight, beta, p: LIFParams):
+    def forward(ctx, x, v0, z0, weight, bias, rweight, beta, p: LIFConstants):
         L, B, n_in = x.shape
         H = weight.shape[0]
         i = empty((L, B, H), x.dtype, x.device)
@@ -135,14 +164,3 @@ def recurrent_layer_function(name: str, step_fwd, step_bwd, empty) -> type[torch
         "__doc__": "A LIF layer with recurrent weights over a segment: (x, v0, z0, W, b, V, beta) -> (z, v_T).",
         "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
-
-class NoCtx:
-    """Stands in for autograd's ctx when a forward runs outside autograd (nothing is kept)."""
-
-    needs_input_grad = ()
-
-    def save_for_backward(self, *tensors):
-        pass
-
-    def set_materialize_grads(self, value):
-        pass

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import torch
 
+from ...cells.base import run_steps
 from ...cells.lif import LIFParams, lif_step
 
 __all__ = ["naive_recurrent_lif"]
@@ -15,8 +16,5 @@ def naive_recurrent_lif(i: torch.Tensor, v0: torch.Tensor, beta, p: LIFParams):
     one `lif_step` per time step under autograd. ``beta``: float or [H] tensor."""
     if not isinstance(beta, torch.Tensor):
         p, beta = replace(p, beta=float(beta)), None
-    v, zs = v0, []
-    for t in range(i.shape[0]):
-        z, v = lif_step(i[t], v, p, beta)
-        zs.append(z)
+    zs, v = run_steps(lambda i_t, v: lif_step(i_t, v, p, beta), i, v0)
     return torch.stack(zs), v

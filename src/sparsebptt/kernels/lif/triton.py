@@ -17,13 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ...cells.lif import LIFParams
-from ...cells.surrogate import SURROGATES
-from .function import NoCtx, recurrence_function, recurrent_layer_function
+from ..common import NoCtx
+from .function import SURROGATE_IDS, LIFConstants, recurrence_function, recurrent_layer_function, surrogate_scale
 
 __all__ = ["fused_recurrent_lif", "fused_recurrent_lif_layer"]
 
-_SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "triangle": 2}
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -128,12 +126,12 @@ def _block(N: int) -> int:
     return min(triton.next_power_of_2(N), 128)
 
 
-def _consts(p: LIFParams, beta_s: float, dtype, device) -> torch.Tensor:
-    scale = float(SURROGATES[p.surrogate][1] if p.surrogate_scale is None else p.surrogate_scale)
+def _consts(p: LIFConstants, beta_s: float, dtype, device) -> torch.Tensor:
+    scale = surrogate_scale(p)
     return torch.tensor([p.threshold, beta_s, scale, math.pi / 2 * scale, scale / 2], dtype=dtype, device=device)
 
 
-def fused_recurrent_lif_fwd(i, v0, beta, p: LIFParams, save_u: bool):
+def fused_recurrent_lif_fwd(i, v0, beta, p: LIFConstants, save_u: bool):
     L, B, H = i.shape
     N = B * H
     z = torch.empty_like(i)
@@ -148,7 +146,7 @@ def fused_recurrent_lif_fwd(i, v0, beta, p: LIFParams, save_u: bool):
     return z, (u if save_u else None), vT
 
 
-def fused_recurrent_lif_bwd(u, dz, dvT, v0, beta, p: LIFParams, need_dbeta: bool):
+def fused_recurrent_lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: bool):
     dz = None if dz is None else dz.contiguous()
     dvT = None if dvT is None else dvT.contiguous()
     L, B, H = u.shape
@@ -163,7 +161,7 @@ def fused_recurrent_lif_bwd(u, dz, dvT, v0, beta, p: LIFParams, need_dbeta: bool
         u, u if dz is None else dz, dv0 if dvT is None else dvT, u if v0 is None else v0,
         beta if has_beta else c, c, di, dv0, dbeta, L, N, H,
         BH=BH, HAS_BETA=has_beta, RESET_ZERO=p.reset == "zero", DETACH=bool(p.detach_reset),
-        SURROGATE=_SURROGATE_IDS[p.surrogate], HAS_DZ=dz is not None, HAS_DVT=dvT is not None,
+        SURROGATE=SURROGATE_IDS[p.surrogate], HAS_DZ=dz is not None, HAS_DVT=dvT is not None,
         NEED_DBETA=need_dbeta)
     return di, dv0, (dbeta.sum(0).to(u.dtype) if need_dbeta else None)
 
@@ -172,7 +170,7 @@ FusedRecurrentLIFFunction = recurrence_function("FusedRecurrentLIFFunction", fus
                                                 fused_recurrent_lif_bwd)
 
 
-def _step_fwd(i_t, v_in, beta, p: LIFParams, z_t, v_out):
+def _step_fwd(i_t, v_in, beta, p: LIFConstants, z_t, v_out):
     """One step of the forward kernel from the currents i_t [B, H]; u_t is written over i_t (each
     element is read before its own program overwrites it)."""
     B, H = i_t.shape
@@ -185,7 +183,7 @@ def _step_fwd(i_t, v_in, beta, p: LIFParams, z_t, v_out):
         BH=BH, HAS_BETA=has_beta, RESET_ZERO=p.reset == "zero", SAVE_U=True)
 
 
-def _step_bwd(u_t, dz_t, g_in, beta, p: LIFParams, du_t, g_out):
+def _step_bwd(u_t, dz_t, g_in, beta, p: LIFConstants, du_t, g_out):
     """One step of the backward kernel: du_t and g_out = dL/dv_{t-1} (dbeta is left to the caller)."""
     B, H = u_t.shape
     N = B * H
@@ -195,7 +193,7 @@ def _step_bwd(u_t, dz_t, g_in, beta, p: LIFParams, du_t, g_out):
     fused_recurrent_lif_bwd_kernel[(triton.cdiv(N, BH),)](
         u_t, dz_t, g_in, g_in, beta if has_beta else c, c, du_t, g_out, g_out, 1, N, H,
         BH=BH, HAS_BETA=has_beta, RESET_ZERO=p.reset == "zero", DETACH=bool(p.detach_reset),
-        SURROGATE=_SURROGATE_IDS[p.surrogate], HAS_DZ=True, HAS_DVT=True, NEED_DBETA=False)
+        SURROGATE=SURROGATE_IDS[p.surrogate], HAS_DZ=True, HAS_DVT=True, NEED_DBETA=False)
 
 
 #: a LIF layer with recurrent weights: per step one ``addmm`` (cuBLAS) for ``V z_{t-1}`` and one
@@ -232,7 +230,7 @@ def _check(i, v0, beta):
                         f"{type(beta).__name__}")
 
 
-def fused_recurrent_lif(i: torch.Tensor, v0: torch.Tensor, beta, p: LIFParams):
+def fused_recurrent_lif(i: torch.Tensor, v0: torch.Tensor, beta, p: LIFConstants):
     """The LIF recurrence over a segment with Triton: ``(z [L, B, H], v_T [B, H])``.
 
     Args:
@@ -256,7 +254,7 @@ def fused_recurrent_lif(i: torch.Tensor, v0: torch.Tensor, beta, p: LIFParams):
 
 
 def fused_recurrent_lif_layer(x: torch.Tensor, v0: torch.Tensor, z0: torch.Tensor, weight: torch.Tensor,
-                              bias: torch.Tensor | None, rweight: torch.Tensor, beta, p: LIFParams):
+                              bias: torch.Tensor | None, rweight: torch.Tensor, beta, p: LIFConstants):
     """A LIF layer with recurrent weights ``rweight`` [H, H] over a segment with Triton:
     ``(z [L, B, H], v_T [B, H])`` (the final spikes are ``z[-1]``).
 

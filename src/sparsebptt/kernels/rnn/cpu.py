@@ -41,9 +41,9 @@ import os
 
 import torch
 
-from ..cbuild import build_file
-from ..lif.cpu import _NoCtx, _SUFFIX, _empty
 from ...trace import current_trace
+from ..cbuild import build_file
+from ..common import SUFFIX, NoCtx, empty
 
 __all__ = ["fused_gru_layer", "fused_lstm_layer", "load_library", "C_SOURCE"]
 
@@ -76,7 +76,7 @@ def load_library():
 
 
 def _kernel(name: str, dtype):
-    return getattr(load_library(), f"{name}_{_SUFFIX[dtype]}")
+    return getattr(load_library(), f"{name}_{SUFFIX[dtype]}")
 
 
 #: rows (steps x batch) of a chunk: the input projection and the batched gradients run over
@@ -142,7 +142,7 @@ class _Grads:
 
     def __init__(self, x, weight_ih, weight_hh, need):
         self.x, self.weight_ih = x, weight_ih
-        self.dx = _empty(x.shape, x.dtype) if need[0] else None
+        self.dx = empty(x.shape, x.dtype) if need[0] else None
         self.dw_ih = torch.zeros_like(weight_ih) if need[1] else None
         self.dw_hh = torch.zeros_like(weight_hh) if need[2] else None
         GH = weight_hh.shape[0]
@@ -171,7 +171,7 @@ class _Grads:
 
 def _history(name, s, cs, h0, L, B, H):
     """h_{t-1} of every step, [L, B, H], recomputed from the saved gates (a backward temporary)."""
-    hs = _empty((L, B, H), h0.dtype)
+    hs = empty((L, B, H), h0.dtype)
     fn = _kernel(name, h0.dtype)
     if cs is None:
         fn(s.data_ptr(), h0.data_ptr(), L, B, H, hs.data_ptr())
@@ -193,12 +193,12 @@ class FusedGRULayerFunction(torch.autograd.Function):
     def forward(ctx, x, h0, weight_ih, weight_hh, bias_ih, bias_hh):
         L, B, n_in = x.shape
         H = h0.shape[1]
-        save = not isinstance(ctx, _NoCtx)
+        save = not isinstance(ctx, NoCtx)
         fwd = _kernel("gru_fwd", x.dtype)
         chunks = _chunks(L, B)
-        gi = _empty((chunks[0][1], B, 3 * H), x.dtype)  # one chunk's input projection
-        ys = _empty((L, B, H), x.dtype)
-        s = _empty((L, B, 4 * H), x.dtype) if save else None
+        gi = empty((chunks[0][1], B, 3 * H), x.dtype)  # one chunk's input projection
+        ys = empty((L, B, H), x.dtype)
+        s = empty((L, B, 4 * H), x.dtype) if save else None
         gh = torch.empty(B, 3 * H, dtype=x.dtype)
         wt = _transposed(weight_hh, L)
         esz = x.element_size()
@@ -231,7 +231,7 @@ class FusedGRULayerFunction(torch.autograd.Function):
         grads = _Grads(x, weight_ih, weight_hh, (need[0], need[2], need[3], need[4], need[5]))
         hs = _history("gru_hist", s, None, h0, L, B, H)  # h_{t-1}
         chunks = _chunks(L, B)
-        dgi, dgh = _empty((chunks[0][1], B, 3 * H), s.dtype), _empty((chunks[0][1], B, 3 * H), s.dtype)
+        dgi, dgh = empty((chunks[0][1], B, 3 * H), s.dtype), empty((chunks[0][1], B, 3 * H), s.dtype)
         keep, p_dy, dy_step = _step_grads(dys, B, H)
         dh = [torch.zeros_like(h0) if dhT is None else dhT.contiguous(), torch.empty_like(h0),
               torch.empty_like(h0)]
@@ -267,13 +267,13 @@ class FusedLSTMLayerFunction(torch.autograd.Function):
     def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
         L, B, n_in = x.shape
         H = h0.shape[1]
-        save = not isinstance(ctx, _NoCtx)
+        save = not isinstance(ctx, NoCtx)
         fwd = _kernel("lstm_fwd", x.dtype)
         chunks = _chunks(L, B)
-        gi = _empty((chunks[0][1], B, 4 * H), x.dtype)  # one chunk's input projection
-        ys = _empty((L, B, H), x.dtype)
-        s = _empty((L, B, 4 * H), x.dtype) if save else None
-        cs = _empty((L, B, H), x.dtype) if save else torch.empty(2, B, H, dtype=x.dtype)
+        gi = empty((chunks[0][1], B, 4 * H), x.dtype)  # one chunk's input projection
+        ys = empty((L, B, H), x.dtype)
+        s = empty((L, B, 4 * H), x.dtype) if save else None
+        cs = empty((L, B, H), x.dtype) if save else torch.empty(2, B, H, dtype=x.dtype)
         gh = torch.empty(B, 4 * H, dtype=x.dtype)
         wt = _transposed(weight_hh, L)
         esz = x.element_size()
@@ -307,7 +307,7 @@ class FusedLSTMLayerFunction(torch.autograd.Function):
         grads = _Grads(x, weight_ih, weight_hh, (need[0], need[3], need[4], need[5], need[6]))
         hs = _history("lstm_hist", s, cs, h0, L, B, H) if need[4] else None  # h_{t-1}, for dW_hh
         chunks = _chunks(L, B)
-        dg = _empty((chunks[0][1], B, 4 * H), s.dtype)
+        dg = empty((chunks[0][1], B, 4 * H), s.dtype)
         keep, p_dy, dy_step = _step_grads(dys, B, H)
         dh = [torch.zeros_like(h0) if dhT is None else dhT.contiguous(), torch.empty_like(h0),
               torch.empty_like(h0)]
@@ -340,7 +340,7 @@ def _check(who, gates, x, states, weight_ih, weight_hh, bias_ih, bias_hh):
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"{who}: x must be a 3-D tensor [L, B, in], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dtype not in _SUFFIX:
+    if x.dtype not in SUFFIX:
         raise TypeError(f"{who} (cpu): dtype {x.dtype} is not supported; use float32 or float64 "
                         "(or backend='torch')")
     if x.device.type != "cpu":
@@ -374,7 +374,7 @@ def _apply(fn, x, states, weight_ih, weight_hh, bias_ih, bias_hh):
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
         return fn.apply(*args)
     with torch.no_grad():
-        return fn.forward(_NoCtx(), *args)
+        return fn.forward(NoCtx(), *args)
 
 
 def fused_gru_layer(x: torch.Tensor, h0: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
