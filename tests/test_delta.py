@@ -7,7 +7,7 @@ import torch
 
 import sparsebptt as sb
 from sparsebptt.cells.delta import delta_encode
-from sparsebptt.cells.sparse import sparse_linear
+from sparsebptt.kernels.sparse import sparse_linear
 from sparsebptt.testing import assert_close, seeded
 
 from helpers import N_IN, run
@@ -53,7 +53,7 @@ def _forward_backward(cell, x, state0, n_loss, strategy=sb.FullBPTT()):
 
 # ---- threshold 0: the dense cell ---------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["sparse", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("kind", list(DELTA))
 def test_threshold_zero_equals_dense_cell(kind, backend):
     """Outputs and every gradient (x, h0/c0, parameters) of the dense cell, float64 within 1e-9."""
@@ -83,7 +83,7 @@ def test_threshold_zero_equals_dense_cell(kind, backend):
 @pytest.mark.parametrize("kind", list(DELTA))
 def test_sparse_backend_equals_reference(kind, threshold, B, active_set, dtype):
     ref_cell = make_delta(kind, dtype, threshold=threshold, backend="torch")
-    cell = make_delta(kind, dtype, threshold=threshold, backend="sparse", active_set=active_set)
+    cell = make_delta(kind, dtype, threshold=threshold, backend="cpu", active_set=active_set)
     ref = run(ref_cell, 23, B, dtype, sb.FullBPTT())
     got = run(cell, 23, B, dtype, sb.FullBPTT())
     for name in ref:
@@ -260,12 +260,25 @@ def test_delta_encode_threshold_zero_transmits_every_entry():
 @pytest.mark.parametrize("kwargs,match", [
     ({"threshold": -0.1}, r"DeltaGRU: threshold must be a number >= 0 .*got -0.1"),
     ({"hidden_threshold": float("nan")}, r"DeltaGRU: hidden_threshold must be a number >= 0"),
-    ({"backend": "cuda"}, r"DeltaGRU: unknown backend 'cuda'; valid backends are: sparse, torch"),
+    ({"backend": "cuda"}, r"DeltaGRU: unknown backend 'cuda'; valid backends are: auto, torch, cpu, triton"),
     ({"active_set": "rows"}, r"DeltaGRU: unknown active_set 'rows'; valid values are: auto, union, sample"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sb.cells.DeltaGRU(4, 3, **kwargs)
+
+
+@pytest.mark.parametrize("kind", list(DELTA))
+def test_backend_sparse_is_deprecated_cpu(kind):
+    with pytest.warns(DeprecationWarning, match="backend 'sparse' is now called 'cpu'; use backend='cpu'"):
+        cell = DELTA[kind][0](4, 3, 0.1, backend="sparse")
+    assert cell.backend == "cpu" and cell.active_backend == "cpu" and cell.scan_segment is None
+    step = sb.cells.delta_gru_step if kind == "delta-gru" else sb.cells.delta_lstm_step
+    state = cell.initial_state(2)
+    with pytest.warns(DeprecationWarning, match="delta_.*_step: backend 'sparse' is now called 'cpu'"):
+        step(torch.randn(2, 4), state, cell.weight_ih, cell.weight_hh, backend="sparse")
+    with pytest.raises(ValueError, match="delta_.*_step: backend must be 'cpu' or 'torch', got 'triton'"):
+        step(torch.randn(2, 4), state, cell.weight_ih, cell.weight_hh, backend="triton")
 
 
 def test_sparse_linear_bad_inputs():

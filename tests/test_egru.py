@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import sparsebptt as sb
-from sparsebptt.cells.egru import event, event_statistics, pseudo_derivative
+from sparsebptt.cells.egru import egru_step, event, event_statistics, pseudo_derivative
+from sparsebptt.kernels.egru.cpu import load_library
+from sparsebptt.kernels.sparse import full_above
 from sparsebptt.testing import assert_close, seeded
 
 from helpers import N_IN, run
@@ -64,7 +66,7 @@ def test_step_matches_hand_formula():
     c_new = n + u * (c - n)
     e = (c_new > cell.threshold).double()
     assert 0 < float(e.mean()) < 1
-    for backend in ("sparse", "torch"):
+    for backend in ("cpu", "torch"):
         cell.backend = backend
         out, (c1, y1) = cell.step(x, (c, y))
         assert_close("y", c_new * e, out)
@@ -101,7 +103,7 @@ def test_sparse_backward_equals_reference(T, B, epsilon, active_set, dtype):
     """Outputs, final state and every gradient (x, c0, y0, all parameters, the threshold);
     epsilon 0.1 leaves few units near the threshold: the input gradient runs sparse too."""
     ref_cell = make_egru(dtype, backend="torch", epsilon=epsilon)
-    cell = make_egru(dtype, backend="sparse", active_set=active_set, epsilon=epsilon)
+    cell = make_egru(dtype, backend="cpu", active_set=active_set, epsilon=epsilon)
     x = seeded(0, T, B, N_IN, dtype=dtype)
     s0 = [0.3 * seeded(1 + i, B, 9, dtype=dtype) for i in range(2)]
     assert margin(cell, x, s0) > (1e-9 if dtype == torch.float64 else 1e-4)
@@ -120,8 +122,8 @@ def test_activity_of_the_equality_check_is_mixed():
     assert 0.1 < s["activity"] < 0.6 and s["activity"] < s["backward_activity"] < 0.95, s
     narrow = event_statistics(make_egru(epsilon=0.1), seeded(0, 23, 4, N_IN),
                               tuple(0.3 * seeded(1 + i, 4, 9) for i in range(2)))["EGRU"]
-    assert narrow["backward_activity"] < sb.cells.egru.DENSE_ABOVE, narrow  # the sparse products run
-    assert sb.cells.egru.sparse_kernels() == "c"  # this machine has a C compiler
+    assert narrow["backward_activity"] < full_above(4), narrow  # the sparse products run
+    load_library()  # this machine has a C compiler: the C kernels build
 
 
 @pytest.mark.parametrize("y0", ["zeros", "sparse"])
@@ -130,7 +132,7 @@ def test_initial_output_gets_every_gradient(y0):
     an event): the first step of a scan takes the dense input gradient."""
     B = 3
     grads = {}
-    for backend in ("torch", "sparse"):
+    for backend in ("torch", "cpu"):
         cell = make_egru(backend=backend)
         x = seeded(0, 11, B, N_IN).requires_grad_()
         y = torch.zeros(B, 9, dtype=torch.float64) if y0 == "zeros" else \
@@ -142,13 +144,13 @@ def test_initial_output_gets_every_gradient(y0):
         grads[backend] = (y.grad, c.grad, x.grad, cell.weight_hh.grad, cell.threshold.grad)
     for name, a, b in zip(["dy0", "dc0", "dx", "dweight_hh", "dthreshold"], *grads.values()):
         assert_close(name, a, b)
-    assert bool((grads["sparse"][0] != 0).all())
+    assert bool((grads["cpu"][0] != 0).all())
 
 
 def test_count_events_and_regularizer_gradients_equal_reference():
     dtype, T, B = torch.float64, 17, 3
     res = {}
-    for backend in ("torch", "sparse"):
+    for backend in ("torch", "cpu"):
         cell = make_egru(count_events=True, backend=backend)
         x = seeded(0, T, B, N_IN).requires_grad_()
         s0 = cell.initial_state(B, dtype=dtype)
@@ -159,11 +161,11 @@ def test_count_events_and_regularizer_gradients_equal_reference():
         loss.backward()
         res[backend] = {"reg": reg.detach(), "count": state[2].detach(), "dx": x.grad,
                         **{n: p.grad for n, p in cell.named_parameters()}}
-    counts = res["sparse"]["count"]
+    counts = res["cpu"]["count"]
     assert torch.equal(counts, counts.round()) and float(counts.max()) <= T
-    assert float(res["sparse"]["reg"]) > 0
+    assert float(res["cpu"]["reg"]) > 0
     for name in res["torch"]:
-        assert_close(name, res["torch"][name], res["sparse"][name])
+        assert_close(name, res["torch"][name], res["cpu"][name])
 
 
 def test_regularizer_lowers_activity():
@@ -188,7 +190,7 @@ def test_stack_of_egru_under_checkpoint_and_partial_backward():
     layers = lambda backend: [sb.cells.EGRU(N_IN, 8, threshold_init=0.05, backend=backend),  # noqa: E731
                               sb.cells.EGRU(8, 6, threshold_init=0.02, backend=backend)]
     ref_net = sb.cells.Stack(layers("torch")).double()
-    net = sb.cells.Stack(layers("sparse")).double()
+    net = sb.cells.Stack(layers("cpu")).double()
     net.load_state_dict(ref_net.state_dict())
     ref = run(ref_net, 29, 2, torch.float64, sb.FullBPTT(), reduce="sum")
     got = run(net, 29, 2, torch.float64, sb.Checkpoint(every=6), reduce="sum")
@@ -240,9 +242,9 @@ def test_c_kernels_bad_arguments():
 @pytest.mark.parametrize("B", [1, 4], ids=lambda b: f"B{b}")
 def test_torch_gather_paths_equal_reference(B, monkeypatch):
     """Without the C kernels (no compiler) the sparse backward runs torch gathers: still exact."""
-    from sparsebptt.cells import egru
+    from sparsebptt.kernels.egru import cpu
 
-    monkeypatch.setitem(egru._kernel_state, "name", "torch")
+    monkeypatch.setattr(cpu, "use_c_kernels", False)
     ref = run(make_egru(backend="torch"), 23, B, torch.float64, sb.FullBPTT())
     got = run(make_egru(), 23, B, torch.float64, sb.Checkpoint(every=6))
     for name in ref:
@@ -307,7 +309,7 @@ def test_event_statistics_match_trace():
     ({"gamma": -0.1}, r"EGRU: gamma \(pseudo-derivative dampening\) must be a number >= 0, got -0.1"),
     ({"epsilon": 0.0}, r"EGRU: epsilon \(pseudo-derivative width\) must be a number > 0, got 0.0"),
     ({"epsilon": True}, r"EGRU: epsilon .* got True"),
-    ({"backend": "cuda"}, r"EGRU: unknown backend 'cuda'; valid backends are: sparse, torch"),
+    ({"backend": "cuda"}, r"EGRU: unknown backend 'cuda'; valid backends are: auto, torch, cpu, triton"),
     ({"active_set": "rows"}, r"EGRU: unknown active_set 'rows'; valid values are: auto, union, sample"),
     ({"threshold_init": float("nan")}, r"EGRU: threshold_init must be finite, got nan"),
     ({"threshold_init": "gauss"}, r"EGRU: threshold_init must be a number .* got 'gauss'"),
@@ -317,6 +319,15 @@ def test_event_statistics_match_trace():
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sb.cells.EGRU(3, 4, **kwargs)
+
+
+def test_backend_sparse_is_deprecated_cpu():
+    with pytest.warns(DeprecationWarning, match="EGRU: backend 'sparse' is now called 'cpu'; use backend='cpu'"):
+        cell = sb.cells.EGRU(3, 4, backend="sparse")
+    assert cell.backend == "cpu" and cell.active_backend == "cpu" and cell.scan_segment is not None
+    state = cell.initial_state(2)
+    with pytest.warns(DeprecationWarning, match="egru_step: backend 'sparse' is now called 'cpu'"):
+        egru_step(torch.randn(2, 3), state, *cell._params(), backend="sparse")
 
 
 def test_bad_count_events_and_sizes():
@@ -437,10 +448,10 @@ def test_models_with_egru():
 
     net = build_model(TrainConfig(model="egru", hidden=6, layers=2, activity_reg=1.0), 8, 10)
     x = seeded(0, 9, 3, 8, dtype=torch.float32)
-    logits = net(x)
-    assert logits.shape == (3, 10) and net.aux_loss is not None and net.aux_loss.requires_grad
+    logits, aux = net(x, return_aux=True)
+    assert logits.shape == (3, 10) and aux is not None and aux.requires_grad
     seq = build_model(TrainConfig(model="egru", hidden=6, layers=1), 8, 8, sequence=True)
-    assert isinstance(seq, SequenceModel) and seq(x).shape == (3, 9, 8) and seq.aux_loss is None
+    assert isinstance(seq, SequenceModel) and seq(x).shape == (3, 9, 8) and seq(x, return_aux=True)[1] is None
 
 
 @pytest.mark.parametrize("kwargs,match", [

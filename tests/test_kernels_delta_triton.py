@@ -273,21 +273,21 @@ def test_trace_counts_dense_macs():
 # ---- backend selection -------------------------------------------------------------------------
 
 def test_auto_backend_resolves_once_and_logs(monkeypatch, caplog):
-    monkeypatch.setattr(kb, "_resolved_sparse", {})
+    monkeypatch.setattr(kb, "_resolved", {})
     cell = sb.cells.DeltaGRU(3, 5, 0.1, backend="auto").to(DEV)
     with caplog.at_level(logging.INFO, logger="sparsebptt.kernels"):
         first = cell.active_backend
         assert cell.active_backend == first
-    expect = "triton" if CUDA else "sparse"
+    expect = "triton" if CUDA else "cpu"
     assert first == expect
     assert (cell.scan_segment is not None) == (expect == "triton")
-    logs = [r.getMessage() for r in caplog.records if "Delta cells' backend 'auto'" in r.getMessage()]
+    logs = [r.getMessage() for r in caplog.records if "backend 'auto' on" in r.getMessage()]
     assert len(logs) == 1 and f"resolved to {expect!r}" in logs[0]
-    assert sb.cells.DeltaGRU(3, 5).active_backend == "sparse"  # the default is unchanged
+    assert sb.cells.DeltaGRU(3, 5).active_backend == "cpu"  # the default (auto) on CPU weights
 
 
 def test_default_and_reference_backends_have_no_segment_scan():
-    for backend in ("sparse", "torch"):
+    for backend in ("cpu", "torch"):
         cell = sb.cells.DeltaLSTM(3, 5, 0.1, backend=backend)
         assert cell.active_backend == backend and cell.scan_segment is None
 
@@ -297,14 +297,15 @@ def test_triton_unavailable_raises(monkeypatch):
     with pytest.raises(kb.BackendUnavailable, match=r"backend 'triton' was requested but is unavailable: "
                                                      r"no CUDA device \(test\)"):
         sb.cells.DeltaGRU(3, 5, backend="triton")
-    monkeypatch.setattr(kb, "_resolved_sparse", {})
-    assert sb.cells.DeltaGRU(3, 5, backend="auto").to(DEV).active_backend == "sparse"  # auto: no raise
+    monkeypatch.setattr(kb, "_resolved", {})
+    expect = "torch" if CUDA else "cpu"  # auto: no raise
+    assert sb.cells.DeltaGRU(3, 5, backend="auto").to(DEV).active_backend == expect
 
 
 def test_unknown_backend_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"DeltaLSTM: unknown backend 'cpu'; valid backends are: "
-                                         r"sparse, torch, triton, auto"):
-        sb.cells.DeltaLSTM(3, 5, backend="cpu")
+    with pytest.raises(ValueError, match=r"DeltaLSTM: unknown backend 'cuda'; valid backends are: "
+                                         r"auto, torch, cpu, triton"):
+        sb.cells.DeltaLSTM(3, 5, backend="cuda")
 
 
 def test_input_checks():

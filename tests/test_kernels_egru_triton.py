@@ -23,9 +23,9 @@ if not CUDA:
 triton = pytest.importorskip("triton", reason="triton is not installed (optional: pip install triton)")
 
 import sparsebptt as sb  # noqa: E402
-from sparsebptt.cells import egru as egru_mod  # noqa: E402
-from sparsebptt.cells.egru import _pointwise, egru_step, naive_egru  # noqa: E402
+from sparsebptt.cells.egru import _pointwise, egru_step  # noqa: E402
 from sparsebptt.kernels import backend as kb  # noqa: E402
+from sparsebptt.kernels.egru.naive import naive_egru  # noqa: E402
 from sparsebptt.kernels.egru.triton import fused_recurrent_egru  # noqa: E402
 from sparsebptt.testing import assert_close, seeded  # noqa: E402
 
@@ -211,16 +211,16 @@ def test_triton_trace_counts_activity_and_macs():
 # ---- backend selection ------------------------------------------------------------------------
 
 def test_backend_auto_and_explicit(caplog, monkeypatch):
-    monkeypatch.setattr(kb, "_resolved_sparse", {})
+    monkeypatch.setattr(kb, "_resolved", {})
     with caplog.at_level(logging.INFO, logger="sparsebptt.kernels"):
         cell = sb.cells.EGRU(N_IN, 4, backend="auto")
-        assert cell.active_backend == ("triton" if CUDA else "sparse")
-        assert cell.active_backend == ("triton" if CUDA else "sparse")  # resolved once
+        assert cell.active_backend == "cpu"  # CPU weights
+        assert cell.active_backend == "cpu"  # resolved once
         if CUDA:
             assert cell.cuda().active_backend == "triton"
-    logged = [r.getMessage() for r in caplog.records if "EGRU backend 'auto'" in r.getMessage()]
+    logged = [r.getMessage() for r in caplog.records if "backend 'auto' on cpu" in r.getMessage()]
     assert len(logged) == 1, logged
-    assert sb.cells.EGRU(N_IN, 4).active_backend == "sparse"  # the default is unchanged
+    assert sb.cells.EGRU(N_IN, 4).active_backend == "cpu"  # the default (auto) on CPU weights
     assert sb.cells.EGRU(N_IN, 4, backend="torch").scan_segment is None
     assert sb.cells.EGRU(N_IN, 4, backend="triton").active_backend == "triton"
 
@@ -233,15 +233,15 @@ def test_backend_triton_unavailable_raises(monkeypatch):
     cell.backend = "triton"  # switched after construction: raises at use, never falls back
     with pytest.raises(kb.BackendUnavailable, match="unavailable"):
         sb.scan(cell, torch.randn(3, 2, N_IN))
-    monkeypatch.setattr(kb, "_resolved_sparse", {})
-    assert egru_mod.resolve_egru_backend("auto", "cuda") == "sparse"  # auto never picks it
+    monkeypatch.setattr(kb, "_resolved", {})
+    assert kb.resolve_backend("auto", "cuda") == "torch"  # auto never picks it
 
 
 def test_backend_errors():
-    with pytest.raises(ValueError, match="EGRU: unknown backend 'cpu'; valid backends are: sparse, torch, triton, auto"):
-        sb.cells.EGRU(N_IN, 4, backend="cpu")
+    with pytest.raises(ValueError, match="EGRU: unknown backend 'cuda'; valid backends are: auto, torch, cpu, triton"):
+        sb.cells.EGRU(N_IN, 4, backend="cuda")
     p = _params(torch.float64, 4, device="cpu")
-    with pytest.raises(ValueError, match="egru_step: backend must be 'sparse' or 'torch', got 'triton'"):
+    with pytest.raises(ValueError, match="egru_step: backend must be 'cpu' or 'torch', got 'triton'"):
         egru_step(torch.zeros(2, N_IN, dtype=torch.float64), (torch.zeros(2, 4, dtype=torch.float64),) * 2,
                   *p, backend="triton")
 
@@ -274,7 +274,7 @@ def test_triton_input_checks(monkeypatch):
             fused_recurrent_egru(x.cpu(), tuple(t.cpu() for t in s), *(t.cpu() for t in p))
     else:
         monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
-        with pytest.raises(ValueError, match="the triton backend needs CUDA tensors .* use backend='sparse' on CPU"):
+        with pytest.raises(ValueError, match="the triton backend needs CUDA tensors .* use backend='cpu' on CPU"):
             fused_recurrent_egru(x, s, *p)
 
 

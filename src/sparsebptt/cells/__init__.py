@@ -5,9 +5,9 @@ from .egru import EGRU, activity_regularizer, egru_step, event_statistics
 from .gru import GRU, gru_step
 from .lif import LIF, LIFParams, lif_step
 from .lstm import LSTM, lstm_step
-from .sparse import sparse_linear
 from .stack import Stack
 from .surrogate import SURROGATES, spike
+from ..kernels.sparse import sparse_linear  # a kernel (the sparse matmul), importable here as before
 
 __all__ = ["Cell", "linear", "DeltaGRU", "DeltaLSTM", "delta_gru_step", "delta_lstm_step", "EGRU",
            "activity_regularizer", "egru_step", "event_statistics", "GRU",

@@ -20,36 +20,35 @@ are a consistent initial state (any ``h``, ``c`` may be given with zero referenc
 With both thresholds 0 every delta is transmitted and the outputs equal the dense `GRU` /
 `LSTM` with the same weights (same parameter names: ``load_state_dict`` works across).
 
-Backends (``backend=``):
+Backends (``backend=``, as every cell with kernels, see `FusedCell`; None, the default, follows
+`sparsebptt.set_backend` / ``$SPARSEBPTT_BACKEND``):
 
-- ``"sparse"`` (default): the matmuls run through `sparse_linear`: forward and backward touch only
-  the active columns, the exact gradient of the thresholded forward (stepped, any device).
+- ``"cpu"``: the matmuls run through `sparse_linear` (`sparsebptt.kernels.delta.cpu`): forward and
+  backward touch only the active columns, the exact gradient of the thresholded forward
+  (stepped: no segment kernel; any device). Formerly called "sparse" (still accepted, with a
+  DeprecationWarning).
 - ``"torch"``: the reference: plain autograd through dense matmuls on the masked deltas.
 - ``"triton"``: whole segments in `sparsebptt.kernels.delta.triton` (the cell's ``scan_segment``,
   used by every strategy; ``step`` runs it for one step): Triton kernels for the delta encoding
   and the gates, forward and backward, equal to the reference up to rounding. Needs CUDA tensors
-  (CPU tensors only under ``TRITON_INTERPRET=1``); unavailable, it raises `BackendUnavailable`.
-- ``"auto"``: "triton" for CUDA weights when Triton is available, else "sparse"; resolved once
-  per device type, logged on the ``sparsebptt.kernels`` logger, queryable as ``active_backend``.
+  (CPU tensors only under ``TRITON_INTERPRET=1``).
+- ``"auto"``: "cpu" for CPU weights, "triton" for CUDA weights (`resolve_backend`: resolved once
+  per device type, logged on the ``sparsebptt.kernels`` logger), queryable as ``active_backend``.
+
+An explicit backend that cannot run here raises `BackendUnavailable`.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .base import Cell, init_uniform_, linear
-from .sparse import ACTIVE_SETS, sparse_linear
-from ..kernels.backend import require_backend, resolve_sparse_auto
+from .base import FusedCell, init_uniform_, linear
+from ..kernels.backend import BACKENDS
+from ..kernels.delta.cpu import delta_update
+from ..kernels.sparse import ACTIVE_SETS, renamed_backend
 from ..trace import current_trace
 
-__all__ = ["DeltaGRU", "DeltaLSTM", "delta_encode", "delta_gru_step", "delta_lstm_step", "BACKENDS"]
-
-BACKENDS = ("sparse", "torch", "triton", "auto")
-
-
-def resolve_delta_backend(device_type: str) -> str:
-    """What ``backend="auto"`` runs a Delta cell as on ``device_type`` (resolved once, logged)."""
-    return resolve_sparse_auto("Delta cells'", device_type)
+__all__ = ["DeltaGRU", "DeltaLSTM", "delta_encode", "delta_gru_step", "delta_lstm_step"]
 
 
 def delta_encode(v: torch.Tensor, ref: torch.Tensor, threshold: float):
@@ -61,9 +60,17 @@ def delta_encode(v: torch.Tensor, ref: torch.Tensor, threshold: float):
 
 def _update(m, d, mask, weight, backend, active_set):
     """``m + W (d * mask)``: the delta memory update."""
-    if backend == "sparse":
-        return sparse_linear(d, weight, mask, add_to=m, active_set=active_set)
+    if backend == "cpu":
+        return delta_update(m, d, mask, weight, active_set)
     return m + linear(d * mask, weight)
+
+
+def _step_backend(owner, backend):
+    backend = renamed_backend(owner, backend)
+    if backend not in ("cpu", "torch"):
+        raise ValueError(f"{owner}: backend must be 'cpu' or 'torch', got {backend!r} (the Triton kernels "
+                         "run whole segments: sparsebptt.kernels.delta.triton)")
+    return backend
 
 
 def _deltas(layer, x_t, h, x_ref, h_ref, m_x, m_h, weight_ih, weight_hh, theta_x, theta_h,
@@ -83,8 +90,11 @@ def _bias(m, b):
 
 
 def delta_gru_step(x_t, state, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, threshold=0.0,
-                   hidden_threshold=0.0, backend="sparse", active_set="auto", layer=None):
-    """One Delta GRU step: x_t [B, I], state (h, x_ref, h_ref, m_x, m_h) -> (h', state')."""
+                   hidden_threshold=0.0, backend="cpu", active_set="auto", layer=None):
+    """One Delta GRU step: x_t [B, I], state (h, x_ref, h_ref, m_x, m_h) -> (h', state').
+
+    ``backend``: "cpu" (sparse products, the default) or "torch" (the reference)."""
+    backend = _step_backend("delta_gru_step", backend)
     h, x_ref, h_ref, m_x, m_h = state
     x_ref, h_ref, m_x, m_h = _deltas(layer, x_t, h, x_ref, h_ref, m_x, m_h, weight_ih, weight_hh,
                                      threshold, hidden_threshold, backend, active_set)
@@ -98,8 +108,11 @@ def delta_gru_step(x_t, state, weight_ih, weight_hh, bias_ih=None, bias_hh=None,
 
 
 def delta_lstm_step(x_t, state, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, threshold=0.0,
-                    hidden_threshold=0.0, backend="sparse", active_set="auto", layer=None):
-    """One Delta LSTM step: x_t [B, I], state (h, c, x_ref, h_ref, m_x, m_h) -> (h', state')."""
+                    hidden_threshold=0.0, backend="cpu", active_set="auto", layer=None):
+    """One Delta LSTM step: x_t [B, I], state (h, c, x_ref, h_ref, m_x, m_h) -> (h', state').
+
+    ``backend``: "cpu" (sparse products, the default) or "torch" (the reference)."""
+    backend = _step_backend("delta_lstm_step", backend)
     h, c, x_ref, h_ref, m_x, m_h = state
     x_ref, h_ref, m_x, m_h = _deltas(layer, x_t, h, x_ref, h_ref, m_x, m_h, weight_ih, weight_hh,
                                      threshold, hidden_threshold, backend, active_set)
@@ -110,12 +123,13 @@ def delta_lstm_step(x_t, state, weight_ih, weight_hh, bias_ih=None, bias_hh=None
     return h, (h, c, x_ref, h_ref, m_x, m_h)
 
 
-class _DeltaCell(Cell):
+class _DeltaCell(FusedCell):
     gates = 1
+    kernels = ("cpu", "triton")
     _step = None
 
     def __init__(self, input_size: int, hidden_size: int, threshold: float = 0.0,
-                 hidden_threshold: float | None = None, *, bias: bool = True, backend: str = "sparse",
+                 hidden_threshold: float | None = None, *, bias: bool = True, backend: str | None = None,
                  active_set: str = "auto"):
         super().__init__(input_size, hidden_size)
         name = type(self).__name__
@@ -123,16 +137,15 @@ class _DeltaCell(Cell):
         for arg, v in (("threshold", threshold), ("hidden_threshold", hidden_threshold)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < float("inf"):
                 raise ValueError(f"{name}: {arg} must be a number >= 0 (0 transmits every change), got {v!r}")
-        if backend not in BACKENDS:
+        backend = renamed_backend(name, backend)
+        if backend is not None and backend not in BACKENDS:
             raise ValueError(f"{name}: unknown backend {backend!r}; valid backends are: {', '.join(BACKENDS)}")
-        if backend == "triton":
-            require_backend("triton")
         if active_set not in ACTIVE_SETS:
             raise ValueError(f"{name}: unknown active_set {active_set!r}; valid values are: "
                              f"{', '.join(ACTIVE_SETS)}")
+        self._set_backend(backend)
         self.threshold = float(threshold)
         self.hidden_threshold = float(hidden_threshold)
-        self.backend = backend
         self.active_set = active_set
         G = self.gates
         self.weight_ih = nn.Parameter(torch.empty(G * hidden_size, input_size))
@@ -152,16 +165,11 @@ class _DeltaCell(Cell):
             z(self.input_size), z(H), z(G * H), z(G * H))
 
     @property
-    def active_backend(self) -> str:
-        """The backend the next scan runs ("sparse", "torch" or "triton"), for the weights' device."""
-        if self.backend == "auto":
-            return resolve_delta_backend(self.weight_hh.device.type)
-        return self.backend
-
-    @property
     def scan_segment(self):
-        """The fused Triton segment scan when the active backend is "triton", else None (stepped)."""
-        return self._scan_segment if self.active_backend == "triton" else None
+        """The fused Triton segment scan when the active backend is "triton", else None (the "cpu"
+        backend and the reference run step by step)."""
+        backend = self.active_backend
+        return self._scan_segment if backend == "triton" else None
 
     def _scan_segment(self, x_seg, state):
         from ..kernels.delta.triton import fused_recurrent_delta_gru, fused_recurrent_delta_lstm
@@ -170,12 +178,13 @@ class _DeltaCell(Cell):
                   threshold=self.threshold, hidden_threshold=self.hidden_threshold, layer=self)
 
     def step(self, x_t, state):
-        if self.active_backend == "triton":  # the segment kernels over one step
+        backend = self.active_backend
+        if backend == "triton":  # the segment kernels over one step
             ys, state = self._scan_segment(x_t.unsqueeze(0), state)
             return ys[0], state
         h, state = type(self)._step(
             x_t, state, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-            threshold=self.threshold, hidden_threshold=self.hidden_threshold, backend=self.active_backend,
+            threshold=self.threshold, hidden_threshold=self.hidden_threshold, backend=backend,
             active_set=self.active_set, layer=self)
         return h, state
 
@@ -193,10 +202,11 @@ class DeltaGRU(_DeltaCell):
         threshold: input delta threshold theta_x (>= 0; 0 transmits every change).
         hidden_threshold: hidden delta threshold theta_h; default: ``threshold``.
         bias: add ``bias_ih`` and ``bias_hh`` (as `GRU`).
-        backend: "sparse" (skip inactive columns forward and backward), "torch" (reference),
-            "triton" (GPU segment kernels) or "auto" (see the module docstring).
+        backend: "cpu" (skip inactive columns forward and backward), "torch" (reference),
+            "triton" (GPU segment kernels), "auto", or None (the process default; see the module
+            docstring). "sparse" is the former name of "cpu".
         active_set: how a batch shares the active columns: "auto", "union", "sample"
-            (see `sparsebptt.cells.sparse`).
+            (see `sparsebptt.kernels.sparse`).
     """
 
     gates = 3

@@ -22,7 +22,7 @@ import os
 from . import cbuild
 
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "BackendUnavailable", "check_backend", "set_backend",
-           "get_backend", "backend_available", "require_backend", "resolve_backend", "resolve_sparse_auto"]
+           "get_backend", "backend_available", "require_backend", "resolve_backend"]
 
 log = logging.getLogger("sparsebptt.kernels")
 
@@ -33,7 +33,6 @@ DEFAULT_BACKEND = "auto"
 
 _default: str | None = None
 _resolved: dict[str, str] = {}  # device type -> what "auto" resolved to
-_resolved_sparse: dict[tuple[str, str], str] = {}  # (cell kind, device type) -> "triton" | "sparse"
 _probes: dict[str, tuple[bool, str]] = {}  # backend -> (available, reason)
 
 
@@ -128,18 +127,3 @@ def resolve_backend(name: str | None = None, device_type: str = "cpu") -> str:
         log.info("sparsebptt: backend 'auto' on %s resolved to %r (%s)", device_type, chosen, why)
     return _resolved[device_type]
 
-
-def resolve_sparse_auto(owner: str, device_type: str) -> str:
-    """What "auto" runs an event/delta-sparse cell (``owner``: "EGRU", "Delta") as on ``device_type``:
-    "triton" on CUDA when Triton is available, else the cell's "sparse" path; resolved once per
-    cell kind and device type, and logged."""
-    key = (owner, device_type)
-    if key not in _resolved_sparse:
-        chosen, why = "sparse", f"no Triton kernels for device {device_type!r}"
-        if device_type == "cuda":
-            ok, why = backend_available("triton")
-            if ok:
-                chosen = "triton"
-        _resolved_sparse[key] = chosen
-        log.info("sparsebptt: %s backend 'auto' on %s resolved to %r (%s)", owner, device_type, chosen, why)
-    return _resolved_sparse[key]

@@ -1,20 +1,22 @@
-"""The reference for the Delta kernels: a plain loop over `delta_gru_step` / `delta_lstm_step`
-with dense matmuls on the masked deltas (``backend="torch"``), differentiated by autograd."""
+"""The reference for the Delta kernels: a plain loop (`sparsebptt.cells.base.run_steps`) over
+`delta_gru_step` / `delta_lstm_step` with dense matmuls on the masked deltas (``backend="torch"``),
+differentiated by autograd."""
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
+from ...cells.base import run_steps
 from ...cells.delta import delta_gru_step, delta_lstm_step
 
 __all__ = ["naive_recurrent_delta_gru", "naive_recurrent_delta_lstm"]
 
 
 def _naive(step, x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, hidden_threshold):
-    ys = []
-    for t in range(x.shape[0]):
-        y, state = step(x[t], tuple(state), weight_ih, weight_hh, bias_ih, bias_hh, threshold=threshold,
-                        hidden_threshold=hidden_threshold, backend="torch")
-        ys.append(y)
+    step = partial(step, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
+                   threshold=threshold, hidden_threshold=hidden_threshold, backend="torch")
+    ys, state = run_steps(step, x, tuple(state))
     return torch.stack(ys), tuple(state)
 
 

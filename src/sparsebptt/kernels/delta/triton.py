@@ -502,7 +502,7 @@ def _check(kind, x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, hi
         raise TypeError(f"{name}: dtype {x.dtype} is not supported; use float32 or float64 (or backend='torch')")
     if x.device.type != "cuda" and not triton.knobs.runtime.interpret:
         raise ValueError(f"{name}: x is on {x.device}; the triton backend needs CUDA tensors (CPU tensors only "
-                         "under TRITON_INTERPRET=1); use backend='sparse' or 'torch' on CPU")
+                         "under TRITON_INTERPRET=1); use backend='cpu' or 'torch' on CPU")
     if not isinstance(weight_hh, torch.Tensor) or weight_hh.dim() != 2 or weight_hh.shape[0] != G * weight_hh.shape[1]:
         raise ValueError(f"{name}: weight_hh must be [{G}*H, H], got "
                          f"{tuple(weight_hh.shape) if isinstance(weight_hh, torch.Tensor) else weight_hh!r}")

@@ -1,6 +1,31 @@
-"""CPU kernels of EGRU's sparse backward: masked products that touch only the active entries.
+"""EGRU's "cpu" backend: the event-sparse segment scan `fused_recurrent_egru` and its C kernels.
 
-Two loops over the units j, each reading row j of its matrix once for all samples of the batch:
+The forward reads only the columns of units with an event (``y`` is zero elsewhere): ``W_hh y``
+runs through `sparsebptt.kernels.sparse.sparse_linear` with the events as mask. The backward of
+that product (`RecurrentGradFunction`) is sparse in the same way:
+
+- the weight gradient ``dW_hh[:, j] += sum_b g[b] y[b, j]`` is accumulated over the events
+  only, in place along the segment (a `sparsebptt.kernels.sparse.Chain`; no dense [3H, H]
+  gradient per step);
+- the input gradient ``dL/dy = W_hh^T g`` is needed only where ``dy/dc~ = e + c~ psi(c~ -
+  threshold)`` is non-zero: at events and within ``epsilon`` of the threshold. Every unit
+  farther away is skipped (the pseudo-derivative is zero there).
+
+Both run in the C kernels below (``nnz * 3H`` MACs), or as one dense GEMM once
+`sparsebptt.kernels.sparse.full_above` of the entries are needed (faster then on a CPU), or as
+torch gathers for tensors the C kernels do not take (other dtypes or devices). The MACs done go
+to `sb.trace`. The pointwise part of a step is one autograd node with a hand-written backward
+(`FusedPointwiseFunction`). The equations are `sparsebptt.cells.egru`'s; its reference step
+(``backend="torch"``: dense matmuls, plain autograd, the same pseudo-derivative) is what this
+path equals, up to rounding (and denormals below 1.2e-38, flushed to zero in the kernels).
+
+Where ``y`` enters a segment from outside (``state0`` or a checkpoint), nothing tells which of
+its units were near the threshold, so the first step of a segment takes ``dL/dy`` at every unit
+(when ``y`` needs a gradient). (`sparse_linear`'s own backward is not used: it gives the input
+gradient only on its forward mask.)
+
+The C kernels: two loops over the units j, each reading row j of its matrix once for all
+samples of the batch:
 
 - `masked_rows_dot`: ``dy[b, j] = g[b] . wt[j]`` where ``mask[b, j]``, else 0 (the input
   gradient of ``W_hh y`` at events and near-threshold units; ``wt = W_hh.T`` [H, 3H]);
@@ -19,10 +44,14 @@ from __future__ import annotations
 import ctypes
 
 import torch
+import torch.nn.functional as F
 
 from ..cbuild import build
+from ..sparse import UNION_OVERLAP, Chain, full_above, sparse_linear, transposed_weight
+from ...trace import current_trace
 
-__all__ = ["load_library", "masked_rows_dot", "masked_rows_axpy_", "SOURCE"]
+__all__ = ["load_library", "masked_rows_dot", "masked_rows_axpy_", "SOURCE", "FusedPointwiseFunction",
+           "RecurrentGradFunction", "fused_recurrent_egru"]
 
 _HEADER = r"""
 #include <stddef.h>
@@ -244,3 +273,243 @@ def masked_rows_axpy_(buf: torch.Tensor, y: torch.Tensor, g: torch.Tensor, mask:
     getattr(load_library(), f"masked_rows_axpy_{suf}")(y.data_ptr(), g.data_ptr(), mask.data_ptr(), buf.data_ptr(),
                                                        B, H, O, bs.data_ptr(), vs.data_ptr())
     return buf
+
+
+# ---- the sparse products of the backward --------------------------------------------------------
+
+#: the C kernels run for CPU tensors of these dtypes; anything else takes the torch gathers
+#: (tests switch this off to check those)
+use_c_kernels = True
+
+
+def _use_kernels(*tensors) -> bool:
+    return use_c_kernels and all(t.device.type == "cpu" and t.dtype in _SUFFIX for t in tensors)
+
+
+def masked_input_grad(g: torch.Tensor, weight: torch.Tensor, wt: torch.Tensor, mask: torch.Tensor):
+    """``dy[b, j] = g[b] . W[:, j]`` where ``mask[b, j]``, else 0; returns (dy, MACs done).
+
+    A dense GEMM ``g @ W`` (masked) when at least ``full_above(B)`` of the entries are wanted;
+    else the C kernel over the wanted entries (``nnz * 3H`` MACs, no gathered copy); for tensors
+    it does not take, the torch paths of `sparse_linear` (the batch's union of columns when the
+    samples share them, else per sample).
+    """
+    B, n = mask.shape
+    out = wt.shape[1]
+    nnz = int(mask.sum())
+    if nnz >= full_above(B) * B * n:  # g @ W (row-major W): 3x faster here than g @ wt.T
+        return (g @ weight).masked_fill_(~mask, 0.0), B * n * out
+    if nnz == 0:
+        return g.new_zeros(B, n), 0
+    if _use_kernels(g, wt):
+        return masked_rows_dot(g.contiguous(), wt, mask), nnz * out
+    union = mask.any(0)
+    k = int(union.sum())
+    dy = g.new_zeros(B, n)
+    if B > 1 and B * k <= UNION_OVERLAP * nnz:
+        idx = union.nonzero().squeeze(1)  # [k]
+        part = (g @ wt.index_select(0, idx).t()).masked_fill_(~mask.index_select(1, idx), 0.0)  # [B, k]
+        dy.index_copy_(1, idx, part)
+        return dy, B * k * out
+    nz = mask.nonzero()  # [nnz, 2], sorted by sample
+    r, c = nz[:, 0], nz[:, 1]
+    offsets = torch.searchsorted(r, torch.arange(B, device=g.device))
+    dy[r, c] = torch.ops.aten._embedding_bag_per_sample_weights_backward(g, wt, c, offsets, r, 0, -1)
+    return dy, nnz * out
+
+
+def accumulate_weight_grad(chain: Chain, y: torch.Tensor, g: torch.Tensor, fired: torch.Tensor) -> int:
+    """``dW.T += y.T @ g`` over the entries with an event, into ``chain``; returns the MACs done.
+
+    One dense in-place GEMM over every unit (silent ones add exact zeros) once ``full_above(B)``
+    of the entries have an event; else the C kernel over the events (``nnz * 3H`` MACs), or for
+    tensors it does not take a GEMM over the batch's union of units added into its rows.
+    """
+    buf = chain.buffer(g)  # [H, 3H]
+    B, H = y.shape
+    nnz = int(fired.sum())
+    if nnz == 0:
+        return 0
+    if nnz >= full_above(B) * B * H:
+        buf.addmm_(y.t(), g)
+        return B * H * g.shape[1]
+    if _use_kernels(y, g):
+        masked_rows_axpy_(buf, y.contiguous(), g.contiguous(), fired)
+        return nnz * g.shape[1]
+    idx = fired.any(0).nonzero().squeeze(1)  # [k]
+    chain.add(idx, y.index_select(1, idx).t() @ g)  # [k, 3H]
+    return B * idx.numel() * g.shape[1]
+
+
+class RecurrentGradFunction(torch.autograd.Function):
+    """``gh + bias`` in the forward (``gh = W_hh y``, computed over the events by `sparse_linear`
+    without a graph); the backward of the product, sparse:
+
+    - ``dL/dy[b, j] = g[b] . W_hh[:, j]`` only where ``grad_mask`` (events, and silent units
+      within epsilon of the threshold; every entry for a ``y`` from outside the segment);
+    - ``dW_hh[:, j] += sum_b g[b] * y[b, j]`` only over the events, accumulated along the
+      segment's ``chain`` (no dense [3H, H] gradient per step), handed to the weight by the
+      segment's first step (``root``).
+    """
+
+    @staticmethod
+    def forward(ctx, gh, y, weight, bias, fired, grad_mask, chain, root):
+        ctx.save_for_backward(y, fired, grad_mask, weight)
+        ctx.chain, ctx.root = chain, root
+        ctx.has_bias = bias is not None
+        return gh + bias if bias is not None else gh.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        y, fired, grad_mask, weight = ctx.saved_tensors
+        chain = ctx.chain
+        need_y, need_w, need_b = ctx.needs_input_grad[1:4]
+        t = current_trace()
+        dy = dw = None
+        if need_y:
+            dy, macs = masked_input_grad(g, weight, chain.wt, grad_mask)
+            if t is not None:
+                t.add_backward_macs(macs)
+        if need_w:
+            macs = accumulate_weight_grad(chain, y, g, fired)
+            if t is not None:
+                t.add_backward_macs(macs)
+            dw = chain.take() if ctx.root else None
+        dbias = g.sum(0) if ctx.has_bias and need_b else None
+        return g, dy, dw, dbias, None, None, None, None
+
+
+def _recurrent(y, weight_hh, bias_hh, fired, grad_mask, chain, active_set, root):
+    """``W_hh y + b_hh``: the forward reads the columns in ``fired`` (`sparse_linear`); with
+    autograd, `RecurrentGradFunction` gives ``dL/dy`` on ``grad_mask`` and dW_hh over ``fired``."""
+    with torch.no_grad():
+        gh = sparse_linear(y.detach(), weight_hh.detach(), fired, active_set=active_set, weight_t=chain.wt)
+    if torch.is_grad_enabled() and (y.requires_grad or weight_hh.requires_grad
+                                    or (bias_hh is not None and bias_hh.requires_grad)):
+        if grad_mask is None:
+            grad_mask = fired
+        return RecurrentGradFunction.apply(gh, y, weight_hh, bias_hh, fired, grad_mask, chain, root)
+    return gh if bias_hh is None else gh + bias_hh
+
+
+def _entry_masks(y):
+    """Masks for a ``y`` from outside a segment: the forward reads its non-zero entries; its
+    gradient is wanted at every entry (nothing tells which were near the threshold)."""
+    fired = y != 0
+    grad_mask = torch.ones_like(fired) if (torch.is_grad_enabled() and y.requires_grad) else None
+    return fired, grad_mask
+
+
+# ---- the pointwise part of a step ----------------------------------------------------------------
+
+class FusedPointwiseFunction(torch.autograd.Function):
+    """The pointwise part of an EGRU step (`sparsebptt.cells.egru`'s gates, internal state, event,
+    output and reset) as one autograd node with a hand-written backward (the sparse path's: a step
+    has ~15 elementwise nodes otherwise, whose overhead rivals the sparse products). Outputs
+    ``(y', c', e, v)``; ``v = c~ - threshold`` carries no gradient. Checked against autograd
+    through the reference step (``backend="torch"``) by the cell's tests.
+
+    Backward, from ``dy'``, ``dc'`` and ``de`` (the event counts)::
+
+        dv  = (dy' c~ - dc' threshold + de) psi(v)
+        dc~ = dy' e + dc' + dv;   dthreshold = -sum_b (dc' e + dv)
+        dc  = dc~ u;   du = dc~ (c - n);   dn = dc~ (1 - u)
+        da_n = dn (1 - n^2);   da_u = du u (1 - u);   da_r = da_n (W_hn y + b_hn) r (1 - r)
+        dgi = [da_r, da_u, da_n];   dgh = [da_r, da_u, da_n r]
+    """
+
+    @staticmethod
+    def forward(ctx, gi, gh, c, threshold, gamma, epsilon):
+        i_r, i_z, i_n = gi.chunk(3, 1)
+        h_r, h_z, h_n = gh.chunk(3, 1)
+        r = torch.sigmoid(i_r + h_r)
+        u = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(torch.addcmul(i_n, r, h_n))
+        ct = torch.addcmul(n, u, c - n)  # c~ [B, H]
+        v = ct - threshold
+        e = (v > 0).to(ct.dtype)
+        y = ct * e
+        c_new = torch.addcmul(ct, e, threshold, value=-1.0)
+        ctx.save_for_backward(r, u, n, c, h_n, v, e, threshold)
+        ctx.gamma, ctx.epsilon = gamma, epsilon
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(v)
+        return y, c_new, e, v
+
+    @staticmethod
+    def backward(ctx, dy, dc_new, de, _dv):
+        r, u, n, c, h_n, v, e, threshold = ctx.saved_tensors
+        ct = v + threshold
+        de_total = dy * ct if dy is not None else torch.zeros_like(v)
+        if dc_new is not None:
+            de_total = torch.addcmul(de_total, dc_new, threshold, value=-1.0)
+        if de is not None:
+            de_total = de_total + de
+        dv = de_total * (ctx.gamma * torch.clamp(1.0 - v.abs() / ctx.epsilon, min=0.0))  # psi(v)
+        dct = dv if dy is None else torch.addcmul(dv, dy, e)
+        if dc_new is not None:
+            dct = dct + dc_new
+        dthr = dv if dc_new is None else torch.addcmul(dv, dc_new, e)
+        dthr = -dthr.sum(0)
+        dc = dct * u
+        dn = dct - dc  # dc~ (1 - u)
+        du = dct * (c - n)
+        da_n = dn * (1.0 - n * n)
+        da_u = du * u * (1.0 - u)
+        da_r = da_n * h_n * r * (1.0 - r)
+        dgi = torch.cat([da_r, da_u, da_n], 1)
+        dgh = torch.cat([da_r, da_u, da_n * r], 1)
+        return dgi, dgh, dc, dthr, None, None
+
+
+def _linear(x, weight, bias):
+    """``F.linear`` with its MACs counted in an active `sb.trace` (forward; backward when it runs),
+    as `sparsebptt.cells.base.linear` counts the reference's."""
+    y = F.linear(x, weight, bias)
+    t = current_trace()
+    if t is not None:
+        macs = x.numel() // x.shape[-1] * weight.shape[0] * weight.shape[1]
+        t.add_forward_macs(macs)
+        if y.requires_grad:
+            n_bwd = macs * (int(x.requires_grad) + int(weight.requires_grad))
+            y.register_hook(lambda g, _t=t, _n=n_bwd: _t.add_backward_macs(_n))
+    return y
+
+
+def _record(layer, fired):
+    t = current_trace()
+    if t is not None:
+        t.add_activity(layer, fired.sum(), fired.numel())
+
+
+# ---- the segment ---------------------------------------------------------------------------------
+
+def fused_recurrent_egru(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, *, gamma=0.7,
+                         epsilon=0.5, active_set="auto", layer=None):
+    """A segment of EGRU steps with the sparse backward: x [L, B, I] -> (ys [L, B, H], state').
+
+    ``state`` is ``(c, y)`` or ``(c, y, n)`` (``n``: event counts). Equal to stepping
+    `sparsebptt.cells.egru.egru_step` with ``backend="torch"`` up to rounding. One GEMM for the
+    input projection of all steps and one transposed copy of ``W_hh`` for all the sparse
+    products. Inside the segment each step reads the previous step's events (forward, weight
+    gradient) and takes ``dL/dy`` at the events and at silent units within ``epsilon`` of the
+    threshold only; the first step takes it at every unit. ``active_set``: how a batch shares
+    the active columns in `sparse_linear`; ``layer``: the key of the activity in `sb.trace`.
+    """
+    c, y = state[0], state[1]
+    count = state[2] if len(state) > 2 else None
+    gis = _linear(x, weight_ih, bias_ih)  # [L, B, 3H], one GEMM (one backward node)
+    chain = Chain(weight_hh, transposed_weight(weight_hh))  # W_hh.T [H, 3H], once per segment
+    fired, grad_mask = _entry_masks(y)
+    ys = []
+    for t, gi in enumerate(gis.unbind(0)):
+        gh = _recurrent(y, weight_hh, bias_hh, fired, grad_mask, chain, active_set, root=t == 0)
+        y, c, e, v = FusedPointwiseFunction.apply(gi, gh, c, threshold, gamma, epsilon)
+        fired = v > 0
+        _record(layer, fired)
+        grad_mask = fired | (v.abs() < epsilon)  # dy/dc~ = e + c~ psi(v) is zero elsewhere
+        if count is not None:
+            count = count + e
+        ys.append(y)
+    new = (c, y) if count is None else (c, y, count)
+    return torch.stack(ys), new

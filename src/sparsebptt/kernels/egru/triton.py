@@ -1,8 +1,8 @@
 """Triton EGRU recurrence (GPU): torch matmuls for the projections, one Triton kernel per step for
 everything pointwise, forward and backward.
 
-Equations and backward are those of `sparsebptt.cells.egru` (`_FusedPointwise` is the torch
-version of the two kernels here; `naive_egru` is the reference they are tested against)::
+Equations and backward are those of `sparsebptt.cells.egru` (`cpu.FusedPointwiseFunction` is the
+torch version of the two kernels here; `naive.naive_egru` is the reference they are tested against)::
 
     gi = x W_ih^T + b_ih                          # all L steps at once: one GEMM      [L, B, 3H]
     gh = y W_hh^T + b_hh                          # per step (cuBLAS)                  [B, 3H]
@@ -261,7 +261,7 @@ def _check(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold):
                         "(or backend='torch')")
     if x.device.type != "cuda" and not triton.knobs.runtime.interpret:
         raise ValueError(f"{name}: x is on {x.device}; the triton backend needs CUDA tensors (CPU "
-                         "tensors only under TRITON_INTERPRET=1); use backend='sparse' on CPU")
+                         "tensors only under TRITON_INTERPRET=1); use backend='cpu' on CPU")
     if not isinstance(weight_hh, torch.Tensor) or weight_hh.dim() != 2 or weight_hh.shape[0] != 3 * weight_hh.shape[1]:
         raise ValueError(f"{name}: weight_hh must be [3H, H], got "
                          f"{tuple(weight_hh.shape) if isinstance(weight_hh, torch.Tensor) else weight_hh!r}")
@@ -302,7 +302,7 @@ def fused_recurrent_egru(x, state, weight_ih, weight_hh, bias_ih, bias_hh, thres
         gamma, epsilon: the pseudo-derivative ``gamma * max(0, 1 - |v| / epsilon)``.
         layer: the cell, for the activity counters of an active `sb.trace`.
 
-    Equal to `sparsebptt.cells.egru.naive_egru` (outputs and every gradient, the threshold's
+    Equal to `sparsebptt.kernels.egru.naive.naive_egru` (outputs and every gradient, the threshold's
     included) up to rounding; differentiable in x, the state and every parameter.
     """
     _check(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold)

@@ -1,4 +1,5 @@
-"""Matmuls over the active columns only, with a backward that skips the same columns.
+"""Matmuls over the active columns only, with a backward that skips the same columns: the sparse
+products Delta cells and EGRU share (their "cpu" backend).
 
 ``sparse_linear(x, weight, mask)`` computes ``(x * mask) @ weight.T`` (plus ``add_to``), where
 ``mask`` [B, in] marks the active entries of ``x`` (delta above threshold, events, spikes). Only
@@ -26,23 +27,27 @@ How a batch shares the active set (``active_set``), chosen by measurement (BENCH
   runs over the union of the batch's active columns, as one GEMM (``B * |union| * out`` MACs):
   on a CPU that is far cheaper than materialising ``nnz`` rows of outer products to scatter.
 - ``"auto"`` (default): per call, a dense GEMM on the masked input when at least
-  ``full_above(B)`` of the entries are active (75 % at B = 1, 19 % at B = 16); the union when
+  ``full_above(B)`` of the entries are active (80 % at B = 1, 20 % at B = 16); the union when
   the samples share their active columns (``B * |union| <= UNION_OVERLAP * nnz``, B > 1); else
   per sample (always with B = 1: the same MACs as the union in one pass instead of a gather
   and a GEMV). Measured (BENCHMARKS.md, "Delta RNN sparsity"): with B = 16 independent samples
   the union is ~90 % of the columns at 15 % activity and never pays; the per-sample path
   beats the dense GEMM below ~15 % activity at B = 16 and below ~70 % at B = 1.
 
+`full_above` is the package's one dense switch: EGRU's sparse backward
+(`sparsebptt.kernels.egru.cpu`) uses it too for its masked C products.
+
 Whatever the choice, when every column is active in some sample the product runs as one dense
 GEMM on the masked input (no gather): threshold 0 costs what the dense cell costs.
 
-Weight gradients along a chain. A delta memory is updated every step, ``m_t = m_{t-1} + W dx_t``.
-Returning a full-size dW from every step would cost a dense [out, in] write and add per step,
-however few columns were active. So when ``add_to`` is the output of an earlier `sparse_linear`
-with the same weight, the two calls share one accumulator: each step's backward adds only its
-active rows into it (``index_add_``), and the first call of the chain (whose backward autograd
+Weight gradients along a chain (`Chain`). A delta memory is updated every step, ``m_t = m_{t-1}
++ W dx_t``. Returning a full-size dW from every step would cost a dense [out, in] write and add
+per step, however few columns were active. So when ``add_to`` is the output of an earlier
+`sparse_linear` with the same weight, the two calls share one accumulator: each step's backward
+adds only its active rows into it, and the first call of the chain (whose backward autograd
 runs last, as every later call depends on its output) hands the whole sum to the weight. The
 accumulator is tied to the autograd graph task, so a partial backward never leaks into another.
+EGRU's recurrent products accumulate their weight gradient along a segment in the same `Chain`.
 The chain also holds the weight's transposed copy (`transposed_weight`), made at the chain's
 first call: one weight-sized copy per scan or recomputed segment, never a cache that could go
 stale when a weight is edited in place (through ``.data`` the version counter does not move).
@@ -50,30 +55,63 @@ A chain never spans a change of grad mode: a no-grad call and a graph call start
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from ..trace import current_trace
 
-__all__ = ["ACTIVE_SETS", "FULL_ABOVE", "UNION_OVERLAP", "full_above", "sparse_linear", "transposed_weight"]
+__all__ = ["ACTIVE_SETS", "FULL_ABOVE", "UNION_OVERLAP", "Chain", "full_above", "renamed_backend",
+           "sparse_linear", "transposed_weight"]
 
 ACTIVE_SETS = ("auto", "union", "sample")
 
-#: "auto" thresholds, fit to benchmarks/sparsity.py (one CPU core, H = 1024, B = 1 and 16): a
-#: dense GEMM on the masked input once at least ``full_above(B)`` of the entries are active (the
-#: per-sample path costs about as much per MAC as a GEMV at B = 1 but ~5x a GEMM's at B = 16,
-#: so it pays below ~75 % activity at B = 1 and below ~15-20 % at B = 16); the union's gathered
-#: GEMM while it is at most ``UNION_OVERLAP`` times the per-sample work (B * |union| <=
-#: UNION_OVERLAP * nnz: the samples share their active columns); else the per-sample path.
-FULL_ABOVE = 0.75
+#: "auto" thresholds: a dense GEMM on the masked input once at least ``full_above(B)`` of the
+#: entries are active (see there); the union's gathered GEMM while it is at most
+#: ``UNION_OVERLAP`` times the per-sample work (B * |union| <= UNION_OVERLAP * nnz: the samples
+#: share their active columns); else the per-sample path.
+FULL_ABOVE = 0.8
 
 
 def full_above(B: int) -> float:
-    """Activity above which "auto" runs the dense GEMM: 0.75 at B = 1, 0.19 at B = 16."""
+    """Share of active entries (of B x in) from which a masked product runs as one dense GEMM:
+    ``max(0.15, FULL_ABOVE / sqrt(B))``, 0.8 at B = 1, 0.4 at B = 4, 0.28 at B = 8, 0.2 at
+    B = 16. The one dense switch of the package: `sparse_linear`'s "auto" (its per-sample
+    path) and EGRU's sparse backward (the C kernels of `sparsebptt.kernels.egru.cpu`). Results
+    are exact either way; only the time changes.
+
+    Chosen by the measurements behind the two former thresholds, which this replaces:
+
+    - `sparse_linear`'s ``0.75 / sqrt(B)`` (benchmarks/sparsity.py, one core, H = 1024): the
+      per-sample path costs about as much per MAC as a GEMV at B = 1 but ~5x a GEMM's at
+      B = 16, so it paid below ~70-75 % activity at B = 1 and below ~15-20 % at B = 16;
+    - EGRU's fixed 0.4 (H = 512, B = 8, one thread, random masks): its C kernels cost 0.86x
+      the dense GEMM at 30 % activity and 1.2x at 50 % (input gradient), 0.9x and 1.5x
+      (weight gradient).
+
+    Remeasured for this choice (H = 512, 3H outputs, one thread, random masks, a shared 2-core
+    machine: noisy), the break-even activity of the C kernels was ~0.75-0.8 at B = 1, ~0.3-0.35
+    at B = 4, ~0.2 at B = 8 and ~0.2-0.25 at B = 16, and of the per-sample path ~0.6, 0.28,
+    0.17, 0.14: the sparse paths' cost per MAC relative to a GEMM grows with B, as the
+    ``1 / sqrt(B)`` rule has it, and the two kinds of measurement disagree by up to 2x at
+    B = 8. ``FULL_ABOVE = 0.8`` stays inside that spread and keeps EGRU's former 0.4 where its
+    tests run (B = 4).
+    """
     return max(0.15, FULL_ABOVE / B ** 0.5)
 
 
 UNION_OVERLAP = 2.0
+
+
+def renamed_backend(owner: str, backend):
+    """``backend`` with the former name of the sparse path, "sparse" (Delta cells, EGRU and their
+    step functions), replaced by "cpu" (the backend it now is) with a DeprecationWarning."""
+    if backend == "sparse":
+        warnings.warn(f"{owner}: backend 'sparse' is now called 'cpu'; use backend='cpu'",
+                      DeprecationWarning, stacklevel=3)
+        return "cpu"
+    return backend
 
 _CHAIN_ATTR = "_sb_weight_grad_chain"
 
@@ -146,32 +184,60 @@ def _forward(add_to, x, mask, wt, plan: _Plan):
     return (y if add_to is None else add_to + y), vals
 
 
-class _Chain:
-    """What consecutive calls on one delta memory share: the weight, its transposed copy, and
-    (with autograd) the weight gradient, kept as rows of dW.T until the chain's first call hands
-    it to the weight."""
+class Chain:
+    """A weight gradient accumulated along consecutive products with one weight (a delta memory's
+    steps, an EGRU segment's recurrent products), kept as dW.T [in, out] (rows per input column)
+    and handed to the weight once, by the chain's first call, whose backward autograd runs last.
+
+    Holds the weight, its transposed copy ``wt`` (`transposed_weight`, made once per chain) and
+    ``graph`` (whether the chain was built with autograd: a chain never spans a change of grad
+    mode). The accumulator is tied to the autograd graph task, so a partial backward never
+    leaks into another.
+    """
 
     __slots__ = ("weight", "wt", "graph", "buf", "task")
 
-    def __init__(self, weight, wt, graph: bool):
+    def __init__(self, weight, wt, graph: bool = True):
         self.weight, self.wt, self.graph = weight, wt, graph
         self.buf = None
         self.task = None
 
-    def add(self, idx: "torch.Tensor | None", rows: torch.Tensor) -> None:
-        """Add ``rows`` into the rows ``idx`` of dW.T (every row when ``idx`` is None)."""
+    def _fresh(self) -> bool:
         task = torch._C._current_graph_task_id()
         if self.buf is None or self.task != task:  # a new backward pass: start from zero
-            self.buf = rows.clone() if idx is None else rows.new_zeros(self.wt.shape)
-            self.task = task
-            if idx is None:
-                return
+            self.buf, self.task = None, task
+            return True
+        return False
+
+    def buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """The accumulator dW.T [in, out] of this backward pass (zeros at its first use, with
+        ``like``'s dtype and device), for kernels that add into it in place."""
+        if self._fresh():
+            self.buf = like.new_zeros(self.wt.shape)
+        return self.buf
+
+    def add(self, idx: "torch.Tensor | None", rows: torch.Tensor) -> None:
+        """Add ``rows`` into the rows ``idx`` (distinct) of dW.T (every row when ``idx`` is None).
+
+        ``index_add_`` with one intra-op thread; with more, ``index_copy_`` of the sum (the same
+        values): on a shared 2-core machine with 2 threads ``index_add_`` took 65 ms for a
+        [3, 21] add (its scatter_add_ wakes every thread), ``index_copy_`` 5 us.
+        """
+        if self._fresh() and idx is None:
+            self.buf = rows.clone()
+            return
+        buf = self.buffer(rows)
         if idx is None:
-            self.buf += rows
+            buf += rows
+        elif not idx.numel():
+            return
+        elif torch.get_num_threads() == 1:
+            buf.index_add_(0, idx, rows)
         else:
-            self.buf.index_add_(0, idx, rows)
+            buf.index_copy_(0, idx, buf.index_select(0, idx) + rows)
 
     def take(self):
+        """dW [out, in] summed over the chain (None if nothing was added); resets the chain."""
         buf, self.buf, self.task = self.buf, None, None
         return None if buf is None else buf.t()
 
@@ -289,7 +355,7 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, *,
     root = chain is None or chain.weight is not weight or chain.graph != graph
     if root:
         wt = transposed_weight(weight) if weight_t is None else weight_t
-        chain = _Chain(weight, wt, graph) if add_to is not None else None
+        chain = Chain(weight, wt, graph) if add_to is not None else None
     else:
         wt = chain.wt
     if graph:
