@@ -94,7 +94,8 @@ def _resolve(path: str) -> str:
 def source(path: str) -> str:
     """The text of the package C file ``path`` with its local ``#include "..."`` inlined, each
     looked up as the compiler does (beside the including file, then in `KERNELS_DIR`); system
-    headers (``<...>``) stay as they are. Raises `CBuildError` for a missing file."""
+    headers (``<...>``) and names found nowhere stay as they are (the scan is textual: keep
+    ``#include "..."`` lines out of comments). Raises `CBuildError` for a missing file."""
     path = _resolve(path)
 
     def expand(p: str, depth: int) -> str:

@@ -25,7 +25,7 @@ INL T FN(tanh)(const T x) { return (T)1 - (T)2 / ((T)1 + FN(exp)((T)2 * x)); }
 
 /* GRU step: gi, gh [B, 3H] (r z n), h [B, H] -> hout [B, H]; s [B, 4H] (r z n gh_n) if save */
 INL void FN(gru_fwd_loop)(const T* restrict gi, const T* restrict gh, const T* restrict h,
-                            const long B, const long H, T* restrict hout, T* restrict s, const int save) {
+                          const long B, const long H, T* restrict hout, T* restrict s, const int save) {
     for (long b = 0; b < B; ++b) {
         const T* p_gi = gi + b * 3 * H; const T* p_gh = gh + b * 3 * H; const T* p_h = h + b * H;
         T* p_o = hout + b * H; T* p_s = s + b * 4 * H;
@@ -45,8 +45,8 @@ CLONES void FN(gru_fwd)(const T* gi, const T* gh, const T* h, long B, long H, T*
 /* GRU step backward: s [B, 4H], h = h_{t-1} [B, H], dy [B, H] or NULL, dh = dL/dh_t from later
    steps [B, H] -> dgi, dgh [B, 3H], dhd [B, H] (the gradient of h_{t-1} past W_hh) */
 INL void FN(gru_bwd_loop)(const T* restrict s, const T* restrict h, const T* restrict dy,
-                            const T* restrict dh, const long B, const long H, T* restrict dgi,
-                            T* restrict dgh, T* restrict dhd, const int has_dy) {
+                          const T* restrict dh, const long B, const long H, T* restrict dgi,
+                          T* restrict dgh, T* restrict dhd, const int has_dy) {
     for (long b = 0; b < B; ++b) {
         const T* p_s = s + b * 4 * H; const T* p_h = h + b * H; const T* p_dh = dh + b * H;
         const T* p_dy = dy + b * H * has_dy;
@@ -64,7 +64,7 @@ INL void FN(gru_bwd_loop)(const T* restrict s, const T* restrict h, const T* res
     }
 }
 CLONES void FN(gru_bwd)(const T* s, const T* h, const T* dy, const T* dh, long B, long H,
-                          T* dgi, T* dgh, T* dhd) {
+                        T* dgi, T* dgh, T* dhd) {
     if (dy) FN(gru_bwd_loop)(s, h, dy, dh, B, H, dgi, dgh, dhd, 1);
     else FN(gru_bwd_loop)(s, h, dh, dh, B, H, dgi, dgh, dhd, 0);
 }
@@ -87,8 +87,8 @@ CLONES void FN(gru_hist)(const T* s, const T* h0, long L, long B, long H, T* hs)
 
 /* LSTM step: gi, gh [B, 4H] (i f g o), c [B, H] -> hout, cout [B, H]; s [B, 4H] activations if save */
 INL void FN(lstm_fwd_loop)(const T* restrict gi, const T* restrict gh, const T* restrict c,
-                             const long B, const long H, T* restrict hout, T* restrict cout,
-                             T* restrict s, const int save) {
+                           const long B, const long H, T* restrict hout, T* restrict cout,
+                           T* restrict s, const int save) {
     for (long b = 0; b < B; ++b) {
         const T* p_gi = gi + b * 4 * H; const T* p_gh = gh + b * 4 * H; const T* p_c = c + b * H;
         T* p_h = hout + b * H; T* p_co = cout + b * H; T* p_s = s + b * 4 * H;
@@ -105,16 +105,16 @@ INL void FN(lstm_fwd_loop)(const T* restrict gi, const T* restrict gh, const T* 
     }
 }
 CLONES void FN(lstm_fwd)(const T* gi, const T* gh, const T* c, long B, long H, T* hout,
-                           T* cout, T* s) {
+                         T* cout, T* s) {
     if (s) FN(lstm_fwd_loop)(gi, gh, c, B, H, hout, cout, s, 1);
     else FN(lstm_fwd_loop)(gi, gh, c, B, H, hout, cout, s, 0);
 }
 /* LSTM step backward: s [B, 4H], c = c_t, cp = c_{t-1} [B, H], dy [B, H] or NULL, dh, dc =
    dL/dh_t, dL/dc_t from later steps -> dg [B, 4H] (gate pre-activations), dcp = dL/dc_{t-1} */
 INL void FN(lstm_bwd_loop)(const T* restrict s, const T* restrict c, const T* restrict cp,
-                             const T* restrict dy, const T* restrict dh, const T* restrict dc,
-                             const long B, const long H, T* restrict dg, T* restrict dcp,
-                             const int has_dy) {
+                           const T* restrict dy, const T* restrict dh, const T* restrict dc,
+                           const long B, const long H, T* restrict dg, T* restrict dcp,
+                           const int has_dy) {
     for (long b = 0; b < B; ++b) {
         const T* p_s = s + b * 4 * H; const T* p_c = c + b * H; const T* p_cp = cp + b * H;
         const T* p_dy = dy + b * H * has_dy; const T* p_dh = dh + b * H; const T* p_dc = dc + b * H;
@@ -133,7 +133,7 @@ INL void FN(lstm_bwd_loop)(const T* restrict s, const T* restrict c, const T* re
     }
 }
 CLONES void FN(lstm_bwd)(const T* s, const T* c, const T* cp, const T* dy, const T* dh,
-                           const T* dc, long B, long H, T* dg, T* dcp) {
+                         const T* dc, long B, long H, T* dg, T* dcp) {
     if (dy) FN(lstm_bwd_loop)(s, c, cp, dy, dh, dc, B, H, dg, dcp, 1);
     else FN(lstm_bwd_loop)(s, c, cp, dh, dh, dc, B, H, dg, dcp, 0);
 }
