@@ -60,8 +60,10 @@ class Plan:
     """Everything the executor needs to run a scan of ``T`` steps: made by `Strategy.plan`.
 
     Either ``keep_graph`` (plain autograd over the whole sequence: every step's graph is kept and
-    nothing is stored or recomputed; `FullBPTT`) or a schedule: ``actions``, an iterator of
-    `checkpoint_schedules` actions (and `SkipReverse`) run once, with checkpoint slots preallocated
+    nothing is stored or recomputed; `FullBPTT`) or a schedule: ``actions``, an iterable of
+    `checkpoint_schedules` actions (and `SkipReverse`) run once (a plan serves one scan; a
+    generator is fine: the forward stops at EndForward and the backward goes on from there), with
+    checkpoint slots preallocated
     in fast memory (``fast_slots``, the schedule's StorageType.RAM) and in slow storage
     (``slow_slots`` in ``slow_storage``, "host" or "disk", under ``disk_dir``; its StorageType.DISK).
     """
