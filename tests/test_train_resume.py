@@ -11,7 +11,7 @@ import torch
 
 from sparsebptt import cli
 from sparsebptt.train import TrainConfig, train
-from sparsebptt.train import trainer as trainer_mod
+from sparsebptt.train import fit as fit_mod
 from sparsebptt.train.runs import CHECKPOINT_FORMAT, RunError, load_checkpoint
 
 # a few seconds on one CPU core; batch 128 gives 12 batches per epoch
@@ -102,7 +102,7 @@ def test_killed_mid_epoch_resumes_and_lists_each_epoch_once(tmp_path):
 
 def _fail_at(monkeypatch, epoch, batch):
     """Make the loss of (epoch, batch) NaN by patching the trainer's share_loss."""
-    real = trainer_mod.share_loss
+    real = fit_mod.share_loss
     calls = {"n": 0}
     per_epoch = -(-1437 // 512)  # digits-spikes train split, batch 512
 
@@ -113,7 +113,7 @@ def _fail_at(monkeypatch, epoch, batch):
             return loss * float("nan"), total * float("nan")
         return loss, total
 
-    monkeypatch.setattr(trainer_mod, "share_loss", fake)
+    monkeypatch.setattr(fit_mod, "share_loss", fake)
 
 
 def test_nan_loss_stops_with_epoch_and_batch_and_keeps_the_checkpoint(tmp_path, monkeypatch):

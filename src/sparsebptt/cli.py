@@ -174,8 +174,7 @@ def _cmd_export(args, parser) -> int:
 
     from .export import export_nir
     from .train import build_model
-    from .train.runs import CHECKPOINT_FILE, RunError, load_checkpoint
-    from .train.trainer import config_from_run
+    from .train.runs import CHECKPOINT_FILE, RunError, config_from_run, load_checkpoint
     from .data import get_dataset
 
     run = Path(args.nir)
@@ -279,8 +278,7 @@ def _cmd_train(args, parser) -> int:
 
     from .planner import BudgetError
     from .train import TrainConfig, default_out_dir, train
-    from .train.runs import RunError, read_run_meta
-    from .train.trainer import RESUME_MAY_CHANGE, config_from_run
+    from .train.runs import RESUME_MAY_CHANGE, RunError, config_from_run, config_mismatches, read_run_meta
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     if args.text is not None:  # the language model on the user's corpus
@@ -317,8 +315,6 @@ def _cmd_train(args, parser) -> int:
                                                                       "data_dir": data_dir})
         except ValueError as e:
             parser.error(str(e).replace("TrainConfig: ", ""))
-        from .train.trainer import config_mismatches
-
         diffs = config_mismatches(saved, config, RESUME_MAY_CHANGE)
         if diffs:
             flags = ", ".join("--" + d.split(":")[0].replace("_", "-") for d in diffs)

@@ -8,21 +8,30 @@ killed at any moment leaves either the old or the new file, never half of one. A
 epoch the trainer appends the epoch's metrics line first and then replaces the checkpoint, which
 also holds every metrics line so far; resuming rewrites metrics.jsonl from the checkpoint, so an
 epoch whose line was written but whose checkpoint was not is run again and listed once.
+
+`--resume` continues a run only with the config it was started with (`config_from_run`,
+`config_mismatches`), except for the entries in `RESUME_MAY_CHANGE`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "RunError",
+from ..strategies import parse_strategy
+from .config import TrainConfig
+
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "RESUME_MAY_CHANGE", "RunError",
            "atomic_write", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
-           "read_run_meta", "is_run"]
+           "read_run_meta", "is_run", "default_out_dir", "prepare_out", "config_from_run", "config_mismatches",
+           "check_resume"]
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -154,4 +163,73 @@ def read_run_meta(folder: "str | Path") -> dict:
         raise RunError(f"cannot read {str(path)!r}: {e}") from None
     if not isinstance(meta, dict) or "dataset" not in meta or "model" not in meta:
         raise RunError(f"{str(path)!r} is not a sparsebptt run config (no dataset / model entries)")
+    return meta
+
+
+def default_out_dir() -> Path:
+    """``runs/<timestamp>`` under the current directory."""
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+#: config entries a resumed run may change (`--epochs` to train longer, `--threads`)
+RESUME_MAY_CHANGE = ("epochs", "threads")
+
+
+def config_from_run(folder: "str | Path") -> TrainConfig:
+    """The `TrainConfig` of the run in ``folder`` (from its config.json); `RunError` if ``folder``
+    is not a run or its config no longer validates."""
+    meta = read_run_meta(folder)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = meta.get("train_config")
+    if not isinstance(saved, dict):  # written before train_config existed: the top-level entries
+        saved = {k: v for k, v in meta.items() if k in fields}
+    unknown = sorted(set(saved) - fields)
+    if unknown:
+        raise RunError(f"{str(Path(folder) / CONFIG_FILE)!r} has entries this version of sparsebptt does not "
+                       f"know: {', '.join(unknown)}; resume it with the version that wrote it "
+                       f"({meta.get('sparsebptt', 'unknown')})")
+    try:
+        return TrainConfig(**saved)
+    except (TypeError, ValueError) as e:
+        raise RunError(f"{str(Path(folder) / CONFIG_FILE)!r} holds an invalid config: {e}") from None
+
+
+def config_mismatches(saved: TrainConfig, given: TrainConfig,
+                      may_change: "tuple[str, ...]" = RESUME_MAY_CHANGE) -> "list[str]":
+    """``"name: run has A, given B"`` for each field (other than ``may_change``) that differs.
+    Thresholds compare resolved (None = the model's default); strategies compare parsed."""
+    diffs = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in may_change:
+            continue
+        a, b = getattr(saved, f.name), getattr(given, f.name)
+        if f.name == "threshold":
+            a, b = saved.resolved_threshold, given.resolved_threshold
+        elif f.name == "strategy":
+            a, b = parse_strategy(a).to_string(), parse_strategy(b).to_string()
+        elif f.name == "dataset_options":  # where the files are may change, not what they are
+            a, b = ({k: v for k, v in (o or {}).items() if k != "data_dir"} or None for o in (a, b))
+        if a != b:
+            diffs.append(f"{f.name}: run has {a!r}, given {b!r}")
+    return diffs
+
+
+def prepare_out(out: "str | Path") -> Path:
+    """``out`` created for a new run; FileExistsError if it already holds a run's metrics."""
+    out = Path(out)
+    if (out / METRICS_FILE).exists():
+        raise FileExistsError(f"run folder {str(out)!r} already holds metrics.jsonl; choose another --out, "
+                              f"remove the old run, or continue it with --resume {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def check_resume(config: TrainConfig, out: Path) -> dict:
+    """The config.json entries of the run in ``out`` if ``config`` may continue it; else `RunError`
+    naming the entries that differ."""
+    meta = read_run_meta(out)
+    diffs = config_mismatches(config_from_run(out), config)
+    if diffs:
+        raise RunError(f"cannot resume {str(out)!r} with another config ({'; '.join(diffs)}); drop those "
+                       "options to continue the run as it was, or start a new run with --out")
     return meta

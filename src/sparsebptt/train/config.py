@@ -1,0 +1,107 @@
+"""`TrainConfig`: everything that defines a training run (saved as the run's config.json), and the
+names of the models (`MODELS`) and gate initialisations (`GATE_INITS`) it may ask for."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["TrainConfig", "MODELS", "GATE_INITS"]
+
+#: --model name -> (cell class name in `sparsebptt.cells`, default threshold or None). EGRU's
+#: default "beta" draws each unit's initial threshold from EvNN's Beta distribution (mean 0.3).
+MODELS = {"lif": ("LIF", 1.0), "gru": ("GRU", None), "lstm": ("LSTM", None),
+          "delta-gru": ("DeltaGRU", 0.1), "delta-lstm": ("DeltaLSTM", 0.1), "egru": ("EGRU", "beta")}
+
+#: --gate-init names: how the gate biases of the gated models start
+GATE_INITS = ("uniform", "chrono")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run; saved as config.json.
+
+    dataset: a name from `sparsebptt.data.DATASETS`.
+    T: time steps per example.
+    epochs, batch_size: passes over the training split and examples per step.
+    model: "lif" (spiking), "gru", "lstm", "delta-gru", "delta-lstm" or "egru" (see `MODELS`).
+    hidden: neurons per layer; layers: number of layers.
+    lr: Adam learning rate.
+    strategy: string for `sb.parse_strategy` ("full", "checkpoint:8", "revolve:4", ...).
+    memory_budget: if set ("256MiB", bytes), `sb.plan` picks the fastest strategy whose stored
+        bytes fit it, instead of ``strategy``.
+    beta: LIF membrane decay per step.
+    threshold: LIF firing threshold (default 1.0), or the delta threshold of the input and hidden
+        deltas of delta-gru / delta-lstm (default 0.1), or the initial threshold of every EGRU
+        unit (default "beta": EvNN's per-unit draw, mean 0.3); None takes the model's default.
+    seed: seeds the initial weights and every batch (order and spikes).
+    threads: torch intra-op threads while training (restored afterwards). The default 1 is the
+        fastest for these small matmuls and, on a shared machine, avoids the oversubscription
+        that made a 2-thread run 50x slower on 2 busy cores; raise it for large hidden sizes.
+    gate_init: "uniform" (PyTorch's initialisation) or "chrono" (gated models only, see
+        `chrono_init_`): memory time scales spread up to T, which long-range tasks need.
+    dataset_options: keyword options of the dataset (e.g. ``{"noise_rate": 0.02}`` for
+        delayed-recall, ``{"max_rate": 0.5}`` for digits-spikes, ``{"path": "my.txt"}`` for
+        text); None for its defaults.
+    activity_reg: strength of the EGRU activity regulariser added to the loss (0: none; egru
+        models only); activity_target: the event rate per step it allows before it penalises.
+    """
+
+    dataset: str = "digits-spikes"
+    model: str = "lif"
+    T: int = 25
+    epochs: int = 20
+    batch_size: int = 64
+    hidden: int = 128
+    layers: int = 2
+    lr: float = 2e-3
+    strategy: str = "full"
+    memory_budget: "str | int | None" = None
+    beta: float = 0.9
+    threshold: float | None = None
+    seed: int = 0
+    threads: int = 1
+    gate_init: str = "uniform"
+    dataset_options: "dict | None" = None
+    activity_reg: float = 0.0
+    activity_target: float = 0.05
+
+    def __post_init__(self):
+        for name in ("T", "epochs", "batch_size", "hidden", "layers", "threads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig: {name} must be a positive int, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
+            raise ValueError(f"TrainConfig: lr must be a positive number, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"TrainConfig: seed must be an int, got {self.seed!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"TrainConfig: unknown model {self.model!r}; valid models are: {', '.join(MODELS)}")
+        th = self.threshold
+        if th is not None:
+            if MODELS[self.model][1] is None:
+                raise ValueError(f"TrainConfig: model {self.model!r} has no threshold, got threshold={th!r}")
+            low_ok = th > 0 if self.model == "lif" else th >= 0
+            if isinstance(th, bool) or not isinstance(th, (int, float)) or not (low_ok and th < math.inf):
+                raise ValueError(f"TrainConfig: threshold must be a number {'> 0' if self.model == 'lif' else '>= 0'} "
+                                 f"for model {self.model!r}, got {th!r}")
+        if self.dataset_options is not None and not isinstance(self.dataset_options, dict):
+            raise ValueError(f"TrainConfig: dataset_options must be a dict of the dataset's keyword options "
+                             f"or None, got {type(self.dataset_options).__name__}")
+        for name, hi in (("activity_reg", math.inf), ("activity_target", 1.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= hi or v == math.inf:
+                raise ValueError(f"TrainConfig: {name} must be a number in [0, {hi:g}], got {v!r}")
+        if self.activity_reg > 0 and self.model != "egru":
+            raise ValueError(f"TrainConfig: activity_reg needs model 'egru' (the event rates it penalises), "
+                             f"got model {self.model!r}")
+        if self.gate_init not in GATE_INITS:
+            raise ValueError(f"TrainConfig: unknown gate_init {self.gate_init!r}; valid gate inits are: "
+                             f"{', '.join(GATE_INITS)}")
+        if self.gate_init == "chrono" and self.model == "lif":
+            raise ValueError("TrainConfig: gate_init='chrono' needs a gated model (gru, lstm, delta-gru, "
+                             "delta-lstm); model 'lif' has no gates")
+
+    @property
+    def resolved_threshold(self) -> float | None:
+        """``threshold``, or the model's default when it is None."""
+        return MODELS[self.model][1] if self.threshold is None else float(self.threshold)
