@@ -116,6 +116,52 @@ def test_build_model_shapes_and_strategies_agree(digits):
             torch.testing.assert_close(gs, gf)
 
 
+def _attributes(model):
+    """Every module's own attributes (what a forward must not change: no state hidden in a module)."""
+    return [(name, dict(vars(m))) for name, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("model,sequence", [("lif", False), ("gru", False), ("egru", False), ("egru", True)])
+def test_models_are_recurrent_layers_and_return_the_aux_loss(model, sequence):
+    torch.manual_seed(0)
+    reg = 0.7 if model == "egru" else 0.0
+    net = build_model(TrainConfig(model=model, hidden=6, layers=2, activity_reg=reg, strategy="checkpoint:3"),
+                      8, 5, sequence=sequence)
+    assert isinstance(net.recurrent, sb.Recurrent) and net.cell is net.recurrent.cell
+    assert net.strategy == sb.Checkpoint(every=3) == net.recurrent.strategy
+    x = torch.rand(9, 3, 8)
+    before = _attributes(net)
+    logits, aux = net(x, return_aux=True)
+    after = _attributes(net)
+    assert [n for n, _ in before] == [n for n, _ in after]
+    for (name, a), (_, b) in zip(before, after):
+        assert a.keys() == b.keys() and all(a[k] is b[k] for k in a), f"forward changed {name or 'the model'}"
+    assert not hasattr(net, "aux_loss")
+    torch.testing.assert_close(net(x), logits)  # return_aux only adds the second value
+    assert logits.shape == ((3, 9, 5) if sequence else (3, 5))
+    if model != "egru":
+        assert aux is None
+        return
+    _, state = sb.scan(net.cell, x, strategy=sb.Checkpoint(every=3), reduce=None if sequence else "mean")
+    torch.testing.assert_close(aux, reg * sb.cells.activity_regularizer(net.cell, state, 9, 0.05))
+    (logits.sum() + aux).backward()
+    assert all(p.grad is not None for p in net.parameters())
+    net.strategy = "revolve:2"  # the trainer sets the planned (or resumed) strategy
+    assert net.recurrent.strategy == sb.Revolve(slots=2)
+
+
+def test_models_load_state_dicts_written_before_the_recurrent_layer():
+    """Checkpoints of earlier versions name the stack ``cell.*``; they load into ``recurrent.cell.*``."""
+    torch.manual_seed(0)
+    net = build_model(TrainConfig(hidden=6), 64, 10)
+    old = {k.replace("recurrent.cell.", "cell."): v.clone() + 0.5 for k, v in net.state_dict().items()}
+    assert any(k.startswith("cell.layers.0.") for k in old)
+    fresh = build_model(TrainConfig(hidden=6), 64, 10)
+    fresh.load_state_dict(old)
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, old[k.replace("recurrent.cell.", "cell.")])
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"epochs": 0}, "TrainConfig: epochs must be a positive int, got 0"),
     ({"hidden": 2.5}, "TrainConfig: hidden must be a positive int, got 2.5"),
