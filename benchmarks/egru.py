@@ -159,7 +159,9 @@ def _run_input(run: Path, T: int, B: int):
     if config.get("model") != "egru":
         raise SystemExit(f"--from-run: {run} trained model {config.get('model')!r}, not egru")
     ckpt = load_checkpoint(run / "checkpoint.pt")
-    state = {k[len("cell.layers.0."):]: v for k, v in ckpt["model"].items() if k.startswith("cell.layers.0.")}
+    model = ckpt["model"]  # runs written before sb.Recurrent name the stack cell.*, later ones recurrent.cell.*
+    prefix = "recurrent.cell.layers.0." if any(k.startswith("recurrent.") for k in model) else "cell.layers.0."
+    state = {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
     ds = get_dataset(config["dataset"], T, **(config.get("dataset_options") or {}))
     x, _ = next(ds.batches("val", B, seed=0))
     return state, x
