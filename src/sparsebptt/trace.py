@@ -18,8 +18,9 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["Trace", "trace", "current_trace"]
+__all__ = ["Trace", "trace", "current_trace", "linear"]
 
 _ACTIVE: list["Trace"] = []
 
@@ -207,3 +208,22 @@ def recomputing(t: "Trace | None"):
 def saving(t: "Trace | None"):
     """`Trace.saving()` of ``t``, or a no-op when no trace is active."""
     return t.saving() if t is not None else contextlib.nullcontext()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` whose multiply-accumulates are counted by an active `sb.trace` (the
+    reference cells' and the kernels' projections alike).
+
+    Forward MACs are ``B * in * out``; the backward adds the same for the input gradient (when
+    x needs it) and for the weight gradient (when the weight needs it), counted when autograd
+    actually runs that backward.
+    """
+    y = F.linear(x, weight, bias)
+    t = current_trace()
+    if t is not None:
+        macs = x.numel() // x.shape[-1] * weight.shape[0] * weight.shape[1]
+        t.add_forward_macs(macs)
+        if y.requires_grad:
+            n_bwd = macs * (int(x.requires_grad) + int(weight.requires_grad))
+            y.register_hook(lambda g, _t=t, _n=n_bwd: _t.add_backward_macs(_n))
+    return y

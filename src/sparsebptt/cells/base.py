@@ -14,11 +14,10 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.backend import check_backend, get_backend, require_backend, resolve_backend
-from ..trace import current_trace
+from ..trace import linear
 
 __all__ = ["Cell", "FusedCell", "linear", "init_uniform_", "run_steps"]
 
@@ -48,24 +47,6 @@ def run_steps(step, x, state, *, on_output=None, t0: int = 0):
         y, state = step(x[t], state)
         ys.append(y if on_output is None else on_output(t0 + t, y))
     return ys, state
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` whose multiply-accumulates are counted by an active `sb.trace`.
-
-    Forward MACs are ``B * in * out``; the backward adds the same for the input gradient (when
-    x needs it) and for the weight gradient (when the weight needs it), counted when autograd
-    actually runs that backward.
-    """
-    y = F.linear(x, weight, bias)
-    t = current_trace()
-    if t is not None:
-        macs = x.numel() // x.shape[-1] * weight.shape[0] * weight.shape[1]
-        t.add_forward_macs(macs)
-        if y.requires_grad:
-            n_bwd = macs * (int(x.requires_grad) + int(weight.requires_grad))
-            y.register_hook(lambda g, _t=t, _n=n_bwd: _t.add_backward_macs(_n))
-    return y
 
 
 def init_uniform_(module: nn.Module, hidden_size: int) -> None:

@@ -1,7 +1,8 @@
 /* Shared by the package's C kernels (built by sparsebptt/kernels/cbuild.py, which puts this
    directory on the include path). A kernel file <cell>.c instantiates its body file
    <cell>_body.h once per scalar type: it defines T float and SUF f32, includes the body (in
-   which FN(lif_fwd) names lif_fwd_f32), undefines both, and does the same with double / f64. */
+   which FN(lif_fwd) names lif_fwd_f32; the body undefines its parameters at its end), then
+   does the same with double / f64. */
 #ifndef SPARSEBPTT_CBUILD_H
 #define SPARSEBPTT_CBUILD_H
 

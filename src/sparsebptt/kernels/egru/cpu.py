@@ -46,12 +46,11 @@ import ctypes
 import os
 
 import torch
-import torch.nn.functional as F
 
 from ..cbuild import build_file
 from ..common import SUFFIX
 from ..sparse import UNION_OVERLAP, Chain, full_above, sparse_linear, transposed_weight
-from ...trace import current_trace
+from ...trace import current_trace, linear
 
 __all__ = ["load_library", "masked_rows_dot", "masked_rows_axpy_", "C_SOURCE", "FusedPointwiseFunction",
            "RecurrentGradFunction", "fused_recurrent_egru"]
@@ -313,20 +312,6 @@ class FusedPointwiseFunction(torch.autograd.Function):
         return dgi, dgh, dc, dthr, None, None
 
 
-def _linear(x, weight, bias):
-    """``F.linear`` with its MACs counted in an active `sb.trace` (forward; backward when it runs),
-    as `sparsebptt.cells.base.linear` counts the reference's."""
-    y = F.linear(x, weight, bias)
-    t = current_trace()
-    if t is not None:
-        macs = x.numel() // x.shape[-1] * weight.shape[0] * weight.shape[1]
-        t.add_forward_macs(macs)
-        if y.requires_grad:
-            n_bwd = macs * (int(x.requires_grad) + int(weight.requires_grad))
-            y.register_hook(lambda g, _t=t, _n=n_bwd: _t.add_backward_macs(_n))
-    return y
-
-
 def _record(layer, fired):
     t = current_trace()
     if t is not None:
@@ -349,7 +334,7 @@ def fused_recurrent_egru(x, state, weight_ih, weight_hh, bias_ih, bias_hh, thres
     """
     c, y = state[0], state[1]
     count = state[2] if len(state) > 2 else None
-    gis = _linear(x, weight_ih, bias_ih)  # [L, B, 3H], one GEMM (one backward node)
+    gis = linear(x, weight_ih, bias_ih)  # [L, B, 3H], one GEMM (one backward node)
     chain = Chain(weight_hh, transposed_weight(weight_hh))  # W_hh.T [H, 3H], once per segment
     fired, grad_mask = _entry_masks(y)
     ys = []

@@ -53,11 +53,6 @@ static void ftz_off(unsigned int old) {
 #define LANES 8
 #define PS ps
 #include "egru_body.h"
-#undef T
-#undef SUF
-#undef VT
-#undef LANES
-#undef PS
 
 /* double: 4 lanes of __m256d, the _pd intrinsics */
 #define T double
@@ -66,8 +61,3 @@ static void ftz_off(unsigned int old) {
 #define LANES 4
 #define PS pd
 #include "egru_body.h"
-#undef T
-#undef SUF
-#undef VT
-#undef LANES
-#undef PS

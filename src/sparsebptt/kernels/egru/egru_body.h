@@ -107,3 +107,10 @@ void FN(masked_rows_axpy)(const T* y, const T* g, const unsigned char* mask, T* 
 }
 
 #undef MM
+
+/* this body's parameters end here, so the next instantiation can define them anew */
+#undef T
+#undef SUF
+#undef VT
+#undef LANES
+#undef PS

@@ -10,14 +10,8 @@
 #define SUF f32
 #define FABS fabsf
 #include "lif_body.h"
-#undef T
-#undef SUF
-#undef FABS
 
 #define T double
 #define SUF f64
 #define FABS fabs
 #include "lif_body.h"
-#undef T
-#undef SUF
-#undef FABS

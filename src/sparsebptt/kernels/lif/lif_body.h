@@ -106,3 +106,8 @@ void FN(lif_bwd)(const T* u, const T* dz, long dz_st, const T* dvT, const T* v0,
 #undef BWD_CASES_BM
 #undef BWD_CASES_D
 #undef BWD_CASES_RZ
+
+/* this body's parameters end here, so the next instantiation can define them anew */
+#undef T
+#undef SUF
+#undef FABS

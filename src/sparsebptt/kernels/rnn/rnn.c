@@ -35,17 +35,6 @@
     p = p * r + (T)1.6666665459E-1; p = p * r + (T)5.0000001201E-1; p = p * r2 + r; \
     p = p + (T)1;
 #include "rnn_body.h"
-#undef T
-#undef SUF
-#undef I
-#undef EXP_LO
-#undef EXP_HI
-#undef EXP_MAGIC
-#undef EXP_C1
-#undef EXP_C2
-#undef EXP_BIAS
-#undef EXP_MANT
-#undef EXP_POLY
 
 /* double: Cephes exp, the Pade form 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2)) */
 #define T double
@@ -66,14 +55,3 @@
                   + 2.27265548208155028766E-1) * r2 + 2.00000000000000000009E0; \
     T p = px / (qx - px); p = (T)1 + (T)2 * p;
 #include "rnn_body.h"
-#undef T
-#undef SUF
-#undef I
-#undef EXP_LO
-#undef EXP_HI
-#undef EXP_MAGIC
-#undef EXP_C1
-#undef EXP_C2
-#undef EXP_BIAS
-#undef EXP_MANT
-#undef EXP_POLY

@@ -150,3 +150,16 @@ CLONES void FN(lstm_hist)(const T* s, const T* cs, const T* h0, long L, long B, 
         }
     }
 }
+
+/* this body's parameters end here, so the next instantiation can define them anew */
+#undef T
+#undef SUF
+#undef I
+#undef EXP_LO
+#undef EXP_HI
+#undef EXP_MAGIC
+#undef EXP_C1
+#undef EXP_C2
+#undef EXP_BIAS
+#undef EXP_MANT
+#undef EXP_POLY
