@@ -19,7 +19,8 @@ from sparsebptt.kernels import backend as kb
 from sparsebptt.kernels import cbuild
 from sparsebptt.kernels.lif.cpu import fused_recurrent_lif
 from sparsebptt.kernels.lif.naive import naive_recurrent_lif
-from sparsebptt.testing import assert_close, seeded
+from sparsebptt.cells.surrogate import surrogate_derivative
+from sparsebptt.testing import TOLERANCES, assert_close, seeded
 
 pytestmark = pytest.mark.skipif(not kb.backend_available("cpu")[0],
                                 reason=f"cpu backend unavailable: {kb.backend_available('cpu')[1]}")
@@ -90,10 +91,90 @@ def run(cell, x, v0, strategy=None, reduce=None):
     return res
 
 
-def compare(ref, got, dtype):
+def compare(ref, got, dtype, slack=None):
+    """Every output and gradient; ``slack`` (name -> extra absolute error allowed) adds
+    `current_rounding_slack`'s bound to the dtype's tolerance."""
     assert ref.keys() == got.keys()
+    slack = slack or {}
     for name in ref:
-        assert_close(name, ref[name], got[name], dtype)
+        a0, r0 = TOLERANCES[dtype]
+        assert_close(name, ref[name], got[name], dtype, atol=a0 + slack.get(name, 0.0), rtol=r0)
+
+
+def current_rounding_slack(cell, x, v0) -> dict[str, float]:
+    """How far the float32 gradients of a feed-forward LIF may move when the input currents are
+    summed in another order: a first-order error bound, computed in float64 from the test's tensors.
+
+    The fused path computes the currents of a segment as one matmul ``[L*B, in] @ W^T`` and the
+    reference as one ``[B, in] @ W^T`` per step. Both are correct; BLAS picks a different kernel
+    (vector width, blocking, hence summation order) for the two shapes and for each CPU: MKL's
+    AVX2 path (``MKL_ENABLE_INSTRUCTIONS=AVX2``, what MKL runs on AMD CPUs) gives currents
+    that differ by an ulp, Intel's AVX-512 path gives equal ones. Summing K = in + 2 terms
+    (the bias and the final rounding included) in any order, each result is within
+    ``gamma_K * (|x| @ |W|^T + |b|)`` of the exact sum (``gamma_K = K eps / (1 - K eps)``), so
+    the two differ by at most ``Delta_t = 2 gamma_K (|x_t| @ |W|^T + |b|)``. No spike flips
+    (`MARGIN` >> Delta), so the difference propagates linearly:
+
+        forward:  D_t  = |beta| a_{t-1} D_{t-1} + Delta_t        (|du_t|, a = 1 or 1 - z for reset="zero")
+        backward: E_t  = |d du_t / d g_t| |beta| E_{t+1} + |d du_t / d u_t| D_t   (E: |d du_t|)
+
+    with ``d du_t / d u_t`` holding the surrogate's slope ``s'`` (50 for fast_sigmoid at scale 25:
+    the amplifier that turns one ulp of current into ~1e-5 of dv0). The bound of each gradient
+    follows from E (dv0 = beta du_0, dx = du W, dW = du^T x, db = sum du, dbeta = sum du v_{t-1}).
+    The slack is this first-order bound (the second-order terms, ~(Delta s')^2, are below 1e-10).
+    It is a worst case, ~100x the differences seen; the float64 runs of the same tests keep the
+    1e-10 tolerance, so a wrong kernel still fails there.
+    """
+    p = cell.params
+    with torch.no_grad():
+        W = cell.weight.double().cpu()
+        b = None if cell.bias is None else cell.bias.double().cpu()
+        beta = torch.full((W.shape[0],), p.beta, dtype=torch.float64) if cell.beta is None \
+            else cell.beta.double().cpu().clamp(0, 1)
+        x64, v = x.double().cpu(), v0.double().cpu()
+        L, th = x.shape[0], p.threshold
+        K = x.shape[-1] + 2
+        eps = 2.0 ** -24
+        gamma = K * eps / (1 - K * eps)
+        delta = 2 * gamma * (x64.abs() @ W.abs().t() + (0 if b is None else b.abs()))
+        i = torch.nn.functional.linear(x64, W, b)
+        us, zs, vs, Ds, Dvs = [], [], [v], [], [torch.zeros_like(v)]
+        for t in range(L):
+            u = beta * v + i[t]
+            z = (u > th).double()
+            v = u - z * th if p.reset == "subtract" else u * (1 - z)
+            a = 1.0 if p.reset == "subtract" else 1 - z
+            Ds.append(beta.abs() * Dvs[-1] + delta[t])
+            us.append(u), zs.append(z), vs.append(v), Dvs.append(Ds[-1] * a)
+        dz = seeded(100, L, *v.shape, dtype=x.dtype).double()  # as `run`'s loss
+        g = seeded(101, *v.shape, dtype=x.dtype).double()
+        Eg = torch.zeros_like(v)
+        scale = p.surrogate_scale
+    dus, Edus = [None] * L, [None] * L
+    Edbeta = torch.zeros_like(beta)
+    for t in range(L - 1, -1, -1):
+        d = (us[t] - th).clone().requires_grad_()
+        s = surrogate_derivative(d, p.surrogate, scale)
+        (sp,) = torch.autograd.grad(s.sum(), d)
+        s, sp, u, z = s.detach(), sp.abs(), us[t], zs[t]
+        if p.reset == "subtract":
+            du = g + (dz[t] - (0 if p.detach_reset else th * g)) * s
+            dgain = 1 if p.detach_reset else (1 - th * s).abs()
+            Edu = Eg * dgain + (dz[t] - (0 if p.detach_reset else th * g)).abs() * sp * Ds[t]
+        elif p.detach_reset:
+            du = g * (1 - z) + dz[t] * s
+            Edu = Eg * (1 - z) + dz[t].abs() * sp * Ds[t]
+        else:
+            du = g * (1 - z) + (dz[t] - u * g) * s
+            Edu = Eg * (1 - z - u * s).abs() + ((dz[t] - u * g).abs() * sp + (g * s).abs()) * Ds[t]
+        Edbeta += (Edu * vs[t].abs() + du.abs() * Dvs[t]).sum(0)
+        dus[t], Edus[t] = du, Edu
+        g, Eg = beta * du, beta.abs() * Edu
+    Edu = torch.stack(Edus)  # [L, B, H]
+    bound = {"out": 0.0, "vT": Dvs[-1].max().item(), "dx": (Edu @ W.abs()).max().item(),
+             "dv0": Eg.max().item(), "dweight": (Edu.reshape(-1, W.shape[0]).t() @ x64.abs().reshape(-1, W.shape[1])).max().item(),
+             "dbias": Edu.sum((0, 1)).max().item(), "dbeta": Edbeta.max().item()}
+    return bound
 
 
 # ---- the fused path equals the step path -------------------------------------------------------
@@ -104,7 +185,7 @@ def test_fused_equals_reference_every_config(cfg, dtype):
     x, v0 = inputs(ref, 63, 3, dtype)
     got = run(fast, x, v0)
     expect = run(ref, x, v0)
-    compare(expect, got, dtype)
+    compare(expect, got, dtype, current_rounding_slack(ref, x, v0))
     if cfg["learn_beta"]:
         assert got["dbeta"] is not None and got["dbeta"].abs().max() > 0
 
@@ -117,7 +198,7 @@ def test_fused_equals_reference_shapes(T, B, x_kind, dtype):
     for cfg in (dict(reset="subtract", learn_beta=True), dict(reset="zero", surrogate="atan")):
         ref, fast = make_pair(dtype, **cfg)
         x, v0 = inputs(ref, T, B, dtype, x_kind)
-        compare(run(ref, x, v0), run(fast, x, v0), dtype)
+        compare(run(ref, x, v0), run(fast, x, v0), dtype, current_rounding_slack(ref, x, v0))
 
 
 def test_float32_forward_is_bitwise():
@@ -140,7 +221,7 @@ def test_fused_under_every_exact_strategy(strategy, dtype):
     ref, fast = make_pair(dtype, learn_beta=True, surrogate="triangle")
     x, v0 = inputs(ref, 63, 3, dtype)
     expect = run(ref, x, v0, sb.FullBPTT())
-    compare(expect, run(fast, x, v0, strategy), dtype)
+    compare(expect, run(fast, x, v0, strategy), dtype, current_rounding_slack(ref, x, v0))
 
 
 @pytest.mark.parametrize("reduce", ["sum", "mean", "last"])
