@@ -19,7 +19,7 @@ from torch import nn
 from ..kernels.backend import check_backend, get_backend, require_backend, resolve_backend
 from ..trace import linear
 
-__all__ = ["Cell", "FusedCell", "linear", "init_uniform_", "run_steps"]
+__all__ = ["Cell", "FusedCell", "linear", "init_uniform_", "run_steps", "step_is_fused", "log_once"]
 
 log = logging.getLogger("sparsebptt.kernels")
 _logged: set[str] = set()
@@ -47,6 +47,25 @@ def run_steps(step, x, state, *, on_output=None, t0: int = 0):
         y, state = step(x[t], state)
         ys.append(y if on_output is None else on_output(t0 + t, y))
     return ys, state
+
+
+def step_is_fused(cell, segment: str, path: str) -> bool:
+    """Whether ``cell.step`` is the step its fused segment path (the method named ``segment``,
+    described by ``path`` in the message) implements: the ``step`` of the class that defines that method, not overridden by a subclass
+    or on the instance. When it is not, the fused path would silently skip the user's ``step``:
+    this says so once on the ``sparsebptt.kernels`` logger and returns False, and the scan steps
+    through ``cell.step`` instead.
+    """
+    cls = type(cell)
+    owner = next((c for c in cls.__mro__ if segment in c.__dict__), None)
+    if owner is None:  # pragma: no cover - callers pass a method the cell has
+        return False
+    if "step" not in vars(cell) and getattr(cls, "step", None) is getattr(owner, "step", None):
+        return True
+    where = f"{cls.__name__} instance" if "step" in vars(cell) else cls.__name__
+    log_once(f"sparsebptt: {where} overrides {owner.__name__}.step, which {path} implements; its "
+             "scans step through the overriding step instead")
+    return False
 
 
 def init_uniform_(module: nn.Module, hidden_size: int) -> None:
@@ -149,11 +168,19 @@ class FusedCell(Cell):
             return "torch"
         return resolved
 
+    #: the fused backends with a segment kernel (``_scan_segment``); the others run step by step
+    #: (None: every backend of ``kernels``)
+    segment_kernels: "tuple[str, ...] | None" = None
+
     @property
     def scan_segment(self):
-        """The fused segment scan when a fused backend is active, else None (the step path)."""
+        """The fused segment scan when a fused backend with a segment kernel is active and the
+        cell's ``step`` is the one that kernel implements (see `step_is_fused`), else None (the
+        step path)."""
         backend = self.active_backend
-        if backend == "torch":
+        segments = self.kernels if self.segment_kernels is None else self.segment_kernels
+        if backend == "torch" or backend not in segments or not step_is_fused(
+                self, "_scan_segment", f"the fused {backend!r} segment kernel"):
             return None
         log_once(f"sparsebptt: {type(self).__name__} scans run the fused {backend!r} backend")
         return self._scan_segment

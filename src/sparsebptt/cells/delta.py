@@ -164,12 +164,9 @@ class _DeltaCell(FusedCell):
         return tuple(z(H) for _ in range(self.num_states - 4)) + (
             z(self.input_size), z(H), z(G * H), z(G * H))
 
-    @property
-    def scan_segment(self):
-        """The fused Triton segment scan when the active backend is "triton", else None (the "cpu"
-        backend and the reference run step by step)."""
-        backend = self.active_backend
-        return self._scan_segment if backend == "triton" else None
+    #: the fused Triton segment scan runs when the active backend is "triton"; the "cpu" backend
+    #: and the reference run step by step (`FusedCell.scan_segment`)
+    segment_kernels = ("triton",)
 
     def _scan_segment(self, x_seg, state):
         from ..kernels.delta.triton import fused_recurrent_delta_gru, fused_recurrent_delta_lstm

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import run_steps
+from .base import run_steps, step_is_fused
 
 __all__ = ["Stack"]
 
@@ -63,6 +63,8 @@ class Stack(nn.Module):
         """Layer by layer over a segment when some layer has a fused ``scan_segment`` (equal to
         stepping the layers together: no layer feeds an earlier one); None otherwise."""
         if not any(getattr(layer, "scan_segment", None) is not None for layer in self.layers):
+            return None
+        if not step_is_fused(self, "_scan_segment", "Stack's layer-by-layer segment path"):
             return None
         return self._scan_segment
 

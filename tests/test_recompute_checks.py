@@ -1,0 +1,142 @@
+"""No silent wrong results under recomputation (issue 16).
+
+- a subclass that overrides ``step`` is run through its ``step``, not the fused kernel of the step
+  it replaced (said once on the log);
+- tensors a cell uses without registering them (a closure, a list, another module's Parameter)
+  get their gradients under every strategy;
+- checkpoint storage follows the dtype of the state it stores;
+- state kept in the module instead of the state tuple is caught by the determinism check, which
+  names the cell, the state component and the step;
+- scans under ``torch.no_grad()`` / ``torch.inference_mode()`` run a plain forward.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import sparsebptt as sb
+from sparsebptt.kernels import backend as kb
+from sparsebptt.testing import assert_close, seeded
+
+from helpers import N_IN, run
+
+CPU = kb.backend_available("cpu")[0]
+needs_cpu = pytest.mark.skipif(not CPU, reason="cpu backend unavailable")
+
+EXACT = [sb.Checkpoint(every=4), sb.Revolve(slots=2), sb.DoubleCheckpoint(outer=8, inner=3, outer_storage="host"),
+         sb.DoubleCheckpoint(outer=8, inner=3, outer_storage="disk")]
+
+
+def _sid(s):
+    return s.to_string() + getattr(s, "outer_storage", "")
+
+
+def compare(ref, got, dtype=torch.float64):
+    assert ref.keys() == got.keys()
+    for name in ref:
+        assert_close(name, ref[name], got[name], dtype)
+
+
+@pytest.fixture
+def fresh_log(monkeypatch):
+    """Messages logged once are logged again in this test."""
+    import sparsebptt.cells.base as cells_base
+
+    monkeypatch.setattr(cells_base, "_logged", set())
+
+
+# ---- item 2: an overridden step is honoured by the fused path ----------------------------------
+class HalfInputLIF(sb.cells.LIF):
+    """A user subclass that scales its input by 0.5 before the built-in step."""
+
+    def step(self, x_t, state):
+        return super().step(0.5 * x_t, state)
+
+
+class HalfInputGRU(sb.cells.GRU):
+    def step(self, x_t, state):
+        return super().step(0.5 * x_t, state)
+
+
+class HalfInputStack(sb.cells.Stack):
+    def step(self, x_t, state):
+        return super().step(0.5 * x_t, state)
+
+
+def _lif(cls, backend):
+    torch.manual_seed(4)
+    return cls(N_IN, 9, threshold=0.3, learn_beta=True, backend=backend).double()
+
+
+@needs_cpu
+@pytest.mark.parametrize("strategy", [sb.FullBPTT()] + EXACT[:2], ids=_sid)
+@pytest.mark.parametrize("kind", ["lif", "gru"])
+def test_overridden_step_runs_not_the_fused_kernel(kind, strategy, caplog, fresh_log):
+    cls = {"lif": HalfInputLIF, "gru": HalfInputGRU}[kind]
+
+    def make(backend, cls=cls):
+        torch.manual_seed(4)
+        if kind == "lif":
+            return cls(N_IN, 9, threshold=0.3, learn_beta=True, backend=backend).double()
+        return cls(N_IN, 6, backend=backend).double()
+
+    fused = make("cpu")
+    with caplog.at_level(logging.INFO, logger="sparsebptt.kernels"):
+        assert fused.scan_segment is None
+    assert f"{cls.__name__} overrides" in caplog.text and "step through the overriding step" in caplog.text
+    expect = run(make("torch"), 23, 2, torch.float64, sb.FullBPTT())
+    compare(expect, run(fused, 23, 2, torch.float64, strategy))
+    base = run(make("torch", cls.__bases__[0]), 23, 2, torch.float64, sb.FullBPTT())
+    assert not torch.allclose(base["out"], expect["out"])  # the override does change the result
+
+
+@needs_cpu
+def test_step_overridden_on_the_instance_is_honoured(caplog, fresh_log):
+    cell = _lif(sb.cells.LIF, "cpu")
+    builtin_step = cell.step
+    cell.step = lambda x_t, state: builtin_step(0.5 * x_t, state)
+    with caplog.at_level(logging.INFO, logger="sparsebptt.kernels"):
+        assert cell.scan_segment is None
+    assert "LIF instance overrides LIF.step" in caplog.text
+    expect = run(_lif(HalfInputLIF, "torch"), 19, 2, torch.float64, sb.FullBPTT())
+    compare(expect, run(cell, 19, 2, torch.float64, sb.Checkpoint(every=5)))
+
+
+@needs_cpu
+def test_subclass_that_keeps_the_step_keeps_the_fused_path():
+    class Named(sb.cells.LIF):
+        pass
+
+    assert Named(N_IN, 4, backend="cpu").scan_segment is not None
+
+
+@needs_cpu
+def test_stack_subclass_overriding_step_runs_its_step(caplog, fresh_log):
+    def make(cls, backend):
+        torch.manual_seed(5)
+        return cls([sb.cells.LIF(N_IN, 8, threshold=0.3, backend=backend),
+                    sb.cells.GRU(8, 5, backend=backend)]).double()
+
+    fused = make(HalfInputStack, "cpu")
+    with caplog.at_level(logging.INFO, logger="sparsebptt.kernels"):
+        assert fused.scan_segment is None
+    assert "HalfInputStack overrides Stack.step" in caplog.text
+    expect = run(make(HalfInputStack, "torch"), 21, 2, torch.float64, sb.FullBPTT())
+    for st in [sb.FullBPTT(), sb.Revolve(slots=3)]:
+        compare(expect, run(fused, 21, 2, torch.float64, st))
+    assert make(sb.cells.Stack, "cpu").scan_segment is not None
+
+
+@needs_cpu
+def test_stack_layer_with_overridden_step_is_stepped():
+    torch.manual_seed(6)
+    fused = sb.cells.Stack([HalfInputLIF(N_IN, 8, threshold=0.3, backend="cpu"),
+                            sb.cells.LIF(8, 5, threshold=0.2, backend="cpu")]).double()
+    torch.manual_seed(6)
+    ref = sb.cells.Stack([HalfInputLIF(N_IN, 8, threshold=0.3, backend="torch"),
+                          sb.cells.LIF(8, 5, threshold=0.2, backend="torch")]).double()
+    assert fused.layers[0].scan_segment is None and fused.layers[1].scan_segment is not None
+    compare(run(ref, 17, 2, torch.float64, sb.FullBPTT()), run(fused, 17, 2, torch.float64, sb.Checkpoint(4)))
