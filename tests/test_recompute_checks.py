@@ -140,3 +140,34 @@ def test_stack_layer_with_overridden_step_is_stepped():
                           sb.cells.LIF(8, 5, threshold=0.2, backend="torch")]).double()
     assert fused.layers[0].scan_segment is None and fused.layers[1].scan_segment is not None
     compare(run(ref, 17, 2, torch.float64, sb.FullBPTT()), run(fused, 17, 2, torch.float64, sb.Checkpoint(4)))
+
+
+# ---- item 9: grad mode off runs a plain forward -----------------------------------------------
+def _builtin(kind):
+    torch.manual_seed(7)
+    return {"lif": lambda: sb.cells.LIF(N_IN, 7, threshold=0.3, recurrent=True),
+            "lif-ff": lambda: sb.cells.LIF(N_IN, 7, threshold=0.3, learn_beta=True),
+            "gru": lambda: sb.cells.GRU(N_IN, 6),
+            "lstm": lambda: sb.cells.LSTM(N_IN, 4),
+            "delta": lambda: sb.cells.DeltaGRU(N_IN, 5, threshold=0.05),
+            "egru": lambda: sb.cells.EGRU(N_IN, 6, threshold_init=0.1, active_set="union"),
+            "stack": lambda: sb.cells.Stack([sb.cells.LIF(N_IN, 8, threshold=0.3), sb.cells.GRU(8, 5)]),
+            }[kind]().double()
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+@pytest.mark.parametrize("strategy", [sb.FullBPTT()] + EXACT, ids=_sid)
+@pytest.mark.parametrize("kind", ["lif", "lif-ff", "gru", "lstm", "delta", "egru", "stack"])
+def test_scan_without_grad_is_a_plain_forward(kind, strategy, mode):
+    cell = _builtin(kind)
+    x = seeded(1, 19, 2, N_IN)
+    for reduce in (None, "sum", "last"):
+        expect, expect_state = sb.scan(cell, x, strategy=sb.FullBPTT(), reduce=reduce)
+        with getattr(torch, mode)(), sb.trace() as t:
+            y, state = sb.scan(cell, x, strategy=strategy, reduce=reduce)
+        assert not y.requires_grad and all(not s.requires_grad for s in state)
+        assert_close("out", expect.detach(), y.clone())
+        for i, (a, b) in enumerate(zip(expect_state, state)):
+            assert_close(f"state_T[{i}]", a.detach(), b.clone())
+        assert (t.forward_steps, t.recomputed_steps) == (19, 0)
+        assert t.peak_stored_bytes == 0 and t.peak_offloaded_bytes == 0  # no checkpoint, no graph

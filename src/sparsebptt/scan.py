@@ -100,6 +100,9 @@ def scan(cell, x, state0=None, *, strategy: "Strategy | str | None" = None, redu
 
     Returns:
         (y, state_T): y is (T, B, H), or (B, H) when reduced; state_T the final state tuple.
+
+    Under ``torch.no_grad()`` or ``torch.inference_mode()`` every strategy runs the forward alone:
+    no graph, no checkpoint stored (there is no backward to plan for).
     """
     _check_cell(cell)
     _check_x(cell, x)

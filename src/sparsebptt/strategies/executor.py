@@ -31,7 +31,7 @@ from ..storage import binary_states_of, make_store
 from ..trace import current_trace, recomputing, saving
 from .base import Plan, SkipReverse
 
-__all__ = ["execute", "run_graph", "run_schedule", "Reducer", "NO_GRAD_CHUNK"]
+__all__ = ["execute", "run_graph", "run_forward", "run_schedule", "Reducer", "NO_GRAD_CHUNK"]
 
 
 class Reducer:
@@ -204,25 +204,45 @@ def run_graph(cell, x, state0, reduce):
         return out.result(), tuple(state)
 
 
+def _advance_without_graph(cell, x, n0: int, n1: int, state, reducer: "Reducer | None"):
+    """Steps n0..n1 from ``state`` without a graph; their outputs go to ``reducer`` (None: nowhere).
+    A cell's ``scan_segment`` gets at most `NO_GRAD_CHUNK` steps at a time. Returns the new state."""
+    segment_fn = getattr(cell, "scan_segment", None)
+    with torch.no_grad():
+        if segment_fn is not None:
+            for c0 in range(n0, n1, NO_GRAD_CHUNK):
+                c1 = min(c0 + NO_GRAD_CHUNK, n1)
+                ys, state = segment_fn(x[c0:c1], state)
+                if reducer is not None:
+                    reducer.add_block(c0, ys)
+            return state
+        _, state = run_steps(cell.step, x[n0:n1], state, t0=n0,
+                             on_output=reducer.add if reducer is not None else _discard)
+    return state
+
+
+def run_forward(cell, x, state0, reduce):
+    """The scan's forward alone, for grad mode off (``torch.no_grad()``, ``torch.inference_mode()``):
+    no graph, no checkpoint stored, whatever the strategy (its schedule only matters to a backward).
+    Returns (out, state_T)."""
+    T = x.shape[0]
+    trace = current_trace()
+    if trace is not None:
+        trace.forward_steps += T
+    out = Reducer(reduce, T)
+    state = _advance_without_graph(cell, x, 0, T, state0, out)
+    return out.result(), tuple(state)
+
+
 def _advance(run: _Run, n0: int, n1: int, state, graph: bool, emit: bool):
     """Run steps n0..n1 from ``state``. With ``graph`` returns a `_Segment`, else the new state.
 
     A cell with ``scan_segment(x_seg, state) -> (ys, state)`` (a fused path over many steps) runs
     through it; any other cell step by step."""
     x, cell = run.x, run.cell
-    segment_fn = getattr(cell, "scan_segment", None)
     if not graph:
-        with torch.no_grad():
-            if segment_fn is not None:
-                for c0 in range(n0, n1, NO_GRAD_CHUNK):
-                    c1 = min(c0 + NO_GRAD_CHUNK, n1)
-                    ys, state = segment_fn(x[c0:c1], state)
-                    if emit:
-                        run.reducer.add_block(c0, ys)
-                return state
-            _, state = run_steps(cell.step, x[n0:n1], state, t0=n0,
-                                 on_output=run.reducer.add if emit else _discard)
-        return state
+        return _advance_without_graph(cell, x, n0, n1, state, run.reducer if emit else None)
+    segment_fn = getattr(cell, "scan_segment", None)
     state_in = tuple(s.detach().requires_grad_(_needs_grad(s) and (n0 > 0 or g))
                      for s, g in zip(state, run.state0_grad))
     x_in = x[n0:n1].detach().requires_grad_(x.requires_grad)
@@ -446,7 +466,11 @@ def run_schedule(cell, x, state0, plan: Plan, reduce, params, preserve_rng=True)
 
 def execute(cell, x, state0, plan: Plan, reduce, params, preserve_rng=True):
     """Run ``cell`` over ``x`` from ``state0`` as ``plan`` says (`Strategy.plan`); returns
-    (out, state_T). ``params``: the tensors the scan's gradient reaches besides x and state0."""
+    (out, state_T). ``params``: the tensors the scan's gradient reaches besides x and state0.
+    With grad mode off (``torch.no_grad()``, ``torch.inference_mode()``) every plan runs
+    `run_forward`: there is no backward to plan for."""
+    if not torch.is_grad_enabled():
+        return run_forward(cell, x, state0, reduce)
     if plan.keep_graph:
         return run_graph(cell, x, state0, reduce)
     return run_schedule(cell, x, state0, plan, reduce, params, preserve_rng)
