@@ -64,6 +64,48 @@ def test_lif_closed_form(reset):
     assert sum(expect) >= 1  # the drive does reach threshold
 
 
+@pytest.mark.parametrize("reset", ["subtract", "zero"])
+def test_lif_closed_form_reset_after_decay(reset):
+    """reset_timing="after_decay" (snnTorch's order): U_t = beta U_{t-1} + I_t - S_{t-1} theta,
+    the state is U_t itself (before its reset), by hand."""
+    cell = sb.cells.LIF(1, 1, beta=0.5, threshold=1.0, reset=reset, bias=False,
+                        reset_timing="after_decay").double()
+    with torch.no_grad():
+        cell.weight.fill_(1.0)
+    x = torch.full((8, 1, 1), 0.7, dtype=torch.float64)
+    z, (vT,) = sb.scan(cell, x)
+    v, s, expect = 0.0, 0.0, []
+    for _ in range(8):
+        v = 0.5 * v + 0.7 - s * 1.0 if reset == "subtract" else 0.5 * v * (1 - s) + 0.7
+        s = 1.0 if v > 1.0 else 0.0
+        expect.append(s)
+    assert z.flatten().tolist() == expect and sum(expect) >= 2
+    assert abs(vT.item() - v) < 1e-15
+    if reset == "subtract":  # the default subtracts beta * theta (before the decay): other spikes
+        default = sb.cells.LIF(1, 1, beta=0.5, threshold=1.0, bias=False).double()
+        default.load_state_dict(cell.state_dict())
+        assert sb.scan(default, x)[0].flatten().tolist() != expect
+
+
+def test_lif_reset_after_decay_gradient_through_the_reset():
+    """Without detach_reset the reset term r = H(v_{t-1} - theta) carries its surrogate gradient."""
+    p = sb.cells.lif.LIFParams(beta=0.5, threshold=1.0, reset_timing="after_decay", surrogate="atan")
+    v = torch.tensor([1.1], dtype=torch.float64, requires_grad=True)
+    i = torch.tensor([0.2], dtype=torch.float64)
+    _, u = sb.cells.lif.lif_step(i, v, p)
+    (dv,) = torch.autograd.grad(u.sum(), v)
+    assert abs(dv.item() - (0.5 - surrogate_derivative(torch.tensor(0.1, dtype=torch.float64), "atan").item())) < 1e-12
+    _, u = sb.cells.lif.lif_step(i, v, sb.cells.lif.LIFParams(beta=0.5, threshold=1.0, reset_timing="after_decay",
+                                                               detach_reset=True))
+    (dv,) = torch.autograd.grad(u.sum(), v)
+    assert dv.item() == 0.5
+
+
+def test_lif_unknown_reset_timing_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="valid reset timings are: before_decay, after_decay"):
+        sb.cells.LIF(2, 3, reset_timing="after")
+
+
 def test_lif_surrogate_gradient_is_used():
     cell = sb.cells.LIF(1, 1, beta=0.0, threshold=1.0, bias=False, surrogate="fast_sigmoid").double()
     with torch.no_grad():
@@ -79,6 +121,8 @@ def test_lif_surrogate_gradient_is_used():
     ("atan", None, 0.2, 1.0 / (1 + (math.pi / 2 * 2 * 0.2) ** 2)),
     ("triangle", None, 0.25, 0.75),
     ("triangle", 0.5, 0.75, 0.0),
+    ("sigmoid", None, 0.2, 4 * math.exp(-0.8) / (1 + math.exp(-0.8)) ** 2),
+    ("sigmoid", 25.0, -0.1, 25 * math.exp(2.5) / (1 + math.exp(2.5)) ** 2),
 ])
 def test_surrogate_values(name, scale, x, expect):
     got = surrogate_derivative(torch.tensor(x, dtype=torch.float64), name, scale)

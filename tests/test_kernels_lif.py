@@ -30,11 +30,21 @@ MARGIN = 1e-4  # |u - threshold| of every step, in the float64 reference
 CONFIGS = [dict(reset=r, surrogate=s, detach_reset=d, learn_beta=lb)
            for r, s, d, lb in itertools.product(("subtract", "zero"), ("fast_sigmoid", "atan", "triangle"),
                                                  (False, True), (False, True))]
+# the peers' defaults: snnTorch's reset after the decay, SpikingJelly's sigmoid surrogate
+CONFIGS += [dict(reset=r, surrogate="sigmoid", detach_reset=d, learn_beta=lb, reset_timing="after_decay")
+            for r, d, lb in itertools.product(("subtract", "zero"), (False, True), (False, True))]
+CONFIGS += [dict(reset=r, surrogate="sigmoid", detach_reset=False, learn_beta=True) for r in ("subtract", "zero")]
+CONFIGS += [dict(reset=r, surrogate="atan", detach_reset=False, learn_beta=False, reset_timing="after_decay")
+            for r in ("subtract", "zero")]
+
+
+def _after(c) -> bool:
+    return c.get("reset_timing", "before_decay") == "after_decay"
 
 
 def _cid(c):
     return f"{c['reset']}-{c['surrogate']}" + ("-detach" if c["detach_reset"] else "") + \
-        ("-learnbeta" if c["learn_beta"] else "")
+        ("-learnbeta" if c["learn_beta"] else "") + ("-afterdecay" if _after(c) else "")
 
 
 def make_pair(dtype, n_in=N_IN, h=H, backend="cpu", device="cpu", **kw):
@@ -58,12 +68,25 @@ def _min_margin(cell, x, v0) -> float:
         i = torch.nn.functional.linear(x.double(), w, b)
         beta = p.beta if cell.beta is None else cell.beta.double().cpu().clamp(0, 1)
         v, m = v0.double(), float("inf")
+        after = p.reset_timing == "after_decay"
+        if after:  # the first step's reset reads v0's spike
+            m = (v - p.threshold).abs().min().item()
         for t in range(x.shape[0]):
-            u = beta * v + i[t]
-            m = min(m, (u - p.threshold).abs().min().item())
-            z = (u > p.threshold).double()
-            v = u - z * p.threshold if p.reset == "subtract" else u * (1 - z)
+            v, _, mt = _lif_step64(p, beta, v, i[t])
+            m = min(m, mt)
     return m
+
+
+def _lif_step64(p, beta, v, i_t):
+    """One float64 LIF step of either reset timing (no graph) -> (v_t, z_t, min |u_t - threshold|)."""
+    th = p.threshold
+    if p.reset_timing == "after_decay":
+        r = (v > th).double()
+        u = beta * v + i_t - r * th if p.reset == "subtract" else beta * (v * (1 - r)) + i_t
+        return u, (u > th).double(), (u - th).abs().min().item()
+    u = beta * v + i_t
+    z = (u > th).double()
+    return (u - z * th if p.reset == "subtract" else u * (1 - z)), z, (u - th).abs().min().item()
 
 
 def inputs(cell, T, B, dtype, x_kind="normal", seed=0, margin=MARGIN):
@@ -178,8 +201,11 @@ def current_rounding_slack(cell, x, v0) -> dict[str, float]:
 
 
 # ---- the fused path equals the step path -------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=_cid)
+# float32 with a reset after the decay: `current_rounding_slack` models the default timing only, so
+# those configs are compared from the same currents (test_kernel_matches_naive_every_config)
+@pytest.mark.parametrize("cfg,dtype", [(c, d) for c in CONFIGS for d in (torch.float64, torch.float32)
+                                       if d == torch.float64 or not _after(c)],
+                         ids=lambda v: _cid(v) if isinstance(v, dict) else {torch.float64: "fp64"}.get(v, "fp32"))
 def test_fused_equals_reference_every_config(cfg, dtype):
     ref, fast = make_pair(dtype, **cfg)
     x, v0 = inputs(ref, 63, 3, dtype)
@@ -329,6 +355,39 @@ def test_kernel_gradients_match_naive_with_tensor_beta(reset):
         outs.append([z, v] + [t.grad for t in leaves])
     for name, a, b in zip(["z", "vT", "di", "dv0", "dbeta"], *outs):
         assert_close(name, a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c["surrogate"] == "sigmoid" or _after(c)], ids=_cid)
+def test_kernel_matches_naive_every_config(cfg, dtype):
+    """The recurrence alone from the same currents (no matmul rounding): every gradient, a tensor
+    beta included, for the new options (sigmoid surrogate, reset after the decay)."""
+    p = LIFParams(threshold=0.7, **{k: v for k, v in cfg.items() if k != "learn_beta"})
+    i = seeded(1, 30, 3, 11, dtype=dtype)
+    v0 = 0.9 * seeded(2, 3, 11, dtype=dtype)  # some start above the threshold: a reset at t = 0
+    beta = 0.6 + 0.3 * seeded(3, 11, dtype=dtype, kind="uniform")
+    outs = []
+    for fn in (naive_recurrent_lif, fused_recurrent_lif):
+        leaves = [t.clone().requires_grad_() for t in (i, v0, beta if cfg["learn_beta"] else None) if t is not None]
+        z, v = fn(*leaves, p) if cfg["learn_beta"] else fn(*leaves, 0.8, p)
+        ((z * seeded(4, *z.shape, dtype=dtype)).sum() + (v * seeded(5, *v.shape, dtype=dtype)).sum()).backward()
+        outs.append([z, v] + [t.grad for t in leaves])
+    assert (v0 > 0.7).any() and outs[0][0].sum() > 0
+    for name, a, b in zip(["z", "vT", "di", "dv0", "dbeta"], *outs):
+        assert_close(name, a, b, dtype)
+
+
+def test_after_decay_forward_is_bitwise_and_differs_from_before_decay():
+    """Same currents, same rounding: bit for bit in float32; and the reset timing matters."""
+    i = seeded(1, 40, 3, 13, dtype=torch.float32)
+    v0 = 0.9 * seeded(2, 3, 13, dtype=torch.float32)
+    for reset in ("subtract", "zero"):
+        p = LIFParams(threshold=0.7, reset=reset, reset_timing="after_decay")
+        z_ref, v_ref = naive_recurrent_lif(i, v0, 0.8, p)
+        z, v = fused_recurrent_lif(i, v0, 0.8, p)
+        assert torch.equal(z, z_ref) and torch.equal(v, v_ref)
+        z_before, _ = naive_recurrent_lif(i, v0, 0.8, LIFParams(threshold=0.7, reset=reset))
+        assert not torch.equal(z, z_before) or reset == "zero"
 
 
 def test_only_some_outputs_used():
@@ -556,11 +615,11 @@ def rec_inputs(cell, T, B, dtype, seed=0):
             i = torch.nn.functional.linear(x.double(), cell.weight.double(), cell.bias.double())
             beta = p.beta if cell.beta is None else cell.beta.double().clamp(0, 1)
             v, z, m = v0.double(), z0.double(), float("inf")
+            if p.reset_timing == "after_decay":  # the first step's reset reads v0's spike
+                m = (v - p.threshold).abs().min().item()
             for t in range(T):
-                u = beta * v + i[t] + z @ cell.recurrent_weight.double().t()
-                m = min(m, (u - p.threshold).abs().min().item())
-                z = (u > p.threshold).double()
-                v = u - z * p.threshold if p.reset == "subtract" else u * (1 - z)
+                v, z, mt = _lif_step64(p, beta, v, i[t] + z @ cell.recurrent_weight.double().t())
+                m = min(m, mt)
         if m > MARGIN:
             return x, (v0, z0)
     raise AssertionError("no seed kept the membrane away from the threshold")  # pragma: no cover

@@ -7,6 +7,17 @@ Per step, with input current ``i_t = W x_t + b (+ V z_{t-1})``::
     v_t = u_t - z_t * threshold                 # reset="subtract"
     v_t = u_t * (1 - z_t)                       # reset="zero"
 
+That is ``reset_timing="before_decay"`` (the default): the reset acts at once, and the next step
+decays the reset membrane. ``reset_timing="after_decay"`` applies the reset of the previous
+step's spike ``r_t = H(v_{t-1} - threshold)`` after the decay, and the state holds the membrane
+before its reset (snnTorch's ``Leaky``/``Synaptic``/``RLeaky`` order, whose ``mem`` is that state)::
+
+    u_t = beta * v_{t-1} + i_t - r_t * threshold       # reset="subtract": U_t = beta U_{t-1} + I_t - S_{t-1} theta
+    u_t = beta * (v_{t-1} * (1 - r_t)) + i_t           # reset="zero"
+    z_t = H(u_t - threshold);  v_t = u_t
+
+``detach_reset=True`` stops the gradient through ``r_t`` (snnTorch always detaches it).
+
 State: ``(v,)``, or ``(v, z)`` with recurrent weights (the previous spikes feed back).
 
 Backends (``LIF(..., backend=...)``, see `sparsebptt.kernels.backend`): "torch" steps this
@@ -25,9 +36,12 @@ from .base import FusedCell, init_uniform_, linear
 from .surrogate import check_surrogate, spike
 from ..trace import current_trace
 
-__all__ = ["LIFParams", "lif_step", "LIF", "RESETS"]
+__all__ = ["LIFParams", "lif_step", "LIF", "RESETS", "RESET_TIMINGS"]
 
 RESETS = ("subtract", "zero")
+#: when a spike's reset acts: at once ("before_decay", the default) or at the next step, after the
+#: decay ("after_decay", snnTorch's order)
+RESET_TIMINGS = ("before_decay", "after_decay")
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,9 @@ class LIFParams:
     surrogate: name of the surrogate gradient (see `sparsebptt.cells.surrogate`).
     surrogate_scale: its sharpness; None takes the surrogate's default.
     detach_reset: if True no gradient flows through the reset term.
+    reset_timing: "before_decay" (the reset acts in the spike's step) or "after_decay" (at the
+        next step, after the decay: U_t = beta U_{t-1} + I_t - S_{t-1} threshold, snnTorch's
+        order; the state is then the membrane before its reset). See the module docstring.
     """
 
     beta: float = 0.9
@@ -48,6 +65,7 @@ class LIFParams:
     surrogate: str = "fast_sigmoid"
     surrogate_scale: float | None = None
     detach_reset: bool = False
+    reset_timing: str = "before_decay"
 
     def __post_init__(self):
         if not 0.0 <= float(self.beta) <= 1.0:
@@ -57,6 +75,9 @@ class LIFParams:
         if self.reset not in RESETS:
             raise ValueError(f"LIF: unknown reset {self.reset!r}; valid resets are: {', '.join(RESETS)}")
         check_surrogate(self.surrogate)
+        if self.reset_timing not in RESET_TIMINGS:
+            raise ValueError(f"LIF: unknown reset_timing {self.reset_timing!r}; valid reset timings are: "
+                             f"{', '.join(RESET_TIMINGS)} (snnTorch's order is 'after_decay')")
 
 
 def lif_step(i_t: torch.Tensor, v: torch.Tensor, p: LIFParams, beta=None):
@@ -64,7 +85,16 @@ def lif_step(i_t: torch.Tensor, v: torch.Tensor, p: LIFParams, beta=None):
 
     ``beta`` overrides ``p.beta`` (a learnable per-unit tensor).
     """
-    u = (p.beta if beta is None else beta) * v + i_t  # [B, H]
+    b = p.beta if beta is None else beta
+    if p.reset_timing == "after_decay":  # the previous step's spike resets after the decay
+        r = spike(v - p.threshold, p.surrogate, p.surrogate_scale)  # [B, H]: z_{t-1}, recomputed from v
+        r = r.detach() if p.detach_reset else r
+        if p.reset == "subtract":
+            u = b * v + i_t - r * p.threshold
+        else:
+            u = b * (v * (1.0 - r)) + i_t
+        return spike(u - p.threshold, p.surrogate, p.surrogate_scale), u
+    u = b * v + i_t  # [B, H]
     z = spike(u - p.threshold, p.surrogate, p.surrogate_scale)  # [B, H]
     r = z.detach() if p.detach_reset else z
     if p.reset == "subtract":
@@ -79,7 +109,7 @@ class LIF(FusedCell):
 
     Args:
         input_size, hidden_size: features in and neurons.
-        beta, threshold, reset, surrogate, surrogate_scale, detach_reset: see `LIFParams`.
+        beta, threshold, reset, surrogate, surrogate_scale, detach_reset, reset_timing: see `LIFParams`.
         recurrent: add recurrent weights from the previous step's spikes.
         learn_beta: make beta a trainable per-neuron parameter (clamped to [0, 1]).
         bias: add a bias to the input projection.
@@ -94,10 +124,10 @@ class LIF(FusedCell):
                  reset: str = "subtract", surrogate: str = "fast_sigmoid",
                  surrogate_scale: float | None = None, detach_reset: bool = False,
                  recurrent: bool = False, learn_beta: bool = False, bias: bool = True,
-                 backend: str | None = None):
+                 backend: str | None = None, reset_timing: str = "before_decay"):
         super().__init__(input_size, hidden_size)
         self._set_backend(backend)
-        self.params = LIFParams(beta, threshold, reset, surrogate, surrogate_scale, detach_reset)
+        self.params = LIFParams(beta, threshold, reset, surrogate, surrogate_scale, detach_reset, reset_timing)
         self.recurrent = recurrent
         self.num_states = 2 if recurrent else 1
         self.binary_states = (False, True) if recurrent else (False,)  # spikes are stored bit-packed
@@ -154,5 +184,6 @@ class LIF(FusedCell):
     def extra_repr(self) -> str:
         p = self.params
         backend = "" if self.backend is None else f", backend={self.backend!r}"
+        timing = "" if p.reset_timing == "before_decay" else f", reset_timing={p.reset_timing!r}"
         return (f"{self.input_size}, {self.hidden_size}, beta={p.beta}, threshold={p.threshold}, "
-                f"reset={p.reset!r}, surrogate={p.surrogate!r}, recurrent={self.recurrent}{backend}")
+                f"reset={p.reset!r}, surrogate={p.surrogate!r}, recurrent={self.recurrent}{timing}{backend}")

@@ -5,6 +5,11 @@ Forward: ``z = H(x) = 1[x > 0]``. Backward: ``dz/dx`` replaced by a smooth bump 
 - ``fast_sigmoid`` (SuperSpike, Zenke & Ganguli 2018): ``s(x) = 1 / (scale*|x| + 1)^2``, scale 25
 - ``atan`` (Fang et al. 2021): ``s(x) = (scale/2) / (1 + (pi/2 * scale * x)^2)``, scale 2
 - ``triangle`` (Esser et al. 2016; Bellec et al. 2018): ``s(x) = max(0, 1 - |x|/scale)``, scale 1
+- ``sigmoid`` (the derivative of a logistic): ``s(x) = scale * sig(scale*x) * (1 - sig(scale*x))``,
+  ``sig(y) = 1 / (1 + exp(-y))``, scale 4 (SpikingJelly's default ``Sigmoid(alpha=4)``; snnTorch's
+  ``surrogate.sigmoid(slope=25)`` is scale 25)
+
+Scale conventions of the peers (snnTorch, SpikingJelly, Norse) are mapped to these in docs/peers.md.
 """
 from __future__ import annotations
 
@@ -29,11 +34,17 @@ def _triangle(x: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.clamp(1.0 - x.abs() / scale, min=0.0)
 
 
+def _sigmoid(x: torch.Tensor, scale: float) -> torch.Tensor:
+    s = torch.sigmoid(scale * x)
+    return (1.0 - s) * s * scale
+
+
 #: name -> (derivative, default scale)
 SURROGATES: dict[str, tuple[Callable[[torch.Tensor, float], torch.Tensor], float]] = {
     "fast_sigmoid": (_fast_sigmoid, 25.0),
     "atan": (_atan, 2.0),
     "triangle": (_triangle, 1.0),
+    "sigmoid": (_sigmoid, 4.0),
 }
 
 

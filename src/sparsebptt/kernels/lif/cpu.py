@@ -20,6 +20,17 @@ With ``g_t = dL/dv_t`` (``g_L`` = the gradient of the final state) and ``s_t`` t
     zero:     du_t = g_t * (1 - z_t) + (dz_t - u_t * g_t) * s_t   (detach_reset: no u_t*g_t term)
     di_t = du_t,   g_{t-1} = beta * du_t,   dbeta += sum_b du_t * v_{t-1}
 
+With ``reset_timing="after_decay"`` (snnTorch's order) the reset of step t-1's spike
+``r_t = H(v_{t-1} - threshold)`` is applied after the decay and the state is the membrane before
+its reset (``v_t = u_t``)::
+
+    u_t = beta * v_{t-1} + i_t - r_t * threshold       (subtract)  |  beta * (v_{t-1} (1 - r_t)) + i_t  (zero)
+    du_t = g_t + dz_t * s_t,   s_p = surrogate of v_{t-1} - threshold (0 with detach_reset)
+    subtract: g_{t-1} = beta du_t - threshold du_t s_p               dbeta += du_t v_{t-1}
+    zero:     g_{t-1} = beta du_t (1 - r_t) - beta du_t v_{t-1} s_p    dbeta += du_t v_{t-1} (1 - r_t)
+
+and v0 is kept for the backward's first step.
+
 Steps are ordered as in the torch reference and compiled without fused multiply-adds, so the
 forward is bitwise equal to the reference for the same currents.
 """
@@ -34,7 +45,8 @@ import torch
 from ...trace import current_trace
 from ..cbuild import build_file
 from ..common import SUFFIX, NoCtx, empty
-from .function import SURROGATE_IDS, LIFConstants, recurrence_function, recurrent_layer_function, surrogate_scale
+from .function import (SURROGATE_IDS, LIFConstants, after_decay, recurrence_function, recurrent_layer_function,
+                       surrogate_scale)
 
 __all__ = ["fused_recurrent_lif", "fused_lif_layer", "fused_recurrent_lif_layer", "load_library", "C_SOURCE"]
 
@@ -43,10 +55,10 @@ C_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lif.c")
 
 _lib = None
 _P = ctypes.c_void_p
-_FWD_ARGS = [_P, _P, _P, ctypes.c_double, ctypes.c_double, ctypes.c_int,
+_FWD_ARGS = [_P, _P, _P, ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_int,
              ctypes.c_long, ctypes.c_long, ctypes.c_long, _P, _P, _P]
 _BWD_ARGS = [_P, _P, ctypes.c_long, _P, _P, _P, ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_int,
-             ctypes.c_int, ctypes.c_double, ctypes.c_long, ctypes.c_long, ctypes.c_long, _P, _P, _P]
+             ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_long, ctypes.c_long, ctypes.c_long, _P, _P, _P]
 
 
 def load_library():
@@ -79,7 +91,7 @@ def _lif_fwd(i, v0, beta, p: LIFConstants, save_u: bool, u_into_i: bool = False)
     u = (i if u_into_i else empty(i.shape, i.dtype)) if save_u else None
     vT = torch.empty_like(v0)
     beta_t, beta_s = _beta_args(beta)
-    fn(_ptr(i), _ptr(v0), _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"),
+    fn(_ptr(i), _ptr(v0), _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"), int(after_decay(p)),
        L, B, H, _ptr(z), _ptr(u), _ptr(vT))
     return z, u, vT
 
@@ -117,7 +129,7 @@ def _lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: bool, scratch: b
     beta_t, beta_s = _beta_args(beta)
     dbeta = torch.zeros(H, dtype=torch.float64) if need_dbeta else None
     fn(_ptr(u), _ptr(dz), dz_st, _ptr(dvT), _ptr(v0),
-       _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"), int(p.detach_reset),
+       _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"), int(p.detach_reset), int(after_decay(p)),
        SURROGATE_IDS[p.surrogate], surrogate_scale(p), L, B, H, _ptr(di), _ptr(dv0), _ptr(dbeta))
     return di, dv0, (None if dbeta is None else dbeta.to(u.dtype))
 
@@ -155,7 +167,7 @@ class FusedLIFLayerFunction(torch.autograd.Function):
         ctx.beta_s = None if beta_t is not None else beta
         ctx.need_dbeta = beta_t is not None and beta_t.requires_grad
         ctx.bwd_macs = macs * (int(x.requires_grad) + int(weight.requires_grad))
-        ctx.save_for_backward(u, x, weight, v0 if ctx.need_dbeta else None, beta_t)
+        ctx.save_for_backward(u, x, weight, v0 if ctx.need_dbeta or after_decay(p) else None, beta_t)
         ctx.set_materialize_grads(False)
         return z, vT
 
@@ -277,18 +289,20 @@ def _step_fwd(i_t, v_in, beta, p: LIFConstants, z_t, v_out):
     B, H = i_t.shape
     beta_t, beta_s = _beta_args(beta)
     getattr(load_library(), f"lif_fwd_{SUFFIX[i_t.dtype]}")(
-        _ptr(i_t), _ptr(v_in), _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"), 1, B, H,
-        _ptr(z_t), _ptr(i_t), _ptr(v_out))
+        _ptr(i_t), _ptr(v_in), _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"),
+        int(after_decay(p)), 1, B, H, _ptr(z_t), _ptr(i_t), _ptr(v_out))
 
 
-def _step_bwd(u_t, dz_t, g_in, beta, p: LIFConstants, du_t, g_out):
-    """One step of the backward kernel: du_t and g_out = dL/dv_{t-1} (no dbeta)."""
+def _step_bwd(u_t, dz_t, g_in, beta, p: LIFConstants, du_t, g_out, v_prev):
+    """One step of the backward kernel: du_t and g_out = dL/dv_{t-1} (no dbeta); ``v_prev``
+    (v_{t-1}) is read by a reset after the decay."""
     B, H = u_t.shape
     beta_t, beta_s = _beta_args(beta)
-    flags = (int(p.reset == "zero"), int(p.detach_reset), SURROGATE_IDS[p.surrogate], surrogate_scale(p))
+    flags = (int(p.reset == "zero"), int(p.detach_reset), int(after_decay(p)), SURROGATE_IDS[p.surrogate],
+             surrogate_scale(p))
     getattr(load_library(), f"lif_bwd_{SUFFIX[u_t.dtype]}")(
-        _ptr(u_t), _ptr(dz_t), B * H, _ptr(g_in), _ptr(g_in), _ptr(beta_t), beta_s, float(p.threshold), *flags,
-        1, B, H, _ptr(du_t), _ptr(g_out), None)
+        _ptr(u_t), _ptr(dz_t), B * H, _ptr(g_in), _ptr(v_prev.contiguous()), _ptr(beta_t), beta_s,
+        float(p.threshold), *flags, 1, B, H, _ptr(du_t), _ptr(g_out), None)
 
 
 #: ``i_t = W x_t + b + V z_{t-1}``: one matmul for the inputs, per step one ``addmm`` and one C

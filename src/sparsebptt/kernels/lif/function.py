@@ -12,25 +12,27 @@ import torch
 
 from ...trace import current_trace
 
-__all__ = ["LIFConstants", "SURROGATE_IDS", "SURROGATE_SCALES", "surrogate_scale", "recurrence_function",
-           "recurrent_layer_function"]
+__all__ = ["LIFConstants", "SURROGATE_IDS", "SURROGATE_SCALES", "surrogate_scale", "after_decay",
+           "recurrence_function", "recurrent_layer_function"]
 
 #: the surrogate gradients the kernels implement, by the id their C and Triton code switches on
-SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "triangle": 2}
+SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "triangle": 2, "sigmoid": 3}
 #: each one's default scale: the same as `sparsebptt.cells.surrogate.SURROGATES` (a test checks)
-SURROGATE_SCALES = {"fast_sigmoid": 25.0, "atan": 2.0, "triangle": 1.0}
+SURROGATE_SCALES = {"fast_sigmoid": 25.0, "atan": 2.0, "triangle": 1.0, "sigmoid": 4.0}
 
 
 class LIFConstants(Protocol):
     """The LIF constants a kernel reads (`sparsebptt.cells.LIFParams` has them; ``beta`` is
     passed separately): threshold (> 0), reset ("subtract" or "zero"), surrogate (a key of
-    `SURROGATE_IDS`), surrogate_scale (None: the surrogate's default), detach_reset."""
+    `SURROGATE_IDS`), surrogate_scale (None: the surrogate's default), detach_reset, reset_timing
+    ("before_decay" or "after_decay"; an object without it is "before_decay")."""
 
     threshold: float
     reset: str
     surrogate: str
     surrogate_scale: float | None
     detach_reset: bool
+    reset_timing: str
 
 
 def surrogate_scale(p: LIFConstants) -> float:
@@ -38,12 +40,20 @@ def surrogate_scale(p: LIFConstants) -> float:
     return float(SURROGATE_SCALES[p.surrogate] if p.surrogate_scale is None else p.surrogate_scale)
 
 
+def after_decay(p: LIFConstants) -> bool:
+    """True when the reset of a spike is applied at the next step, after the decay (snnTorch's
+    subtract reset): the state then holds the membrane before its reset, and the backward reads
+    ``v_{t-1}`` (u_{t-1}, or v0 at the first step) at every step, so v0 is always kept."""
+    return getattr(p, "reset_timing", "before_decay") == "after_decay"
+
+
 def recurrence_function(name: str, fwd, bwd) -> type[torch.autograd.Function]:
     """An autograd.Function ``(i, v0, beta, p) -> (z, v_T)`` over the LIF recurrence from currents.
 
     ``fwd(i, v0, beta, p, save_u) -> (z, u, v_T)`` and ``bwd(u, dz, dv_T, v0, beta, p, need_dbeta)
     -> (di, dv0, dbeta)`` are a backend's kernels (``dz``/``dv_T`` may be None: no gradient). Only
-    u [L, B, H] is kept, and v0 only when the gradient of a learnable beta needs v_{-1}.
+    u [L, B, H] is kept, and v0 only when the gradient of a learnable beta or a reset after the
+    decay (`after_decay`) needs v_{-1}.
     """
 
     def forward(ctx, i, v0, beta, p: LIFConstants):
@@ -52,7 +62,7 @@ def recurrence_function(name: str, fwd, bwd) -> type[torch.autograd.Function]:
         ctx.p = p
         ctx.beta_s = None if beta_t is not None else beta
         ctx.need_dbeta = beta_t is not None and beta_t.requires_grad
-        ctx.save_for_backward(u, v0 if ctx.need_dbeta else None, beta_t)
+        ctx.save_for_backward(u, v0 if ctx.need_dbeta or after_decay(p) else None, beta_t)
         ctx.set_materialize_grads(False)
         return z, vT
 
@@ -78,8 +88,9 @@ def recurrent_layer_function(name: str, step_fwd, step_bwd, empty) -> type[torch
     the recurrent path; dW, dV, db, dx and dbeta are batched over the segment at the end.
 
     A backend gives ``step_fwd(i_t, v_in, beta, p, z_t, v_out)`` (writes z_t, v_out, and u_t
-    over i_t), ``step_bwd(u_t, dz_t, g_in, beta, p, du_t, g_out)`` (writes du_t and
-    g_out = dL/dv_{t-1}; no dbeta) and ``empty(shape, dtype, device)`` for the [L, B, H] buffers.
+    over i_t), ``step_bwd(u_t, dz_t, g_in, beta, p, du_t, g_out, v_prev)`` (writes du_t and
+    g_out = dL/dv_{t-1}; no dbeta; ``v_prev`` = v_{t-1}, read by a reset after the decay) and
+    ``empty(shape, dtype, device)`` for the [L, B, H] buffers.
     """
 
     def forward(ctx, x, v0, z0, weight, bias, rweight, beta, p: LIFConstants):
@@ -126,6 +137,7 @@ def recurrent_layer_function(name: str, step_fwd, step_bwd, empty) -> type[torch
         dz_carry = None
         dz_t = torch.empty_like(v0)
         th = float(p.threshold)
+        after = after_decay(p)
         for t in range(L - 1, -1, -1):
             if dz is None:
                 dz_in = dz_carry if dz_carry is not None else torch.zeros_like(v0)
@@ -135,7 +147,8 @@ def recurrent_layer_function(name: str, step_fwd, step_bwd, empty) -> type[torch
                 dz_in = torch.add(dz[t], dz_carry, out=dz_t)
             g_in = g[0] if t == L - 1 else g[1 + (t + 1) % 2]
             g_out = g[1 + t % 2]
-            step_bwd(u[t], dz_in, g_in, beta, p, du[t], g_out)
+            v_prev = (u[t - 1] if t > 0 else v0) if after else g_in  # v_{t-1} = u_{t-1} after the decay
+            step_bwd(u[t], dz_in, g_in, beta, p, du[t], g_out, v_prev)
             dz_carry = du[t].mm(rweight)  # dL/dz_{t-1} through V
         dv0 = g[1]  # g_out of t = 0
         need = ctx.needs_input_grad
@@ -153,8 +166,13 @@ def recurrent_layer_function(name: str, step_fwd, step_bwd, empty) -> type[torch
             zprev = torch.cat([z0.unsqueeze(0), z[:-1]]).view(L * B, H)
             dV = du2.t().mm(zprev)
         if ctx.need_dbeta:
-            v = u - z * th if p.reset == "subtract" else u * (1 - z)  # v_t
-            vprev = torch.cat([v0.unsqueeze(0), v[:-1]])
+            if after:  # v_t = u_t; the zero reset scales v_{t-1} by 1 - H(v_{t-1} - th)
+                vprev = torch.cat([v0.unsqueeze(0), u[:-1]])
+                if p.reset == "zero":
+                    vprev = vprev * (vprev <= th).to(u.dtype)
+            else:
+                v = u - z * th if p.reset == "subtract" else u * (1 - z)  # v_t
+                vprev = torch.cat([v0.unsqueeze(0), v[:-1]])
             dbeta = (du.double() * vprev.double()).sum((0, 1)).to(u.dtype)
         if ctx.trace is not None and ctx.bwd_macs:
             ctx.trace.add_backward_macs(ctx.bwd_macs)

@@ -9,9 +9,11 @@
 #define T float
 #define SUF f32
 #define FABS fabsf
+#define EXP expf
 #include "lif_body.h"
 
 #define T double
 #define SUF f64
 #define FABS fabs
+#define EXP exp
 #include "lif_body.h"

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from ..common import NoCtx
-from .function import SURROGATE_IDS, LIFConstants, recurrence_function, recurrent_layer_function, surrogate_scale
+from .function import (SURROGATE_IDS, LIFConstants, after_decay, recurrence_function, recurrent_layer_function,
+                       surrogate_scale)
 
 __all__ = ["fused_recurrent_lif", "fused_recurrent_lif_layer"]
 
@@ -33,6 +34,9 @@ def _surrogate(x, c_scale, c_atan_k, c_atan_a, SURROGATE: tl.constexpr):
     elif SURROGATE == 1:  # atan
         y = c_atan_k * x
         s = c_atan_a / (1.0 + y * y)
+    elif SURROGATE == 3:  # sigmoid
+        sg = 1.0 / (1.0 + tl.exp(-(c_scale * x)))
+        s = (1.0 - sg) * sg * c_scale
     else:  # triangle
         s = tl.maximum(1.0 - tl.abs(x) / c_scale, 0.0)
     return s
@@ -41,7 +45,7 @@ def _surrogate(x, c_scale, c_atan_k, c_atan_a, SURROGATE: tl.constexpr):
 @triton.jit
 def fused_recurrent_lif_fwd_kernel(i, v0, beta, c, z, u, vT, L, N, H,
                                    BH: tl.constexpr, HAS_BETA: tl.constexpr, RESET_ZERO: tl.constexpr,
-                                   SAVE_U: tl.constexpr):
+                                   SAVE_U: tl.constexpr, AFTER: tl.constexpr):
     i_n = tl.program_id(0)
     o_n = i_n * BH + tl.arange(0, BH)  # flattened (b, h)
     m_n = o_n < N
@@ -53,13 +57,25 @@ def fused_recurrent_lif_fwd_kernel(i, v0, beta, c, z, u, vT, L, N, H,
         b_beta = tl.load(c + 1) + tl.zeros_like(b_v)
     for t in range(0, L):
         p_i = i + t * N + o_n
-        b_u = b_beta * b_v
-        b_u = b_u + tl.load(p_i, mask=m_n, other=0)
+        if AFTER:  # the previous spike's reset after the decay; the state is u itself
+            b_r = tl.where(b_v > c_th, 1.0, 0.0).to(b_v.dtype)
+            if RESET_ZERO:
+                b_u = b_beta * (b_v * (1.0 - b_r))
+                b_u = b_u + tl.load(p_i, mask=m_n, other=0)
+            else:
+                b_u = b_beta * b_v
+                b_u = b_u + tl.load(p_i, mask=m_n, other=0)
+                b_u = b_u - b_r * c_th
+        else:
+            b_u = b_beta * b_v
+            b_u = b_u + tl.load(p_i, mask=m_n, other=0)
         b_z = tl.where(b_u > c_th, 1.0, 0.0).to(b_u.dtype)
         tl.store(z + t * N + o_n, b_z, mask=m_n)
         if SAVE_U:
             tl.store(u + t * N + o_n, b_u, mask=m_n)
-        if RESET_ZERO:
+        if AFTER:
+            b_v = b_u
+        elif RESET_ZERO:
             b_v = b_u * (1.0 - b_z)
         else:
             b_v = b_u - b_z * c_th
@@ -70,7 +86,7 @@ def fused_recurrent_lif_fwd_kernel(i, v0, beta, c, z, u, vT, L, N, H,
 def fused_recurrent_lif_bwd_kernel(u, dz, dvT, v0, beta, c, di, dv0, dbeta, L, N, H,
                                    BH: tl.constexpr, HAS_BETA: tl.constexpr, RESET_ZERO: tl.constexpr,
                                    DETACH: tl.constexpr, SURROGATE: tl.constexpr, HAS_DZ: tl.constexpr,
-                                   HAS_DVT: tl.constexpr, NEED_DBETA: tl.constexpr):
+                                   HAS_DVT: tl.constexpr, NEED_DBETA: tl.constexpr, AFTER: tl.constexpr):
     i_n = tl.program_id(0)
     o_n = i_n * BH + tl.arange(0, BH)
     m_n = o_n < N
@@ -93,30 +109,54 @@ def fused_recurrent_lif_bwd_kernel(u, dz, dvT, v0, beta, c, di, dv0, dbeta, L, N
         b_dz = tl.zeros_like(b_u)
         if HAS_DZ:
             b_dz = tl.load(dz + t * N + o_n, mask=m_n, other=0)
-        if RESET_ZERO:
-            b_keep = tl.where(b_u > c_th, 0.0, 1.0).to(b_u.dtype)
-            if DETACH:
-                b_du = b_g * b_keep + b_dz * b_s
-            else:
-                b_du = b_g * b_keep + (b_dz - b_u * b_g) * b_s
-        else:
-            if DETACH:
-                b_du = b_g + b_dz * b_s
-            else:
-                b_du = b_g + (b_dz - c_th * b_g) * b_s
-        tl.store(di + t * N + o_n, b_du, mask=m_n)
-        if NEED_DBETA:
+        if AFTER:  # v_t = u_t; the reset of v_{t-1}'s spike acts in this step (see cpu.py)
+            b_du = b_g + b_dz * b_s
+            tl.store(di + t * N + o_n, b_du, mask=m_n)
             if t > 0:
-                b_up = tl.load(u + (t - 1) * N + o_n, mask=m_n, other=0)
-                b_zp = tl.where(b_up > c_th, 1.0, 0.0).to(b_up.dtype)
-                if RESET_ZERO:
-                    b_vp = b_up * (1.0 - b_zp)
-                else:
-                    b_vp = b_up - b_zp * c_th
+                b_vp = tl.load(u + (t - 1) * N + o_n, mask=m_n, other=0)
             else:
                 b_vp = tl.load(v0 + o_n, mask=m_n, other=0)
-            b_dbeta += b_du.to(tl.float64) * b_vp.to(tl.float64)
-        b_g = b_beta * b_du
+            b_keep = tl.where(b_vp > c_th, 0.0, 1.0).to(b_vp.dtype)
+            if RESET_ZERO:
+                b_gp = b_beta * b_du * b_keep
+                if not DETACH:
+                    b_sp = _surrogate(b_vp - c_th, c_scale, c_atan_k, c_atan_a, SURROGATE)
+                    b_gp = b_gp - b_beta * b_du * b_vp * b_sp
+                if NEED_DBETA:
+                    b_dbeta += b_du.to(tl.float64) * (b_vp * b_keep).to(tl.float64)
+            else:
+                b_gp = b_beta * b_du
+                if not DETACH:
+                    b_sp = _surrogate(b_vp - c_th, c_scale, c_atan_k, c_atan_a, SURROGATE)
+                    b_gp = b_gp - c_th * b_du * b_sp
+                if NEED_DBETA:
+                    b_dbeta += b_du.to(tl.float64) * b_vp.to(tl.float64)
+            b_g = b_gp
+        else:
+            if RESET_ZERO:
+                b_keep = tl.where(b_u > c_th, 0.0, 1.0).to(b_u.dtype)
+                if DETACH:
+                    b_du = b_g * b_keep + b_dz * b_s
+                else:
+                    b_du = b_g * b_keep + (b_dz - b_u * b_g) * b_s
+            else:
+                if DETACH:
+                    b_du = b_g + b_dz * b_s
+                else:
+                    b_du = b_g + (b_dz - c_th * b_g) * b_s
+            tl.store(di + t * N + o_n, b_du, mask=m_n)
+            if NEED_DBETA:
+                if t > 0:
+                    b_up = tl.load(u + (t - 1) * N + o_n, mask=m_n, other=0)
+                    b_zp = tl.where(b_up > c_th, 1.0, 0.0).to(b_up.dtype)
+                    if RESET_ZERO:
+                        b_vp = b_up * (1.0 - b_zp)
+                    else:
+                        b_vp = b_up - b_zp * c_th
+                else:
+                    b_vp = tl.load(v0 + o_n, mask=m_n, other=0)
+                b_dbeta += b_du.to(tl.float64) * b_vp.to(tl.float64)
+            b_g = b_beta * b_du
     tl.store(dv0 + o_n, b_g, mask=m_n)
     if NEED_DBETA:
         tl.store(dbeta + o_n, b_dbeta, mask=m_n)
@@ -142,7 +182,7 @@ def fused_recurrent_lif_fwd(i, v0, beta, p: LIFConstants, save_u: bool):
     BH = _block(N)
     fused_recurrent_lif_fwd_kernel[(triton.cdiv(N, BH),)](
         i, v0, beta if has_beta else c, c, z, u, vT, L, N, H,
-        BH=BH, HAS_BETA=has_beta, RESET_ZERO=p.reset == "zero", SAVE_U=save_u)
+        BH=BH, HAS_BETA=has_beta, RESET_ZERO=p.reset == "zero", SAVE_U=save_u, AFTER=after_decay(p))
     return z, (u if save_u else None), vT
 
 
@@ -162,7 +202,7 @@ def fused_recurrent_lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: b
         beta if has_beta else c, c, di, dv0, dbeta, L, N, H,
         BH=BH, HAS_BETA=has_beta, RESET_ZERO=p.reset == "zero", DETACH=bool(p.detach_reset),
         SURROGATE=SURROGATE_IDS[p.surrogate], HAS_DZ=dz is not None, HAS_DVT=dvT is not None,
-        NEED_DBETA=need_dbeta)
+        NEED_DBETA=need_dbeta, AFTER=after_decay(p))
     return di, dv0, (dbeta.sum(0).to(u.dtype) if need_dbeta else None)
 
 
@@ -180,20 +220,21 @@ def _step_fwd(i_t, v_in, beta, p: LIFConstants, z_t, v_out):
     BH = _block(N)
     fused_recurrent_lif_fwd_kernel[(triton.cdiv(N, BH),)](
         i_t, v_in, beta if has_beta else c, c, z_t, i_t, v_out, 1, N, H,
-        BH=BH, HAS_BETA=has_beta, RESET_ZERO=p.reset == "zero", SAVE_U=True)
+        BH=BH, HAS_BETA=has_beta, RESET_ZERO=p.reset == "zero", SAVE_U=True, AFTER=after_decay(p))
 
 
-def _step_bwd(u_t, dz_t, g_in, beta, p: LIFConstants, du_t, g_out):
-    """One step of the backward kernel: du_t and g_out = dL/dv_{t-1} (dbeta is left to the caller)."""
+def _step_bwd(u_t, dz_t, g_in, beta, p: LIFConstants, du_t, g_out, v_prev):
+    """One step of the backward kernel: du_t and g_out = dL/dv_{t-1} (dbeta is left to the caller);
+    ``v_prev`` (v_{t-1}) is read by a reset after the decay."""
     B, H = u_t.shape
     N = B * H
     has_beta = isinstance(beta, torch.Tensor)
     c = _consts(p, 0.0 if has_beta else float(beta), u_t.dtype, u_t.device)
     BH = _block(N)
     fused_recurrent_lif_bwd_kernel[(triton.cdiv(N, BH),)](
-        u_t, dz_t, g_in, g_in, beta if has_beta else c, c, du_t, g_out, g_out, 1, N, H,
+        u_t, dz_t, g_in, v_prev.contiguous(), beta if has_beta else c, c, du_t, g_out, g_out, 1, N, H,
         BH=BH, HAS_BETA=has_beta, RESET_ZERO=p.reset == "zero", DETACH=bool(p.detach_reset),
-        SURROGATE=SURROGATE_IDS[p.surrogate], HAS_DZ=True, HAS_DVT=True, NEED_DBETA=False)
+        SURROGATE=SURROGATE_IDS[p.surrogate], HAS_DZ=True, HAS_DVT=True, NEED_DBETA=False, AFTER=after_decay(p))
 
 
 #: a LIF layer with recurrent weights: per step one ``addmm`` (cuBLAS) for ``V z_{t-1}`` and one
