@@ -171,3 +171,88 @@ def test_scan_without_grad_is_a_plain_forward(kind, strategy, mode):
             assert_close(f"state_T[{i}]", a.detach(), b.clone())
         assert (t.forward_steps, t.recomputed_steps) == (19, 0)
         assert t.peak_stored_bytes == 0 and t.peak_offloaded_bytes == 0  # no checkpoint, no graph
+
+
+# ---- item 4: checkpoint storage follows the dtype of the state stored --------------------------
+class Float32Zeros(nn.Module):
+    """A user cell whose initial_state ignores ``dtype``: float32 zeros for a float64 cell."""
+
+    def __init__(self, n_in, n):
+        super().__init__()
+        g = torch.Generator().manual_seed(12)
+        self.w = nn.Parameter(torch.randn(n_in, n, generator=g) / n_in ** 0.5)
+        self.c = nn.Parameter(torch.rand(n, generator=g))
+        self.n = n
+
+    def initial_state(self, batch_size, device=None, dtype=None):
+        return (torch.zeros(batch_size, self.n, device=device), torch.zeros(batch_size, self.n, device=device))
+
+    def step(self, x_t, state):
+        h, a = state
+        h = torch.tanh(x_t @ self.w + self.c * h)  # float64 from the first step on (promotion)
+        return h, (h, 0.9 * a + h)
+
+
+def _default_state_run(cell, strategy, T=23):
+    """Forward + backward from the cell's own initial state (state0=None)."""
+    x = seeded(3, T, 2, N_IN).requires_grad_()
+    cell.zero_grad(set_to_none=True)
+    out, state = sb.scan(cell, x, strategy=strategy)
+    loss = (out * seeded(4, *out.shape)).sum() + sum((s * seeded(5 + i, *s.shape)).sum() for i, s in enumerate(state))
+    loss.backward()
+    res = {"out": out.detach(), "dx": x.grad}
+    res.update({f"state_T[{i}]": s.detach() for i, s in enumerate(state)})
+    res.update({f"d{n}": p.grad for n, p in cell.named_parameters()})
+    return res
+
+
+@pytest.mark.parametrize("strategy", EXACT + [sb.DoubleCheckpoint.optimal(fast_slots=1, slow_slots=2,
+                                                                          outer_storage="disk")], ids=_sid)
+def test_checkpoints_follow_the_dtype_of_the_stored_state(strategy):
+    cell = Float32Zeros(N_IN, 6).double()
+    assert cell.initial_state(2, dtype=torch.float64)[0].dtype == torch.float32
+    expect = _default_state_run(cell, sb.FullBPTT())
+    assert expect["state_T[0]"].dtype == torch.float64
+    got = _default_state_run(cell, strategy)
+    for name in expect:  # float64 tolerance: a float32 checkpoint would be off by ~1e-7
+        assert_close(name, expect[name], got[name], torch.float64)
+
+
+class DtypeDrift(Float32Zeros):
+    """A step whose second state component changes dtype after step 12: float64, then float32
+    (the step count is the third state component)."""
+
+    def initial_state(self, batch_size, device=None, dtype=None):
+        return tuple(s.to(dtype) for s in super().initial_state(batch_size, device)) + \
+            (torch.zeros(batch_size, 1, device=device, dtype=dtype),)
+
+    def step(self, x_t, state):
+        h, a, t = state
+        h = torch.tanh(x_t @ self.w + self.c * h)
+        a = 0.9 * a + h
+        return h, (h, a if t[0, 0] < 12 else a.float(), t + 1)
+
+
+@pytest.mark.parametrize("strategy", [sb.Checkpoint(every=3), sb.DoubleCheckpoint(outer=8, inner=3,
+                                                                                  outer_storage="disk")],
+                         ids=_sid)
+def test_state_that_changes_dtype_is_an_error_naming_the_component(strategy):
+    cell = DtypeDrift(N_IN, 6).double()
+    x = seeded(3, 23, 2, N_IN).requires_grad_()
+    with pytest.raises(ValueError, match=r"sb.scan of DtypeDrift: state component 1 at step \d+ is "
+                                         r"torch.float(32|64) of shape \(2, 6\), but the checkpoints before it hold "
+                                         r"torch.float(64|32) of shape \(2, 6\); a cell's step must keep"):
+        y, _ = sb.scan(cell, x, strategy=strategy)
+        y.sum().backward()  # double-disk: the inner checkpoints of a recomputed outer segment
+
+
+def test_state0_in_the_dtype_of_x_is_accepted_when_initial_state_ignores_dtype():
+    cell = Float32Zeros(N_IN, 6).double()
+    x = seeded(3, 9, 2, N_IN)
+    state0 = tuple(s.double() for s in cell.initial_state(2))
+    y, _ = sb.scan(cell, x, state0, strategy=sb.Checkpoint(every=3))
+    assert y.dtype == torch.float64
+    with pytest.raises(TypeError, match=r"state0\[0\] has dtype torch.float16, expected torch.float32 \(what "
+                                        r"Float32Zeros.initial_state gives for dtype=torch.float64\) or "
+                                        "torch.float64 like x"):
+        sb.scan(cell, x, tuple(s.half() for s in state0))

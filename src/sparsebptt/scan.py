@@ -69,8 +69,10 @@ def _check_state(cell, x, state0) -> tuple:
         if s.shape != e.shape:
             raise ValueError(f"sb.scan: state0[{i}] has shape {tuple(s.shape)}, expected {tuple(e.shape)} "
                              f"(batch {B}); build it with cell.initial_state({B})")
-        if s.dtype != e.dtype:
-            raise TypeError(f"sb.scan: state0[{i}] has dtype {s.dtype}, expected {e.dtype} like x")
+        if s.dtype != e.dtype and not (e.is_floating_point() and s.dtype == x.dtype):
+            # (x's dtype is fine too: some cells' initial_state ignores its dtype argument)
+            raise TypeError(f"sb.scan: state0[{i}] has dtype {s.dtype}, expected {e.dtype} (what "
+                            f"{type(cell).__name__}.initial_state gives for dtype={x.dtype}) or {x.dtype} like x")
         if s.device != e.device:
             raise ValueError(f"sb.scan: state0[{i}] is on {s.device} but x is on {e.device}")
     return state0

@@ -16,6 +16,7 @@ bit-packed, 1 bit per value, and restored exactly.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -96,6 +97,8 @@ class Store:
         self.nbytes = 0
         self.closed = False
         self.initial = None
+        self.owner = "sb.scan"  # who names the state in messages (the executor sets the cell's name)
+        self.fixed = False  # a state has been stored: its layout is the store's from now on
 
     def _account(self, sign: int) -> None:
         if self.trace is None or not self.nbytes:
@@ -122,9 +125,37 @@ class Store:
         if not self.free:
             raise RuntimeError(f"schedule stores more than the {self.n_slots} checkpoints its strategy "
                                f"declared for {type(self).__name__} (a bug in the strategy)")
+        self._follow_layout(n, state)
         slot = self.free.pop()
         self.slot_of[n] = slot
         self._write(slot, [self._encode(i, s.detach()) for i, s in enumerate(state)])
+
+    def _follow_layout(self, n: int, state) -> None:
+        """The slots take the dtype and shape of the first state stored in them (the template was
+        the initial state, which a cell's ``initial_state`` may have built in another dtype:
+        float32 zeros for a float64 cell); every later state must keep that layout."""
+        shapes, dtypes = [tuple(s.shape) for s in state], [s.dtype for s in state]
+        if shapes == self.shapes and dtypes == self.dtypes:
+            self.fixed = True
+            return
+        if len(state) != len(self.shapes):
+            raise ValueError(f"{self.owner}: the state at step {n} has {len(state)} components, the "
+                             f"initial state {len(self.shapes)}; a cell's step must return a state "
+                             "tuple of the same length")
+        i = next(k for k in range(len(state)) if (shapes[k], dtypes[k]) != (self.shapes[k], self.dtypes[k]))
+        if self.fixed:
+            raise ValueError(f"{self.owner}: state component {i} at step {n} is {dtypes[i]} of shape "
+                             f"{shapes[i]}, but the checkpoints before it hold {self.dtypes[i]} of shape "
+                             f"{self.shapes[i]}; a cell's step must keep each state component's dtype "
+                             "and shape from step to step")
+        self._account(-1)
+        self.shapes, self.dtypes = shapes, dtypes
+        self._relayout(state)
+        self._account(+1)
+        self.fixed = True
+
+    def _relayout(self, template) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def load(self, n: int, release: bool) -> tuple[torch.Tensor, ...]:
         if n == 0:
@@ -171,11 +202,16 @@ class DeviceStore(Store):
 
     def __init__(self, template, n_slots, binary=None, trace=None, device=None, pin=False):
         super().__init__(template, n_slots, binary, trace)
-        dev = self.device if device is None else device
-        self.buffers = [torch.empty((n_slots,) + shape, dtype=dtype, device=dev, pin_memory=pin)
+        self._where = (self.device if device is None else device, pin)
+        self._relayout(template)
+        self._account(+1)
+
+    def _relayout(self, template):
+        dev, pin = self._where
+        self.buffers = []  # the old ones go before the new ones are allocated
+        self.buffers = [torch.empty((self.n_slots,) + shape, dtype=dtype, device=dev, pin_memory=pin)
                         for shape, dtype in _encoded_layout(template, self.binary)]
         self.nbytes = sum(b.numel() * b.element_size() for b in self.buffers)
-        self._account(+1)
 
     def _write(self, slot, encoded):
         for buf, e in zip(self.buffers, encoded):
@@ -263,6 +299,25 @@ class DiskStore(Store):
                                f"bytes ({n_slots} states of {self.slot_bytes} bytes): {e.strerror}. "
                                "Free space, choose another disk_dir, or use outer_storage='host'") from None
         self._account(+1)
+
+    def _relayout(self, template):
+        """Lay the file out again for states like ``template`` (no slot holds a state yet)."""
+        layout = _encoded_layout(template, self.binary)
+        sizes = [math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in layout]
+        self.layout, self.sizes = layout, sizes
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.slot_bytes = sum(sizes)
+        self.nbytes = self.slot_bytes * self.n_slots
+        try:
+            os.ftruncate(self.fd, 0)
+            if self.nbytes:
+                os.posix_fallocate(self.fd, 0, self.nbytes)
+        except OSError as e:
+            self.nbytes = 0
+            self.close()
+            raise RuntimeError(f"not enough space for disk checkpoints in {self.path!r}: needs "
+                               f"{self.slot_bytes * self.n_slots} bytes ({self.n_slots} states of "
+                               f"{self.slot_bytes} bytes): {e.strerror}; the file was removed") from None
 
     def _write(self, slot, encoded):
         base = slot * self.slot_bytes

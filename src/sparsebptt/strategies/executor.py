@@ -366,6 +366,8 @@ class _ScheduledScan(torch.autograd.Function):
             if plan.slow_slots:
                 run.stores[StorageType.DISK] = make_store(plan.slow_storage, state0, plan.slow_slots, binary,
                                                           run.trace, plan.disk_dir)
+            for store in run.stores.values():
+                store.owner = f"sb.scan of {type(run.cell).__name__}"
             work = (0, state0)
             for a in run.actions:
                 if isinstance(a, Forward):
