@@ -17,6 +17,7 @@ schedule then gives the rest exactly:
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from math import comb
@@ -42,13 +43,16 @@ class BudgetError(ValueError):
 
 
 def parse_bytes(budget) -> int:
-    """``4096``, ``"512MiB"``, ``"1.5GiB"``, ``"200MB"``, ``"2G"`` -> bytes (KiB/MiB/GiB are 1024^n)."""
+    """``4096``, ``"512MiB"``, ``"1.5GiB"``, ``"200MB"``, ``"2G"`` -> bytes (KiB/MiB/GiB are 1024^n).
+
+    A budget below 1 byte (``0.5``, ``"0.4B"``), NaN or infinity raises ValueError; a bool or
+    another type raises TypeError."""
     if isinstance(budget, bool):
         raise TypeError("budget: expected a byte count or a string such as '512MiB', got a bool")
     if isinstance(budget, (int, float)):
-        if budget <= 0:
-            raise ValueError(f"budget must be positive, got {budget!r}")
-        return int(budget)
+        if not math.isfinite(budget) or budget < 1:
+            raise ValueError(f"budget must be a finite number of bytes, at least 1, got {budget!r}")
+        return int(budget)  # a fraction of a byte is dropped: 1.5 -> 1
     if not isinstance(budget, str):
         raise TypeError(f"budget: expected a byte count or a string such as '512MiB', got {type(budget).__name__}")
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", budget)
@@ -58,8 +62,8 @@ def parse_bytes(budget) -> int:
                          "(4096) or a number with a unit: B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, "
                          "GiB, TiB (powers of 1024), e.g. '512MiB', '1.5GiB'")
     value = int(float(m.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise ValueError(f"memory budget must be positive, got {budget!r}")
+    if value < 1:
+        raise ValueError(f"memory budget must be at least 1 byte, got {budget!r}")
     return value
 
 

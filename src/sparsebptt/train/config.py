@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["TrainConfig", "MODELS", "GATE_INITS"]
+__all__ = ["TrainConfig", "MODELS", "GATE_INITS", "LR_MAX"]
 
 #: --model name -> (cell class name in `sparsebptt.cells`, default threshold or None). EGRU's
 #: default "beta" draws each unit's initial threshold from EvNN's Beta distribution (mean 0.3).
@@ -14,6 +14,10 @@ MODELS = {"lif": ("LIF", 1.0), "gru": ("GRU", None), "lstm": ("LSTM", None),
 
 #: --gate-init names: how the gate biases of the gated models start
 GATE_INITS = ("uniform", "chrono")
+
+#: the largest learning rate: Adam's first step is lr / (1 - beta1) = 10 lr, and a larger one
+#: overflows float32 (3.4e38) inside the optimizer ("value cannot be converted to type float")
+LR_MAX = 3.4e37
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class TrainConfig:
     epochs, batch_size: passes over the training split and examples per step.
     model: "lif" (spiking), "gru", "lstm", "delta-gru", "delta-lstm" or "egru" (see `MODELS`).
     hidden: neurons per layer; layers: number of layers.
-    lr: Adam learning rate.
+    lr: Adam learning rate, at most `LR_MAX`.
     strategy: string for `sb.parse_strategy` ("full", "checkpoint:8", "revolve:4", ...).
     memory_budget: if set ("256MiB", bytes), `sb.plan` picks the fastest strategy whose stored
         bytes fit it, instead of ``strategy``.
@@ -72,6 +76,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {name} must be a positive int, got {v!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
             raise ValueError(f"TrainConfig: lr must be a positive number, got {self.lr!r}")
+        if self.lr > LR_MAX:
+            raise ValueError(f"TrainConfig: lr must be at most {LR_MAX:g} (Adam's first step moves a weight by "
+                             f"lr / (1 - 0.9), which must be a finite float32), got {self.lr!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"TrainConfig: seed must be an int, got {self.seed!r}")
         if self.model not in MODELS:
