@@ -197,3 +197,49 @@ def fmt_time(s) -> str:
     if s is None:
         return "-"
     return f"{s * 1e3:.0f} ms" if s < 1 else f"{s:.3g} s"
+
+
+# ---- GPU runs (benchmarks/gpu.py) -------------------------------------------------------------
+def gpu_info() -> list[dict]:
+    """One dict per GPU that ``nvidia-smi`` lists (name, driver, memory); [] without a driver.
+
+    Asks the driver, not torch, so the caller opens no CUDA context (and holds no GPU memory).
+    """
+    fields = ["name", "driver_version", "memory.total", "pci.bus_id"]
+    try:
+        p = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if p.returncode != 0:
+        return []
+    out = []
+    for line in p.stdout.strip().splitlines():
+        vals = [v.strip() for v in line.split(",")]
+        if len(vals) == len(fields):
+            d = dict(zip(["name", "driver", "memory_mib", "bus_id"], vals))
+            d["memory_mib"] = int(d["memory_mib"]) if d["memory_mib"].isdigit() else d["memory_mib"]
+            out.append(d)
+    return out
+
+
+def package_versions(names, path=None) -> dict:
+    """``{name: installed version or None}`` from package metadata, without importing anything;
+    ``path``: look only in that folder (a ``pip install --target`` site)."""
+    import importlib.metadata as md
+    out = {}
+    for n in names:
+        if path is None:
+            try:
+                out[n] = md.version(n)
+            except md.PackageNotFoundError:
+                out[n] = None
+        else:
+            dist = next(iter(md.distributions(name=n, path=[path])), None)
+            out[n] = dist.version if dist is not None else None
+    return out
+
+
+def slug(text: str) -> str:
+    """A file-name-safe lower-case form: 'NVIDIA H200' -> 'nvidia_h200'."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "unknown"
