@@ -157,3 +157,62 @@ def test_double_memory_below_checkpoint():
             y.sum().backward()
         peaks[st.name] = t.peak_stored_bytes
     assert peaks["double"] <= 0.6 * peaks["checkpoint"], peaks
+
+
+def test_disk_full_is_a_disk_space_error(tmp_path, monkeypatch):
+    """A RuntimeError still, of its own class, so that the command line can say it in one line."""
+    from sparsebptt.storage import DiskSpaceError
+
+    monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, length: (_ for _ in ()).throw(OSError(28, "No space")))
+    with pytest.raises(DiskSpaceError, match=rf"in '{tmp_path}': needs 480 bytes \(12 states of 40 bytes\), \d+ bytes free"):
+        DiskStore((torch.zeros(2, 5),), 12, disk_dir=str(tmp_path))
+
+
+def test_disk_store_folder_names_its_process(tmp_path):
+    store = DiskStore((torch.zeros(2, 5),), 2, disk_dir=str(tmp_path))
+    name = os.path.basename(store.folder)
+    assert name.startswith("sparsebptt-") and f"-{os.getpid()}-" in name
+    store.close()
+
+
+def _host():
+    """This machine's name as disk-store folders carry it (letters, digits and dots; '_' for the rest)."""
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+
+
+def test_stale_disk_stores_of_gone_processes_are_removed(tmp_path):
+    """What a SIGKILLed double-disk run leaves behind; live processes' and other machines' folders stay."""
+    import subprocess
+    import sys
+
+    from sparsebptt.storage import remove_stale_disk_stores
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    host = _host()
+    dead = tmp_path / f"sparsebptt-{host}-{dead_pid}-abc_123x"
+    live = tmp_path / f"sparsebptt-{host}-{os.getppid()}-abc_123x"
+    other_host = tmp_path / f"sparsebptt-elsewhere.example-{dead_pid}-abc_123x"
+    old_style = tmp_path / "sparsebptt-k2j4h5g6"  # written before the pid was named: owner unknown
+    for d in (dead, live, other_host, old_style):
+        d.mkdir()
+        (d / "checkpoints.bin").write_bytes(b"\0" * 64)
+    assert remove_stale_disk_stores(tmp_path) == [str(dead)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(d.name for d in (live, other_host, old_style))
+
+
+def test_a_new_disk_store_sweeps_its_folder_once(tmp_path, monkeypatch):
+    from sparsebptt import storage
+
+    monkeypatch.setattr(storage, "_swept", set())
+    dead = tmp_path / f"sparsebptt-{_host()}-{2 ** 22 + 1}-abc_123x"  # above Linux's largest pid
+    dead.mkdir()
+    store = DiskStore((torch.zeros(2, 5),), 2, disk_dir=str(tmp_path))
+    assert not dead.exists()
+    dead.mkdir()
+    store2 = DiskStore((torch.zeros(2, 5),), 2, disk_dir=str(tmp_path))
+    assert dead.exists()  # swept once per folder and process, not at every scan
+    store.close(), store2.close()

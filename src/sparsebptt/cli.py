@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 __all__ = ["main", "build_parser"]
 
@@ -16,6 +18,31 @@ class _Parser(argparse.ArgumentParser):
     def fail(self, message: str, status: int = 1):
         """A one-line error that is not a usage mistake (exit status 1 by default)."""
         self.exit(status, f"{self.prog}: error: {message}\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while training, raised like Ctrl-C's KeyboardInterrupt so that the same clean-up runs
+    (temporary files removed, the last checkpoint kept) and the command exits with 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _interrupted(e: KeyboardInterrupt, out=None) -> "tuple[str, int]":
+    """The one line and exit status for Ctrl-C (130) or SIGTERM (143), with a --resume hint only
+    when ``out`` holds a checkpoint to continue from."""
+    what, status = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+    if out is None:
+        return what, status
+    from pathlib import Path
+
+    from .train.runs import CHECKPOINT_FILE
+
+    if (Path(out) / CHECKPOINT_FILE).is_file():
+        return (f"{what}; the run keeps its last finished epoch: continue it with sparsebptt train --resume "
+                f"{out}"), status
+    return f"{what} before any epoch finished; there is nothing to resume in {str(out)!r}", status
 
 
 def _positive_int(text: str) -> int:
@@ -277,6 +304,7 @@ def _cmd_train(args, parser) -> int:
     from pathlib import Path
 
     from .planner import BudgetError
+    from .storage import DiskSpaceError
     from .train import TrainConfig, default_out_dir, train
     from .train.runs import RESUME_MAY_CHANGE, RunError, config_from_run, config_mismatches, read_run_meta
 
@@ -327,18 +355,22 @@ def _cmd_train(args, parser) -> int:
         except ValueError as e:  # a value valid alone but not with this model (--threshold with gru)
             parser.error(str(e).replace("TrainConfig: ", ""))
         out = default_out_dir() if args.out is None else Path(args.out)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # like Ctrl-C
     try:
         train(config, out, progress=not args.no_progress, resume=args.resume is not None,
               device=device or "cpu")
     except (FileExistsError, BudgetError, RunError) as e:
         parser.fail(str(e), 2)
-    except FloatingPointError as e:
+    except (FloatingPointError, DiskSpaceError) as e:
         parser.fail(str(e))
     except (ValueError, OSError) as e:  # a bad device, an unreadable dataset file, a full disk
         parser.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    except KeyboardInterrupt:
-        parser.fail(f"interrupted; the run keeps its last finished epoch: continue it with "
-                    f"sparsebptt train --resume {out}", 130)
+    except KeyboardInterrupt as e:
+        parser.fail(*_interrupted(e, out))
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0
 
 
@@ -346,10 +378,16 @@ def main(argv: "list[str] | None" = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
     Usage errors (unknown flags, bad values, a bad --strategy string, a --resume folder that is
-    not a run or whose config differs) exit with status 2 and a one-line message on stderr; errors
-    while running (a NaN loss, a missing file) with status 1; never a traceback.
+    not a run or whose config differs, a damaged checkpoint) exit with status 2 and a one-line
+    message on stderr; errors while running (a NaN loss or gradient, a missing file, a full disk)
+    with status 1; Ctrl-C with 130 and SIGTERM (while training) with 143; never a traceback.
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    return args.run(args, args.subparser)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
+        return args.run(args, args.subparser)
+    except KeyboardInterrupt as e:  # before or after a command's own handling (start-up, imports)
+        what, status = _interrupted(e)
+        print(f"sparsebptt: {what}", file=sys.stderr)
+        return status

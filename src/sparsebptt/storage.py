@@ -8,24 +8,33 @@ shows in the process's resident set, not only in counted bytes.
 - ``"host"``: CPU memory; pinned when the state is on a GPU, copied on a side CUDA stream so the
   copy overlaps compute. On a CPU-only machine this is the same RAM as ``"device"``.
 - ``"disk"``: a file in a temporary folder (``disk_dir``, default the system temp folder),
-  preallocated (a full disk fails at the start, not mid-run) and removed afterwards, also after
-  an exception or when the graph is dropped without a backward.
+  preallocated (a full disk fails at the start, not mid-run, with `DiskSpaceError`) and removed
+  afterwards, also after an exception or when the graph is dropped without a backward. The folder
+  is named ``sparsebptt-<host>-<pid>-<random>``; a process killed before it could remove its
+  folder (SIGKILL) leaves it behind, and the first disk store a later process opens in the same
+  place removes such folders of processes that are gone (`remove_stale_disk_stores`).
 
 State components a cell declares binary (``cell.binary_states``, e.g. LIF spikes) are stored
 bit-packed, 1 bit per value, and restored exactly.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 import weakref
 
 import torch
 
-__all__ = ["STORAGES", "Store", "DeviceStore", "HostStore", "DiskStore", "make_store",
-           "pack_bits", "unpack_bits", "binary_states_of", "check_storage", "check_disk_dir"]
+__all__ = ["STORAGES", "Store", "DeviceStore", "HostStore", "DiskStore", "DiskSpaceError", "make_store",
+           "pack_bits", "unpack_bits", "binary_states_of", "check_storage", "check_disk_dir",
+           "remove_stale_disk_stores", "process_alive"]
+
+log = logging.getLogger("sparsebptt.storage")
 
 STORAGES = ("device", "host", "disk")
 
@@ -254,7 +263,75 @@ class HostStore(DeviceStore):
         return super()._read(slot)
 
 
+class DiskSpaceError(RuntimeError):
+    """The disk cannot hold a disk store's checkpoints. The message is one line naming the file or
+    folder and the bytes needed; the store's file is already removed."""
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+#: ``sparsebptt-<host>-<pid>-<random>``: the folder of a `DiskStore` (mkdtemp's random part has no '-')
+_STORE_FOLDER = re.compile(r"sparsebptt-(?P<host>.+)-(?P<pid>[0-9]+)-[a-z0-9_]+")
+_swept: set = set()  # folders this process has already swept
+_live_folders: set = set()  # this process's open disk-store folders
+
+
+def process_alive(pid: int) -> bool:
+    """True if a process with id ``pid`` runs on this machine (also when it is another user's)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:  # larger than any pid
+        return False
+    return True
+
+
+def remove_stale_disk_stores(where=None) -> list:
+    """Remove the disk-store folders in ``where`` (default: the system temp folder) that processes
+    of this machine and user left behind when they were killed (SIGKILL) before removing them:
+    those whose pid (in the folder's name) no longer runs. Folders of live processes, of other
+    machines or users, and folders not named by this version are left alone. Returns the removed
+    paths."""
+    where = tempfile.gettempdir() if where is None else os.fspath(where)
+    host, removed = _host_tag(), []
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return removed
+    for name in names:
+        m = _STORE_FOLDER.fullmatch(name)
+        if m is None or m.group("host") != host:
+            continue
+        pid = int(m.group("pid"))
+        path = os.path.join(where, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.getuid():
+            continue
+        if pid != os.getpid() and process_alive(pid):
+            continue
+        if pid == os.getpid() and path in _live_folders:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            removed.append(path)
+    if removed:
+        log.info("sparsebptt: removed %d disk-checkpoint folder(s) of processes that are gone: %s",
+                 len(removed), ", ".join(removed))
+    return removed
+
+
 def _remove(fd, folder):
+    _live_folders.discard(folder)
     try:
         os.close(fd)
     except OSError:
@@ -282,8 +359,13 @@ class DiskStore(Store):
         self.slot_bytes = sum(sizes)
         self.nbytes = self.slot_bytes * n_slots
         where = disk_dir if disk_dir is not None else tempfile.gettempdir()
+        key = os.path.realpath(where)
+        if key not in _swept:  # once per folder and process: what killed runs left there
+            _swept.add(key)
+            remove_stale_disk_stores(where)
         try:
-            self.folder = tempfile.mkdtemp(prefix="sparsebptt-", dir=where)
+            self.folder = tempfile.mkdtemp(prefix=f"sparsebptt-{_host_tag()}-{os.getpid()}-", dir=where)
+            _live_folders.add(self.folder)
         except OSError as e:
             raise ValueError(f"DiskStore: cannot create a checkpoint folder in {str(where)!r}: {e.strerror}; "
                              "pass a writable disk_dir") from None
@@ -295,9 +377,10 @@ class DiskStore(Store):
                 os.posix_fallocate(self.fd, 0, self.nbytes)
         except OSError as e:
             self._finalizer()
-            raise RuntimeError(f"not enough space for disk checkpoints in {where!r}: needs {self.nbytes} "
-                               f"bytes ({n_slots} states of {self.slot_bytes} bytes): {e.strerror}. "
-                               "Free space, choose another disk_dir, or use outer_storage='host'") from None
+            raise DiskSpaceError(f"not enough space for disk checkpoints in {where!r}: needs {self.nbytes} "
+                                 f"bytes ({n_slots} states of {self.slot_bytes} bytes), {_free(where)} free: "
+                                 f"{e.strerror}. Free space, choose another disk_dir (TMPDIR for `sparsebptt "
+                                 "train`), or use outer_storage='host'") from None
         self._account(+1)
 
     def _relayout(self, template):
@@ -344,6 +427,13 @@ class DiskStore(Store):
 
     def _release(self):
         self._finalizer()
+
+
+def _free(where) -> str:
+    try:
+        return f"{shutil.disk_usage(where).free} bytes"
+    except OSError:
+        return "unknown bytes"
 
 
 def make_store(storage: str, template, n_slots: int, binary=None, trace=None, disk_dir=None) -> Store:

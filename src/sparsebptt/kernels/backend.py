@@ -8,7 +8,9 @@ Backends:
 - ``"triton"``: Triton GPU kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 - ``"auto"``: the fastest backend available for the tensors' device, resolved **once** per process
   and device type, logged on the ``sparsebptt`` logger, and queryable with `resolve_backend`:
-  "cpu" on CPU when a C compiler works, "triton" on CUDA when triton imports, else "torch".
+  "cpu" on CPU when a C compiler works, "triton" on CUDA when triton imports, else "torch". When
+  the device's fused backend cannot run (no C compiler, no triton), the fallback to "torch" is a
+  WARNING (shown once on stderr when logging is not configured), with the reason.
 
 An explicitly requested backend that is unavailable raises `BackendUnavailable`; nothing falls
 back silently. The process-wide default (for cells built with ``backend=None``) is set with
@@ -34,6 +36,12 @@ DEFAULT_BACKEND = "auto"
 _default: str | None = None
 _resolved: dict[str, str] = {}  # device type -> what "auto" resolved to
 _probes: dict[str, tuple[bool, str]] = {}  # backend -> (available, reason)
+
+
+#: what makes a fused backend available, for the warning when "auto" cannot use it
+_FIX = {"cpu": "install a C compiler (cc, gcc or clang) for the fused C kernels, or pass backend='torch' "
+               "to choose the reference",
+        "triton": "install triton for the fused GPU kernels, or pass backend='torch' to choose the reference"}
 
 
 class BackendUnavailable(RuntimeError):
@@ -124,6 +132,11 @@ def resolve_backend(name: str | None = None, device_type: str = "cpu") -> str:
             if ok:
                 chosen = first
         _resolved[device_type] = chosen
-        log.info("sparsebptt: backend 'auto' on %s resolved to %r (%s)", device_type, chosen, why)
+        if first is not None and chosen != first:  # the fast path this device has cannot run: say so
+            log.warning("sparsebptt: backend 'auto' on %s runs the slow 'torch' reference: the %r backend "
+                        "is unavailable (%s); %s", device_type, first, why.splitlines()[0] if why else "",
+                        _FIX[first])
+        else:
+            log.info("sparsebptt: backend 'auto' on %s resolved to %r (%s)", device_type, chosen, why)
     return _resolved[device_type]
 

@@ -7,12 +7,20 @@ every step is scored, and each metrics line adds ``train_bpc, val_loss, val_bpc`
 character: the cross-entropy over ln 2). A model's auxiliary loss (EGRU's activity regulariser with
 ``activity_reg > 0``) is returned by its forward and added to the loss. A run writes into its folder:
 
-- ``config.json``: the `TrainConfig`, the resolved strategy and the library versions;
+- ``config.json``: the `TrainConfig`, the resolved strategy, the library versions and ``backends``:
+  the backend each cell of the model runs ("cpu", "triton" or "torch"; see `sparsebptt.kernels`);
 - ``metrics.jsonl``: one JSON object per epoch with ``epoch, train_loss, train_acc, val_acc,
   seconds, peak_stored_bytes, activity, backward_macs``;
 - ``checkpoint.pt``: model, optimizer, RNG states, best accuracy and the metrics so far, replaced
-  atomically after every epoch; ``train(..., resume=True)`` (``sparsebptt train --resume DIR``)
-  continues from it (see `sparsebptt.train.runs`).
+  atomically after every epoch, with a checksum of its contents; ``train(..., resume=True)``
+  (``sparsebptt train --resume DIR``) continues from it and refuses a damaged one (see
+  `sparsebptt.train.runs`).
+
+Nothing non-finite is trained on or saved: after every backward the gradients, and after every
+optimizer step the parameters, are checked for NaN and infinity (a NaN in a LIF network's weights
+may never show in its loss: NaN membranes do not spike), and so is everything a checkpoint would
+hold before it is written. The first non-finite value stops the run with a FloatingPointError
+naming the tensor, the epoch and the batch; the checkpoint on disk stays the last finite one.
 
 Under ``torchrun`` the processes train one model with DDP, each on its share of every batch
 (see `sparsebptt.train.distributed`).
@@ -39,17 +47,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..cells.base import FusedCell
 from ..data import get_dataset
 from ..planner import parse_bytes, plan
+from ..storage import DiskSpaceError
 from ..strategies import Strategy, parse_strategy
 from ..trace import trace
 from .config import TrainConfig
 from .distributed import Dist, all_sum, broadcast_object, setup, shard, share_loss, teardown
 from .models import build_model
-from .runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RunError, atomic_write, check_resume,
-                   default_out_dir, load_checkpoint, prepare_out, rng_state, save_checkpoint, set_rng_state)
+from .runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RunError, RunWriteError, atomic_write, check_resume,
+                   default_out_dir, load_checkpoint, non_finite, prepare_out, remove_stale_temporaries, rng_state,
+                   save_checkpoint, set_rng_state)
 
-__all__ = ["train", "evaluate", "METRIC_KEYS", "SEQUENCE_METRIC_KEYS"]
+__all__ = ["train", "evaluate", "cell_backends", "METRIC_KEYS", "SEQUENCE_METRIC_KEYS"]
 
 #: keys of every line of metrics.jsonl
 METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_acc", "seconds", "peak_stored_bytes",
@@ -136,8 +147,12 @@ def train(config: TrainConfig, out: "str | Path | None" = None, *, progress: boo
         call), ``resumed_from`` (epoch) and ``out``.
 
     Raises:
-        FloatingPointError: a non-finite loss; the message names the epoch and batch, and the
-            checkpoint of the last finished epoch stays as it was.
+        FloatingPointError: a non-finite loss, gradient, parameter or optimizer state; the message
+            names the tensor, the epoch and the batch, and the checkpoint on disk (the last finite
+            one, named in the message) stays as it was.
+        RunWriteError: a run file could not be written (a full disk); the message names the file
+            and the bytes it needed, and the checkpoint on disk stays as it was.
+        DiskSpaceError: a ``double-disk`` strategy's checkpoint file does not fit its disk.
     """
     strategy = parse_strategy(config.strategy)  # fail before any work on a bad string
     if config.memory_budget is not None:
@@ -164,6 +179,7 @@ class _Progress:
     peak: int = 0  # max peak_stored_bytes
     lines: list = field(default_factory=list)  # metrics.jsonl lines
     val_acc: float = float("nan")  # of the last finished epoch
+    saved: int = 0  # epoch of the checkpoint on disk (0: none)
 
     @property
     def last(self) -> dict:
@@ -193,6 +209,8 @@ def _open_run(config: TrainConfig, core: nn.Module, strategy: Strategy, out, res
         out = Path(out)
         meta = check_resume(config, out)
         strategy = parse_strategy(meta.get("strategy", config.strategy))  # as planned then
+        if d.is_main:
+            remove_stale_temporaries(out)  # of a process killed while writing
         ckpt = load_checkpoint(out / CHECKPOINT_FILE)
     else:
         if config.memory_budget is not None:
@@ -218,10 +236,15 @@ def _restore(core: nn.Module, opt: torch.optim.Optimizer, ckpt: "dict | None", c
     checkpoint's epoch (a fresh start without a checkpoint)."""
     if ckpt is None:
         return _Progress()
+    bad = non_finite({"model": ckpt["model"], "optimizer": ckpt["optimizer"]})
+    if bad:  # written by a version that did not check
+        raise RunError(f"checkpoint {str(out / CHECKPOINT_FILE)!r} holds NaN or infinity ({bad[0]}"
+                       f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); it cannot be continued: start "
+                       "a new run with --out")
     core.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     prog = _Progress(int(ckpt["epoch"]), float(ckpt["best_val_acc"]), int(ckpt["peak_stored_bytes"]),
-                     list(ckpt["metrics"]), float(ckpt["val_acc"]))
+                     list(ckpt["metrics"]), float(ckpt["val_acc"]), saved=int(ckpt["epoch"]))
     if len(prog.lines) != prog.done:
         raise RunError(f"checkpoint {str(out / CHECKPOINT_FILE)!r} says epoch {prog.done} but holds "
                        f"{len(prog.lines)} metrics lines; it is damaged")
@@ -232,15 +255,21 @@ def _restore(core: nn.Module, opt: torch.optim.Optimizer, ckpt: "dict | None", c
     return prog
 
 
+def cell_backends(model: nn.Module) -> "dict[str, str]":
+    """The backend each cell with kernels in ``model`` runs, by module name: what "auto" resolved to
+    on the weights' device ("torch" where no fused kernel can run, e.g. without a C compiler)."""
+    return {name: m.active_backend for name, m in model.named_modules() if isinstance(m, FusedCell)}
+
+
 def _write_run_files(out: Path, config: TrainConfig, strategy: Strategy, approximate: bool, d: Dist,
-                     lines: list) -> None:
-    """config.json (the config, the resolved strategy, the versions) and metrics.jsonl (the lines
-    of the finished epochs)."""
+                     lines: list, backends: dict) -> None:
+    """config.json (the config, the resolved strategy, the versions, the cells' backends) and
+    metrics.jsonl (the lines of the finished epochs)."""
     meta = {**dataclasses.asdict(config), "threshold": config.resolved_threshold,
             "strategy": strategy.to_string(), "approximate_gradient": approximate,
             "sparsebptt": _version(), "torch": torch.__version__,
             "train_config": dataclasses.asdict(config), "world_size": d.world,
-            "device": str(d.device)}
+            "device": str(d.device), "backends": backends}
     atomic_write(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
     atomic_write(out / METRICS_FILE, "".join(line + "\n" for line in lines))
 
@@ -275,19 +304,38 @@ def _announce(say, config: TrainConfig, dataset, strategy: Strategy, out: Path, 
             "not the gradient of full BPTT")
 
 
-def _diverged(batch_loss: float, n: int, epoch: int, i: int, n_batches: int, out: Path,
-              config: TrainConfig) -> FloatingPointError:
-    kept = (f"the checkpoint of epoch {epoch - 1} is kept in {out / CHECKPOINT_FILE}"
-            if epoch > 1 else "no epoch had finished, so there is no checkpoint")
-    return FloatingPointError(f"training diverged: loss {batch_loss / n} at epoch {epoch}, "
-                              f"batch {i + 1}/{n_batches}; {kept}; lower --lr (now {config.lr}) "
-                              "and start a new run")
+def _kept(out: Path, saved: int) -> str:
+    """Which checkpoint the run folder holds (``saved``: its epoch, 0 for none)."""
+    return (f"the checkpoint of epoch {saved} is kept in {out / CHECKPOINT_FILE}" if saved
+            else "no epoch had finished, so there is no checkpoint")
 
 
-def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, dataset, config: TrainConfig, epoch: int,
-                 d: Dist, sequence: bool, progress: bool, out: Path) -> _EpochStats:
+def _diverged(what: str, epoch: int, where: str, out: Path, config: TrainConfig, saved: int) -> FloatingPointError:
+    return FloatingPointError(f"training diverged: {what} at epoch {epoch}, {where}; {_kept(out, saved)}; "
+                              f"lower --lr (now {config.lr}) and start a new run")
+
+
+def _non_finite_names(named) -> "list[str]":
+    """The names of the tensors in ``named`` ((name, tensor or None) pairs) holding NaN or infinity;
+    one device sync for all of them."""
+    named = [(n, t) for n, t in named if t is not None]
+    if not named:
+        return []
+    ok = torch.stack([torch.isfinite(t).all() for _, t in named])
+    if bool(ok.all()):
+        return []
+    return [n for (n, _), good in zip(named, ok.tolist()) if not good]
+
+
+def _names(bad: "list[str]") -> str:
+    return bad[0] + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+
+
+def _train_epoch(model: nn.Module, core: nn.Module, opt: torch.optim.Optimizer, dataset, config: TrainConfig,
+                 epoch: int, d: Dist, sequence: bool, progress: bool, out: Path, saved: int) -> _EpochStats:
     """One pass over the training split: a step of ``opt`` per batch, `sb.trace` on the first.
-    FloatingPointError (before the step) on a non-finite loss."""
+    FloatingPointError on a non-finite loss or gradient (before the step) or parameter (after it);
+    ``saved`` is the epoch of the checkpoint on disk, named in the message."""
     model.train()
     stats = _EpochStats()
     n_batches = dataset.num_batches("train", config.batch_size)
@@ -311,9 +359,18 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, dataset, config: 
             stats.peak, stats.activity, stats.backward_macs = t.peak_stored_bytes, t.activity, t.backward_macs
         hits = 0 if empty else int((logits.argmax(-1) == y).sum())
         batch_loss, hits, n = all_sum([loss_total.item(), hits, 0 if empty else len(y)], d)
+        where = f"batch {i + 1}/{n_batches}"
         if not math.isfinite(batch_loss):
-            raise _diverged(batch_loss, n, epoch, i, n_batches, out, config)
+            raise _diverged(f"loss {batch_loss / n}", epoch, where, out, config, saved)
+        bad = _non_finite_names((name, p.grad) for name, p in core.named_parameters())
+        if bad:  # a finite loss need not mean finite gradients (NaN membranes do not spike)
+            raise _diverged(f"the gradient of {_names(bad)} holds NaN or infinity (the loss, "
+                            f"{batch_loss / n:.4g}, is finite)", epoch, where, out, config, saved)
         opt.step()
+        bad = _non_finite_names(core.named_parameters())
+        if bad:
+            raise _diverged(f"the optimizer step made {_names(bad)} NaN or infinite", epoch, where, out, config,
+                            saved)
         stats.loss_sum += batch_loss
         stats.correct += int(hits)
         stats.seen += int(n)
@@ -333,19 +390,38 @@ def _epoch_row(epoch: int, stats: _EpochStats, val, seconds: float, sequence: bo
     return row
 
 
+def _check_state(out: Path, epoch: int, core: nn.Module, opt: torch.optim.Optimizer, prog: _Progress,
+                 config: TrainConfig) -> None:
+    """FloatingPointError if the model or optimizer state that epoch ``epoch``'s checkpoint would
+    hold has NaN or infinity (the checkpoint on disk, of epoch ``prog.saved``, is kept)."""
+    bad = non_finite({"model": core.state_dict(), "optimizer": opt.state_dict()})
+    if bad:
+        raise _diverged(f"{_names(bad)} holds NaN or infinity", epoch, "before its checkpoint", out, config,
+                        prog.saved)
+
+
 def _save_epoch(metrics, out: Path, epoch: int, core: nn.Module, opt: torch.optim.Optimizer, prog: _Progress,
                 config: TrainConfig, strategy: Strategy) -> None:
-    """The epoch's metrics line first, then the checkpoint that lists it (see runs.py)."""
-    metrics.write(prog.lines[-1] + "\n")
-    metrics.flush()
-    os.fsync(metrics.fileno())
-    save_checkpoint(out / CHECKPOINT_FILE, {
-        "epoch": epoch, "model": core.state_dict(), "optimizer": opt.state_dict(),
-        "rng": rng_state(), "best_val_acc": prog.best, "val_acc": prog.val_acc,
-        "peak_stored_bytes": prog.peak, "metrics": list(prog.lines),
-        # batches of epoch e are drawn from _batch_seed(seed, e): nothing else to save
-        "batch_seed": {"scheme": "seed * 1000003 + epoch", "seed": config.seed},
-        "config": dataclasses.asdict(config), "strategy": strategy.to_string()})
+    """The epoch's metrics line first, then the checkpoint that lists it (see runs.py). A write
+    that fails raises `RunWriteError` naming the file, the bytes needed and the kept checkpoint."""
+    try:
+        metrics.write(prog.lines[-1] + "\n")
+        metrics.flush()
+        os.fsync(metrics.fileno())
+    except OSError as e:
+        raise RunWriteError(f"cannot write {str(out / METRICS_FILE)!r}: {e.strerror or e} "
+                            f"({len(prog.lines[-1]) + 1} bytes needed); {_kept(out, prog.saved)}; free space "
+                            f"and continue with --resume {out}") from None
+    try:
+        save_checkpoint(out / CHECKPOINT_FILE, {
+            "epoch": epoch, "model": core.state_dict(), "optimizer": opt.state_dict(),
+            "rng": rng_state(), "best_val_acc": prog.best, "val_acc": prog.val_acc,
+            "peak_stored_bytes": prog.peak, "metrics": list(prog.lines),
+            # batches of epoch e are drawn from _batch_seed(seed, e): nothing else to save
+            "batch_seed": {"scheme": "seed * 1000003 + epoch", "seed": config.seed},
+            "config": dataclasses.asdict(config), "strategy": strategy.to_string()})
+    except RunWriteError as e:
+        raise RunWriteError(f"{e}; {_kept(out, prog.saved)}; free space and continue with --resume {out}") from None
 
 
 def _epoch_line(row: dict, config: TrainConfig, sequence: bool) -> str:
@@ -375,7 +451,7 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log, re
 
     approximate = getattr(strategy, "approximate", not strategy.exact)
     if d.is_main:
-        _write_run_files(out, config, strategy, approximate, d, prog.lines)
+        _write_run_files(out, config, strategy, approximate, d, prog.lines, cell_backends(core))
     say = _printer(progress, log, d)
     _announce(say, config, dataset, strategy, out, d, local_batch, sequence, resume, ckpt is not None, prog.done,
               approximate)
@@ -386,7 +462,11 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log, re
     with metrics_file as metrics:
         for epoch in range(prog.done + 1, config.epochs + 1):
             t0 = time.perf_counter()
-            stats = _train_epoch(model, opt, dataset, config, epoch, d, sequence, progress, out)
+            try:
+                stats = _train_epoch(model, core, opt, dataset, config, epoch, d, sequence, progress, out,
+                                     prog.saved)
+            except DiskSpaceError as e:  # a double-disk strategy's file does not fit
+                raise DiskSpaceError(f"{e}; {_kept(out, prog.saved)}") from None
             val = evaluate(core, dataset, "val", config.batch_size, _batch_seed(config.seed, 0), dist=d,
                            with_loss=sequence)
             row = _epoch_row(epoch, stats, val, time.perf_counter() - t0, sequence)
@@ -395,8 +475,10 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log, re
             val_bpc = row.get("val_bpc", val_bpc)
             prog.lines.append(json.dumps(row))
             epoch_activity = stats.activity
+            _check_state(out, epoch, core, opt, prog, config)  # every process: they stop together
             if d.is_main:
                 _save_epoch(metrics, out, epoch, core, opt, prog, config, strategy)
+            prog.saved = epoch
             say(_epoch_line(row, config, sequence))
     return _finish(say, config, dataset, strategy, out, prog, resumed_from, time.perf_counter() - start,
                    approximate, epoch_activity, val_bpc, sequence, resume)

@@ -9,15 +9,28 @@ epoch the trainer appends the epoch's metrics line first and then replaces the c
 also holds every metrics line so far; resuming rewrites metrics.jsonl from the checkpoint, so an
 epoch whose line was written but whose checkpoint was not is run again and listed once.
 
+A checkpoint carries the SHA-256 of its contents (`state_digest`: every tensor's dtype, shape and
+bytes and every other entry, in a fixed order) and `load_checkpoint` refuses a file whose contents
+no longer match it, so a damaged file is never resumed from. `save_checkpoint` refuses a state that
+holds NaN or infinity (`non_finite`), so a finite checkpoint is never replaced by a poisoned one.
+A write that fails (a full disk) raises `RunWriteError` naming the file and the bytes it needed,
+and leaves the file it would have replaced as it was. Temporary files carry the writer's process
+id; `remove_stale_temporaries` deletes those of processes that are gone (a run killed mid-write).
+
 `--resume` continues a run only with the config it was started with (`config_from_run`,
 `config_mismatches`), except for the entries in `RESUME_MAY_CHANGE`.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
+import io
 import json
 import os
 import random
+import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,24 +38,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..storage import process_alive
 from ..strategies import parse_strategy
 from .config import TrainConfig
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "RESUME_MAY_CHANGE", "RunError",
            "atomic_write", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
            "read_run_meta", "is_run", "default_out_dir", "prepare_out", "config_from_run", "config_mismatches",
-           "check_resume"]
+           "check_resume", "RunWriteError", "state_digest", "non_finite", "remove_stale_temporaries"]
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
-#: ``format`` entry of every checkpoint this version writes; other values are refused on load
-CHECKPOINT_FORMAT = "sparsebptt-train-checkpoint/1"
+#: ``format`` entry of every checkpoint this version writes (with a ``sha256`` of its contents);
+#: other values are refused on load, but for `_LEGACY_FORMAT` (written before checksums)
+CHECKPOINT_FORMAT = "sparsebptt-train-checkpoint/2"
+_LEGACY_FORMAT = "sparsebptt-train-checkpoint/1"
 
 
 class RunError(ValueError):
     """A run folder that cannot be used as asked: not a run, a config mismatch on resume, a
     damaged checkpoint. The message is one line and says the fix."""
+
+
+class RunWriteError(OSError):
+    """A run file could not be written (a full disk, a quota, no permission). The message is one
+    line naming the file, the bytes it needed and the space left; the file it would have replaced
+    is unchanged."""
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else "cannot write a run file"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -64,30 +89,93 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: "str | Path", data: "bytes | str | None" = None, *, writer=None) -> None:
+def _free_bytes(folder: Path) -> "int | None":
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _write_error(path: Path, err: OSError, needed: "int | None") -> RunWriteError:
+    """One line: the file, why, the bytes it needed and the space left on its disk."""
+    why = err.strerror or str(err) or type(err).__name__
+    free = _free_bytes(path.parent)
+    need = f"{needed} bytes needed" if needed is not None else "size unknown"
+    room = f", {free} bytes free there" if free is not None else ""
+    hint = "; free space there" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    e = RunWriteError(f"cannot write {str(path)!r}: {why} ({need}{room}); the file it would replace is "
+                      f"unchanged{hint}")
+    e.errno, e.filename = err.errno, str(path)
+    return e
+
+
+def atomic_write(path: "str | Path", data: "bytes | bytearray | memoryview | str | None" = None, *,
+                 writer=None) -> None:
     """Replace ``path`` atomically with ``data`` (bytes or text), or with what ``writer(file)``
-    writes into a binary file object: temporary file in the same folder, fsync, `os.replace`."""
+    writes into a binary file object: temporary file in the same folder (named
+    ``.<name>.<pid>-<random>.tmp``), fsync, `os.replace`. A failed write (a full disk) removes the
+    temporary file, leaves ``path`` as it was and raises `RunWriteError` naming ``path`` and the
+    bytes it needed."""
     path = Path(path)
     if (data is None) == (writer is None):
         raise TypeError("atomic_write: pass exactly one of data or writer")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if isinstance(data, str):
+        data = data.encode()
+    needed = None if data is None else memoryview(data).nbytes
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e, needed) from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
             if writer is not None:
                 writer(f)
             else:
-                f.write(data.encode() if isinstance(data, str) else data)
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, RunWriteError):
+            raise _write_error(path, e, needed) from None
         raise
     _fsync_dir(path.parent)
+
+
+#: ``.<file>.<pid>-<random>.tmp`` (this version) or ``.<file>.<random>.tmp`` (before pids were named)
+_TEMPORARY = re.compile(r"\.(?P<name>.+?)\.(?:(?P<pid>[0-9]+)-)?[a-z0-9_]+\.tmp")
+
+
+def remove_stale_temporaries(folder: "str | Path", names=None) -> "list[Path]":
+    """Delete the temporary files `atomic_write` left in ``folder`` for the files ``names`` (default:
+    config.json, metrics.jsonl, checkpoint.pt) when a process was killed mid-write: those whose
+    writer (the pid in the name) is gone or is this process, and those without a pid (older
+    versions). Returns the deleted paths."""
+    folder = Path(folder)
+    names = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE) if names is None else tuple(names)
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _TEMPORARY.fullmatch(p.name)
+        if m is None or m.group("name") not in names or not p.is_file():
+            continue
+        pid = m.group("pid")
+        if pid is not None and int(pid) != os.getpid() and process_alive(int(pid)):
+            continue  # another live process is writing it
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
 
 
 def rng_state() -> dict:
@@ -115,16 +203,83 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_PLAIN = (type(None), bool, int, float, str, bytes, torch.dtype, torch.device)
+
+
+def _feed(h, obj, where: str) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)};".encode())
+        for k in sorted(obj, key=repr):
+            _feed(h, k, where)
+            _feed(h, obj[k], f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)};".encode())
+        for i, v in enumerate(obj):
+            _feed(h, v, f"{where}[{i}]")
+    elif isinstance(obj, _PLAIN):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:
+        raise TypeError(f"state_digest: {where} is a {type(obj).__name__}; a checkpoint holds tensors, dicts, "
+                        "lists, tuples, numbers, strings and None")
+
+
+def state_digest(state) -> str:
+    """SHA-256 (hex) of a checkpoint's contents: every tensor's dtype, shape and bytes and every
+    other entry, dict keys in a fixed order. Equal for a state and what `torch.load` gives back
+    for it, so it checks the contents, not the file's layout."""
+    h = hashlib.sha256()
+    _feed(h, state, "state")
+    return h.hexdigest()
+
+
+def non_finite(state, where: str = "") -> "list[str]":
+    """Where ``state`` (nested dicts, lists, tuples of tensors) holds NaN or infinity: the paths of
+    the floating-point tensors that do, e.g. ``model['fc.weight']``."""
+    found = []
+    if isinstance(state, torch.Tensor):
+        if (state.is_floating_point() or state.is_complex()) and not bool(torch.isfinite(state).all()):
+            found.append(where or "tensor")
+    elif isinstance(state, dict):
+        for k, v in state.items():
+            found += non_finite(v, f"{where}[{k!r}]" if where else str(k))
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            found += non_finite(v, f"{where}[{i}]")
+    elif isinstance(state, float) and not (state == state and abs(state) != float("inf")):
+        found.append(where or "value")
+    return found
+
+
 def save_checkpoint(path: "str | Path", state: dict) -> None:
-    """Write a training checkpoint atomically (``state`` gets ``format``)."""
+    """Write a training checkpoint atomically, with ``format`` and the ``sha256`` of its contents.
+
+    Raises FloatingPointError, writing nothing, if the model or optimizer state holds NaN or
+    infinity (the file on disk stays the last finite one); `RunWriteError` (naming the file and the
+    bytes needed) if the disk cannot take it, the old file kept.
+    """
+    path = Path(path)
+    bad = non_finite({k: state[k] for k in ("model", "optimizer") if k in state})
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise FloatingPointError(f"not writing the checkpoint {str(path)!r}: {bad[0]}{more} holds NaN or "
+                                 "infinity; the file on disk is unchanged")
     state = {"format": CHECKPOINT_FORMAT, **state}
-    atomic_write(path, writer=lambda f: torch.save(state, f))
+    state["sha256"] = state_digest(state)
+    buf = io.BytesIO()
+    torch.save(state, buf)  # in memory first: the size is known and a disk error is one OSError
+    atomic_write(path, buf.getbuffer())
 
 
 def load_checkpoint(path: "str | Path") -> "dict | None":
-    """The checkpoint at ``path`` (tensors on the CPU), or None if there is none.
+    """The checkpoint at ``path`` (tensors on the CPU, without its ``sha256``), or None if there is
+    none.
 
-    Raises `RunError` if the file cannot be read or is not a checkpoint of this format.
+    Raises `RunError` (one line naming the file) if the file cannot be read, is not a checkpoint
+    of this format, or its contents do not match its checksum (it is damaged).
     """
     path = Path(path)
     if not path.exists():
@@ -135,10 +290,21 @@ def load_checkpoint(path: "str | Path") -> "dict | None":
         raise RunError(f"cannot read the training checkpoint {str(path)!r} "
                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}); "
                        "it is damaged or not a sparsebptt checkpoint") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if fmt not in (CHECKPOINT_FORMAT, _LEGACY_FORMAT):
+        got = fmt if isinstance(state, dict) else type(state).__name__
         raise RunError(f"{str(path)!r} is not a sparsebptt training checkpoint of format "
                        f"{CHECKPOINT_FORMAT!r} (got {got!r})")
+    if fmt == CHECKPOINT_FORMAT:
+        stored = state.pop("sha256", None)
+        try:
+            actual = state_digest(state)
+        except TypeError:  # an entry of a type this version never writes
+            actual = None
+        if stored != actual:
+            raise RunError(f"the training checkpoint {str(path)!r} is damaged: its contents do not match "
+                           f"its checksum (sha256 {str(stored)[:12]}..., contents {str(actual)[:12]}...); "
+                           "restore the file from a backup or start a new run with --out")
     return state
 
 
@@ -215,12 +381,14 @@ def config_mismatches(saved: TrainConfig, given: TrainConfig,
 
 
 def prepare_out(out: "str | Path") -> Path:
-    """``out`` created for a new run; FileExistsError if it already holds a run's metrics."""
+    """``out`` created for a new run (stale temporary files removed); FileExistsError if it already
+    holds a run's metrics."""
     out = Path(out)
     if (out / METRICS_FILE).exists():
         raise FileExistsError(f"run folder {str(out)!r} already holds metrics.jsonl; choose another --out, "
                               f"remove the old run, or continue it with --resume {out}")
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     return out
 
 
