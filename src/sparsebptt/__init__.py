@@ -6,17 +6,18 @@
 """
 from . import cells, kernels
 from .kernels import get_backend, set_backend
-from .scan import REDUCES, scan
+from .scan import REDUCES, RecomputationError, scan
 from .strategies import (Checkpoint, DoubleCheckpoint, FullBPTT, Revolve, Skipper, Strategy,
                          TwoLevelRevolve, parse_strategy)
 from .planner import estimate, parse_bytes, plan
 from .trace import Trace, trace
 from .nn import Recurrent
+from . import adapters
 from .export import export_nir
 
 __version__ = "0.1.0"
 
-__all__ = ["cells", "kernels", "get_backend", "set_backend", "scan", "REDUCES", "Checkpoint",
+__all__ = ["cells", "kernels", "adapters", "get_backend", "set_backend", "scan", "REDUCES", "Checkpoint",
            "DoubleCheckpoint", "FullBPTT", "Revolve", "Skipper", "TwoLevelRevolve", "Strategy",
-           "parse_strategy", "plan", "estimate", "parse_bytes", "Trace", "trace", "Recurrent", "export_nir",
+           "parse_strategy", "RecomputationError", "plan", "estimate", "parse_bytes", "Trace", "trace", "Recurrent", "export_nir",
            "__version__"]
