@@ -256,3 +256,180 @@ def test_state0_in_the_dtype_of_x_is_accepted_when_initial_state_ignores_dtype()
                                         r"Float32Zeros.initial_state gives for dtype=torch.float64\) or "
                                         "torch.float64 like x"):
         sb.scan(cell, x, tuple(s.half() for s in state0))
+
+
+# ---- item 3: tensors a cell uses without registering them get their gradients ------------------
+def _closure_cell(n):
+    """A cell built by a function: its input weights are a tensor the step closes over."""
+    g = torch.Generator().manual_seed(21)
+    w_in = (torch.randn(N_IN, n, generator=g, dtype=torch.float64) / N_IN ** 0.5).requires_grad_()
+
+    class Closure(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.u = nn.Parameter(torch.randn(n, n, generator=g, dtype=torch.float64) / n ** 0.5)
+
+        def initial_state(self, batch_size, device=None, dtype=None):
+            return (torch.zeros(batch_size, n, device=device, dtype=dtype),)
+
+        def step(self, x_t, state):
+            h = torch.tanh(x_t @ w_in + state[0] @ self.u)
+            return h, (h,)
+
+    return Closure(), {"w_in": w_in}
+
+
+class ListLinear(nn.Module):
+    """Keeps its input layer in a plain list: not registered, so not in parameters()."""
+
+    def __init__(self, n):
+        super().__init__()
+        torch.manual_seed(22)
+        self.layers = [nn.Linear(N_IN, n).double()]
+        self.u = nn.Parameter(torch.randn(n, n, dtype=torch.float64) / n ** 0.5)
+        self.n = n
+
+    def initial_state(self, batch_size, device=None, dtype=None):
+        return (torch.zeros(batch_size, self.n, device=device, dtype=dtype),)
+
+    def step(self, x_t, state):
+        h = torch.tanh(self.layers[0](x_t) + state[0] @ self.u)
+        return h, (h,)
+
+
+class Shared(nn.Module):
+    """Uses a Parameter owned by another module (a shared embedding, a tied weight)."""
+
+    def __init__(self, owner: nn.Module, n):
+        super().__init__()
+        self._owner = (owner,)  # a tuple: not a submodule
+        torch.manual_seed(23)
+        self.u = nn.Parameter(torch.randn(n, n, dtype=torch.float64) / n ** 0.5)
+        self.n = n
+
+    def initial_state(self, batch_size, device=None, dtype=None):
+        return (torch.zeros(batch_size, self.n, device=device, dtype=dtype),)
+
+    def step(self, x_t, state):
+        h = torch.tanh(self._owner[0](x_t) + state[0] @ self.u)
+        return h, (h,)
+
+
+def _unregistered(kind):
+    if kind == "closure":
+        return _closure_cell(6)
+    if kind == "list":
+        cell = ListLinear(6)
+        return cell, {"layers[0].weight": cell.layers[0].weight, "layers[0].bias": cell.layers[0].bias}
+    torch.manual_seed(24)
+    owner = nn.Linear(N_IN, 6).double()
+    return Shared(owner, 6), {"owner.weight": owner.weight, "owner.bias": owner.bias}
+
+
+@pytest.mark.parametrize("strategy", EXACT + [sb.DoubleCheckpoint.optimal(fast_slots=1, slow_slots=2,
+                                                                          outer_storage="host")], ids=_sid)
+@pytest.mark.parametrize("kind", ["closure", "list", "other-module"])
+def test_unregistered_tensors_get_their_gradients(kind, strategy):
+    results = []
+    for st in (sb.FullBPTT(), strategy):
+        cell, hidden = _unregistered(kind)
+        res = run(cell, 23, 2, torch.float64, st)
+        res.update({f"d{name}": t.grad for name, t in hidden.items()})
+        results.append(res)
+    for name, g in results[1].items():
+        if name.startswith("d") and name[1:] in hidden:
+            assert g is not None, f"{name}: no gradient under {_sid(strategy)}"
+    compare(*results)
+
+
+def test_unregistered_leaf_gradient_accumulates_with_its_other_uses():
+    """A shared weight also used outside the scan: both contributions, as under FullBPTT."""
+    grads = []
+    for st in (sb.FullBPTT(), sb.Revolve(slots=2)):
+        cell, hidden = _unregistered("other-module")
+        x = seeded(2, 17, 2, N_IN)
+        y, (h,) = sb.scan(cell, x, strategy=st)
+        extra = cell._owner[0](x[0]).pow(2).sum()  # the same Linear used outside the scan
+        (y.sum() + h.sum() + extra).backward()
+        grads.append([t.grad.clone() for t in hidden.values()])
+    for a, b in zip(*grads):
+        assert_close("d_shared", a, b)
+
+
+# ---- item 5: module-held state is caught, named and explained ----------------------------------
+class ModuleStateLIF(nn.Module):
+    """Keeps its membrane in ``self.v`` (as snnTorch's init_hidden=True): the state tuple is empty."""
+
+    def __init__(self, n):
+        super().__init__()
+        torch.manual_seed(25)
+        self.fc = nn.Linear(N_IN, n)
+        self.v = None
+        self.n = n
+
+    def initial_state(self, batch_size, device=None, dtype=None):
+        return ()
+
+    def step(self, x_t, state):
+        v = torch.zeros(x_t.shape[0], self.n, dtype=x_t.dtype) if self.v is None else self.v
+        self.v = 0.9 * v + self.fc(x_t)
+        return torch.tanh(self.v), state
+
+
+class CountingCell(nn.Module):
+    """Its step depends on a Python counter in the module: recomputation does not repeat it."""
+
+    def __init__(self, n):
+        super().__init__()
+        torch.manual_seed(26)
+        self.fc = nn.Linear(N_IN, n)
+        self.calls = 0
+        self.n = n
+
+    def initial_state(self, batch_size, device=None, dtype=None):
+        return (torch.zeros(batch_size, self.n, device=device, dtype=dtype),)
+
+    def step(self, x_t, state):
+        self.calls += 1
+        h = torch.tanh(self.fc(x_t) + 0.5 * state[0] + 0.01 * self.calls)
+        return h, (h,)
+
+
+@pytest.mark.parametrize("strategy", EXACT, ids=_sid)
+def test_module_held_state_is_an_error_that_says_what_to_fix(strategy):
+    cell = ModuleStateLIF(6).double()
+    x = seeded(2, 23, 2, N_IN).requires_grad_()
+    y, _ = sb.scan(cell, x, strategy=strategy)
+    with pytest.raises(sb.RecomputationError, match=r"sb.scan of ModuleStateLIF: steps \d+\.\.\d+ reach "
+                                                    r"(x at steps|state component) .* not in the state tuple: "
+                                                    r"the cell keeps state in the module .* keep every tensor"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("strategy", EXACT, ids=_sid)
+def test_step_that_is_not_a_function_of_its_state_is_an_error_naming_component_and_step(strategy):
+    cell = CountingCell(6).double()
+    x = seeded(2, 23, 2, N_IN).requires_grad_()
+    y, _ = sb.scan(cell, x, strategy=strategy)
+    with pytest.raises(sb.RecomputationError, match=r"sb.scan of CountingCell: state component 0 at step \d+ "
+                                                    r"differs between the forward and its recomputation .* "
+                                                    r"keep every tensor a step carries"):
+        y.sum().backward()
+
+
+def test_full_bptt_needs_no_check():
+    """FullBPTT recomputes nothing: module-held state works there as in a hand-written loop."""
+    cell = CountingCell(6).double()
+    x = seeded(2, 9, 2, N_IN).requires_grad_()
+    y, _ = sb.scan(cell, x)
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_the_check_passes_every_builtin_cell_and_a_stochastic_one():
+    """Deterministic steps (and dropout with preserve_rng) reproduce their checkpoints exactly."""
+    from helpers import make_cell
+
+    for kind in ("lif", "gru", "stack", "noisy", "egru"):
+        for st in (sb.Revolve(slots=2), sb.DoubleCheckpoint(outer=8, inner=3, outer_storage="host")):
+            run(make_cell(kind), 23, 2, torch.float64, st, rng_seed=3)

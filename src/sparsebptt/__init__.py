@@ -6,7 +6,7 @@
 """
 from . import cells, kernels
 from .kernels import get_backend, set_backend
-from .scan import REDUCES, scan
+from .scan import REDUCES, RecomputationError, scan
 from .strategies import (Checkpoint, DoubleCheckpoint, FullBPTT, Revolve, Skipper, Strategy,
                          TwoLevelRevolve, parse_strategy)
 from .planner import estimate, parse_bytes, plan
@@ -19,5 +19,5 @@ __version__ = "0.1.0"
 
 __all__ = ["cells", "kernels", "adapters", "get_backend", "set_backend", "scan", "REDUCES", "Checkpoint",
            "DoubleCheckpoint", "FullBPTT", "Revolve", "Skipper", "TwoLevelRevolve", "Strategy",
-           "parse_strategy", "plan", "estimate", "parse_bytes", "Trace", "trace", "Recurrent", "export_nir",
-           "__version__"]
+           "parse_strategy", "RecomputationError", "plan", "estimate", "parse_bytes", "Trace", "trace",
+           "Recurrent", "export_nir", "__version__"]

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 
 from .strategies import FullBPTT, Strategy, parse_strategy
-from .strategies.executor import execute
+from .strategies.executor import RecomputationError, execute
 from .trace import current_trace
 
-__all__ = ["scan", "REDUCES"]
+__all__ = ["scan", "REDUCES", "RecomputationError"]
 
 REDUCES = (None, "sum", "mean", "last")
 

@@ -62,6 +62,8 @@ def unpack_bits(packed: torch.Tensor, shape, dtype) -> torch.Tensor:
 def binary_states_of(cell, n_states: int) -> tuple[bool, ...]:
     """Which state components of ``cell`` only ever hold 0/1 (the cell's ``binary_states``)."""
     layers = getattr(cell, "layers", None)
+    if layers is not None and not all(callable(getattr(layer, "initial_state", None)) for layer in layers):
+        layers = None  # a user cell's own list of modules, not a Stack's cells
     if layers is not None and getattr(cell, "binary_states", None) is None:
         mask = []
         for layer in layers:

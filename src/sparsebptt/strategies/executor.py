@@ -31,7 +31,13 @@ from ..storage import binary_states_of, make_store
 from ..trace import current_trace, recomputing, saving
 from .base import Plan, SkipReverse
 
-__all__ = ["execute", "run_graph", "run_forward", "run_schedule", "Reducer", "NO_GRAD_CHUNK"]
+__all__ = ["execute", "run_graph", "run_forward", "run_schedule", "Reducer", "NO_GRAD_CHUNK",
+           "RecomputationError", "RECOMPUTE_RTOL"]
+
+
+class RecomputationError(RuntimeError):
+    """A recomputed segment did not reproduce the forward (module-held state, a step that depends on
+    something besides (x_t, state)). The message names the cell, the state component and the step."""
 
 
 class Reducer:
@@ -168,6 +174,9 @@ class _Run:
     reducer: Reducer | None = None
     autocast: tuple = (False, None)
     state0_grad: tuple = ()
+    extra: dict = field(default_factory=dict)  # id -> leaf the cell uses without registering it
+    digests: dict = field(default_factory=dict)  # step -> `_digest` of the state stored there
+    compare_values: bool = True  # whether a recomputed state must equal the stored one in value
 
 
 def _needs_grad(s: torch.Tensor) -> bool:
@@ -246,6 +255,9 @@ def _advance(run: _Run, n0: int, n1: int, state, graph: bool, emit: bool):
     state_in = tuple(s.detach().requires_grad_(_needs_grad(s) and (n0 > 0 or g))
                      for s, g in zip(state, run.state0_grad))
     x_in = x[n0:n1].detach().requires_grad_(x.requires_grad)
+    for i, s in enumerate(state_in):  # what `_check_graph` recognises in a later segment's graph
+        s._sparsebptt_leaf = f"state component {i} at step {n0}"
+    x_in._sparsebptt_leaf = f"x at steps {n0}..{n1}"
     state = state_in
     with torch.enable_grad(), saving(run.trace):
         if segment_fn is not None:
@@ -260,11 +272,99 @@ def _advance(run: _Run, n0: int, n1: int, state, graph: bool, emit: bool):
 
             ys, state = run_steps(cell.step, x_in, state, on_output=keep, t0=n0)
     seg = _Segment(n0, n1, state_in, x_in, ys, tuple(state))
+    _check_graph(run, seg)
     if run.trace is not None:
         held = [ys] if isinstance(ys, torch.Tensor) else list(ys)
         seg.held_bytes = sum(t.numel() * t.element_size() for t in held + list(state) if t is not None)
         run.trace.add_stored(seg.held_bytes)
     return seg
+
+
+def _graph_leaves(roots):
+    """The leaves (tensors with an ``AccumulateGrad`` node) the autograd graph of ``roots`` reaches."""
+    seen, leaves = set(), {}
+    stack = [r.grad_fn for r in roots if r is not None and r.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:  # AccumulateGrad
+            leaves[id(var)] = var
+            continue
+        stack.extend(f for f, _ in fn.next_functions if f is not None)
+    return leaves.values()
+
+
+def _check_graph(run: _Run, seg: _Segment) -> None:
+    """Walk a segment's graph down to its leaves (as `torch.utils.checkpoint` does): a leaf that is
+    neither this segment's x and state nor a registered parameter is a tensor the cell uses without
+    registering it (a closure, a plain list, another module's Parameter): it joins ``run.extra`` and
+    gets its gradient. A leaf of another segment means the cell carries a tensor from step to step
+    outside its state tuple (module-held state), which no recomputation can restore: an error."""
+    own = {id(t) for t in seg.state_in} | {id(seg.x_in)} | {id(p) for p in run.params}
+    roots = [seg.ys] if isinstance(seg.ys, torch.Tensor) else list(seg.ys)
+    for leaf in _graph_leaves(roots + list(seg.state_out)):
+        if id(leaf) in own:
+            continue
+        where = getattr(leaf, "_sparsebptt_leaf", None)
+        if where is not None:
+            raise RecomputationError(
+                f"sb.scan of {type(run.cell).__name__}: steps {seg.n0}..{seg.n1} reach {where} through a tensor "
+                "that is not in the state tuple: the cell keeps state in the module (e.g. self.v = ...) or "
+                "caches a tensor from step to step. A memory strategy restores only the state tuple and "
+                "recomputes from it; keep every tensor a step carries to the next in the tuple that "
+                "step(x_t, state) takes and returns (or use sb.FullBPTT())")
+        run.extra.setdefault(id(leaf), leaf)
+
+
+def _digest(state, values: bool):
+    """Shape, dtype, device of each state component and (``values``) its sum and sum of |values|
+    in float64: what a recomputation reaching the same step must reproduce."""
+    out = []
+    with torch.no_grad():
+        for s in state:
+            d = None
+            if values and not s.is_complex():
+                f = s if s.is_floating_point() else s.to(torch.float64)
+                d = torch.stack([f.sum(dtype=torch.float64), torch.linalg.vector_norm(f, 1, dtype=torch.float64)])
+            out.append((tuple(s.shape), s.dtype, s.device, d))
+    return out
+
+
+#: relative difference (to the sum of |values|) from which a recomputed state differs from the stored
+#: one: the step path repeats the same operations bit for bit on a CPU; this leaves room for
+#: nondeterministic GPU kernels (atomics) and catches a module-held state, which differs at O(1)
+RECOMPUTE_RTOL = 1e-3
+
+
+def _check_recomputed(run: _Run, n: int, state) -> None:
+    """The state a recomputation reached at step n against the `_digest` stored there."""
+    stored = run.digests.get(n)
+    if stored is None:
+        return
+    name = type(run.cell).__name__
+    fix = ("keep every tensor a step carries to the next in the state tuple that step(x_t, state) takes and "
+           "returns (module attributes are not restored), draw random numbers from torch's generators "
+           "(replayed with preserve_rng=True), and make step depend on nothing else that changes")
+    if len(state) != len(stored):
+        raise RecomputationError(f"sb.scan of {name}: recomputing up to step {n} gave a state of {len(state)} "
+                                 f"components, the forward {len(stored)}; {fix}")
+    now = _digest(state, values=any(d is not None for *_, d in stored))
+    for i, ((shape, dtype, dev, d), (shape2, dtype2, dev2, d2)) in enumerate(zip(stored, now)):
+        if (shape, dtype, dev) != (shape2, dtype2, dev2):
+            raise RecomputationError(
+                f"sb.scan of {name}: state component {i} at step {n} was {dtype} {shape} on {dev} in the forward "
+                f"but recomputing gave {dtype2} {shape2} on {dev2}; {fix}")
+        if d is None or d2 is None:
+            continue
+        diff = (d2 - d).abs().max()
+        if not bool(diff <= RECOMPUTE_RTOL * d[1]) and not bool(torch.isnan(d).any() and torch.isnan(d2).any()):
+            raise RecomputationError(
+                f"sb.scan of {name}: state component {i} at step {n} differs between the forward and its "
+                f"recomputation (sum {d[0].item():.6g} vs {d2[0].item():.6g}, sum of |values| {d[1].item():.6g} vs "
+                f"{d2[1].item():.6g}): the step is not a function of (x_t, state) alone; {fix}")
 
 
 def _forward_action(run: _Run, a: Forward, work, recompute: bool):
@@ -275,6 +375,8 @@ def _forward_action(run: _Run, a: Forward, work, recompute: bool):
         if a.storage == StorageType.WORK:
             raise NotImplementedError("schedules that store a restart state in WORK are not supported")
         run.stores[a.storage].save(a.n0, state)
+        if a.n0 > 0 and a.n0 not in run.digests:
+            run.digests[a.n0] = _digest(state, run.compare_values)
         if run.preserve_rng:
             run.rng[a.n0] = _rng_state(run.x.device)
     trace = run.trace
@@ -286,8 +388,12 @@ def _forward_action(run: _Run, a: Forward, work, recompute: bool):
     if a.write_adj_deps:
         seg = _advance(run, a.n0, a.n1, state, graph=True, emit=not recompute)
         run.segments[a.n0] = seg
-        return (a.n1, tuple(s.detach() for s in seg.state_out))
-    return (a.n1, _advance(run, a.n0, a.n1, state, graph=False, emit=not recompute))
+        work = (a.n1, tuple(s.detach() for s in seg.state_out))
+    else:
+        work = (a.n1, _advance(run, a.n0, a.n1, state, graph=False, emit=not recompute))
+    if recompute:
+        _check_recomputed(run, a.n1, work[1])
+    return work
 
 
 def _reverse(run: _Run, seg: _Segment, dout, dstate, grads):
@@ -313,6 +419,8 @@ def _reverse(run: _Run, seg: _Segment, dout, dstate, grads):
     n_state_in = sum(1 for s in seg.state_in if s.requires_grad)
     param_idx = [i for i, p in enumerate(run.params) if p.requires_grad]
     inputs += [run.params[i] for i in param_idx]
+    extra = list(run.extra.items())
+    inputs += [t for _, t in extra]
     new_dstate = [None] * len(seg.state_in)
     if outs and inputs:
         got = torch.autograd.grad(outs, inputs, gouts, allow_unused=True)
@@ -326,9 +434,12 @@ def _reverse(run: _Run, seg: _Segment, dout, dstate, grads):
             if got[k] is not None:
                 grads["x"][seg.n0:seg.n1] = got[k]
             k += 1
-        for i, g in zip(param_idx, got[k:]):
+        for i, g in zip(param_idx, got[k:k + len(param_idx)]):
             if g is not None:
                 grads["params"][i] = g if grads["params"][i] is None else grads["params"][i] + g
+        for (key, _), g in zip(extra, got[k + len(param_idx):]):
+            if g is not None:
+                grads["extra"][key] = g if key not in grads["extra"] else grads["extra"][key] + g
     if run.trace is not None:
         run.trace.add_stored(-seg.held_bytes)
     return new_dstate
@@ -398,7 +509,7 @@ class _ScheduledScan(torch.autograd.Function):
         ctx.run = None
         x = run.x
         grads = {"x": torch.zeros_like(x) if ctx.needs_input_grad[1] else None,
-                 "params": [None] * len(run.params)}
+                 "params": [None] * len(run.params), "extra": {}}
         dstate = list(dstate)
         pos = x.shape[0]
         work = None
@@ -447,6 +558,9 @@ class _ScheduledScan(torch.autograd.Function):
             _close(run)
         if pos != 0:
             raise RuntimeError(f"schedule ended its reverse sweep at step {pos}, expected 0")
+        if grads["extra"]:  # unregistered leaves: accumulated as a backward into them would
+            keys = list(grads["extra"])
+            torch.autograd.backward([run.extra[k] for k in keys], [grads["extra"][k] for k in keys])
         dstate0 = [g if need else None for g, need in zip(dstate, ctx.needs_input_grad[2:2 + ctx.n_state])]
         dparams = [g if need else None
                    for g, need in zip(grads["params"], ctx.needs_input_grad[2 + ctx.n_state:])]
@@ -461,7 +575,8 @@ def run_schedule(cell, x, state0, plan: Plan, reduce, params, preserve_rng=True)
         raise RuntimeError(f"a plan for T={plan.T} steps cannot run a scan of T={T} steps")
     run = _Run(cell=cell, x=x, params=list(params), reduce=reduce, plan=plan, actions=iter(plan.actions),
                preserve_rng=preserve_rng, trace=current_trace(), reducer=Reducer(reduce, T),
-               state0_grad=tuple(s.requires_grad for s in state0))
+               state0_grad=tuple(s.requires_grad for s in state0),
+               compare_values=preserve_rng and getattr(cell, "scan_segment", None) is None)
     outs = _ScheduledScan.apply(run, x, *state0, *run.params)
     return outs[0], tuple(outs[1:])
 
