@@ -309,26 +309,31 @@ def test_map_snntorch_surrogates_and_learnable_beta(name, make_grad, surrogate, 
     assert_close("dbeta", leaky.beta.grad, lif.beta.grad, torch.float64, atol=TOL)
 
 
-@pytest.mark.parametrize("v_reset,decay_input", [(0.0, True), (None, True), (0.0, False)],
-                         ids=["hard-decayinput", "soft-decayinput", "hard-nodecayinput"])
-def test_map_spikingjelly_lifnode(v_reset, decay_input):
-    """LIFNode(tau, decay_input, v_reset, Sigmoid(alpha=4)) == LIF(beta=1-1/tau, reset="zero" for
-    v_reset=0 / "subtract" for None, surrogate="sigmoid"), weights / tau when decay_input."""
+@pytest.mark.parametrize("v_reset,decay_input,detach", [(0.0, True, False), (None, True, False),
+                                                        (0.0, False, False), (0.0, True, True)],
+                         ids=["hard-decayinput", "soft-decayinput", "hard-nodecayinput", "hard-detachreset"])
+def test_map_spikingjelly_lifnode(v_reset, decay_input, detach):
+    """LIFNode(tau, decay_input, v_reset, Sigmoid(alpha=4), detach_reset) == LIF(beta=1-1/tau,
+    reset="zero" for v_reset=0 / "subtract" for None, surrogate="sigmoid", detach_reset), the
+    weights / tau when decay_input."""
     _peer("spikingjelly")
     from spikingjelly.activation_based import neuron
-    node = neuron.LIFNode(tau=2.0, decay_input=decay_input, v_threshold=0.6, v_reset=v_reset).double()
+    node = neuron.LIFNode(tau=2.0, decay_input=decay_input, v_threshold=0.6, v_reset=v_reset,
+                          detach_reset=detach).double()
     lif = sb.cells.LIF(N_IN, H, beta=0.5, threshold=0.6, reset="zero" if v_reset == 0.0 else "subtract",
-                       surrogate="sigmoid", backend="torch").double()
+                       surrogate="sigmoid", detach_reset=detach, backend="torch").double()
     _lif_vs(lambda i, v: tuple(x[0] for x in node.single_step_functional_forward((i,), (v,))), lif,
             synapse_scale=0.5 if decay_input else 1.0)
 
 
-def test_map_spikingjelly_ifnode():
-    """IFNode(v_reset=None) == LIF(beta=1, reset="subtract", surrogate="sigmoid")."""
+@pytest.mark.parametrize("v_reset", [0.0, None], ids=["hard", "soft"])
+def test_map_spikingjelly_ifnode(v_reset):
+    """IFNode(v_reset=0 / None) == LIF(beta=1, reset="zero" / "subtract", surrogate="sigmoid")."""
     _peer("spikingjelly")
     from spikingjelly.activation_based import neuron
-    node = neuron.IFNode(v_threshold=1.5, v_reset=None).double()
-    lif = sb.cells.LIF(N_IN, H, beta=1.0, threshold=1.5, surrogate="sigmoid", backend="torch").double()
+    node = neuron.IFNode(v_threshold=1.5, v_reset=v_reset).double()
+    lif = sb.cells.LIF(N_IN, H, beta=1.0, threshold=1.5, reset="zero" if v_reset == 0.0 else "subtract",
+                       surrogate="sigmoid", backend="torch").double()
     _lif_vs(lambda i, v: tuple(x[0] for x in node.single_step_functional_forward((i,), (v,))), lif)
 
 
