@@ -429,6 +429,25 @@ def test_interrupt_during_start_up_is_one_line(monkeypatch, capsys):
     assert err == "sparsebptt: interrupted\n"
 
 
+@pytest.mark.parametrize("after", [0.4, 1.0])
+def test_ctrl_c_while_the_command_imports_is_one_line(tmp_path, after):
+    """Before: a 15- to 60-line traceback from inside torch's or numpy's imports."""
+    p = subprocess.Popen([sys.executable, "-m", "sparsebptt", "train", *SMALL, "--out", str(tmp_path / "r")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(after)  # in the package's imports (seconds on a busy machine), or later in main
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    _one_line(err)
+    assert re.fullmatch(r"sparsebptt( train: error)?: interrupted.*\n", err) and "--resume" not in err
+
+
+def test_importing_the_library_keeps_the_programs_ctrl_c():
+    code = "import signal, sparsebptt; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "True", r.stderr
+
+
 def test_interrupt_after_an_epoch_suggests_resume(tmp_path, monkeypatch, capsys):
     real = fit_mod._save_epoch
     calls = {"n": 0}

@@ -4,6 +4,7 @@
     cell = sb.cells.LIF(64, 256)
     y, state = sb.scan(cell, x, strategy=sb.Checkpoint(every=32))
 """
+from . import console  # first: in the `sparsebptt` command, Ctrl-C during the imports below is one line
 from . import cells, kernels
 from .kernels import get_backend, set_backend
 from .scan import REDUCES, RecomputationError, scan

@@ -382,6 +382,9 @@ def main(argv: "list[str] | None" = None) -> int:
     message on stderr; errors while running (a NaN loss or gradient, a missing file, a full disk)
     with status 1; Ctrl-C with 130 and SIGTERM (while training) with 143; never a traceback.
     """
+    from .console import restore_interrupts
+
+    restore_interrupts()  # Ctrl-C is a KeyboardInterrupt again, caught below (see sparsebptt.console)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
