@@ -195,3 +195,10 @@ def test_shell_entry_installs_the_wheels_and_runs(tmp_path):
     # SpikingJelly 0.0.0.0.14 imports from its own site; its CuPy backend needs cupy (not here)
     assert by["spikingjelly-cupy"]["status"] == "unavailable" and "CuPy" in by["spikingjelly-cupy"]["reason"]
     assert (tmp_path / "out" / "gpu_check.log").stat().st_size > 0
+
+
+def test_run_tests_keeps_what_a_killed_run_printed(tmp_path):
+    cfg = {"files": "tests/test_kernels_*triton*.py", "per_test_s": 60, "only_gpu_marked": True}
+    got = gpu.run_tests(cfg, "cpu", 0.3, str(tmp_path / "tests.log"), log=lambda s: None)
+    assert [(r["status"], r["returncode"], r["passed_all"]) for r in got] == [("timed out", None, False)]
+    assert "==== gpu-marked tests in the Triton files" in (tmp_path / "tests.log").read_text()
