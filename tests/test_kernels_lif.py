@@ -250,6 +250,24 @@ def test_fused_under_every_exact_strategy(strategy, dtype):
     compare(expect, run(fast, x, v0, strategy), dtype, current_rounding_slack(ref, x, v0))
 
 
+@pytest.mark.parametrize("strategy", [sb.Checkpoint(every=5), sb.Revolve(slots=3), sb.DoubleCheckpoint(outer=16, inner=4)],
+                         ids=lambda s: s.to_string())
+@pytest.mark.parametrize("recurrent", [False, True], ids=["ff", "recurrent"])
+def test_fused_after_decay_sigmoid_under_exact_strategies(strategy, recurrent):
+    """The peers' defaults (reset after the decay, sigmoid surrogate) on the fused path, recomputed
+    from checkpoints: the state v is the membrane before its reset, so a restored v re-fires."""
+    cfg = dict(reset_timing="after_decay", surrogate="sigmoid", learn_beta=True, recurrent=recurrent)
+    ref, fast = make_pair(torch.float64, **cfg)
+    if recurrent:
+        x, s0 = rec_inputs(ref, 37, 2, torch.float64)
+        expect, _, _ = run_rec(ref, x, s0, sb.FullBPTT())
+        got, _, _ = run_rec(fast, x, s0, strategy)
+        compare(expect, got, torch.float64)
+    else:
+        x, v0 = inputs(ref, 37, 2, torch.float64)
+        compare(run(ref, x, v0, sb.FullBPTT()), run(fast, x, v0, strategy), torch.float64)
+
+
 @pytest.mark.parametrize("reduce", ["sum", "mean", "last"])
 @pytest.mark.parametrize("strategy", [sb.FullBPTT(), sb.Checkpoint(every=10)], ids=lambda s: s.to_string())
 def test_fused_with_reduce(strategy, reduce):
