@@ -409,9 +409,9 @@ def _save_epoch(metrics, out: Path, epoch: int, core: nn.Module, opt: torch.opti
         metrics.flush()
         os.fsync(metrics.fileno())
     except OSError as e:
-        raise RunWriteError(f"cannot write {str(out / METRICS_FILE)!r}: {e.strerror or e} "
-                            f"({len(prog.lines[-1]) + 1} bytes needed); {_kept(out, prog.saved)}; free space "
-                            f"and continue with --resume {out}") from None
+        what = f"cannot write {str(out / METRICS_FILE)!r}: {e.strerror or e} ({len(prog.lines[-1]) + 1} bytes needed)"
+        raise RunWriteError(f"{what}; {_kept(out, prog.saved)}; free space and continue with --resume {out}",
+                            what) from None
     try:
         save_checkpoint(out / CHECKPOINT_FILE, {
             "epoch": epoch, "model": core.state_dict(), "optimizer": opt.state_dict(),
@@ -421,7 +421,7 @@ def _save_epoch(metrics, out: Path, epoch: int, core: nn.Module, opt: torch.opti
             "batch_seed": {"scheme": "seed * 1000003 + epoch", "seed": config.seed},
             "config": dataclasses.asdict(config), "strategy": strategy.to_string()})
     except RunWriteError as e:
-        raise RunWriteError(f"{e}; {_kept(out, prog.saved)}; free space and continue with --resume {out}") from None
+        raise RunWriteError(f"{e.what}; {_kept(out, prog.saved)}; free space and continue with --resume {out}") from None
 
 
 def _epoch_line(row: dict, config: TrainConfig, sequence: bool) -> str:

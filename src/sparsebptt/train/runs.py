@@ -64,7 +64,12 @@ class RunError(ValueError):
 class RunWriteError(OSError):
     """A run file could not be written (a full disk, a quota, no permission). The message is one
     line naming the file, the bytes it needed and the space left; the file it would have replaced
-    is unchanged."""
+    is unchanged. ``what`` is the message's first clause (file, reason, bytes), for callers that
+    say the rest their own way."""
+
+    def __init__(self, message: str, what: "str | None" = None):
+        super().__init__(message)
+        self.what = message if what is None else what
 
     def __str__(self) -> str:
         return self.args[0] if self.args else "cannot write a run file"
@@ -103,8 +108,8 @@ def _write_error(path: Path, err: OSError, needed: "int | None") -> RunWriteErro
     need = f"{needed} bytes needed" if needed is not None else "size unknown"
     room = f", {free} bytes free there" if free is not None else ""
     hint = "; free space there" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-    e = RunWriteError(f"cannot write {str(path)!r}: {why} ({need}{room}); the file it would replace is "
-                      f"unchanged{hint}")
+    what = f"cannot write {str(path)!r}: {why} ({need}{room})"
+    e = RunWriteError(f"{what}; the file it would replace is unchanged{hint}", what)
     e.errno, e.filename = err.errno, str(path)
     return e
 
