@@ -161,7 +161,8 @@ def measure(step, params, device, budget_s, max_timed=3):
         sync(device)
         times.append(time.perf_counter() - t0)
     _clear(params, device)
-    return {"time_s": statistics.median(times), "times_s": times, "first_step_s": first,
+    return {"time_s": statistics.median(times), "p20_s": common.quantile(times, 0.2),
+            "p80_s": common.quantile(times, 0.8), "times_s": times, "first_step_s": first,
             "peak_bytes": int(peak), "peak_abs_bytes": int(peak_abs), "base_bytes": int(base),
             "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"}
 
@@ -624,7 +625,8 @@ def selftest_case(c, device):
     return {"time_s": 0.0, "peak_bytes": 0, "pid": os.getpid()}
 
 
-CASES = {"selftest": selftest_case, "lif2": lif_case, "on": lif_case, "rnn": rnn_case, "dtypes": dtype_case, "meta": meta_case}
+CASES = {"selftest": selftest_case, "lif2": lif_case, "on": lif_case, "rnn": rnn_case, "dtypes": dtype_case,
+         "meta": meta_case}
 
 
 def emit(event):
@@ -857,7 +859,8 @@ def parse_pytest_summary(text):
     lines = [ln for ln in text.strip().splitlines() if re.search(r"\b(passed|failed|skipped|deselected|error)", ln)
              and re.search(r"\bin [\d.]+s", ln)]
     if lines:
-        for n, what in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed|warnings?)", lines[-1]):
+        words = r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed|warnings?)"
+        for n, what in re.findall(words, lines[-1]):
             counts[what.rstrip("s") if what.startswith(("error", "warning")) else what] = int(n)
     return counts
 
@@ -970,7 +973,8 @@ def flat_rows(cases, results):
 
 
 CSV_COLS = ["section", "method", "kernel", "dtype", "T", "B", "N", "n_in", "I", "H", "threshold", "status",
-            "time_s", "ms_per_timestep", "vs_loop", "vs_gru", "first_step_s", "peak_bytes", "peak_abs_bytes",
+            "time_s", "p20_s", "p80_s", "ms_per_timestep", "vs_loop", "vs_gru", "first_step_s", "peak_bytes",
+            "peak_abs_bytes",
             "activity", "longest_T", "first_over_T", "cap_bytes", "max_rel_err", "case_s", "reason"]
 
 
@@ -1112,7 +1116,8 @@ def main(argv=None):
     out = os.path.join(args.out_dir, f"gpu_{name}")
     runner = Runner(device, preset["startup_s"])
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python"] + [os.path.relpath(SCRIPT, REPO)] + (argv if argv is not None else sys.argv[1:])),
+            "command": " ".join(["python", os.path.relpath(SCRIPT, REPO)]
+                                + (argv if argv is not None else sys.argv[1:])),
             "device": device, "gpus": gpus, "driver": gpus[0]["driver"] if gpus else None,
             "device_name": gpus[0]["name"] if device == "cuda" and gpus else platform.processor() or "cpu",
             "python": platform.python_version(), "platform": platform.platform(),
