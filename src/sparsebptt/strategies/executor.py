@@ -14,6 +14,19 @@ recomputed segment with ``torch.autograd.grad``, carrying dL/dstate to the segme
 `SkipReverse` moves the sweep back without back-propagating (its ``carry`` says whether dL/dstate
 passes). The executor knows no strategy by name: what it needs travels in the plan and its actions.
 
+Recomputation checks itself, in the spirit of `torch.utils.checkpoint`: each graph segment's
+autograd graph is walked down to its leaves (`_check_graph`). A leaf that is not x, the state or a
+registered parameter (a closure, a module in a plain list, another module's Parameter) gets its
+gradient: it joins the inputs of each segment's ``torch.autograd.grad`` and the sum is accumulated
+into its ``.grad`` by a backward into it at the end (as reentrant `torch.utils.checkpoint` does:
+``torch.autograd.grad(loss, [that tensor])`` does not see it; register it to get that too). A leaf
+of another segment is state carried outside the state tuple: `RecomputationError`. And the state a
+recomputation reaches at a step where a checkpoint was stored must match it (`_check_recomputed`:
+shape, dtype, device; on the step path and with ``preserve_rng`` also its values, through a
+float64 sum and sum of |values| kept per checkpoint: a fused segment kernel may sum in another
+order, so there only the metadata), or `RecomputationError` names the cell, the state component
+and the step.
+
 Every loop over time steps here is `sparsebptt.cells.base.run_steps`, and every output over time
 is collected by one `Reducer`.
 """
