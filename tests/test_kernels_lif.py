@@ -250,8 +250,8 @@ def test_fused_under_every_exact_strategy(strategy, dtype):
     compare(expect, run(fast, x, v0, strategy), dtype, current_rounding_slack(ref, x, v0))
 
 
-@pytest.mark.parametrize("strategy", [sb.Checkpoint(every=5), sb.Revolve(slots=3), sb.DoubleCheckpoint(outer=16, inner=4)],
-                         ids=lambda s: s.to_string())
+@pytest.mark.parametrize("strategy", [sb.Checkpoint(every=5), sb.Revolve(slots=3),
+                                      sb.DoubleCheckpoint(outer=16, inner=4)], ids=lambda s: s.to_string())
 @pytest.mark.parametrize("recurrent", [False, True], ids=["ff", "recurrent"])
 def test_fused_after_decay_sigmoid_under_exact_strategies(strategy, recurrent):
     """The peers' defaults (reset after the decay, sigmoid surrogate) on the fused path, recomputed

@@ -90,7 +90,8 @@ INL void FN(bwd_loop)(const T* u, const T* dz, const long dz_st, const T* v0, co
                     T b_gp;
                     if (reset_zero) {
                         b_gp = b_beta * b_du * keep;
-                        if (!detach) b_gp = b_gp - b_beta * b_du * v_p * FN(surrogate)(v_p - th, kind, c_scale, c_k, c_a);
+                        if (!detach)
+                            b_gp = b_gp - b_beta * b_du * v_p * FN(surrogate)(v_p - th, kind, c_scale, c_k, c_a);
                         if (beta_mode == 2) dbeta[h] += (double)b_du * (double)(v_p * keep);
                     } else {
                         b_gp = b_beta * b_du;
