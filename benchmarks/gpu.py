@@ -1140,6 +1140,7 @@ def main(argv=None):
                           out + "_tests.log")
     cases, envs = make_cases(preset, args.sections, args.methods, args.sj_cupy_path, args.cap_bytes)
     results = {}
+    save(out, meta, preset, tests, cases, results, t_begin)
     for phase, secs in PHASES:  # a phase's cases share workers: one per (tier, environment)
         sec = [c for c in cases if c["section"] in secs]
         if not sec:
@@ -1156,22 +1157,46 @@ def main(argv=None):
                     print("  " + describe(c, results[c["id"]]), flush=True)
                 continue
             results.update(runner.run(group, envs[key[1]], phase_deadline))
+        save(out, meta, preset, tests, cases, results, t_begin)
+    save(out, meta, preset, tests, cases, results, t_begin, final=True)
+    return 0
+
+
+def save(out, meta, preset, tests, cases, results, t_begin, final=False):
+    """Write the JSON and CSV (after every phase too: a run killed from outside keeps what it
+    measured); at the end the PNG and the tables. A failure in the summaries is recorded, not raised."""
     rows = flat_rows(cases, results)
-    checks = targets(rows)
+    errors = []
+    try:
+        checks = targets(rows)
+    except Exception as e:  # noqa: BLE001 - the measurements are worth more than their summary
+        checks, errors = [], errors + [f"targets: {type(e).__name__}: {e}"]
     meta["elapsed_s"] = round(time.monotonic() - t_begin, 1)
-    with open(out + ".json", "w") as f:
-        json.dump({"meta": meta, "preset": preset, "tests": tests, "rows": rows, "targets": checks}, f, indent=1,
-                  default=str)
+    meta["complete"] = final
+
+    def dump():
+        with open(out + ".json", "w") as f:
+            json.dump({"meta": meta, "preset": preset, "tests": tests, "rows": rows, "targets": checks,
+                       "summary_errors": errors}, f, indent=1, default=str)
+    dump()
     with open(out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    plot(rows, meta, out + ".png")
-    print("\n" + markdown(rows, tests) + "\n")
+    if not final:
+        return
+    for what, fn in (("plot", lambda: plot(rows, meta, out + ".png")),
+                     ("tables", lambda: print("\n" + markdown(rows, tests) + "\n"))):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{what}: {type(e).__name__}: {e}")
+            print(f"gpu.py: the {what} failed: {type(e).__name__}: {e}", flush=True)
+    if errors:
+        dump()
     for t in checks:
         print(f"target: {t['what']} = {t['value']:.3g} ({t['bound']}) {'PASS' if t['passed'] else 'FAIL'}")
-    print(f"\nwrote {out}.json, .csv, .png, _tests.log in {meta['elapsed_s']} s")
-    return 0
+    print(f"\nwrote {out}.json, .csv, .png, _tests.log in {meta['elapsed_s']} s", flush=True)
 
 
 if __name__ == "__main__":

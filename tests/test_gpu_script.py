@@ -157,6 +157,7 @@ def _run(tmp_path, *args):
 def test_tiny_run_sparsebptt_and_the_loop(tmp_path):
     res, rows, _ = _run(tmp_path, "--sections", "lif2", "--methods", "sb-triton-full", "loop", "--T", "4")
     assert res["meta"]["device"] == "cpu" and res["meta"]["triton_backend"][0] is True
+    assert res["meta"]["complete"] is True and res["summary_errors"] == []
     assert [(r["method"], r["status"]) for r in rows] == [("sb-triton-full", "ok"), ("loop", "ok")]
     by = {r["method"]: r for r in res["rows"]}
     assert by["sb-triton-full"]["time_s"] > 0 and by["loop"]["vs_loop"] == 1.0
