@@ -22,10 +22,14 @@ __all__ = ["is_command", "restore_interrupts"]
 
 def is_command() -> bool:
     """True in the process of the ``sparsebptt`` command: its script, or ``python -m sparsebptt``
-    (while ``-m`` locates the module, ``sys.argv[0]`` is ``"-m"``; the package is then imported as
-    the parent of the module to run)."""
+    (read from ``sys.orig_argv``: while ``-m`` locates a module ``sys.argv[0]`` is ``"-m"`` for any
+    module, and a program run with ``python -m theirs`` that imports sparsebptt keeps its Ctrl-C)."""
     argv0 = sys.argv[0] if sys.argv else ""
-    return os.path.basename(argv0) in ("sparsebptt", "sparsebptt.exe") or argv0 == "-m"
+    if os.path.basename(argv0) in ("sparsebptt", "sparsebptt.exe"):
+        return True
+    orig = list(getattr(sys, "orig_argv", []))
+    return argv0 == "-m" and "-m" in orig and orig.index("-m") + 1 < len(orig) \
+        and orig[orig.index("-m") + 1] in ("sparsebptt", "sparsebptt.cli", "sparsebptt.__main__")
 
 
 def _interrupted(signum, frame):
