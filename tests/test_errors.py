@@ -128,7 +128,7 @@ def test_parse_strategy_bad_value():
 
 
 def test_unknown_surrogate_lists_valid():
-    with pytest.raises(ValueError, match="unknown surrogate 'relu'; valid surrogates are: atan, fast_sigmoid, triangle"):
+    with pytest.raises(ValueError, match="unknown surrogate 'relu'; valid surrogates are: atan, fast_sigmoid, sigmoid, triangle"):
         sb.cells.LIF(2, 2, surrogate="relu")
 
 
