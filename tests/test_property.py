@@ -9,7 +9,9 @@ float32 and a reduction, and checks the outputs, the final state, dx, dstate0 an
 gradient against FullBPTT.
 
 Tolerances: float64 `sparsebptt.testing.TOLERANCES` (1e-10 absolute). float32: 1e-4 relative to the
-largest magnitude (10x the default). Strategies cut the sequence into other segments than FullBPTT,
+tensor's largest magnitude (10x the default) plus 1e-5 of the example's largest gradient (a gradient
+that comes out small, dstate0 of a vanishing path, is the sum of larger terms, each rounded at its
+own scale: 6e-8 absolute on a 4e-4 dstate0 was seen). Strategies cut the sequence into other segments than FullBPTT,
 and a fused segment kernel computes its input projection as one matmul over the segment, whose
 summation order BLAS chooses by its shape; a spiking cell's surrogate slope amplifies the last-bit
 differences of the currents into ~1e-5 relative on the gradients (derived in
@@ -28,7 +30,7 @@ from datetime import timedelta
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, reject, settings
+from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
 
 import sparsebptt as sb
@@ -41,7 +43,8 @@ from helpers import LeakyTanh, NoisyCell, SegmentTanh
 SLOW = os.environ.get("SPARSEBPTT_PROPERTY_EXAMPLES")
 CPU = kb.backend_available("cpu")[0]
 BACKENDS = ["torch", "cpu"] if CPU else ["torch"]
-RTOL32 = 1e-4
+RTOL32 = 1e-4  # float32: relative to the tensor's largest magnitude
+ATOL32 = 1e-5  # float32: relative to the example's largest gradient (see the module docstring)
 
 
 # ---- user-style cells --------------------------------------------------------------------------
@@ -190,10 +193,15 @@ def check(case):
     got = run(case, case["strategy"])
     dtype = case["dtype"]
     if dtype == torch.float32 and _flipped(ref, got):
+        event("float32 example rejected: a spike or event flipped (" +
+              "+".join(spec["kind"] for spec in case["specs"]) + ")")
         reject()
+    event(f"checked: {case['dtype']}")
     assert ref.keys() == got.keys()
+    scale = max((t.abs().max().item() for n, t in ref.items() if n.startswith("d") and t is not None
+                 and t.numel()), default=0.0)
     for name in ref:
-        atol, rtol = TOLERANCES[dtype] if dtype == torch.float64 else (0.0, RTOL32)
+        atol, rtol = TOLERANCES[dtype] if dtype == torch.float64 else (ATOL32 * scale, RTOL32)
         r, g = ref[name], got[name]
         if r is not None and g is not None and r.dtype != dtype:  # a state kept in another dtype
             atol, rtol = TOLERANCES.get(r.dtype, (atol, rtol))

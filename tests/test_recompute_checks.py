@@ -433,3 +433,23 @@ def test_the_check_passes_every_builtin_cell_and_a_stochastic_one():
     for kind in ("lif", "gru", "stack", "noisy", "egru"):
         for st in (sb.Revolve(slots=2), sb.DoubleCheckpoint(outer=8, inner=3, outer_storage="host")):
             run(make_cell(kind), 23, 2, torch.float64, st, rng_seed=3)
+
+
+# ---- a stochastic user layer beside a fused one ------------------------------------------------
+@needs_cpu
+@pytest.mark.parametrize("strategy", [sb.Checkpoint(every=1), sb.Revolve(slots=2)], ids=_sid)
+def test_stack_with_a_user_layer_steps_so_random_draws_follow_the_steps(strategy, caplog, fresh_log):
+    """Layer by layer over a segment, a stochastic user layer would draw its noise in another
+    order for each segmentation: FullBPTT, the strategy and its recomputation would disagree."""
+    from helpers import NoisyCell
+
+    def make():
+        torch.manual_seed(8)
+        return sb.cells.Stack([NoisyCell(N_IN, 4), sb.cells.LIF(4, 3, threshold=0.3, backend="cpu"),
+                               NoisyCell(3, 2)]).double()
+
+    with caplog.at_level(logging.INFO, logger="sparsebptt.kernels"):
+        assert make().scan_segment is None
+    assert "layer 0 (NoisyCell) is not a built-in cell" in caplog.text
+    compare(run(make(), 9, 2, torch.float64, sb.FullBPTT(), rng_seed=4),
+            run(make(), 9, 2, torch.float64, strategy, rng_seed=4))

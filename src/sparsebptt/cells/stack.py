@@ -8,9 +8,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import run_steps, step_is_fused
+from .base import log_once, run_steps, step_is_fused
 
 __all__ = ["Stack"]
+
+
+def _builtin_step(layer) -> bool:
+    """Whether ``layer.step`` is a built-in cell's (sparsebptt's own code, which draws no random
+    numbers), not a user cell's or an override."""
+    if "step" in vars(layer):
+        return False
+    step = getattr(type(layer), "step", None)
+    return getattr(step, "__module__", "").startswith("sparsebptt.")
 
 
 class Stack(nn.Module):
@@ -61,11 +70,26 @@ class Stack(nn.Module):
     @property
     def scan_segment(self):
         """Layer by layer over a segment when some layer has a fused ``scan_segment`` (equal to
-        stepping the layers together: no layer feeds an earlier one); None otherwise."""
-        if not any(getattr(layer, "scan_segment", None) is not None for layer in self.layers):
+        stepping the layers together: no layer feeds an earlier one); None otherwise.
+
+        Running a layer ahead over a segment changes the order in which the layers draw random
+        numbers (all of layer 0's steps, then layer 1's, instead of step by step), and with it the
+        draws themselves whenever the segment's length changes (a strategy's segments, a
+        recomputation's): a layer without a ``scan_segment`` therefore runs ahead only if its
+        ``step`` is a built-in cell's (which draws none); a Stack with any other such layer
+        steps all its layers together (said once on the log).
+        """
+        fused = [getattr(layer, "scan_segment", None) is not None for layer in self.layers]
+        if not any(fused):
             return None
         if not step_is_fused(self, "_scan_segment", "Stack's layer-by-layer segment path"):
             return None
+        for i, (layer, f) in enumerate(zip(self.layers, fused)):
+            if not f and not _builtin_step(layer):
+                log_once(f"sparsebptt: a Stack steps its layers together: layer {i} ({type(layer).__name__}) "
+                         "is not a built-in cell, and running it ahead of the others over a segment could "
+                         "draw its random numbers in another order")
+                return None
         return self._scan_segment
 
     def _scan_segment(self, x_seg, state):
