@@ -272,7 +272,7 @@ def test_bad_options(kwargs, match):
 def test_backend_sparse_is_deprecated_cpu(kind):
     with pytest.warns(DeprecationWarning, match="backend 'sparse' is now called 'cpu'; use backend='cpu'"):
         cell = DELTA[kind][0](4, 3, 0.1, backend="sparse")
-    assert cell.backend == "cpu" and cell.active_backend == "cpu" and cell.scan_segment is None
+    assert cell.backend == "cpu" and cell.active_backend == "cpu" and cell.scan_segment is not None  # the C segment scan (issue 17)
     step = sb.cells.delta_gru_step if kind == "delta-gru" else sb.cells.delta_lstm_step
     state = cell.initial_state(2)
     with pytest.warns(DeprecationWarning, match="delta_.*_step: backend 'sparse' is now called 'cpu'"):

@@ -23,10 +23,13 @@ With both thresholds 0 every delta is transmitted and the outputs equal the dens
 Backends (``backend=``, as every cell with kernels, see `FusedCell`; None, the default, follows
 `sparsebptt.set_backend` / ``$SPARSEBPTT_BACKEND``):
 
-- ``"cpu"``: the matmuls run through `sparse_linear` (`sparsebptt.kernels.delta.cpu`): forward and
-  backward touch only the active columns, the exact gradient of the thresholded forward
-  (stepped: no segment kernel; any device). Formerly called "sparse" (still accepted, with a
-  DeprecationWarning).
+- ``"cpu"``: forward and backward touch only the active columns, the exact gradient of the
+  thresholded forward. Scans run whole segments in C (`sparsebptt.kernels.delta.cpu.
+  fused_recurrent_delta`, the cell's ``scan_segment``: one autograd node per segment, an axpy /
+  dot per active entry over rows of ``W^T``, the weight gradient accumulated along the
+  segment); ``step`` (and tensors the C kernels do not take: other dtypes or devices, logged
+  once) runs the memory updates through `sparse_linear`, which honours ``active_set``.
+  Formerly called "sparse" (still accepted, with a DeprecationWarning).
 - ``"torch"``: the reference: plain autograd through dense matmuls on the masked deltas.
 - ``"triton"``: whole segments in `sparsebptt.kernels.delta.triton` (the cell's ``scan_segment``,
   used by every strategy; ``step`` runs it for one step): Triton kernels for the delta encoding
@@ -42,9 +45,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import FusedCell, init_uniform_, linear
+from .base import FusedCell, init_uniform_, linear, log_once, run_steps
 from ..kernels.backend import BACKENDS
-from ..kernels.delta.cpu import delta_update
+from ..kernels.delta.cpu import delta_update, fused_recurrent_delta, fused_takes
 from ..kernels.sparse import ACTIVE_SETS, renamed_backend
 from ..trace import current_trace
 
@@ -164,15 +167,23 @@ class _DeltaCell(FusedCell):
         return tuple(z(H) for _ in range(self.num_states - 4)) + (
             z(self.input_size), z(H), z(G * H), z(G * H))
 
-    #: the fused Triton segment scan runs when the active backend is "triton"; the "cpu" backend
-    #: and the reference run step by step (`FusedCell.scan_segment`)
-    segment_kernels = ("triton",)
+    #: the fused segment scans: "cpu" (C kernels, `sparsebptt.kernels.delta.cpu`) and "triton"
+    segment_kernels = ("cpu", "triton")
 
     def _scan_segment(self, x_seg, state):
-        from ..kernels.delta.triton import fused_recurrent_delta_gru, fused_recurrent_delta_lstm
-        fn = fused_recurrent_delta_gru if self.gates == 3 else fused_recurrent_delta_lstm
-        return fn(x_seg, tuple(state), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                  threshold=self.threshold, hidden_threshold=self.hidden_threshold, layer=self)
+        params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        if self.active_backend == "triton":
+            from ..kernels.delta.triton import fused_recurrent_delta_gru, fused_recurrent_delta_lstm
+            fn = fused_recurrent_delta_gru if self.gates == 3 else fused_recurrent_delta_lstm
+            return fn(x_seg, tuple(state), *params, threshold=self.threshold,
+                      hidden_threshold=self.hidden_threshold, layer=self)
+        if not fused_takes(x_seg, *state, *params):  # other dtypes or devices: the step-wise products
+            log_once(f"sparsebptt: {type(self).__name__} backend 'cpu' runs step by step for "
+                     f"{x_seg.dtype} on {x_seg.device} (the C segment kernels take CPU float32/float64)")
+            ys, state = run_steps(self.step, x_seg, tuple(state))
+            return torch.stack(ys), tuple(state)
+        return fused_recurrent_delta(x_seg, tuple(state), *params, self.threshold, self.hidden_threshold,
+                                     lstm=self.gates == 4, layer=self)
 
     def step(self, x_t, state):
         backend = self.active_backend
