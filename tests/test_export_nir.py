@@ -6,7 +6,7 @@ import torch
 
 import sparsebptt as sb
 from sparsebptt import cli
-from sparsebptt.export import run_nir
+from sparsebptt.nir import run_nir
 from sparsebptt.train import TrainConfig, build_model
 
 nir = pytest.importorskip("nir")
@@ -95,7 +95,8 @@ def test_classifier_export_gives_the_logits(tmp_path):
     x = _spikes(T, 6, 64, seed=3)
     with torch.no_grad():
         logits = model(x)
-    got = run_nir(back, x)[-1]  # the integrator after T steps
+    got = run_nir(back, x).sum(0)  # the readout per step, summed over the T steps
+    assert back.metadata["reduce"] == "sum"
     torch.testing.assert_close(got, logits, rtol=1e-6, atol=1e-6)
     assert graph.nodes["readout"].weight.shape == (10, 9)
 
@@ -146,3 +147,125 @@ def test_cli_export_writes_a_readable_graph(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["export", "--nir", str(gru)])
     assert e.value.code == 2 and "NIR export covers LIF models" in capsys.readouterr().err
+
+
+def _two_layer_classifier(reset, T, seed=0):
+    """Sequential(Recurrent(Stack[LIF, LIF], reduce="sum"), Linear): a two-layer LIF classifier of
+    spike counts, float32 as a peer runs it."""
+    torch.manual_seed(seed)
+    stack = sb.cells.Stack([sb.cells.LIF(12, 16, beta=0.9, reset=reset), sb.cells.LIF(16, 16, beta=0.8, reset=reset)])
+    with torch.no_grad():
+        for layer in stack.layers:
+            layer.weight.mul_(3.0)
+    return torch.nn.Sequential(sb.Recurrent(stack, reduce="sum", return_state=False), torch.nn.Linear(16, 5))
+
+
+def _run_peer(net, x):
+    outs, state = [], None
+    with torch.no_grad():
+        for t in range(x.shape[0]):
+            out = net(x[t]) if state is None else net(x[t], state)
+            out, state = out if isinstance(out, tuple) else (out, None)
+            outs.append(out)
+    return torch.stack(outs)
+
+
+def _agreement(reset, T=20, B=200, *, subtract_reset="exact"):
+    """(fraction of predictions snnTorch's import_from_nir shares with ours, max |logit difference|)."""
+    import contextlib
+    import io
+
+    from snntorch.import_nir import import_from_nir
+
+    model = _two_layer_classifier(reset, T)
+    x = _spikes(T, B, 12, seed=11).float()
+    with torch.no_grad():
+        ref = model(x)
+    graph = sb.export_nir(model, T=T, dt=1e-4, subtract_reset=subtract_reset)
+    with contextlib.redirect_stdout(io.StringIO()):
+        net = import_from_nir(graph)
+    got = _run_peer(net, x).sum(0)  # the readout per step, summed over T
+    return float((got.argmax(-1) == ref.argmax(-1)).float().mean()), float((got - ref).abs().max())
+
+
+def test_two_layer_lif_runs_in_snntorch():
+    pytest.importorskip("snntorch")
+    agree, diff = _agreement("zero")
+    assert agree >= 0.95 and diff < 1e-4  # the same network: float32 rounding only
+
+
+def test_subtract_reset_exported_as_zero_runs_in_snntorch():
+    """snnTorch has no subtractive reset in NIR: the approximate graph runs, as the reset=zero network."""
+    pytest.importorskip("snntorch")
+    agree, _ = _agreement("subtract", subtract_reset="zero")
+    assert 0.0 <= agree <= 1.0  # measured: see docs/nir.md
+
+
+def test_two_layer_lif_runs_in_norse():
+    norse = pytest.importorskip("norse.torch")
+    T = 20
+    model = _two_layer_classifier("zero", T)
+    x = _spikes(T, 200, 12, seed=12).float()
+    with torch.no_grad():
+        ref = model(x)
+    graph = sb.export_nir(model, T=T, dt=1e-3, fold_r=True)  # Norse ignores r
+    assert all(np.all(n.r == 1) for n in graph.nodes.values() if isinstance(n, nir.LIF))
+    got = _run_peer(norse.from_nir(graph, dt=1e-3), x).sum(0)
+    assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.95
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_export_of_a_sequential_runs_per_step():
+    torch.manual_seed(3)
+    a = sb.cells.LIF(6, 8, beta=0.75, threshold=0.6, reset="zero").double()
+    b = sb.cells.LIF(5, 4, beta=0.5, threshold=0.6).double()
+    with torch.no_grad():
+        a.weight.mul_(3.0)
+        b.weight.mul_(3.0)
+    model = torch.nn.Sequential(sb.Recurrent(a, return_state=False), torch.nn.Linear(8, 5).double(),
+                                sb.Recurrent(b, return_state=False), torch.nn.Linear(4, 3).double())
+    graph = sb.export_nir(model)
+    assert {"linear0", "readout"} <= set(graph.nodes) and "reduce" not in graph.metadata
+    x = _spikes(17, 3, 6, seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(run_nir(graph, x), model(x), rtol=1e-12, atol=1e-12)
+    mean = torch.nn.Sequential(sb.Recurrent(a, reduce="mean", return_state=False), torch.nn.Linear(8, 5).double())
+    with torch.no_grad():
+        torch.testing.assert_close(run_nir(sb.export_nir(mean, T=17), x).sum(0), mean(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("model,match", [
+    (lambda: torch.nn.Sequential(sb.Recurrent(sb.cells.GRU(3, 4), return_state=False)),
+     r"exports stacks of LIF layers; got 0: GRU \(in item 0 of the nn.Sequential\)"),
+    (lambda: torch.nn.Sequential(sb.Recurrent(sb.cells.LIF(3, 4), reduce="last", return_state=False)),
+     r"item 0 has reduce='last'; NIR graphs run step by step"),
+    (lambda: torch.nn.Sequential(sb.Recurrent(sb.cells.LIF(3, 4), return_state=False), torch.nn.ReLU()),
+     r"item 1 of the nn.Sequential is a ReLU; supported are sb.Recurrent"),
+    (lambda: torch.nn.Sequential(sb.Recurrent(sb.cells.LIF(3, 4), reduce="sum", return_state=False),
+                                 sb.Recurrent(sb.cells.LIF(4, 4), return_state=False)),
+     r"item 1 of the nn.Sequential is an sb.Recurrent after one that reduces over time"),
+    (lambda: torch.nn.Sequential(torch.nn.Linear(3, 4)), r"the model has no cells.LIF layer"),
+], ids=["gru", "reduce-last", "relu", "after-reduce", "no-lif"])
+def test_export_bad_sequential(model, match):
+    with pytest.raises(TypeError, match=match):
+        sb.export_nir(model(), T=5)
+
+
+def test_cli_export_dt_and_fold_r(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--T", "5", "--hidden", "6", "--batch-size", "512", "--epochs", "1",
+                     "--no-progress", "--out", str(run)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "snn.nir"
+    assert cli.main(["export", "--nir", str(run), "--dt", "1e-4", "--subtract-reset", "zero", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "one step = dt = 0.0001" in said and "note:" not in said
+    graph = nir.read(str(out))
+    assert graph.metadata["dt"] == 1e-4 and graph.metadata["approximate"] == 1
+    np.testing.assert_allclose(graph.nodes["layer0.lif"].tau, 1e-4 / (1 - 0.9), rtol=1e-6)
+    assert cli.main(["export", "--nir", str(run), "--fold-r", "--out", str(tmp_path / "n.nir")]) == 0
+    assert "note: snnTorch's and Norse's NIR importers run only LIF / IF neurons" in capsys.readouterr().out
+    assert np.all(nir.read(str(tmp_path / "n.nir")).nodes["layer0.li"].r == 1)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export", "--nir", str(run), "--dt", "0"])
+    assert e.value.code == 2 and "expected a positive number, got '0'" in capsys.readouterr().err

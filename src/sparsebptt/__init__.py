@@ -14,11 +14,11 @@ from .planner import estimate, parse_bytes, plan
 from .trace import Trace, trace
 from .nn import Recurrent
 from . import adapters
-from .export import export_nir
+from .nir import export_nir, import_nir
 
 __version__ = "0.1.0"
 
 __all__ = ["cells", "kernels", "adapters", "get_backend", "set_backend", "scan", "REDUCES", "Checkpoint",
            "DoubleCheckpoint", "FullBPTT", "Revolve", "Skipper", "TwoLevelRevolve", "Strategy",
            "parse_strategy", "RecomputationError", "plan", "estimate", "parse_bytes", "Trace", "trace",
-           "Recurrent", "export_nir", "__version__"]
+           "Recurrent", "export_nir", "import_nir", "__version__"]

@@ -183,13 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="export a trained LIF run to NIR",
         description="Write the LIF stack and readout of a run folder (its checkpoint.pt) in the "
                     "Neuromorphic Intermediate Representation (needs `pip install nir`). NIR's neurons "
-                    "are continuous-time: the graph uses dt = 1 step, tau = 1/(1-beta), r = tau (see "
-                    "sparsebptt.export).")
+                    "are continuous-time: one step is --dt seconds, tau = dt/(1-beta), r = tau/dt (see "
+                    "sparsebptt.nir). For snnTorch's import_from_nir pass --dt 1e-4 --subtract-reset zero; "
+                    "for Norse's from_nir pass --fold-r and give it the same dt.")
     e.add_argument("--nir", required=True, metavar="RUN_DIR", help="run folder written by `sparsebptt train`")
     e.add_argument("--out", default=None, metavar="PATH", help="NIR file to write (default: RUN_DIR/model.nir)")
     e.add_argument("--subtract-reset", choices=["exact", "zero"], default="exact",
                    help="exact: subtractive reset as LI -> Threshold with a back edge (default); zero: NIR "
                         "LIF nodes with reset to zero (approximate, for targets that only run LIF)")
+    e.add_argument("--dt", type=_positive_float, default=1.0,
+                   help="seconds one time step stands for (tau = dt/(1-beta)); snnTorch and SpikingJelly "
+                        "assume 1e-4 (default: %(default)s)")
+    e.add_argument("--fold-r", action="store_true",
+                   help="write r = 1 and scale the weights into each neuron by r instead (Norse's importer "
+                        "ignores r)")
     e.set_defaults(run=_cmd_export, subparser=e)
     return parser
 
@@ -199,7 +206,7 @@ def _cmd_export(args, parser) -> int:
 
     import torch
 
-    from .export import export_nir
+    from .nir import export_nir
     from .train import build_model
     from .train.runs import CHECKPOINT_FILE, RunError, config_from_run, load_checkpoint
     from .data import get_dataset
@@ -222,15 +229,20 @@ def _cmd_export(args, parser) -> int:
         model = build_model(config, dataset.input_size, dataset.num_classes)
         model.load_state_dict(ckpt["model"])
         out = run / "model.nir" if args.out is None else Path(args.out)
-        graph = export_nir(model, out, T=config.T, subtract_reset=args.subtract_reset)
+        graph = export_nir(model, out, T=config.T, subtract_reset=args.subtract_reset, dt=args.dt,
+                           fold_r=args.fold_r)
     except ImportError as err:
         parser.fail(str(err))
     except (ValueError, TypeError, OSError) as err:
         parser.fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     sizes = " -> ".join(str(n) for n in [dataset.input_size] + [config.hidden] * config.layers)
     print(f"wrote {out}: {config.layers} LIF layers ({sizes}), readout to {dataset.num_classes} classes "
-          f"(epoch {ckpt['epoch']}, val_acc {ckpt['val_acc']:.4f}); {len(graph.nodes)} NIR nodes, dt = 1 step; "
+          f"(epoch {ckpt['epoch']}, val_acc {ckpt['val_acc']:.4f}); {len(graph.nodes)} NIR nodes, one step = dt = "
+          f"{args.dt:g}; "
           f"reset: {graph.metadata['reset']}")
+    if any(type(n).__name__ in ("LI", "I") for n in graph.nodes.values()):
+        print("note: snnTorch's and Norse's NIR importers run only LIF / IF neurons; for them pass "
+              "--subtract-reset zero (reset to zero: approximate for this reset='subtract' model)")
     return 0
 
 
