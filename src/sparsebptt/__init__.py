@@ -18,7 +18,17 @@ from .nir import export_nir, import_nir
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``sb.fit`` (the trainer, `sparsebptt.train.fit.fit`), imported on first use: the training
+    stack (data, tqdm) stays out of ``import sparsebptt``."""
+    if name == "fit":
+        from .train.fit import fit
+
+        return fit
+    raise AttributeError(f"module 'sparsebptt' has no attribute {name!r}")
+
 __all__ = ["cells", "kernels", "adapters", "get_backend", "set_backend", "scan", "REDUCES", "Checkpoint",
            "DoubleCheckpoint", "FullBPTT", "Revolve", "Skipper", "TwoLevelRevolve", "Strategy",
            "parse_strategy", "RecomputationError", "plan", "estimate", "parse_bytes", "Trace", "trace",
-           "Recurrent", "export_nir", "import_nir", "__version__"]
+           "Recurrent", "export_nir", "import_nir", "fit", "__version__"]

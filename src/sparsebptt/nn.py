@@ -84,6 +84,17 @@ class Recurrent(nn.Module):
         """The budget in bytes the planner fits, or None when the strategy is fixed."""
         return self._budget
 
+    @memory_budget.setter
+    def memory_budget(self, budget: "int | str | None") -> None:
+        """A budget for the planner (its earlier picks forgotten), or None to fix the strategy again
+        (`FullBPTT` until one is set)."""
+        if budget is None:
+            if self._budget is not None:
+                self._budget, self._strategy = None, FullBPTT()
+        else:
+            self._budget, self._strategy = parse_bytes(budget), None
+        self._plans = {}
+
     @property
     def strategy(self) -> "Strategy | None":
         """The fixed strategy, or None with a ``memory_budget`` (see `plans` and `strategy_for`)."""

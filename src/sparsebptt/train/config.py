@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["TrainConfig", "MODELS", "GATE_INITS", "LR_MAX"]
+__all__ = ["TrainConfig", "FitConfig", "MODELS", "GATE_INITS", "LR_MAX"]
 
 #: --model name -> (cell class name in `sparsebptt.cells`, default threshold or None). EGRU's
 #: default "beta" draws each unit's initial threshold from EvNN's Beta distribution (mean 0.3).
@@ -112,3 +112,49 @@ class TrainConfig:
     def resolved_threshold(self) -> float | None:
         """``threshold``, or the model's default when it is None."""
         return MODELS[self.model][1] if self.threshold is None else float(self.threshold)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """What defines an `sb.fit` run (saved under ``"fit"`` in its config.json; ``--resume`` checks it).
+
+    model, dataset: the class names of the model and of the training Dataset (what the run folder
+    says it trained); T: the time steps of the first training example; input_shape: its shape per
+    step; n_train, n_val: the examples of each split; the rest are `sb.fit`'s arguments
+    (``strategy`` as its string, None to leave each `sb.Recurrent` as built).
+    """
+
+    model: str
+    dataset: str
+    T: int
+    input_shape: tuple
+    n_train: int
+    n_val: int
+    epochs: int
+    batch_size: int = 32
+    lr: float = 1e-3
+    strategy: "str | None" = None
+    memory_budget: "str | int | None" = None
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"sb.fit: {name} must be a positive int, got {v!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr <= LR_MAX:
+            raise ValueError(f"sb.fit: lr must be a positive number at most {LR_MAX:g}, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"sb.fit: seed must be an int, got {self.seed!r}")
+        if self.strategy is not None and self.memory_budget is not None:
+            raise ValueError(f"sb.fit: give strategy or memory_budget, not both (got strategy={self.strategy!r} "
+                             f"and memory_budget={self.memory_budget!r})")
+
+    @property
+    def resolved_threshold(self) -> None:
+        """No threshold of its own (the model's cells hold theirs)."""
+        return None
+
+    @property
+    def threads(self) -> None:
+        return None

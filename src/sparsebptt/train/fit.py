@@ -49,18 +49,22 @@ from tqdm.auto import tqdm
 
 from ..cells.base import FusedCell
 from ..data import get_dataset
-from ..planner import parse_bytes, plan
+from ..nn import Recurrent
+from ..planner import format_bytes, parse_bytes, plan
 from ..storage import DiskSpaceError
 from ..strategies import Strategy, parse_strategy
 from ..trace import trace
-from .config import TrainConfig
+from .config import FitConfig, TrainConfig
+from .datasets import TorchDatasets
 from .distributed import Dist, all_sum, broadcast_object, setup, shard, share_loss, teardown
 from .models import build_model
-from .runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RunError, RunWriteError, atomic_write, check_resume,
+from .runs import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RunError, RunWriteError, atomic_write,
+                   check_fit_resume, check_resume,
                    default_out_dir, load_checkpoint, non_finite, prepare_out, remove_stale_temporaries, rng_state,
                    save_checkpoint, set_rng_state)
 
-__all__ = ["train", "evaluate", "cell_backends", "METRIC_KEYS", "SEQUENCE_METRIC_KEYS"]
+__all__ = ["fit", "train", "evaluate", "cell_backends", "apply_strategy", "ModelStrategy", "METRIC_KEYS",
+           "SEQUENCE_METRIC_KEYS"]
 
 #: keys of every line of metrics.jsonl
 METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_acc", "seconds", "peak_stored_bytes",
@@ -198,22 +202,26 @@ class _EpochStats:
     backward_macs: int = 0
 
 
-def _open_run(config: TrainConfig, core: nn.Module, strategy: Strategy, out, resume: bool, d: Dist,
+def _open_run(config, core: nn.Module, strategy: Strategy, out, resume: bool, d: Dist,
               shape: tuple) -> "tuple[Strategy, Path, dict | None]":
     """(strategy, run folder, checkpoint or None): on resume, the run's strategy as planned then and
     its checkpoint; for a new run, the planner's pick for a ``memory_budget`` (at the per-process
     ``shape``) and the prepared folder (made by rank 0, shared with every process). Sets the model's
-    strategy."""
+    strategy (for `fit`, that of every `sb.Recurrent` in the model: see `apply_strategy`)."""
     ckpt = None
+    user = isinstance(config, FitConfig)
     if resume:
         out = Path(out)
-        meta = check_resume(config, out)
-        strategy = parse_strategy(meta.get("strategy", config.strategy))  # as planned then
+        if user:
+            check_fit_resume(dataclasses.asdict(config), out)
+        else:
+            meta = check_resume(config, out)
+            strategy = parse_strategy(meta.get("strategy", config.strategy))  # as planned then
         if d.is_main:
             remove_stale_temporaries(out)  # of a process killed while writing
         ckpt = load_checkpoint(out / CHECKPOINT_FILE)
     else:
-        if config.memory_budget is not None:
+        if config.memory_budget is not None and not user:
             strategy = plan(core.cell, shape, config.memory_budget)
         err = None
         if d.is_main:
@@ -226,7 +234,10 @@ def _open_run(config: TrainConfig, core: nn.Module, strategy: Strategy, out, res
         out = Path(out)
         if err:
             raise FileExistsError(err)
-    core.strategy = strategy
+    if user:
+        strategy = apply_strategy(core, config.strategy, config.memory_budget)
+    else:
+        core.strategy = strategy
     return strategy, out, ckpt
 
 
@@ -268,8 +279,8 @@ def _write_run_files(out: Path, config: TrainConfig, strategy: Strategy, approxi
     meta = {**dataclasses.asdict(config), "threshold": config.resolved_threshold,
             "strategy": strategy.to_string(), "approximate_gradient": approximate,
             "sparsebptt": _version(), "torch": torch.__version__,
-            "train_config": dataclasses.asdict(config), "world_size": d.world,
-            "device": str(d.device), "backends": backends}
+            ("fit" if isinstance(config, FitConfig) else "train_config"): dataclasses.asdict(config),
+            "world_size": d.world, "device": str(d.device), "backends": backends}
     atomic_write(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
     atomic_write(out / METRICS_FILE, "".join(line + "\n" for line in lines))
 
@@ -332,10 +343,12 @@ def _names(bad: "list[str]") -> str:
 
 
 def _train_epoch(model: nn.Module, core: nn.Module, opt: torch.optim.Optimizer, dataset, config: TrainConfig,
-                 epoch: int, d: Dist, sequence: bool, progress: bool, out: Path, saved: int) -> _EpochStats:
+                 epoch: int, d: Dist, sequence: bool, progress: bool, out: Path, saved: int,
+                 with_aux: bool = True) -> _EpochStats:
     """One pass over the training split: a step of ``opt`` per batch, `sb.trace` on the first.
     FloatingPointError on a non-finite loss or gradient (before the step) or parameter (after it);
-    ``saved`` is the epoch of the checkpoint on disk, named in the message."""
+    ``saved`` is the epoch of the checkpoint on disk, named in the message. ``with_aux``: the model
+    takes ``return_aux=True`` (the CLI's models); else it returns the logits alone."""
     model.train()
     stats = _EpochStats()
     n_batches = dataset.num_batches("train", config.batch_size)
@@ -347,7 +360,7 @@ def _train_epoch(model: nn.Module, core: nn.Module, opt: torch.optim.Optimizer, 
         x, y = x.to(d.device), y.to(d.device)
         opt.zero_grad(set_to_none=True)
         with (trace() if i == 0 else contextlib.nullcontext()) as t:
-            logits, aux = model(x, return_aux=True)
+            logits, aux = model(x, return_aux=True) if with_aux else (model(x), None)
             if sequence:  # one label per step: score every step
                 n_global *= y.shape[1]
                 logits, y = _per_label(logits, y)
@@ -437,9 +450,17 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log, re
     sequence = bool(getattr(dataset, "sequence_targets", False))
     torch.manual_seed(config.seed)
     core = build_model(config, dataset.input_size, dataset.num_classes, sequence=sequence)
+    return _run(config, strategy, out, progress, log, resume, d, dataset, core, sequence)
+
+
+def _run(config, strategy: Strategy, out, progress: bool, log, resume: bool, d: Dist, dataset, core: nn.Module,
+         sequence: bool) -> dict:
+    """The loop behind `train` and `fit`: ``config`` is a `TrainConfig` (the CLI's models, built-in
+    datasets) or a `FitConfig` (a user's model and Datasets behind `TorchDatasets`)."""
+    user = isinstance(config, FitConfig)
     local_batch = -(-config.batch_size // d.world)  # what one process holds
     strategy, out, ckpt = _open_run(config, core, strategy, out, resume, d,
-                                    (config.T, local_batch, dataset.input_size))
+                                    (config.T, local_batch, getattr(dataset, "input_size", None)))
     core.to(d.device)
     opt = torch.optim.Adam(core.parameters(), lr=config.lr)
     prog = _restore(core, opt, ckpt, config, out)
@@ -464,11 +485,11 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log, re
             t0 = time.perf_counter()
             try:
                 stats = _train_epoch(model, core, opt, dataset, config, epoch, d, sequence, progress, out,
-                                     prog.saved)
+                                     prog.saved, with_aux=not user)
             except DiskSpaceError as e:  # a double-disk strategy's file does not fit
                 raise DiskSpaceError(f"{e}; {_kept(out, prog.saved)}") from None
-            val = evaluate(core, dataset, "val", config.batch_size, _batch_seed(config.seed, 0), dist=d,
-                           with_loss=sequence)
+            val = (evaluate(core, dataset, "val", config.batch_size, _batch_seed(config.seed, 0), dist=d,
+                            with_loss=sequence) if dataset.num_examples("val") else float("nan"))
             row = _epoch_row(epoch, stats, val, time.perf_counter() - t0, sequence)
             prog.done, prog.val_acc = epoch, row["val_acc"]
             prog.best, prog.peak = max(prog.best, prog.val_acc), max(prog.peak, stats.peak)
@@ -480,8 +501,9 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log, re
                 _save_epoch(metrics, out, epoch, core, opt, prog, config, strategy)
             prog.saved = epoch
             say(_epoch_line(row, config, sequence))
-    return _finish(say, config, dataset, strategy, out, prog, resumed_from, time.perf_counter() - start,
-                   approximate, epoch_activity, val_bpc, sequence, resume)
+    summary = _finish(say, config, dataset, strategy, out, prog, resumed_from, time.perf_counter() - start,
+                      approximate, epoch_activity, val_bpc, sequence, resume)
+    return {**prog.last, **summary} if user else summary
 
 
 def _finish(say, config: TrainConfig, dataset, strategy: Strategy, out: Path, prog: _Progress, resumed_from: int,
@@ -504,4 +526,110 @@ def _finish(say, config: TrainConfig, dataset, strategy: Strategy, out: Path, pr
         + f"peak stored {prog.peak} bytes ({prog.peak / 2**20:.2f} MiB) with {strategy.to_string()}"
         f"{' (approximate gradient)' if approximate else ''}; "
         f"metrics in {out / METRICS_FILE}")
+    return summary
+
+
+class ModelStrategy:
+    """The strategies of a model's `sb.Recurrent` layers, named as one (for the run files and the
+    messages): the common strategy's string, ``name=strategy`` pairs when they differ, or
+    ``memory_budget:<size>`` when the planner picks them."""
+
+    def __init__(self, layers: "list[tuple[str, Recurrent]]", budget: "int | None" = None):
+        self._layers, self._budget = layers, budget
+
+    def to_string(self) -> str:
+        if self._budget is not None:
+            return f"memory_budget:{format_bytes(self._budget)}"
+        names = {name or "model": layer.strategy.to_string() for name, layer in self._layers if layer.strategy}
+        if not names:
+            return "full" if not self._layers else "planned"
+        kinds = set(names.values())
+        return kinds.pop() if len(kinds) == 1 else ",".join(f"{k}={v}" for k, v in names.items())
+
+    @property
+    def exact(self) -> bool:
+        return not self.approximate
+
+    @property
+    def approximate(self) -> bool:
+        return any(getattr(layer.strategy, "approximate", not layer.strategy.exact)
+                   for _, layer in self._layers if layer.strategy is not None)
+
+
+def apply_strategy(model: nn.Module, strategy: "Strategy | str | None" = None,
+                   memory_budget: "int | str | None" = None) -> ModelStrategy:
+    """Give every `sb.Recurrent` in ``model`` the ``strategy``, or the ``memory_budget`` (each layer's
+    planner then picks its strategy per input shape); with neither, leave them as built. ValueError
+    if one is given and the model has no `sb.Recurrent` (a model that calls `sb.scan` itself chooses
+    its strategies there)."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, Recurrent)]
+    if (strategy is not None or memory_budget is not None) and not layers:
+        what = f"strategy={strategy!r}" if strategy is not None else f"memory_budget={memory_budget!r}"
+        raise ValueError(f"sb.fit: {what} applies to the sb.Recurrent layers of the model, and "
+                         f"{type(model).__name__} has none; pass the strategy to its own sb.scan calls, or drop it")
+    for _, layer in layers:
+        if memory_budget is not None:
+            layer.memory_budget = memory_budget
+        elif strategy is not None:
+            layer.memory_budget = None
+            layer.strategy = strategy
+    return ModelStrategy(layers, None if memory_budget is None else parse_bytes(memory_budget))
+
+
+def fit(model: nn.Module, train, val=None, *, epochs: int, batch_size: int = 32, lr: float = 1e-3,
+        strategy: "Strategy | str | None" = None, memory_budget: "int | str | None" = None,
+        out: "str | Path | None" = None, resume: bool = False, seed: int = 0, progress: bool = True,
+        log=None) -> dict:
+    """Train ``model`` with Adam on a Dataset of ``(x, label)`` items, x shaped (T, ...), writing the
+    run folder `sparsebptt train` writes (config.json, metrics.jsonl, checkpoint.pt: see the module
+    docstring) and returning the final metrics.
+
+    ``model(x)`` maps a time-major batch x (T, B, ...) to logits (B, classes); batches are
+    collated time-major (`collate_time_major`: tonic's ``ToFrame`` output works as it is). Every
+    epoch is checkpointed atomically, with a checksum; ``resume=True`` continues the run in ``out``
+    from its last finished epoch (each epoch recorded once, the batches it would have seen), with
+    the same arguments but ``epochs``. Non-finite losses, gradients, parameters and checkpoints stop
+    the run as in `train`.
+
+    Args:
+        model: an nn.Module (its parameters' device is the training device).
+        train, val: map-style ``torch.utils.data.Dataset``s; ``val`` None leaves ``val_acc`` NaN.
+        epochs, batch_size, lr: passes over ``train``, examples per step, Adam's learning rate.
+        strategy: a `Strategy` or string given to every `sb.Recurrent` inside ``model``; None
+            keeps each layer's own.
+        memory_budget: instead of ``strategy``, the budget each `sb.Recurrent`'s planner fits.
+        out: the run folder (default ``runs/<timestamp>``); resume: continue the run in ``out``.
+        seed: seeds the global RNGs (dropout, stochastic cells) and every epoch's batch order.
+        progress: a tqdm bar per epoch; log: where the per-epoch lines go (default stdout).
+
+    Returns:
+        The last epoch's metrics (``epoch, train_loss, train_acc, val_acc, peak_stored_bytes,
+        activity, backward_macs``) and the run's summary (``best_val_acc``, ``seconds``,
+        ``epochs_run``, ``resumed_from``, ``out``...), as `train` returns it.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sb.fit: model must be an nn.Module mapping x (T, B, ...) to logits, got "
+                        f"{type(model).__name__}")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError(f"sb.fit: {type(model).__name__} has no parameters to train")
+    data = TorchDatasets(train, val)
+    if isinstance(strategy, Strategy):
+        strategy_name = strategy.to_string()
+    else:
+        strategy_name = None if strategy is None else parse_strategy(strategy).to_string()
+    if memory_budget is not None:
+        parse_bytes(memory_budget)
+    config = FitConfig(model=type(model).__name__, dataset=data.name, T=data.T, input_shape=data.example_shape,
+                       n_train=data.num_examples("train"), n_val=data.num_examples("val"), epochs=epochs,
+                       batch_size=batch_size, lr=lr, strategy=strategy_name, memory_budget=memory_budget, seed=seed)
+    if resume and out is None:
+        raise ValueError("sb.fit: resume=True needs the run folder `out` to continue")
+    d = setup(params[0].device)
+    try:
+        torch.manual_seed(seed)
+        summary = _run(config, None, out, progress and d.is_main, sys.stdout if log is None else log, resume, d,
+                       data, model, sequence=False)
+    finally:
+        teardown(d)
     return summary

@@ -45,7 +45,8 @@ from .config import TrainConfig
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "RESUME_MAY_CHANGE", "RunError",
            "atomic_write", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
            "read_run_meta", "is_run", "default_out_dir", "prepare_out", "config_from_run", "config_mismatches",
-           "check_resume", "RunWriteError", "state_digest", "non_finite", "remove_stale_temporaries"]
+           "check_resume", "check_fit_resume", "FIT_MAY_CHANGE", "RunWriteError", "state_digest", "non_finite",
+           "remove_stale_temporaries"]
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -350,6 +351,9 @@ def config_from_run(folder: "str | Path") -> TrainConfig:
     """The `TrainConfig` of the run in ``folder`` (from its config.json); `RunError` if ``folder``
     is not a run or its config no longer validates."""
     meta = read_run_meta(folder)
+    if isinstance(meta.get("fit"), dict):
+        raise RunError(f"the run in {str(folder)!r} was written by sb.fit (model {meta.get('model')!r}); continue it "
+                       "with sb.fit(model, train, ..., out=<that folder>, resume=True)")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = meta.get("train_config")
     if not isinstance(saved, dict):  # written before train_config existed: the top-level entries
@@ -395,6 +399,33 @@ def prepare_out(out: "str | Path") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     return out
+
+
+#: `sb.fit` arguments a resumed run may change
+FIT_MAY_CHANGE = ("epochs",)
+
+
+def check_fit_resume(given: dict, out: "str | Path") -> dict:
+    """The config.json entries of the `sb.fit` run in ``out`` if a call with the `FitConfig` entries
+    ``given`` may continue it (all equal but `FIT_MAY_CHANGE`); else `RunError` naming those that
+    differ."""
+    out = Path(out)
+    meta = read_run_meta(out)
+    saved = meta.get("fit")
+    if not isinstance(saved, dict):
+        raise RunError(f"the run in {str(out)!r} was written by `sparsebptt train`, not sb.fit; continue it with "
+                       f"sparsebptt train --resume {out}")
+    diffs = [f"{k}: run has {saved.get(k)!r}, given {v!r}" for k, v in given.items()
+             if k not in FIT_MAY_CHANGE and _plain(saved.get(k)) != _plain(v)]
+    if diffs:
+        raise RunError(f"cannot resume {str(out)!r} with other arguments ({'; '.join(diffs)}); pass those of the "
+                       "run to continue it, or start a new run with another out")
+    return meta
+
+
+def _plain(v):
+    """A config value as JSON gives it back (tuples as lists)."""
+    return json.loads(json.dumps(v))
 
 
 def check_resume(config: TrainConfig, out: Path) -> dict:
