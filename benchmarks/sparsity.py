@@ -16,6 +16,7 @@ is shared, absolute times are not comparable across runs.
 
     python benchmarks/sparsity.py --preset full            # CSV + PNG + JSON in benchmarks/results/
     python benchmarks/sparsity.py --preset ci              # small shapes, a few seconds
+    python benchmarks/sparsity.py --preset batch --stepped # issue 17: B = 8, 16; C segment scan vs step path
     python benchmarks/sparsity.py --accuracy --seeds 0 1 2 # accuracy vs threshold on digits-seq
 """
 from __future__ import annotations
@@ -41,7 +42,16 @@ PRESETS = {
                thresholds=[0.0, 0.05, 0.2]),
     "full": dict(cells=["gru", "lstm"], B=[1, 16], H=[256, 1024], I=64, T=50, reps=5,
                  thresholds=[0.0, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3]),
+    # issue 17's done-when: training batch sizes, 80-90 % zero deltas around thresholds 0.03-0.1
+    "batch": dict(cells=["gru", "lstm"], B=[8, 16], H=[256, 1024], I=64, T=100, reps=5,
+                  thresholds=[0.0, 0.03, 0.05, 0.1]),
 }
+
+
+def stepwise(Delta):
+    """``Delta`` without its C segment scan: the issue-6 path (each step's memory updates through
+    `sparse_linear`), for the before/after comparison (``--stepped``)."""
+    return type(f"Stepped{Delta.__name__}", (Delta,), {"segment_kernels": ("triton",)})
 
 CELLS = {"gru": (sb.cells.DeltaGRU, sb.cells.GRU), "lstm": (sb.cells.DeltaLSTM, sb.cells.LSTM)}
 
@@ -75,17 +85,24 @@ def _q(v, q):
     return v[min(len(v) - 1, int(q * len(v)))]
 
 
-def bench_group(kind, B, H, I, T, reps, thresholds, active_sets):
-    """All thresholds (and the dense cell) of one (cell, B, H), timed round-robin."""
+def bench_group(kind, B, H, I, T, reps, thresholds, active_sets, stepped=False):
+    """All thresholds (and the dense cell: backend "auto", the fused C GRU/LSTM on a CPU) of one
+    (cell, B, H), timed round-robin. ``stepped``: also the Delta cell without its segment scan
+    (rows with active_set "stepped", the issue-6 path)."""
     Delta, Dense = CELLS[kind]
     torch.manual_seed(0)
-    dense = Dense(I, H)
+    dense = Dense(I, H, backend="auto")
     cases = [("dense", None, dense)]
     for aset in active_sets:
         for th in thresholds:
             c = Delta(I, H, threshold=th, active_set=aset)
             c.load_state_dict(dense.state_dict())
             cases.append((aset, th, c))
+    if stepped:
+        for th in thresholds:
+            c = stepwise(Delta)(I, H, threshold=th)
+            c.load_state_dict(dense.state_dict())
+            cases.append(("stepped", th, c))
     x = slow_input(T, B, I)
     rows = {}
     for name, th, cell in cases:  # counters (traced run), then one warm-up
@@ -104,7 +121,7 @@ def bench_group(kind, B, H, I, T, reps, thresholds, active_sets):
             rows[(name, th)]["fwd"].append(f)
             rows[(name, th)]["bwd"].append(b)
     out = []
-    base = {aset: rows[(aset, thresholds[0])] for aset in active_sets}
+    base = {aset: rows[(aset, thresholds[0])] for aset in active_sets + (["stepped"] if stepped else [])}
     d = rows[("dense", None)]
     for (name, th), r in rows.items():
         fwd, bwd = r.pop("fwd"), r.pop("bwd")
@@ -119,6 +136,7 @@ def bench_group(kind, B, H, I, T, reps, thresholds, active_sets):
         r["bwd_time_vs_th0"] = r["bwd_ms"] / b0["bwd_ms"]
         r["fwd_time_vs_th0"] = r["fwd_ms"] / b0["fwd_ms"]
         r["bwd_time_vs_dense"] = r["bwd_ms"] / d["bwd_ms"]
+        r["fwd_time_vs_dense"] = r["fwd_ms"] / d["fwd_ms"]
     return out
 
 
@@ -131,13 +149,14 @@ def run_timing(args):
             for H in p["H"]:
                 sets = active_sets if B > 1 else ["auto"]
                 t0 = time.perf_counter()
-                group = bench_group(kind, B, H, p["I"], p["T"], p["reps"], p["thresholds"], sets)
+                group = bench_group(kind, B, H, p["I"], p["T"], p["reps"], p["thresholds"], sets, args.stepped)
                 rows += group
                 print(f"{kind} B={B} H={H}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
                 for r in group:
                     print(f"  {r['active_set']:>6} th={r['threshold']!s:>5} act={r['activity']:.3f} "
                           f"bwd_macs x{r['bwd_macs_vs_th0']:.3f} bwd_time x{r['bwd_time_vs_th0']:.3f} "
-                          f"fwd_time x{r['fwd_time_vs_th0']:.3f}", file=sys.stderr, flush=True)
+                          f"fwd_time x{r['fwd_time_vs_th0']:.3f} bwd vs dense x{r['bwd_time_vs_dense']:.3f} "
+                          f"fwd vs dense x{r['fwd_time_vs_dense']:.3f}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -202,6 +221,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="ci")
     ap.add_argument("--active-set", action="store_true", help="also time union / sample / auto (B > 1)")
+    ap.add_argument("--stepped", action="store_true",
+                    help="also time the Delta cells without their C segment scan (the issue-6 step path)")
     ap.add_argument("--accuracy", action="store_true", help="accuracy vs threshold on digits-seq instead")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--acc-thresholds", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2])

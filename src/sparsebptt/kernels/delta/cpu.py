@@ -58,8 +58,8 @@ def load_library():
         for suf in ("f32", "f64"):
             fwd, bwd = getattr(lib, f"delta_fwd_{suf}"), getattr(lib, f"delta_bwd_{suf}")
             fwd.restype = bwd.restype = None
-            fwd.argtypes = [_L] * 5 + [_P] * 11 + [_D, _D] + [_P] * 10
-            bwd.argtypes = [_L] * 5 + [_P] * 19 + [_L] + [_P] * 9
+            fwd.argtypes = [_L] * 5 + [_P] * 11 + [_D, _D] + [_P] * 7 + [_L] + [_P] * 3
+            bwd.argtypes = [_L] * 5 + [_P] * 19 + [_L] + [_P] * 10
         _lib = lib
     return _lib
 
@@ -91,8 +91,8 @@ class _DeltaSegment(torch.autograd.Function):
         x = x.detach().contiguous()
         wiT = weight_ih.detach().t().contiguous()  # [I, G*H]: an input column is one row
         whT = weight_hh.detach().t().contiguous()  # [H, G*H]
-        bi = None if bias_ih is None else bias_ih.detach().contiguous()
-        bh = None if bias_hh is None else bias_hh.detach().contiguous()
+        bi = x.new_zeros(G * H) if bias_ih is None else bias_ih.detach().contiguous()
+        bh = x.new_zeros(G * H) if bias_hh is None else bias_hh.detach().contiguous()
         st = [s.detach().clone(memory_format=torch.contiguous_format) for s in state]
         h, c = st[0], (st[1] if lstm else None)
         xr, hr, mx, mh = st[-4:]
@@ -103,14 +103,17 @@ class _DeltaSegment(torch.autograd.Function):
             sh, dhs = torch.empty(L, B, H, dtype=torch.uint8), x.new_empty(L, B, H)
             s = x.new_empty(L, B, 4 * H)
             cs = x.new_empty(L, B, H) if lstm else None
-        else:
-            sx = dxs = sh = dhs = s = cs = None
+        else:  # scratch of one step
+            sx, dxs = torch.empty(B, nI, dtype=torch.uint8), x.new_empty(B, nI)
+            sh, dhs = torch.empty(B, H, dtype=torch.uint8), x.new_empty(B, H)
+            s = x.new_empty(B, 4 * H)
+            cs = x.new_empty(B, H) if lstm else None
         counts = torch.empty(L, 2, dtype=torch.long)
         bs, vs = torch.empty(B, dtype=torch.long), x.new_empty(B)
         getattr(load_library(), f"delta_fwd_{SUFFIX[dt]}")(
             int(lstm), L, B, nI, H, x.data_ptr(), h.data_ptr(), _ptr(c), xr.data_ptr(), hr.data_ptr(),
             mx.data_ptr(), mh.data_ptr(), wiT.data_ptr(), whT.data_ptr(), _ptr(bi), _ptr(bh), thx, thh,
-            ys.data_ptr(), _ptr(sx), _ptr(dxs), _ptr(sh), _ptr(dhs), _ptr(s), _ptr(cs), bs.data_ptr(),
+            ys.data_ptr(), _ptr(sx), _ptr(dxs), _ptr(sh), _ptr(dhs), _ptr(s), _ptr(cs), int(save), bs.data_ptr(),
             vs.data_ptr(), counts.data_ptr())
         nnz = counts.sum(0)
         ctx.macs = (int(nnz[0]) * G * H, int(nnz[1]) * G * H)
@@ -144,22 +147,25 @@ class _DeltaSegment(torch.autograd.Function):
         need_xside = bool(need_x or need_state[n_ref])
         gwiT = ys.new_zeros(nI, G * H) if need_wi else None
         gwhT = ys.new_zeros(H, G * H) if need_wh else None
-        gbi = ys.new_zeros(G * H) if (need_bi and ctx.has_bias[0]) else None
-        gbh = ys.new_zeros(G * H) if (need_bh and ctx.has_bias[1]) else None
-        gys = None if gys is None else gys.contiguous()
+        gbi, gbh = ys.new_zeros(G * H), ys.new_zeros(G * H)
+        gys = torch.zeros_like(ys) if gys is None else gys.contiguous()
         gA, gC, ghn = ys.new_empty(B, G * H), ys.new_empty(B, G * H), ys.new_empty(B, H)
-        bs, vs = torch.empty(B, dtype=torch.long), ys.new_empty(B)
+        bs, vs, acc = torch.empty(B, dtype=torch.long), ys.new_empty(B), ys.new_empty(B, 16)
+        h0 = h0.contiguous()  # held while the C call runs
+        c0 = None if c0 is None else c0.contiguous()
         getattr(load_library(), f"delta_bwd_{SUFFIX[dt]}")(
-            int(lstm), L, B, nI, H, h0.contiguous().data_ptr(), _ptr(None if c0 is None else c0.contiguous()),
+            int(lstm), L, B, nI, H, h0.data_ptr(), _ptr(c0),
             ys.data_ptr(), _ptr(cs), s.data_ptr(), sx.data_ptr(), dxs.data_ptr(), sh.data_ptr(), dhs.data_ptr(),
             wiT.data_ptr(), whT.data_ptr(), _ptr(gys), gh.data_ptr(), _ptr(gc), gxr.data_ptr(), ghr.data_ptr(),
-            gmx.data_ptr(), gmh.data_ptr(), _ptr(gx), int(need_xside), _ptr(gwiT), _ptr(gwhT), _ptr(gbi),
-            _ptr(gbh), gA.data_ptr(), gC.data_ptr(), ghn.data_ptr(), bs.data_ptr(), vs.data_ptr())
+            gmx.data_ptr(), gmh.data_ptr(), _ptr(gx), int(need_xside), _ptr(gwiT), _ptr(gwhT), gbi.data_ptr(),
+            gbh.data_ptr(), gA.data_ptr(), gC.data_ptr(), ghn.data_ptr(), bs.data_ptr(), vs.data_ptr(), acc.data_ptr())
         t = current_trace()
         if t is not None:
             mx_, mh_ = ctx.macs
             t.add_backward_macs(mx_ * (int(need_xside) + int(need_wi)) + mh_ * (1 + int(need_wh)))
         state_grads = [gh] + ([gc] if lstm else []) + [gxr, ghr, gmx, gmh]
+        gbi = gbi if need_bi and ctx.has_bias[0] else None
+        gbh = gbh if need_bh and ctx.has_bias[1] else None
         return (None, gx, None if gwiT is None else gwiT.t(), None if gwhT is None else gwhT.t(), gbi, gbh,
                 *[gs if need else None for gs, need in zip(state_grads, need_state)])
 

@@ -17,6 +17,10 @@
 
 #include "cbuild.h"
 
+/* fused multiply-adds in these kernels (the build turns them off for the gate kernels that must
+   round as torch does; here the products are sums in another order anyway) */
+#pragma GCC optimize("fp-contract=fast")
+
 #if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
 #if __has_attribute(target_clones)
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))

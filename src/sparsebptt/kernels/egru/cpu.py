@@ -1,5 +1,14 @@
 """EGRU's "cpu" backend: the event-sparse segment scan `fused_recurrent_egru` and its C kernels.
 
+For CPU float32/float64 tensors a segment runs as one GEMM for the input projections and
+`SegmentFunction` (issue 17): the whole recurrence, forward and backward, in two C calls
+(``egru_fwd`` / ``egru_bwd`` in ``egru_body.h``): per step an axpy of a row of ``W_hh^T`` per
+event forward; backward the pointwise part fused in one pass, ``dL/dy`` of the step before only
+at its events and near-threshold units (a dot per such entry; nothing for the others), and
+``dW_hh^T`` rows accumulated over its events along the segment. It does the same products as
+the path below, without a Python-level node per step. Other tensors (other dtypes, devices, or
+``use_c_kernels = False``) take the step-wise path described next.
+
 The forward reads only the columns of units with an event (``y`` is zero elsewhere): ``W_hh y``
 runs through `sparsebptt.kernels.sparse.sparse_linear` with the events as mask. The backward of
 that product (`RecurrentGradFunction`) is sparse in the same way:
@@ -48,12 +57,12 @@ import os
 import torch
 
 from ..cbuild import build_file
-from ..common import SUFFIX
+from ..common import SUFFIX, NoCtx
 from ..sparse import UNION_OVERLAP, Chain, full_above, sparse_linear, transposed_weight
 from ...trace import current_trace, linear
 
 __all__ = ["load_library", "masked_rows_dot", "masked_rows_axpy_", "C_SOURCE", "FusedPointwiseFunction",
-           "RecurrentGradFunction", "fused_recurrent_egru"]
+           "RecurrentGradFunction", "SegmentFunction", "fused_recurrent_egru"]
 
 #: the C source (package data): `egru.c` instantiates `egru_body.h` for float and double
 C_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "egru.c")
@@ -73,6 +82,10 @@ def load_library():
             dot.restype = axpy.restype = None
             dot.argtypes = [_P, _P, _P, _P, _L, _L, _L]
             axpy.argtypes = [_P, _P, _P, _P, _L, _L, _L, _P, _P]
+            fwd, bwd = getattr(lib, f"egru_fwd_{suf}"), getattr(lib, f"egru_bwd_{suf}")
+            fwd.restype = bwd.restype = None
+            fwd.argtypes = [_L] * 3 + [_P] * 14
+            bwd.argtypes = [_L] * 3 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L] + [_P] * 9
         lib.egru_simd.restype = ctypes.c_int
         _lib = lib
     return _lib
@@ -318,6 +331,113 @@ def _record(layer, fired):
         t.add_activity(layer, fired.sum(), fired.numel())
 
 
+
+# ---- the segment in C ----------------------------------------------------------------------------
+
+def _p(t):
+    return None if t is None else t.data_ptr()
+
+
+class SegmentFunction(torch.autograd.Function):
+    """A whole segment's recurrence in two C calls (``egru_fwd`` / ``egru_bwd``): inputs the input
+    projections ``gis = x W_ih^T + b_ih`` [L, B, 3H] (a GEMM outside, whose backward torch runs),
+    ``W_hh``, ``b_hh``, the thresholds and the initial state; outputs ``(ys, c', y'[, n'])``.
+
+    Forward per step: ``gh = b_hh + sum_j y[b, j] W_hh^T[j]`` over the non-zero ``y`` (an axpy
+    per event, each row of ``W_hh^T`` read once for every sample with an event there), then the
+    pointwise part fused (`FusedPointwiseFunction`'s equations). Backward per step: the pointwise
+    backward fused (one pass, `FusedPointwiseFunction`'s equations, ``dthreshold`` summed in
+    place); then ``dL/dy_{t-1} = dgh . W_hh^T[j]`` only at the previous step's events and
+    near-threshold units (every unit of a ``y0`` that needs a gradient), and ``dW_hh^T[j] +=
+    y_{t-1}[b, j] dgh[b]`` over its events, accumulated along the segment. Nothing is done for
+    units outside the pseudo-derivative's support but carrying ``dc``.
+    """
+
+    @staticmethod
+    def forward(ctx, meta, gis, weight_hh, bias_hh, threshold, c0, y0, n0):
+        gamma, epsilon = meta
+        L, B, O = gis.shape
+        H = O // 3
+        dt = gis.dtype
+        gis = gis.detach().contiguous()
+        whT = transposed_weight(weight_hh)
+        bh = gis.new_zeros(O) if bias_hh is None else bias_hh.detach().contiguous()
+        thr = threshold.detach().contiguous()
+        c = c0.detach().clone(memory_format=torch.contiguous_format)
+        y = y0.detach().clone(memory_format=torch.contiguous_format)
+        n = None if n0 is None else n0.detach().clone(memory_format=torch.contiguous_format)
+        save = not isinstance(ctx, NoCtx)
+        ys = gis.new_empty(L, B, H)
+        s = gis.new_empty(L, B, 4 * H) if save else None
+        cts = gis.new_empty(L, B, H) if save else None
+        gh = gis.new_empty(B, O)
+        bs, vs = torch.empty(B, dtype=torch.long), gis.new_empty(B)
+        counts = torch.empty(L, 2, dtype=torch.long)
+        getattr(load_library(), f"egru_fwd_{SUFFIX[dt]}")(
+            L, B, H, gis.data_ptr(), whT.data_ptr(), bh.data_ptr(), thr.data_ptr(), c.data_ptr(),
+            y.data_ptr(), _p(n), ys.data_ptr(), _p(s), _p(cts), gh.data_ptr(), bs.data_ptr(),
+            vs.data_ptr(), counts.data_ptr())
+        ctx.counts = counts.sum(0)
+        if save:
+            ctx.save_for_backward(weight_hh, threshold, c0, y0, ys, s, cts)
+            ctx.whT, ctx.meta = whT, meta
+            ctx.has_bias, ctx.has_count = bias_hh is not None, n0 is not None
+        return (ys, c, y) if n is None else (ys, c, y, n)
+
+    @staticmethod
+    def backward(ctx, gys, gcT, gyT, gnT=None):
+        weight_hh, threshold, c0, y0, ys, s, cts = ctx.saved_tensors
+        gamma, epsilon = ctx.meta
+        L, B, H = ys.shape
+        O = 3 * H
+        need_w, need_b, need_thr, need_c0, need_y0 = ctx.needs_input_grad[2:7]
+        gys = torch.zeros_like(ys) if gys is None else gys.contiguous()
+        gc = torch.zeros_like(c0) if gcT is None else gcT.detach().clone(memory_format=torch.contiguous_format)
+        gy = torch.zeros_like(y0) if gyT is None else gyT.detach().clone(memory_format=torch.contiguous_format)
+        gn = None if (gnT is None or not ctx.has_count) else gnT.contiguous()
+        dgis = ys.new_empty(L, B, O)
+        gwhT = ys.new_zeros(H, O) if need_w else None
+        gbh, gthr = ys.new_zeros(O), ys.new_zeros(H)
+        dgh, gyn = ys.new_empty(B, O), ys.new_empty(B, H)
+        bs, vs = torch.empty(B, dtype=torch.long), ys.new_empty(B)
+        macs = torch.zeros(2, dtype=torch.long)
+        c0_, y0_, thr = c0.contiguous(), y0.contiguous(), threshold.detach().contiguous()  # held while C runs
+        getattr(load_library(), f"egru_bwd_{SUFFIX[ys.dtype]}")(
+            L, B, H, c0_.data_ptr(), y0_.data_ptr(), ys.data_ptr(), s.data_ptr(),
+            cts.data_ptr(), ctx.whT.data_ptr(), thr.data_ptr(), gamma, epsilon,
+            gys.data_ptr(), gc.data_ptr(), gy.data_ptr(), _p(gn), int(need_y0), dgis.data_ptr(), _p(gwhT),
+            gbh.data_ptr(), gthr.data_ptr(), dgh.data_ptr(), gyn.data_ptr(), bs.data_ptr(), vs.data_ptr(),
+            macs.data_ptr())
+        t = current_trace()
+        if t is not None:
+            t.add_backward_macs(int(macs.sum()) * O)
+        dn0 = None
+        if ctx.has_count and ctx.needs_input_grad[7]:
+            dn0 = torch.zeros_like(y0) if gnT is None else gnT
+        return (None, dgis, None if gwhT is None else gwhT.t(), gbh if (need_b and ctx.has_bias) else None,
+                gthr if need_thr else None, gc if need_c0 else None, gy if need_y0 else None, dn0)
+
+
+def _segment_in_c(gis, state, weight_hh, bias_hh, threshold, gamma, epsilon, layer):
+    c, y = state[0], state[1]
+    n = state[2] if len(state) > 2 else None
+    meta = (float(gamma), float(epsilon))
+    args = (gis, weight_hh, bias_hh, threshold, c, y, n)
+    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
+        out = SegmentFunction.apply(meta, *args)
+        counts = out[0].grad_fn.counts
+    else:
+        ctx = NoCtx()
+        with torch.no_grad():
+            out = SegmentFunction.forward(ctx, meta, *args)
+        counts = ctx.counts
+    t = current_trace()
+    if t is not None:
+        L, B, O = gis.shape
+        t.add_forward_macs(int(counts[1]) * O)
+        t.add_activity(layer, counts[0], L * B * (O // 3))
+    return out[0], tuple(out[1:])
+
 # ---- the segment ---------------------------------------------------------------------------------
 
 def fused_recurrent_egru(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, *, gamma=0.7,
@@ -332,9 +452,12 @@ def fused_recurrent_egru(x, state, weight_ih, weight_hh, bias_ih, bias_hh, thres
     threshold only; the first step takes it at every unit. ``active_set``: how a batch shares
     the active columns in `sparse_linear`; ``layer``: the key of the activity in `sb.trace`.
     """
+    gis = linear(x, weight_ih, bias_ih)  # [L, B, 3H], one GEMM (one backward node)
+    if _use_kernels(x, *state, weight_hh, threshold) and len({t.dtype for t in (x, *state, weight_hh,
+                                                                                 threshold)}) == 1:
+        return _segment_in_c(gis, state, weight_hh, bias_hh, threshold, gamma, epsilon, layer)
     c, y = state[0], state[1]
     count = state[2] if len(state) > 2 else None
-    gis = linear(x, weight_ih, bias_ih)  # [L, B, 3H], one GEMM (one backward node)
     chain = Chain(weight_hh, transposed_weight(weight_hh))  # W_hh.T [H, 3H], once per segment
     fired, grad_mask = _entry_masks(y)
     ys = []

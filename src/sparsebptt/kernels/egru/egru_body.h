@@ -106,6 +106,182 @@ void FN(masked_rows_axpy)(const T* y, const T* g, const unsigned char* mask, T* 
     ftz_off(csr);
 }
 
+
+/* ---- the segment scan (egru_fwd, egru_bwd): equations in sparsebptt/kernels/egru/cpu.py ---- */
+
+/* exp(x) as in rnn_body.h: branch-free, so the gate loops vectorise */
+INL T FN(exp)(T x) {
+    x = x < (T)EXP_LO ? (T)EXP_LO : x;
+    x = x > (T)EXP_HI ? (T)EXP_HI : x;
+    const T magic = (T)EXP_MAGIC;
+    const T t = x * (T)1.44269504088896340736 + magic;
+    const T fn = t - magic;
+    I bits, mbits;
+    memcpy(&bits, &t, sizeof bits);
+    memcpy(&mbits, &magic, sizeof mbits);
+    const I n = bits - mbits;
+    T r = x - fn * (T)EXP_C1;
+    r = r - fn * (T)EXP_C2;
+    EXP_POLY
+    const I sb = (n + EXP_BIAS) << EXP_MANT;
+    T s;
+    memcpy(&s, &sb, sizeof s);
+    return p * s;
+}
+INL T FN(sigm)(const T x) { return (T)1 / ((T)1 + FN(exp)(-x)); }
+INL T FN(tanh)(const T x) { return (T)1 - (T)2 / ((T)1 + FN(exp)((T)2 * x)); }
+INL void FN(axpy)(T* restrict y, const T a, const T* restrict x, const long n) {
+    for (long i = 0; i < n; ++i) y[i] += a * x[i];
+}
+INL T FN(dot16)(const T* restrict a, const T* restrict b, const long n) {
+    T s[16] = {0};
+    long i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int k = 0; k < 16; ++k) s[k] += a[i + k] * b[i + k];
+    T r = 0;
+    for (int k = 0; k < 16; ++k) r += s[k];
+    for (; i < n; ++i) r += a[i] * b[i];
+    return r;
+}
+
+/* Forward of L steps. gis [L, B, 3H] (x W_ih^T + b_ih), whT [H, 3H] (W_hh^T), bh [3H] (zeros for
+   none), thr [H]; c, y [B, H] (and cnt, the event counts, when not NULL) updated in place;
+   ys [L, B, H]; s [L, B, 4H] (r, u, n, W_hn y + b_hn) and cts [L, B, H] (c~) when not NULL;
+   gh [B, 3H], bs, vs [B]: scratch; counts [L, 2]: events of each step, non-zero y read. */
+CLONES void FN(egru_fwd)(long L, long B, long H, const T* gis, const T* whT, const T* bh, const T* thr,
+                         T* c, T* y, T* cnt, T* ys, T* s, T* cts, T* gh, long* bs, T* vs, long* counts) {
+    const unsigned int csr = ftz_on();
+    const long O = 3 * H;
+    for (long t = 0; t < L; ++t) {
+        for (long b = 0; b < B; ++b) memcpy(gh + b * O, bh, sizeof(T) * O);
+        long nz = 0;
+        for (long j = 0; j < H; ++j) {  /* gh[b] += y[b, j] W_hh^T[j] over the non-zero y */
+            long k = 0;
+            for (long b = 0; b < B; ++b)
+                if (y[b * H + j] != (T)0) { bs[k] = b; vs[k] = y[b * H + j]; ++k; }
+            const T* w = whT + j * O;
+            for (long q = 0; q < k; ++q) FN(axpy)(gh + bs[q] * O, vs[q], w, O);
+            nz += k;
+        }
+        long fired = 0;
+        for (long b = 0; b < B; ++b) {
+            const T* restrict gi = gis + (t * B + b) * O;
+            const T* restrict hh = gh + b * O;
+            T* restrict cb = c + b * H;
+            T* restrict yb = y + b * H;
+            T* restrict sb = s ? s + (t * B + b) * 4 * H : NULL;
+            T* restrict ctb = cts ? cts + (t * B + b) * H : NULL;
+            long f = 0;
+            for (long j = 0; j < H; ++j) {
+                const T r = FN(sigm)(gi[j] + hh[j]);
+                const T u = FN(sigm)(gi[H + j] + hh[H + j]);
+                const T hn = hh[2 * H + j];
+                const T nn = FN(tanh)(gi[2 * H + j] + r * hn);
+                const T ct = nn + u * (cb[j] - nn);
+                const T e = (ct - thr[j]) > (T)0 ? (T)1 : (T)0;
+                yb[j] = ct * e;
+                cb[j] = ct - e * thr[j];
+                f += e > (T)0;
+                if (cnt) cnt[b * H + j] += e;
+                if (sb) { sb[j] = r; sb[H + j] = u; sb[2 * H + j] = nn; sb[3 * H + j] = hn; ctb[j] = ct; }
+            }
+            fired += f;
+        }
+        memcpy(ys + t * B * H, y, sizeof(T) * B * H);
+        counts[2 * t] = fired;
+        counts[2 * t + 1] = nz;
+    }
+    ftz_off(csr);
+}
+
+/* Backward of L steps (last to first). c0, y0 [B, H]: the segment's initial state; ys, s, cts: the
+   forward's; gys [L, B, H] (zeros for none); gc, gy [B, H]: in the gradients of the final c and y,
+   out those of c0 and y0 (gy only when need_y0); gcnt [B, H] or NULL: the gradient of the final
+   counts (constant along the segment). Out: dgis [L, B, 3H]; accumulated: gwhT [H, 3H] (when not
+   NULL), gbh [3H], gthr [H]. dL/dy of a step is taken only where the next step needs it: at
+   its events and where |c~ - threshold| < epsilon (dy/dc~ = e + c~ psi is zero elsewhere); of y0
+   at every entry (when need_y0). dW_hh^T[j] += y[b, j] dgh[b] over the non-zero y. Scratch:
+   dgh [B, 3H], gyn [B, H], bs, vs [B]. macs [2]: the dots and the dW axpys done (times 3H). */
+CLONES void FN(egru_bwd)(long L, long B, long H, const T* c0, const T* y0, const T* ys, const T* s,
+                         const T* cts, const T* whT, const T* thr, double gamma, double epsilon,
+                         const T* gys, T* gc, T* gy, const T* gcnt, long need_y0, T* dgis, T* gwhT,
+                         T* gbh, T* gthr, T* dgh, T* gyn, long* bs, T* vs, long* macs) {
+    const unsigned int csr = ftz_on();
+    const long O = 3 * H;
+    const T gm = (T)gamma, ep = (T)epsilon, iep = (T)1 / (T)epsilon;
+    long ndot = 0, naxpy = 0;
+    for (long t = L - 1; t >= 0; --t) {
+        for (long b = 0; b < B; ++b) {
+            const T* restrict sb = s + (t * B + b) * 4 * H;
+            const T* restrict ctb = cts + (t * B + b) * H;
+            const T* restrict cpb = t ? cts + ((t - 1) * B + b) * H : c0 + b * H;
+            const T* restrict gyb = gys + (t * B + b) * H;
+            const T* restrict gnb = gcnt ? gcnt + b * H : NULL;
+            T* restrict gcb = gc + b * H;
+            T* restrict gy_ = gy + b * H;
+            T* restrict dgi = dgis + (t * B + b) * O;
+            T* restrict dg = dgh + b * O;
+            for (long j = 0; j < H; ++j) {
+                const T ct = ctb[j], th = thr[j];
+                const T v = ct - th;
+                const T e = v > (T)0 ? (T)1 : (T)0;
+                /* c_{t-1}: the forward's c = c~ - e threshold of the step before (bitwise) */
+                T cp = cpb[j];
+                if (t) { const T ep_ = (cp - th) > (T)0 ? (T)1 : (T)0; cp = cp - ep_ * th; }
+                const T dy = gy_[j] + gyb[j];
+                const T dcn = gcb[j];
+                T det = dy * ct - dcn * th;
+                if (gnb) det = det + gnb[j];
+                const T av = v < (T)0 ? -v : v;
+                const T ps = (T)1 - av * iep;
+                const T dv = det * (gm * (ps > (T)0 ? ps : (T)0));
+                const T dct = (dv + dy * e) + dcn;
+                gthr[j] -= dv + dcn * e;
+                const T r = sb[j], u = sb[H + j], nn = sb[2 * H + j], hn = sb[3 * H + j];
+                const T dcp = dct * u;
+                const T dn = dct - dcp;
+                const T du = dct * (cp - nn);
+                const T dan = dn * ((T)1 - nn * nn);
+                const T dau = du * u * ((T)1 - u);
+                const T dar = dan * hn * r * ((T)1 - r);
+                dgi[j] = dar; dgi[H + j] = dau; dgi[2 * H + j] = dan;
+                dg[j] = dar; dg[H + j] = dau; dg[2 * H + j] = dan * r;
+                gcb[j] = dcp;
+            }
+            for (long o = 0; o < O; ++o) gbh[o] += dg[o];
+        }
+        /* the recurrent product W_hh y_{t-1}: dL/dy_{t-1} where needed, dW_hh over its non-zero y */
+        const T* yp = t ? ys + (t - 1) * B * H : y0;
+        const T* ctp = t ? cts + (t - 1) * B * H : NULL;
+        memset(gyn, 0, sizeof(T) * B * H);
+        for (long j = 0; j < H; ++j) {
+            const T* w = whT + j * O;
+            if (t || need_y0) {
+                for (long b = 0; b < B; ++b) {
+                    int want = 1;
+                    if (t) {
+                        const T v = ctp[b * H + j] - thr[j];
+                        want = v > (T)0 || (v < (T)0 ? -v : v) < ep;
+                    }
+                    if (want) { gyn[b * H + j] = FN(dot16)(dgh + b * O, w, O); ++ndot; }
+                }
+            }
+            if (gwhT) {
+                long k = 0;
+                for (long b = 0; b < B; ++b)
+                    if (yp[b * H + j] != (T)0) { bs[k] = b; vs[k] = yp[b * H + j]; ++k; }
+                T* row = gwhT + j * O;
+                for (long q = 0; q < k; ++q) FN(axpy)(row, vs[q], dgh + bs[q] * O, O);
+                naxpy += k;
+            }
+        }
+        memcpy(gy, gyn, sizeof(T) * B * H);
+    }
+    macs[0] = ndot;
+    macs[1] = naxpy;
+    ftz_off(csr);
+}
+
 #undef MM
 
 /* this body's parameters end here, so the next instantiation can define them anew */
@@ -114,3 +290,12 @@ void FN(masked_rows_axpy)(const T* y, const T* g, const unsigned char* mask, T* 
 #undef VT
 #undef LANES
 #undef PS
+#undef I
+#undef EXP_LO
+#undef EXP_HI
+#undef EXP_MAGIC
+#undef EXP_C1
+#undef EXP_C2
+#undef EXP_BIAS
+#undef EXP_MANT
+#undef EXP_POLY

@@ -1,0 +1,151 @@
+"""EGRU's C segment scan (backend "cpu", `sparsebptt.kernels.egru.cpu.SegmentFunction`: the
+recurrence forward and backward in two C calls) equals the reference (backend "torch"): outputs,
+final states and every gradient (x, c0, y0, event counts, every parameter incl. the thresholds),
+float64 within 1e-10 and float32 within a bound derived from the arithmetic, under every exact
+strategy; its MAC counters; thresholds held in a strided tensor (issue 17)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsebptt as sb
+from sparsebptt.testing import assert_close, seeded
+
+N_IN, H = 5, 12
+STRATEGIES = [sb.FullBPTT(), sb.Checkpoint(every=3), sb.Revolve(slots=2), sb.DoubleCheckpoint(outer=8, inner=3)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def f32_rtol(T: int) -> float:
+    """float32 bound relative to each tensor's largest magnitude: sums of up to n = 3H + I
+    products in another order (and a Cephes exp against torch's), carried back over T steps;
+    ~eps * sqrt(n * T) for random signs, times 8 for the gate derivatives' amplification."""
+    return 8 * 2.0 ** -24 * ((3 * H + N_IN + 1) * (T + 1)) ** 0.5
+
+
+def pair(dtype, count_events=False, epsilon=0.3, gamma=0.7, bias=True):
+    torch.manual_seed(5)
+    ref = sb.cells.EGRU(N_IN, H, threshold_init=0.1, epsilon=epsilon, gamma=gamma, bias=bias,
+                        count_events=count_events, backend="torch")
+    with torch.no_grad():
+        ref.threshold.add_(0.05 * seeded(9, H, dtype=torch.float32))
+    ref = ref.to(dtype)
+    got = sb.cells.EGRU(N_IN, H, epsilon=epsilon, gamma=gamma, bias=bias, count_events=count_events,
+                        backend="cpu").to(dtype)
+    got.load_state_dict(ref.state_dict())
+    return ref, got
+
+
+def run(cell, x, state0, strategy=None, y0_grad=True):
+    x = x.clone().requires_grad_()
+    state0 = tuple(s.clone().requires_grad_(k != 1 or y0_grad) for k, s in enumerate(state0))
+    for p in cell.parameters():
+        p.grad = None
+    with sb.trace() as t:
+        out, state = sb.scan(cell, x, state0, strategy=strategy)
+        loss = (out * seeded(100, *out.shape, dtype=x.dtype)).sum()
+        for k, s in enumerate(state):
+            loss = loss + (s * seeded(200 + k, *s.shape, dtype=x.dtype)).sum()
+        loss.backward()
+    res = {"out": out.detach(), "dx": x.grad}
+    res.update({f"state_T[{k}]": s.detach() for k, s in enumerate(state)})
+    res.update({f"dstate0[{k}]": s.grad for k, s in enumerate(state0)})
+    res.update({f"d{n}": p.grad for n, p in cell.named_parameters()})
+    return res, t
+
+
+def state0_of(cell, B, dtype):
+    c = seeded(40, B, H, dtype=dtype) * 0.3
+    y = torch.where(seeded(41, B, H, dtype=dtype) > 0.5, c.abs() + 0.2, torch.zeros_like(c))  # some events
+    st = (c, y)
+    if cell.count_events:
+        st = st + (seeded(42, B, H, dtype=dtype).abs(),)
+    return st
+
+
+def compare(ref, got, dtype, T):
+    assert ref.keys() == got.keys()
+    for name in ref:
+        if dtype == torch.float64:
+            assert_close(name, ref[name], got[name])
+        else:
+            assert_close(name, ref[name], got[name], atol=0.0, rtol=f32_rtol(T))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.to_string())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("count_events", [False, True], ids=["plain", "counts"])
+def test_segment_scan_equals_reference(count_events, dtype, strategy):
+    ref, got = pair(dtype, count_events)
+    assert got.scan_segment is not None and ref.scan_segment is None
+    T, B = 17, 3
+    x = seeded(0, T, B, N_IN, dtype=dtype)
+    s0 = state0_of(ref, B, dtype)
+    r, tr = run(ref, x, s0, strategy)
+    g, tg = run(got, x, s0, strategy)
+    compare(r, g, dtype, T)
+    a = tg.activity["EGRU"]
+    assert 0.0 < a < 1.0 and a == pytest.approx(tr.activity["EGRU"], abs=1e-12)
+
+
+@pytest.mark.parametrize("kw", [dict(bias=False), dict(epsilon=0.05), dict(gamma=0.0)], ids=str)
+def test_options_and_y0_without_gradient(kw):
+    ref, got = pair(torch.float64, **kw)
+    x = seeded(1, 9, 2, N_IN)
+    s0 = state0_of(ref, 2, torch.float64)
+    for y0_grad in (True, False):
+        r, _ = run(ref, x, s0, y0_grad=y0_grad)
+        g, _ = run(got, x, s0, y0_grad=y0_grad)
+        compare(r, g, torch.float64, 9)
+
+
+def test_strided_threshold():
+    """Thresholds in a strided tensor (EGRU's Beta draw gives one): the C call gets a contiguous
+    copy it holds while running."""
+    ref, got = pair(torch.float32)
+    strided = torch.empty(2 * H).view(H, 2)[:, 0]
+    strided.copy_(got.threshold.detach())
+    assert not strided.is_contiguous()
+    got.threshold = torch.nn.Parameter(strided)
+    x = seeded(2, 6, 4, N_IN, dtype=torch.float32)
+    s0 = state0_of(ref, 4, torch.float32)
+    compare(run(ref, x, s0)[0], run(got, x, s0)[0], torch.float32, 6)
+
+
+def test_backward_macs_are_the_sparse_products():
+    """Backward MACs: dW_ih (a GEMM, dense), the dots of dL/dy (events and units within epsilon of
+    the threshold of the step before; every unit of a y0 that needs a gradient) and the dW_hh
+    axpys (the previous step's non-zero y), each 3H long."""
+    _, got = pair(torch.float64, epsilon=0.2)
+    T, B = 8, 3
+    x = seeded(3, T, B, N_IN)
+    s0 = state0_of(got, B, torch.float64)
+    _, t = run(got, x, s0)
+    with torch.no_grad():  # count what the backward needs from a plain reference run
+        c, y = s0
+        wanted = B * H  # y0 needs a gradient: every entry
+        events = int((y != 0).sum())
+        for k in range(T):
+            gi = torch.nn.functional.linear(x[k], got.weight_ih, got.bias_ih)
+            gh = torch.nn.functional.linear(y, got.weight_hh, got.bias_hh)
+            i_r, i_z, i_n = gi.chunk(3, 1)
+            h_r, h_z, h_n = gh.chunk(3, 1)
+            r, u = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            ct = n + u * (c - n)
+            v = ct - got.threshold
+            e = (v > 0).to(ct.dtype)
+            y, c = ct * e, ct - got.threshold * e
+            if k < T - 1:
+                wanted += int(((v > 0) | (v.abs() < got.epsilon)).sum())
+                events += int((y != 0).sum())
+    G3 = 3 * H
+    dense_ih = T * B * N_IN * G3 * 2  # dW_ih and dx
+    assert t.backward_macs == dense_ih + (wanted + events) * G3
