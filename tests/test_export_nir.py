@@ -269,3 +269,13 @@ def test_cli_export_dt_and_fold_r(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["export", "--nir", str(run), "--dt", "0"])
     assert e.value.code == 2 and "expected a positive number, got '0'" in capsys.readouterr().err
+
+
+def test_old_module_name_still_imports_with_a_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("sparsebptt.export", None)
+    with pytest.warns(DeprecationWarning, match=r"sparsebptt.export is now sparsebptt.nir"):
+        old = importlib.import_module("sparsebptt.export")
+    assert old.export_nir is sb.export_nir and old.import_nir is sb.import_nir and old.run_nir is run_nir
