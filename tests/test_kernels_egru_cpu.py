@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sparsebptt as sb
+from sparsebptt.kernels.sparse import full_above
 from sparsebptt.testing import assert_close, seeded
 
 N_IN, H = 5, 12
@@ -119,18 +120,21 @@ def test_strided_threshold():
     compare(run(ref, x, s0)[0], run(got, x, s0)[0], torch.float32, 6)
 
 
-def test_backward_macs_are_the_sparse_products():
-    """Backward MACs: dW_ih (a GEMM, dense), the dots of dL/dy (events and units within epsilon of
-    the threshold of the step before; every unit of a y0 that needs a gradient) and the dW_hh
-    axpys (the previous step's non-zero y), each 3H long."""
-    _, got = pair(torch.float64, epsilon=0.2)
+@pytest.mark.parametrize("epsilon", [0.02, 0.2], ids=lambda e: f"eps{e}")
+def test_backward_macs_are_the_sparse_products(epsilon):
+    """Backward MACs: dW_ih (a GEMM, dense), dL/dy of each step before (dots at its events and
+    units within epsilon of the threshold, or one dense GEMM when at least `full_above(B)` of
+    them are needed; y0 needs every unit: a GEMM) and the dW_hh axpys (the previous step's
+    non-zero y; one GEMM when most are non-zero), each row 3H long."""
+    _, got = pair(torch.float64, epsilon=epsilon)
     T, B = 8, 3
     x = seeded(3, T, B, N_IN)
     s0 = state0_of(got, B, torch.float64)
     _, t = run(got, x, s0)
     with torch.no_grad():  # count what the backward needs from a plain reference run
         c, y = s0
-        wanted = B * H  # y0 needs a gradient: every entry
+        full = full_above(B) * B * H
+        dy_macs = B * H  # y0 needs a gradient: every entry, as a GEMM
         events = int((y != 0).sum())
         for k in range(T):
             gi = torch.nn.functional.linear(x[k], got.weight_ih, got.bias_ih)
@@ -144,8 +148,11 @@ def test_backward_macs_are_the_sparse_products():
             e = (v > 0).to(ct.dtype)
             y, c = ct * e, ct - got.threshold * e
             if k < T - 1:
-                wanted += int(((v > 0) | (v.abs() < got.epsilon)).sum())
+                wanted = int(((v > 0) | (v.abs() < got.epsilon)).sum())
+                dy_macs += wanted if wanted < full else B * H
                 events += int((y != 0).sum())
     G3 = 3 * H
     dense_ih = T * B * N_IN * G3 * 2  # dW_ih and dx
-    assert t.backward_macs == dense_ih + (wanted + events) * G3
+    dw_hh = events if events < full * T else T * B * H
+    assert t.backward_macs == dense_ih + (dy_macs + dw_hh) * G3
+    assert dy_macs < T * B * H or epsilon > 0.1  # the narrow support skips some dL/dy

@@ -82,10 +82,12 @@ def load_library():
             dot.restype = axpy.restype = None
             dot.argtypes = [_P, _P, _P, _P, _L, _L, _L]
             axpy.argtypes = [_P, _P, _P, _P, _L, _L, _L, _P, _P]
-            fwd, bwd = getattr(lib, f"egru_fwd_{suf}"), getattr(lib, f"egru_bwd_{suf}")
-            fwd.restype = bwd.restype = None
-            fwd.argtypes = [_L] * 3 + [_P] * 14
-            bwd.argtypes = [_L] * 3 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L] + [_P] * 9
+            fwd = getattr(lib, f"egru_fwd_{suf}")
+            fwd.restype = None
+            fwd.argtypes = [_L] * 3 + [_P] * 4 + [ctypes.c_double] + [_P] * 10
+            bwd = getattr(lib, f"egru_bwd_step_{suf}")
+            bwd.restype = None
+            bwd.argtypes = [_L] * 4 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L] * 3 + [_P] * 9
         lib.egru_simd.restype = ctypes.c_int
         _lib = lib
     return _lib
@@ -372,12 +374,13 @@ class SegmentFunction(torch.autograd.Function):
         cts = gis.new_empty(L, B, H) if save else None
         gh = gis.new_empty(B, O)
         bs, vs = torch.empty(B, dtype=torch.long), gis.new_empty(B)
-        counts = torch.empty(L, 2, dtype=torch.long)
+        counts = torch.empty(L, 3, dtype=torch.long)
         getattr(load_library(), f"egru_fwd_{SUFFIX[dt]}")(
-            L, B, H, gis.data_ptr(), whT.data_ptr(), bh.data_ptr(), thr.data_ptr(), c.data_ptr(),
+            L, B, H, gis.data_ptr(), whT.data_ptr(), bh.data_ptr(), thr.data_ptr(), epsilon, c.data_ptr(),
             y.data_ptr(), _p(n), ys.data_ptr(), _p(s), _p(cts), gh.data_ptr(), bs.data_ptr(),
             vs.data_ptr(), counts.data_ptr())
         ctx.counts = counts.sum(0)
+        ctx.step_counts = counts
         if save:
             ctx.save_for_backward(weight_hh, threshold, c0, y0, ys, s, cts)
             ctx.whT, ctx.meta = whT, meta
@@ -395,22 +398,37 @@ class SegmentFunction(torch.autograd.Function):
         gc = torch.zeros_like(c0) if gcT is None else gcT.detach().clone(memory_format=torch.contiguous_format)
         gy = torch.zeros_like(y0) if gyT is None else gyT.detach().clone(memory_format=torch.contiguous_format)
         gn = None if (gnT is None or not ctx.has_count) else gnT.contiguous()
-        dgis = ys.new_empty(L, B, O)
-        gwhT = ys.new_zeros(H, O) if need_w else None
+        dgis, dghs = ys.new_empty(L, B, O), ys.new_empty(L, B, O)
         gbh, gthr = ys.new_zeros(O), ys.new_zeros(H)
-        dgh, gyn = ys.new_empty(B, O), ys.new_empty(B, H)
+        gyn = ys.new_empty(B, H)
         bs, vs = torch.empty(B, dtype=torch.long), ys.new_empty(B)
         macs = torch.zeros(2, dtype=torch.long)
         c0_, y0_, thr = c0.contiguous(), y0.contiguous(), threshold.detach().contiguous()  # held while C runs
-        getattr(load_library(), f"egru_bwd_{SUFFIX[ys.dtype]}")(
-            L, B, H, c0_.data_ptr(), y0_.data_ptr(), ys.data_ptr(), s.data_ptr(),
-            cts.data_ptr(), ctx.whT.data_ptr(), thr.data_ptr(), gamma, epsilon,
-            gys.data_ptr(), gc.data_ptr(), gy.data_ptr(), _p(gn), int(need_y0), dgis.data_ptr(), _p(gwhT),
-            gbh.data_ptr(), gthr.data_ptr(), dgh.data_ptr(), gyn.data_ptr(), bs.data_ptr(), vs.data_ptr(),
-            macs.data_ptr())
+        # the weight gradient over events (C axpys) unless most y are non-zero: then one GEMM at the end
+        full = full_above(B)
+        counts = ctx.step_counts.tolist()  # per step: events, non-zero y read, dL/dy entries wanted
+        axpy = need_w and sum(row[1] for row in counts) < full * L * B * H
+        gwhT = ys.new_zeros(H, O) if axpy else None
+        step = getattr(load_library(), f"egru_bwd_step_{SUFFIX[ys.dtype]}")
+        w_hh = weight_hh.detach()
+        dense_macs = 0
+        for k in range(L - 1, -1, -1):
+            wanted = counts[k - 1][2] if k else (B * H if need_y0 else 0)
+            dots = wanted < full * B * H  # else dL/dy_{k-1} as one GEMM (faster when most are needed)
+            step(L, B, H, k, c0_.data_ptr(), y0_.data_ptr(), ys.data_ptr(), s.data_ptr(), cts.data_ptr(),
+                 ctx.whT.data_ptr(), thr.data_ptr(), gamma, epsilon, gys.data_ptr(), gc.data_ptr(), gy.data_ptr(),
+                 _p(gn), int(need_y0), int(dots), int(axpy), dgis.data_ptr(), dghs.data_ptr(), _p(gwhT),
+                 gbh.data_ptr(), gthr.data_ptr(), gyn.data_ptr(), bs.data_ptr(), vs.data_ptr(), macs.data_ptr())
+            if not dots:
+                torch.mm(dghs[k], w_hh, out=gy)
+                dense_macs += B * O * H
+        if need_w and not axpy:  # dW_hh^T = [y0, y_1 .. y_{L-1}]^T @ dgh, one GEMM
+            yprev = torch.cat([y0_.unsqueeze(0), ys[:-1]]).reshape(L * B, H)
+            gwhT = yprev.t() @ dghs.reshape(L * B, O)
+            dense_macs += L * B * H * O
         t = current_trace()
         if t is not None:
-            t.add_backward_macs(int(macs.sum()) * O)
+            t.add_backward_macs(int(macs.sum()) * O + dense_macs)
         dn0 = None
         if ctx.has_count and ctx.needs_input_grad[7]:
             dn0 = torch.zeros_like(y0) if gnT is None else gnT

@@ -147,9 +147,12 @@ INL T FN(dot16)(const T* restrict a, const T* restrict b, const long n) {
 /* Forward of L steps. gis [L, B, 3H] (x W_ih^T + b_ih), whT [H, 3H] (W_hh^T), bh [3H] (zeros for
    none), thr [H]; c, y [B, H] (and cnt, the event counts, when not NULL) updated in place;
    ys [L, B, H]; s [L, B, 4H] (r, u, n, W_hn y + b_hn) and cts [L, B, H] (c~) when not NULL;
-   gh [B, 3H], bs, vs [B]: scratch; counts [L, 2]: events of each step, non-zero y read. */
+   gh [B, 3H], bs, vs [B]: scratch; counts [L, 3]: events of each step, non-zero y read, entries
+   whose dL/dy the backward takes (events, |c~ - threshold| < epsilon). */
 CLONES void FN(egru_fwd)(long L, long B, long H, const T* gis, const T* whT, const T* bh, const T* thr,
-                         T* c, T* y, T* cnt, T* ys, T* s, T* cts, T* gh, long* bs, T* vs, long* counts) {
+                         double epsilon, T* c, T* y, T* cnt, T* ys, T* s, T* cts, T* gh, long* bs, T* vs,
+                         long* counts) {
+    const T ep = (T)epsilon;
     const unsigned int csr = ftz_on();
     const long O = 3 * H;
     for (long t = 0; t < L; ++t) {
@@ -163,7 +166,7 @@ CLONES void FN(egru_fwd)(long L, long B, long H, const T* gis, const T* whT, con
             for (long q = 0; q < k; ++q) FN(axpy)(gh + bs[q] * O, vs[q], w, O);
             nz += k;
         }
-        long fired = 0;
+        long fired = 0, wanted = 0;
         for (long b = 0; b < B; ++b) {
             const T* restrict gi = gis + (t * B + b) * O;
             const T* restrict hh = gh + b * O;
@@ -171,7 +174,7 @@ CLONES void FN(egru_fwd)(long L, long B, long H, const T* gis, const T* whT, con
             T* restrict yb = y + b * H;
             T* restrict sb = s ? s + (t * B + b) * 4 * H : NULL;
             T* restrict ctb = cts ? cts + (t * B + b) * H : NULL;
-            long f = 0;
+            long f = 0, w = 0;
             for (long j = 0; j < H; ++j) {
                 const T r = FN(sigm)(gi[j] + hh[j]);
                 const T u = FN(sigm)(gi[H + j] + hh[H + j]);
@@ -182,103 +185,110 @@ CLONES void FN(egru_fwd)(long L, long B, long H, const T* gis, const T* whT, con
                 yb[j] = ct * e;
                 cb[j] = ct - e * thr[j];
                 f += e > (T)0;
+                const T v = ct - thr[j];
+                w += e > (T)0 || (v < (T)0 ? -v : v) < ep;
                 if (cnt) cnt[b * H + j] += e;
                 if (sb) { sb[j] = r; sb[H + j] = u; sb[2 * H + j] = nn; sb[3 * H + j] = hn; ctb[j] = ct; }
             }
             fired += f;
+            wanted += w;
         }
         memcpy(ys + t * B * H, y, sizeof(T) * B * H);
-        counts[2 * t] = fired;
-        counts[2 * t + 1] = nz;
+        counts[3 * t] = fired;
+        counts[3 * t + 1] = nz;
+        counts[3 * t + 2] = wanted;
     }
     ftz_off(csr);
 }
 
-/* Backward of L steps (last to first). c0, y0 [B, H]: the segment's initial state; ys, s, cts: the
-   forward's; gys [L, B, H] (zeros for none); gc, gy [B, H]: in the gradients of the final c and y,
-   out those of c0 and y0 (gy only when need_y0); gcnt [B, H] or NULL: the gradient of the final
-   counts (constant along the segment). Out: dgis [L, B, 3H]; accumulated: gwhT [H, 3H] (when not
-   NULL), gbh [3H], gthr [H]. dL/dy of a step is taken only where the next step needs it: at
-   its events and where |c~ - threshold| < epsilon (dy/dc~ = e + c~ psi is zero elsewhere); of y0
-   at every entry (when need_y0). dW_hh^T[j] += y[b, j] dgh[b] over the non-zero y. Scratch:
-   dgh [B, 3H], gyn [B, H], bs, vs [B]. macs [2]: the dots and the dW axpys done (times 3H). */
-CLONES void FN(egru_bwd)(long L, long B, long H, const T* c0, const T* y0, const T* ys, const T* s,
-                         const T* cts, const T* whT, const T* thr, double gamma, double epsilon,
-                         const T* gys, T* gc, T* gy, const T* gcnt, long need_y0, T* dgis, T* gwhT,
-                         T* gbh, T* gthr, T* dgh, T* gyn, long* bs, T* vs, long* macs) {
+/* Backward of step t (the caller runs t = L-1 .. 0). c0, y0 [B, H]: the segment's initial state;
+   ys, s, cts: the forward's; gys [L, B, H] (zeros for none); gc, gy [B, H]: in the gradients of
+   c_t and y_t, out those of c_{t-1} and (when dots) y_{t-1}; gcnt [B, H] or NULL: the gradient of
+   the final counts (constant along the segment). Out: dgis[t], dghs[t] [B, 3H]; accumulated: gbh
+   [3H], gthr [H], and gwhT [H, 3H] when axpy. dots: take dL/dy_{t-1} = dgh . W_hh^T[j] only
+   where the step before needs it (its events and |c~ - threshold| < epsilon; every entry of y0
+   when t = 0 and need_y0); else the caller does it (a GEMM when most entries are needed).
+   axpy: dW_hh^T[j] += y_{t-1}[b, j] dgh[b] over the non-zero y_{t-1}. Scratch gyn [B, H], bs,
+   vs [B]. macs [2]: the dots and the axpys done are added (times 3H). */
+CLONES void FN(egru_bwd_step)(long L, long B, long H, long t, const T* c0, const T* y0, const T* ys,
+                              const T* s, const T* cts, const T* whT, const T* thr, double gamma,
+                              double epsilon, const T* gys, T* gc, T* gy, const T* gcnt, long need_y0,
+                              long dots, long axpy, T* dgis, T* dghs, T* gwhT, T* gbh, T* gthr, T* gyn,
+                              long* bs, T* vs, long* macs) {
+    (void)L;
     const unsigned int csr = ftz_on();
     const long O = 3 * H;
     const T gm = (T)gamma, ep = (T)epsilon, iep = (T)1 / (T)epsilon;
-    long ndot = 0, naxpy = 0;
-    for (long t = L - 1; t >= 0; --t) {
-        for (long b = 0; b < B; ++b) {
-            const T* restrict sb = s + (t * B + b) * 4 * H;
-            const T* restrict ctb = cts + (t * B + b) * H;
-            const T* restrict cpb = t ? cts + ((t - 1) * B + b) * H : c0 + b * H;
-            const T* restrict gyb = gys + (t * B + b) * H;
-            const T* restrict gnb = gcnt ? gcnt + b * H : NULL;
-            T* restrict gcb = gc + b * H;
-            T* restrict gy_ = gy + b * H;
-            T* restrict dgi = dgis + (t * B + b) * O;
-            T* restrict dg = dgh + b * O;
-            for (long j = 0; j < H; ++j) {
-                const T ct = ctb[j], th = thr[j];
-                const T v = ct - th;
-                const T e = v > (T)0 ? (T)1 : (T)0;
-                /* c_{t-1}: the forward's c = c~ - e threshold of the step before (bitwise) */
-                T cp = cpb[j];
-                if (t) { const T ep_ = (cp - th) > (T)0 ? (T)1 : (T)0; cp = cp - ep_ * th; }
-                const T dy = gy_[j] + gyb[j];
-                const T dcn = gcb[j];
-                T det = dy * ct - dcn * th;
-                if (gnb) det = det + gnb[j];
-                const T av = v < (T)0 ? -v : v;
-                const T ps = (T)1 - av * iep;
-                const T dv = det * (gm * (ps > (T)0 ? ps : (T)0));
-                const T dct = (dv + dy * e) + dcn;
-                gthr[j] -= dv + dcn * e;
-                const T r = sb[j], u = sb[H + j], nn = sb[2 * H + j], hn = sb[3 * H + j];
-                const T dcp = dct * u;
-                const T dn = dct - dcp;
-                const T du = dct * (cp - nn);
-                const T dan = dn * ((T)1 - nn * nn);
-                const T dau = du * u * ((T)1 - u);
-                const T dar = dan * hn * r * ((T)1 - r);
-                dgi[j] = dar; dgi[H + j] = dau; dgi[2 * H + j] = dan;
-                dg[j] = dar; dg[H + j] = dau; dg[2 * H + j] = dan * r;
-                gcb[j] = dcp;
-            }
-            for (long o = 0; o < O; ++o) gbh[o] += dg[o];
-        }
-        /* the recurrent product W_hh y_{t-1}: dL/dy_{t-1} where needed, dW_hh over its non-zero y */
-        const T* yp = t ? ys + (t - 1) * B * H : y0;
-        const T* ctp = t ? cts + (t - 1) * B * H : NULL;
-        memset(gyn, 0, sizeof(T) * B * H);
+    T* dgh = dghs + t * B * O;
+    for (long b = 0; b < B; ++b) {
+        const T* restrict sb = s + (t * B + b) * 4 * H;
+        const T* restrict ctb = cts + (t * B + b) * H;
+        const T* restrict cpb = t ? cts + ((t - 1) * B + b) * H : c0 + b * H;
+        const T* restrict gyb = gys + (t * B + b) * H;
+        const T* restrict gnb = gcnt ? gcnt + b * H : NULL;
+        T* restrict gcb = gc + b * H;
+        T* restrict gy_ = gy + b * H;
+        T* restrict dgi = dgis + (t * B + b) * O;
+        T* restrict dg = dgh + b * O;
         for (long j = 0; j < H; ++j) {
-            const T* w = whT + j * O;
-            if (t || need_y0) {
-                for (long b = 0; b < B; ++b) {
-                    int want = 1;
-                    if (t) {
-                        const T v = ctp[b * H + j] - thr[j];
-                        want = v > (T)0 || (v < (T)0 ? -v : v) < ep;
-                    }
-                    if (want) { gyn[b * H + j] = FN(dot16)(dgh + b * O, w, O); ++ndot; }
+            const T ct = ctb[j], th = thr[j];
+            const T v = ct - th;
+            const T e = v > (T)0 ? (T)1 : (T)0;
+            /* c_{t-1}: the forward's c = c~ - e threshold of the step before (bitwise) */
+            T cp = cpb[j];
+            if (t) { const T ep_ = (cp - th) > (T)0 ? (T)1 : (T)0; cp = cp - ep_ * th; }
+            const T dy = gy_[j] + gyb[j];
+            const T dcn = gcb[j];
+            T det = dy * ct - dcn * th;
+            if (gnb) det = det + gnb[j];
+            const T av = v < (T)0 ? -v : v;
+            const T ps = (T)1 - av * iep;
+            const T dv = det * (gm * (ps > (T)0 ? ps : (T)0));
+            const T dct = (dv + dy * e) + dcn;
+            gthr[j] -= dv + dcn * e;
+            const T r = sb[j], u = sb[H + j], nn = sb[2 * H + j], hn = sb[3 * H + j];
+            const T dcp = dct * u;
+            const T dn = dct - dcp;
+            const T du = dct * (cp - nn);
+            const T dan = dn * ((T)1 - nn * nn);
+            const T dau = du * u * ((T)1 - u);
+            const T dar = dan * hn * r * ((T)1 - r);
+            dgi[j] = dar; dgi[H + j] = dau; dgi[2 * H + j] = dan;
+            dg[j] = dar; dg[H + j] = dau; dg[2 * H + j] = dan * r;
+            gcb[j] = dcp;
+        }
+        for (long o = 0; o < O; ++o) gbh[o] += dg[o];
+    }
+    /* the recurrent product W_hh y_{t-1}: dL/dy_{t-1} where needed, dW_hh over its non-zero y */
+    const T* yp = t ? ys + (t - 1) * B * H : y0;
+    const T* ctp = t ? cts + (t - 1) * B * H : NULL;
+    long ndot = 0, naxpy = 0;
+    const int do_dots = dots && (t || need_y0);
+    if (do_dots) memset(gyn, 0, sizeof(T) * B * H);
+    for (long j = 0; j < H; ++j) {
+        const T* w = whT + j * O;
+        if (do_dots) {
+            for (long b = 0; b < B; ++b) {
+                int want = 1;
+                if (t) {
+                    const T v = ctp[b * H + j] - thr[j];
+                    want = v > (T)0 || (v < (T)0 ? -v : v) < ep;
                 }
-            }
-            if (gwhT) {
-                long k = 0;
-                for (long b = 0; b < B; ++b)
-                    if (yp[b * H + j] != (T)0) { bs[k] = b; vs[k] = yp[b * H + j]; ++k; }
-                T* row = gwhT + j * O;
-                for (long q = 0; q < k; ++q) FN(axpy)(row, vs[q], dgh + bs[q] * O, O);
-                naxpy += k;
+                if (want) { gyn[b * H + j] = FN(dot16)(dgh + b * O, w, O); ++ndot; }
             }
         }
-        memcpy(gy, gyn, sizeof(T) * B * H);
+        if (axpy) {
+            long k = 0;
+            for (long b = 0; b < B; ++b)
+                if (yp[b * H + j] != (T)0) { bs[k] = b; vs[k] = yp[b * H + j]; ++k; }
+            T* row = gwhT + j * O;
+            for (long q = 0; q < k; ++q) FN(axpy)(row, vs[q], dgh + bs[q] * O, O);
+            naxpy += k;
+        }
     }
-    macs[0] = ndot;
-    macs[1] = naxpy;
+    if (do_dots) memcpy(gy, gyn, sizeof(T) * B * H);
+    macs[0] += ndot;
+    macs[1] += naxpy;
     ftz_off(csr);
 }
 
