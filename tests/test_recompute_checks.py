@@ -453,3 +453,37 @@ def test_stack_with_a_user_layer_steps_so_random_draws_follow_the_steps(strategy
     assert "layer 0 (NoisyCell) is not a built-in cell" in caplog.text
     compare(run(make(), 9, 2, torch.float64, sb.FullBPTT(), rng_seed=4),
             run(make(), 9, 2, torch.float64, strategy, rng_seed=4))
+
+
+class MaskedCell(nn.Module):
+    """Carries -inf entries in its state (a mask): the check compares them as equal."""
+
+    def __init__(self, n):
+        super().__init__()
+        torch.manual_seed(27)
+        self.fc = nn.Linear(N_IN, n)
+        self.n = n
+
+    def initial_state(self, batch_size, device=None, dtype=None):
+        m = torch.zeros(batch_size, self.n, device=device, dtype=dtype)
+        m[:, 0] = float("-inf")
+        return (torch.zeros(batch_size, self.n, device=device, dtype=dtype), m)
+
+    def step(self, x_t, state):
+        h, m = state
+        h = torch.tanh(self.fc(x_t) + 0.5 * h + m.clamp(min=-1))
+        return h, (h, m + 0)
+
+
+@pytest.mark.parametrize("strategy", EXACT[:2], ids=_sid)
+def test_states_with_infinities_pass_the_check(strategy):
+    results = []
+    for st in (sb.FullBPTT(), strategy):
+        cell = MaskedCell(6).double()
+        x = seeded(5, 17, 2, N_IN).requires_grad_()
+        y, (h, m) = sb.scan(cell, x, strategy=st)  # state0: the cell's, with -inf in m
+        assert torch.isinf(m).any()
+        (y * seeded(6, *y.shape)).sum().backward()
+        results.append({"out": y.detach(), "h": h.detach(), "dx": x.grad} |
+                       {f"d{n}": p.grad for n, p in cell.named_parameters()})
+    compare(*results)
