@@ -85,6 +85,7 @@ def _check_finite(x, state0) -> None:
             raise ValueError(f"sb.scan: {name} contains {n_bad} NaN/Inf values (check_finite=True)")
 
 
+@torch.compiler.disable  # under torch.compile the scan is a graph break: it runs eagerly, the layers around compile
 def scan(cell, x, state0=None, *, strategy: "Strategy | str | None" = None, reduce: str | None = None,
          check_finite: bool = False, preserve_rng: bool = True):
     """Run ``cell`` over the time-major input ``x`` (T, B, input_size) under a memory ``strategy``.
