@@ -71,3 +71,14 @@ def test_compiled_recurrent_layer_gives_eager_gradients(strategy):
 def test_inductor_compiled_scan_gives_eager_gradients(strategy):
     torch.manual_seed(3)
     _compare(ScanModel(strategy), "inductor")
+
+
+def test_eager_scans_leave_dynamo_unimported():
+    """torch._dynamo costs about a second to import: the package and eager scans never import it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, sparsebptt as sb; y, _ = sb.scan(sb.cells.LIF(3, 4), torch.randn(5, 2, 3), "
+            "strategy='checkpoint:2'); y.sum().backward(); print('torch._dynamo' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "False", r.stderr

@@ -85,7 +85,6 @@ def _check_finite(x, state0) -> None:
             raise ValueError(f"sb.scan: {name} contains {n_bad} NaN/Inf values (check_finite=True)")
 
 
-@torch.compiler.disable  # under torch.compile the scan is a graph break: it runs eagerly, the layers around compile
 def scan(cell, x, state0=None, *, strategy: "Strategy | str | None" = None, reduce: str | None = None,
          check_finite: bool = False, preserve_rng: bool = True):
     """Run ``cell`` over the time-major input ``x`` (T, B, input_size) under a memory ``strategy``.
@@ -106,7 +105,13 @@ def scan(cell, x, state0=None, *, strategy: "Strategy | str | None" = None, redu
 
     Under ``torch.no_grad()`` or ``torch.inference_mode()`` every strategy runs the forward alone:
     no graph, no checkpoint stored (there is no backward to plan for).
+
+    Under ``torch.compile`` the scan is a graph break: it runs eagerly (recomputation included)
+    and the layers around it compile.
     """
+    if torch.compiler.is_compiling():  # traced by Dynamo: leave the graph, run the scan eagerly
+        return _scan_eagerly(cell, x, state0, strategy=strategy, reduce=reduce, check_finite=check_finite,
+                             preserve_rng=preserve_rng)
     _check_cell(cell)
     _check_x(cell, x)
     if reduce not in REDUCES:
@@ -127,3 +132,8 @@ def scan(cell, x, state0=None, *, strategy: "Strategy | str | None" = None, redu
         t.add_external(x, *state0, *params)
         t.name_layers(cell)
     return execute(cell, x, state0, strategy.plan(x.shape[0]), reduce, params, preserve_rng)
+
+
+#: `scan` outside any torch.compile graph; torch._dynamo is imported at its first call, not with
+#: the package (it doubles the import time)
+_scan_eagerly = getattr(torch, "_disable_dynamo", torch.compiler.disable)(lambda *args, **kwargs: scan(*args, **kwargs))
