@@ -109,7 +109,8 @@ class _DeltaSegment(torch.autograd.Function):
             s = x.new_empty(B, 4 * H)
             cs = x.new_empty(B, H) if lstm else None
         counts = torch.empty(L, 2, dtype=torch.long)
-        bs, vs = torch.empty(B, dtype=torch.long), x.new_empty(B)
+        n = max(nI, H)  # scratch: column starts and the active (b, d) pairs of one memory's step
+        bs, vs = torch.empty(n + 1 + B * n, dtype=torch.long), x.new_empty(B * n)
         getattr(load_library(), f"delta_fwd_{SUFFIX[dt]}")(
             int(lstm), L, B, nI, H, x.data_ptr(), h.data_ptr(), _ptr(c), xr.data_ptr(), hr.data_ptr(),
             mx.data_ptr(), mh.data_ptr(), wiT.data_ptr(), whT.data_ptr(), _ptr(bi), _ptr(bh), thx, thh,

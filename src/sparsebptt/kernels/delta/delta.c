@@ -21,6 +21,11 @@
    round as torch does; here the products are sums in another order anyway) */
 #pragma GCC optimize("fp-contract=fast")
 
+#ifndef UPD_CHUNK
+#define UPD_CHUNK (1L << 30)  /* output columns per pass of the forward update: one pass (chunks of
+                                   128-2048 gained nothing: benchmarks/delta_blocking.py) */
+#endif
+
 #if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
 #if __has_attribute(target_clones)
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))

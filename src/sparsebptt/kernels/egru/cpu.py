@@ -88,6 +88,8 @@ def load_library():
             bwd = getattr(lib, f"egru_bwd_step_{suf}")
             bwd.restype = None
             bwd.argtypes = [_L] * 4 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L] * 3 + [_P] * 9
+            dwb = getattr(lib, f"egru_dw_block_{suf}")
+            dwb.restype, dwb.argtypes = _L, [_L] * 4 + [_P] * 4
         lib.egru_simd.restype = ctypes.c_int
         _lib = lib
     return _lib
@@ -340,6 +342,11 @@ def _p(t):
     return None if t is None else t.data_ptr()
 
 
+#: the backward's weight gradient over events runs over blocks of steps whose dL/d(W_hh y) rows
+#: take about this many bytes (kept in cache while each row of dW_hh^T is read and written once)
+DW_BLOCK_BYTES = 1 << 20
+
+
 class SegmentFunction(torch.autograd.Function):
     """A whole segment's recurrence in two C calls (``egru_fwd`` / ``egru_bwd``): inputs the input
     projections ``gis = x W_ih^T + b_ih`` [L, B, 3H] (a GEMM outside, whose backward torch runs),
@@ -409,7 +416,12 @@ class SegmentFunction(torch.autograd.Function):
         counts = ctx.step_counts.tolist()  # per step: events, non-zero y read, dL/dy entries wanted
         axpy = need_w and sum(row[1] for row in counts) < full * L * B * H
         gwhT = ys.new_zeros(H, O) if axpy else None
-        step = getattr(load_library(), f"egru_bwd_step_{SUFFIX[ys.dtype]}")
+        lib = load_library()
+        step = getattr(lib, f"egru_bwd_step_{SUFFIX[ys.dtype]}")
+        dw_block = getattr(lib, f"egru_dw_block_{SUFFIX[ys.dtype]}")
+        # dW_hh over events in blocks of steps whose dgh rows fit in ~DW_BLOCK_BYTES (each dW row
+        # read and written once per block, not per step)
+        blk = max(1, DW_BLOCK_BYTES // (B * O * ys.element_size()))
         w_hh = weight_hh.detach()
         dense_macs = 0
         for k in range(L - 1, -1, -1):
@@ -417,11 +429,15 @@ class SegmentFunction(torch.autograd.Function):
             dots = wanted < full * B * H  # else dL/dy_{k-1} as one GEMM (faster when most are needed)
             step(L, B, H, k, c0_.data_ptr(), y0_.data_ptr(), ys.data_ptr(), s.data_ptr(), cts.data_ptr(),
                  ctx.whT.data_ptr(), thr.data_ptr(), gamma, epsilon, gys.data_ptr(), gc.data_ptr(), gy.data_ptr(),
-                 _p(gn), int(need_y0), int(dots), int(axpy), dgis.data_ptr(), dghs.data_ptr(), _p(gwhT),
+                 _p(gn), int(need_y0), int(dots), 0, dgis.data_ptr(), dghs.data_ptr(), None,
                  gbh.data_ptr(), gthr.data_ptr(), gyn.data_ptr(), bs.data_ptr(), vs.data_ptr(), macs.data_ptr())
             if not dots:
                 torch.mm(dghs[k], w_hh, out=gy)
                 dense_macs += B * O * H
+            if axpy and (k % blk == 0):
+                n_ax = dw_block(B, H, k, min(L, k + blk), y0_.data_ptr(), ys.data_ptr(), dghs.data_ptr(),
+                                gwhT.data_ptr())
+                dense_macs += n_ax * O
         if need_w and not axpy:  # dW_hh^T = [y0, y_1 .. y_{L-1}]^T @ dgh, one GEMM
             yprev = torch.cat([y0_.unsqueeze(0), ys[:-1]]).reshape(L * B, H)
             gwhT = yprev.t() @ dghs.reshape(L * B, O)

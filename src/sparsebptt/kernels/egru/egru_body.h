@@ -292,6 +292,30 @@ CLONES void FN(egru_bwd_step)(long L, long B, long H, long t, const T* c0, const
     ftz_off(csr);
 }
 
+/* dW_hh^T[j] += sum_{t0 <= t < t1} sum_b y_{t-1}[b, j] dgh_t[b] over the non-zero y_{t-1}: the
+   weight gradient of a block of steps, row by row, so each row of dW_hh^T is read and written once
+   per block (not once per step) while the block's dgh rows stay in cache. y0 [B, H]; ys [L, B, H];
+   dghs [L, B, 3H]. Returns the axpys done (times 3H). */
+CLONES long FN(egru_dw_block)(long B, long H, long t0, long t1, const T* y0, const T* ys, const T* dghs,
+                              T* gwhT) {
+    const unsigned int csr = ftz_on();
+    const long O = 3 * H;
+    long n = 0;
+    for (long j = 0; j < H; ++j) {
+        T* row = gwhT + j * O;
+        for (long t = t0; t < t1; ++t) {
+            const T* yp = t ? ys + (t - 1) * B * H : y0;
+            const T* dg = dghs + t * B * O;
+            for (long b = 0; b < B; ++b) {
+                const T v = yp[b * H + j];
+                if (v != (T)0) { FN(axpy)(row, v, dg + b * O, O); ++n; }
+            }
+        }
+    }
+    ftz_off(csr);
+    return n;
+}
+
 #undef MM
 
 /* this body's parameters end here, so the next instantiation can define them anew */
