@@ -202,3 +202,45 @@ def test_the_example_script_trains_and_exports(tmp_path, capsys):
     assert result["epochs_run"] == 2 and (tmp_path / "ex" / "model.nir").is_file()
     model = sb.import_nir(tmp_path / "ex" / "model.nir")
     assert isinstance(model[0], sb.Recurrent) and model[0].reduce == "sum"
+
+
+def test_fit_killed_by_sigkill_resumes_with_each_epoch_once(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    run, ref = tmp_path / "killed", tmp_path / "ref"
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "import sparsebptt as sb\n"
+        "from test_fit import EventFrames, _model\n"
+        "sb.fit(_model(), EventFrames(96, 0), EventFrames(48, 1), epochs=int(sys.argv[2]), batch_size=16, lr=5e-3,\n"
+        "       out=sys.argv[1], resume=sys.argv[3] == '1', progress=False)\n")
+    proc = subprocess.Popen([sys.executable, str(script), str(run), "200", "0"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoint.pt").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.005)
+        time.sleep(0.05)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    done = load_checkpoint(run / "checkpoint.pt")["epoch"]
+    total = done + 2
+    for folder, resume in ((run, "1"), (ref, "0")):
+        r = subprocess.run([sys.executable, str(script), str(folder), str(total), resume], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    assert [row["epoch"] for row in _lines(run)] == list(range(1, total + 1))
+    assert _without_seconds(run) == _without_seconds(ref)
