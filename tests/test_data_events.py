@@ -187,6 +187,53 @@ def test_dvs_gesture_reads_tonic_npy_layout(tmp_path):
         DVSGesture(6, data_dir=root, downsample=3)
 
 
+# ---- frames through tonic's ToFrame (for --model csnn) --------------------------------------
+
+def test_nmnist_frames_are_tonic_to_frame(tmp_path):
+    tonic_transforms = pytest.importorskip("tonic.transforms")
+    root = tmp_path / "NMNIST"
+    ev = ([0, 33, 5, 7], [0, 33, 7, 9], [0, 1, 1, 0], [10, 150_000, 200_000, 400_000])  # the last: past 0.3 s
+    write_nmnist(root, "Train", 3, "00001", ev)
+    write_nmnist(root, "Train", 8, "00002", ([1, 2], [2, 3], [0, 1], [0, 50]))
+    write_nmnist(root, "Test", 0, "00003", ([4], [4], [1], [100_000]))
+    ds = NMNIST(4, data_dir=tmp_path, frames=True, binary=False)
+    assert ds.input_shape == (2, 34, 34) and "frames=True" in repr(ds)
+    x, y = next(ds.batches("train", 2, seed=0, shuffle=False))
+    assert y.tolist() == [3, 8] and x.shape == (4, 2, 2, 34, 34) and x.dtype == torch.float32
+    # the same as tonic's ToFrame on the events within the duration
+    dtype = np.dtype([("x", np.int16), ("y", np.int16), ("t", np.int64), ("p", np.int16)])
+    raw = np.zeros(3, dtype)
+    raw["x"], raw["y"], raw["p"], raw["t"] = ev[0][:3], ev[1][:3], ev[2][:3], ev[3][:3]
+    want = tonic_transforms.ToFrame(sensor_size=(34, 34, 2), n_time_bins=4)(raw)
+    assert torch.equal(x[:, 0], torch.from_numpy(want.astype(np.float32)))
+    assert x[0, 0, 0, 0, 0] == 1 and x[:, 0, 0, 9, 7].sum() == 0  # (7, 9) came after 0.3 s
+    one = next(ds.batches("val", 1, seed=0))[0]
+    # tonic's bins are half-open: the events at an example's last time stamp fall out (here: all of them)
+    assert one.shape == (4, 1, 2, 34, 34) and float(one.sum()) == 0.0
+
+
+def test_dvs_gesture_frames_and_errors(tmp_path):
+    pytest.importorskip("tonic.transforms")
+    root = tmp_path / "DVSGesture"
+    for split, label, ev in [("ibmGestureTrain", 4, [[0, 0, 0, 0.0], [127, 127, 1, 2999.0], [9, 5, 1, 5999.0]]),
+                             ("ibmGestureTest", 0, [[3, 3, 1, 10.0], [3, 3, 1, 20.0]])]:
+        (root / split / "user01_led").mkdir(parents=True, exist_ok=True)
+        np.save(root / split / "user01_led" / f"{label}.npy", np.asarray(ev, dtype=np.float64))
+    ds = DVSGesture(3, data_dir=root, frames=True, downsample=8)
+    assert ds.input_shape == (2, 16, 16)
+    x, _ = next(ds.batches("train", 1, seed=0))
+    assert x.shape == (3, 1, 2, 16, 16) and set(x.unique().tolist()) <= {0.0, 1.0}
+    # (127, 127) -> (15, 15) in the middle bin; (9, 5) at the last time stamp falls out (tonic's half-open bins)
+    assert x[0, 0, 0, 0, 0] == 1 and x[1, 0, 1, 15, 15] == 1 and float(x.sum()) == 2.0
+    with pytest.raises(ValueError, match="frames_of needs the dataset built with frames=True"):
+        DVSGesture(3, data_dir=root).frames_of("train", [0])
+
+
+def test_frames_need_pixels(shd_dir):
+    with pytest.raises(ValueError, match=r"shd: has no pixels to make frames of \(frames=True is for nmnist"):
+        SHD(4, data_dir=shd_dir, frames=True)
+
+
 # ---- through the trainer and the command line -----------------------------------------------
 
 def test_cli_trains_and_resumes_on_shd_files(tmp_path, capsys):

@@ -26,6 +26,13 @@ channels fits in memory.
 
 For every set the folder may be the data folder itself or tonic's ``save_to`` folder (which holds
 ``SHD/``, ``SSC/``, ``NMNIST/`` or ``DVSGesture/``).
+
+Frames for a convolutional SNN (``--model csnn``): ``NMNIST(T, data_dir=..., frames=True)`` and
+``DVSGesture(..., frames=True)`` yield x (T, B, 2, H, W) instead, each example's events (those within
+``duration``) turned into T frames by ``tonic.transforms.ToFrame(sensor_size, n_time_bins=T)``
+(tonic's binning: T equal half-open bins between the example's first and last event time, so the
+events at the last time stamp fall out), counts clamped to 1
+when ``binary``. Needs ``pip install tonic`` (``sparsebptt[frames]``); nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -37,7 +44,43 @@ import torch
 
 from .base import SPLITS, LabelledSplits, check_positive_int
 
-__all__ = ["EventDataset", "SHD", "SSC", "NMNIST", "DVSGesture", "read_nmnist_bin"]
+__all__ = ["EventDataset", "SHD", "SSC", "NMNIST", "DVSGesture", "read_nmnist_bin", "tonic_frames"]
+
+
+def _tonic_transforms(owner: str):
+    try:
+        import warnings
+
+        with warnings.catch_warnings():  # requests' "no character detection" warning on import
+            warnings.simplefilter("ignore")
+            import tonic.transforms
+    except ImportError as e:
+        raise ImportError(f"{owner}: frames (frames=True, --model csnn) are made by tonic.transforms.ToFrame: "
+                          f"pip install tonic (or 'sparsebptt[frames]'); importing it failed: {e}") from None
+    return tonic.transforms
+
+
+#: tonic's event record: x, y, t (microseconds), p
+_TONIC_EVENT = np.dtype([("x", np.int16), ("y", np.int16), ("t", np.int64), ("p", np.int16)])
+
+
+def tonic_frames(t_us: np.ndarray, x: np.ndarray, y: np.ndarray, p: np.ndarray, sensor_size: tuple, T: int,
+                 owner: str = "frames") -> np.ndarray:
+    """One example's events as T frames (T, polarities, height, width) int16 counts, by
+    ``tonic.transforms.ToFrame(sensor_size=(width, height, polarities), n_time_bins=T)``; no events
+    give T empty frames."""
+    w, h, n_p = sensor_size
+    if len(t_us) == 0:
+        return np.zeros((T, n_p, h, w), np.int16)
+    ev = np.empty(len(t_us), _TONIC_EVENT)
+    ev["x"], ev["y"], ev["t"], ev["p"] = x, y, np.asarray(t_us, np.int64), p
+    ev = ev[np.argsort(ev["t"], kind="stable")]
+    frames = _tonic_transforms(owner).ToFrame(sensor_size=sensor_size, n_time_bins=T)(ev)
+    if frames.shape[0] != T:  # too few distinct times for T bins: pad with empty frames
+        out = np.zeros((T, n_p, h, w), np.int16)
+        out[:min(T, frames.shape[0])] = frames[:T]
+        frames = out
+    return frames
 
 
 class EventDataset(LabelledSplits):
@@ -52,9 +95,19 @@ class EventDataset(LabelledSplits):
     how_to_get: str = ""
     default_duration: float = 1.0
 
+    #: (width, height) of the sensor when the channels are ``p * w * h + y * w + x`` (frames=True)
+    sensor: "tuple[int, int] | None" = None
+
     def __init__(self, T: int, *, data_dir: "str | Path | None" = None, duration: "float | None" = None,
-                 binary: bool = True):
+                 binary: bool = True, frames: bool = False):
         check_positive_int(self.name, "T", T)
+        if frames and self.sensor is None:
+            raise ValueError(f"{self.name}: has no pixels to make frames of (frames=True is for nmnist and "
+                             "dvs-gesture)")
+        self.frames = bool(frames)
+        if self.frames:
+            _tonic_transforms(self.name)  # fail now, not at the first batch
+            self.input_shape = (2, self.sensor[1], self.sensor[0])
         if data_dir is None:
             raise ValueError(f"{self.name}: needs the folder of its files (--data-dir DIR / data_dir=); "
                              f"{self.how_to_get}")
@@ -76,6 +129,8 @@ class EventDataset(LabelledSplits):
             for t_us, ch in examples:
                 step = np.floor(np.asarray(t_us, dtype=np.float64) * (T / (self.duration * 1e6))).astype(np.int64)
                 keep = (step >= 0) & (step < T)
+                if self.frames:  # keep the times themselves for tonic's binning
+                    step = np.asarray(t_us, dtype=np.float64).astype(np.int64)
                 steps.append(step[keep])
                 chans.append(np.asarray(ch, dtype=np.int64)[keep])
                 offsets.append(offsets[-1] + int(keep.sum()))
@@ -103,8 +158,28 @@ class EventDataset(LabelledSplits):
                 return self.root / name
         raise FileNotFoundError(f"{self.name}: {str(self.root / names[0])!r} not found; {self.how_to_get}")
 
+    def frames_of(self, split: str, idx) -> torch.Tensor:
+        """Examples ``idx`` of ``split`` as frames (T, len(idx), 2, H, W) float32 made by tonic's
+        ``ToFrame`` (needs ``frames=True``)."""
+        if not self.frames:
+            raise ValueError(f"{self.name}: frames_of needs the dataset built with frames=True")
+        idx = np.asarray(idx, dtype=np.int64)
+        w, h = self.sensor
+        off = self._offsets[split]
+        out = np.zeros((self.T, len(idx), 2, h, w), np.float32)
+        for b, i in enumerate(idx):
+            t_us, ch = self._steps[split][off[i]:off[i + 1]], self._chans[split][off[i]:off[i + 1]]
+            p, rest = np.divmod(ch, w * h)
+            y, x = np.divmod(rest, w)
+            out[:, b] = tonic_frames(t_us, x, y, p, (w, h, 2), self.T, self.name)
+        x = torch.from_numpy(out)
+        return x.clamp_(max=1.0) if self.binary else x
+
     def dense(self, split: str, idx) -> torch.Tensor:
-        """Examples ``idx`` of ``split`` as (T, len(idx), input_size) float32."""
+        """Examples ``idx`` of ``split`` as (T, len(idx), input_size) float32 (frames=True: as
+        `frames_of`, (T, len(idx), 2, H, W))."""
+        if self.frames:
+            return self.frames_of(split, idx)
         idx = np.asarray(idx, dtype=np.int64)
         off = self._offsets[split]
         x = torch.zeros(self.T, len(idx), self.input_size)
@@ -119,8 +194,8 @@ class EventDataset(LabelledSplits):
 
     def batches(self, split: str, batch_size: int, *, seed: int,
                 shuffle: "bool | None" = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(x, y)``: x (T, B, input_size) float32, y (B,) int64; ``shuffle`` defaults to
-        True for "train"; ``seed`` fixes the order."""
+        """Yield ``(x, y)``: x (T, B, input_size) float32 (frames=True: (T, B, 2, H, W)), y (B,)
+        int64; ``shuffle`` defaults to True for "train"; ``seed`` fixes the order."""
         self._check_split(split)
         check_positive_int(self.name, "batch_size", batch_size)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -135,6 +210,7 @@ class EventDataset(LabelledSplits):
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}={self.num_examples(s)}" for s in SPLITS)
         return (f"{type(self).__name__}(T={self.T}, duration={self.duration}, binary={self.binary}, "
+                + ("frames=True, " if self.frames else "") +
                 f"root={str(self.root)!r}, {sizes})")
 
 
@@ -208,6 +284,7 @@ class NMNIST(EventDataset):
 
     name = "nmnist"
     input_size = 34 * 34 * 2
+    sensor = (34, 34)
     num_classes = 10
     tonic_folder = "NMNIST"
     default_duration = 0.3
@@ -237,19 +314,22 @@ class DVSGesture(EventDataset):
 
     name = "dvs-gesture"
     num_classes = 11
+    sensor = (32, 32)  # at the default downsample 4 (set per instance)
     tonic_folder = "DVSGesture"
     default_duration = 6.0
     folders = {"train": "ibmGestureTrain", "val": "ibmGestureTest"}
     how_to_get = ("get tonic's preprocessed DVS Gesture (tonic.datasets.DVSGesture(save_to=DIR) downloads and "
                   "unpacks it into DIR/DVSGesture/ibmGestureTrain and ibmGestureTest, one <label>.npy per gesture)")
 
-    def __init__(self, T: int, *, data_dir=None, duration=None, binary: bool = True, downsample: int = 4):
+    def __init__(self, T: int, *, data_dir=None, duration=None, binary: bool = True, downsample: int = 4,
+                 frames: bool = False):
         if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1 or 128 % downsample:
             raise ValueError(f"dvs-gesture: downsample must be a positive divisor of 128, got {downsample!r}")
         self.downsample = downsample
         self.side = 128 // downsample
         self.input_size = self.side * self.side * 2
-        super().__init__(T, data_dir=data_dir, duration=duration, binary=binary)
+        self.sensor = (self.side, self.side)
+        super().__init__(T, data_dir=data_dir, duration=duration, binary=binary, frames=frames)
 
     def _read(self, split):
         folder = self._file(self.folders[split])
