@@ -156,5 +156,5 @@ def test_stack_size_mismatch():
 def test_stack_empty_and_non_cell():
     with pytest.raises(ValueError, match="at least one layer"):
         sb.cells.Stack([])
-    with pytest.raises(TypeError, match="layer 0 .* is not a cell"):
-        sb.cells.Stack([torch.nn.Linear(2, 2)])
+    with pytest.raises(TypeError, match=r"layer 0 \(object\) is not a cell .* nor an nn.Module"):
+        sb.cells.Stack([object()])  # an nn.Module without the cell protocol is a stateless layer (issue 14)

@@ -8,6 +8,7 @@ from . import console  # first: in the `sparsebptt` command, Ctrl-C during the i
 from . import cells, kernels
 from .kernels import get_backend, set_backend
 from .scan import REDUCES, RecomputationError, scan
+from .sources import SegmentSource
 from .strategies import (Checkpoint, DoubleCheckpoint, FullBPTT, Revolve, Skipper, Strategy,
                          TwoLevelRevolve, parse_strategy)
 from .planner import estimate, parse_bytes, plan
@@ -28,7 +29,7 @@ def __getattr__(name: str):
         return fit
     raise AttributeError(f"module 'sparsebptt' has no attribute {name!r}")
 
-__all__ = ["cells", "kernels", "adapters", "get_backend", "set_backend", "scan", "REDUCES", "Checkpoint",
+__all__ = ["cells", "kernels", "adapters", "get_backend", "set_backend", "scan", "REDUCES", "SegmentSource", "Checkpoint",
            "DoubleCheckpoint", "FullBPTT", "Revolve", "Skipper", "TwoLevelRevolve", "Strategy",
            "parse_strategy", "RecomputationError", "plan", "estimate", "parse_bytes", "Trace", "trace",
            "Recurrent", "export_nir", "import_nir", "fit", "__version__"]

@@ -3,7 +3,7 @@ from .base import Cell, linear
 from .delta import DeltaGRU, DeltaLSTM, delta_gru_step, delta_lstm_step
 from .egru import EGRU, activity_regularizer, egru_step, event_statistics
 from .gru import GRU, gru_step
-from .lif import LIF, LIFParams, lif_step
+from .lif import LIF, LIFNeuron, LIFParams, lif_step
 from .lstm import LSTM, lstm_step
 from .stack import Stack
 from .surrogate import SURROGATES, spike
@@ -11,5 +11,5 @@ from ..kernels.sparse import sparse_linear  # a kernel (the sparse matmul), impo
 
 __all__ = ["Cell", "linear", "DeltaGRU", "DeltaLSTM", "delta_gru_step", "delta_lstm_step", "EGRU",
            "activity_regularizer", "egru_step", "event_statistics", "GRU",
-           "gru_step", "LIF", "LIFParams", "lif_step", "LSTM", "lstm_step", "sparse_linear", "Stack",
+           "gru_step", "LIF", "LIFNeuron", "LIFParams", "lif_step", "LSTM", "lstm_step", "sparse_linear", "Stack",
            "SURROGATES", "spike"]

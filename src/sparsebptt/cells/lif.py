@@ -27,6 +27,7 @@ with the input projection as one matmul; "auto" picks the fastest available. The
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ from .base import FusedCell, init_uniform_, linear
 from .surrogate import check_surrogate, spike
 from ..trace import current_trace
 
-__all__ = ["LIFParams", "lif_step", "LIF", "RESETS", "RESET_TIMINGS"]
+__all__ = ["LIFParams", "lif_step", "LIF", "LIFNeuron", "RESETS", "RESET_TIMINGS", "LEARN_BETA"]
 
 RESETS = ("subtract", "zero")
 #: when a spike's reset acts: at once ("before_decay", the default) or at the next step, after the
@@ -187,3 +188,125 @@ class LIF(FusedCell):
         timing = "" if p.reset_timing == "before_decay" else f", reset_timing={p.reset_timing!r}"
         return (f"{self.input_size}, {self.hidden_size}, beta={p.beta}, threshold={p.threshold}, "
                 f"reset={p.reset!r}, surrogate={p.surrogate!r}, recurrent={self.recurrent}{timing}{backend}")
+
+
+#: how a learnable beta of `LIFNeuron` is shared: one per neuron, or one per channel (shape[0])
+LEARN_BETA = (False, True, "neuron", "channel")
+
+
+def _neuron_shape(shape) -> tuple[int, ...]:
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not (isinstance(shape, tuple) and shape
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
+        raise ValueError(f"LIFNeuron: shape must be a positive int or a tuple of positive ints (the neurons of "
+                         f"one sample, e.g. (16, 32, 32) for channels x height x width), got {shape!r}")
+    return shape
+
+
+class LIFNeuron(FusedCell):
+    """LIF neurons with no projection of their own: the input of each step is the current.
+
+    ``LIFNeuron(shape)`` holds ``prod(shape)`` neurons laid out as ``shape`` (an int, or e.g.
+    (C, H, W) after a convolution); ``step(x_t, (v,))`` takes ``x_t`` of shape (B, *shape) as the
+    input current ``i_t`` and runs `lif_step` (the equations in the module docstring), giving
+    spikes of shape (B, *shape). State: ``(v,)`` of shape (B, *shape).
+
+    Args:
+        shape: the neurons of one sample.
+        beta, threshold, reset, surrogate, surrogate_scale, detach_reset, reset_timing: see `LIFParams`.
+        learn_beta: False (beta fixed), True or "neuron" (one trainable beta per neuron, shape
+            ``shape``), or "channel" (one per channel, ``shape[0]``, shared over the other
+            dimensions); clamped to [0, 1].
+        backend: "auto", "torch", "cpu" or "triton". The recurrence is elementwise, so the fused
+            kernels of `LIF` serve any shape: a segment (L, B, *shape) runs as (L, B, prod(shape)).
+    """
+
+    kernels = ("cpu", "triton")
+
+    def __init__(self, shape, *, beta: float = 0.9, threshold: float = 1.0, reset: str = "subtract",
+                 surrogate: str = "fast_sigmoid", surrogate_scale: float | None = None,
+                 detach_reset: bool = False, learn_beta=False, backend: str | None = None,
+                 reset_timing: str = "before_decay"):
+        shape = _neuron_shape(shape)
+        n = math.prod(shape)
+        super().__init__(n, n)
+        self._set_backend(backend)
+        self.shape = shape
+        self.params = LIFParams(beta, threshold, reset, surrogate, surrogate_scale, detach_reset, reset_timing)
+        self.binary_states = (False,)
+        if learn_beta not in LEARN_BETA:
+            raise ValueError(f"LIFNeuron: learn_beta must be one of False, True, 'neuron', 'channel', got "
+                             f"{learn_beta!r}")
+        self.learn_beta = "neuron" if learn_beta is True else learn_beta
+        if self.learn_beta == "neuron":
+            self.beta = nn.Parameter(torch.full(shape, float(beta)))
+        elif self.learn_beta == "channel":
+            self.beta = nn.Parameter(torch.full((shape[0],) + (1,) * (len(shape) - 1), float(beta)))
+        else:
+            self.beta = None
+        # follows .to(device, dtype): the backend's device and the state's default dtype without parameters
+        self.register_buffer("anchor", torch.empty(0), persistent=False)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def _param_like(self, device, dtype):
+        return (self.anchor.device if device is None else device, self.anchor.dtype if dtype is None else dtype)
+
+    def _backend_device(self) -> torch.device:
+        return self.anchor.device
+
+    def initial_state(self, batch_size: int, device=None, dtype=None) -> tuple[torch.Tensor, ...]:
+        device, dtype = self._param_like(device, dtype)
+        return (torch.zeros((batch_size,) + self.shape, device=device, dtype=dtype),)
+
+    def _check_input(self, x, lead: int) -> None:
+        if tuple(x.shape[lead:]) != self.shape:
+            want = ("L, " if lead == 2 else "") + "B, " + ", ".join(map(str, self.shape))
+            raise ValueError(f"LIFNeuron{self.shape}: input of shape {tuple(x.shape)} does not match its neurons: "
+                             f"expected ({want}) (its state v is (B, {', '.join(map(str, self.shape))}))")
+
+    def _beta(self):
+        return None if self.beta is None else self.beta.clamp(0.0, 1.0)
+
+    def step(self, x_t, state):
+        self._check_input(x_t, 1)
+        (v,) = state
+        z, v = lif_step(x_t, v, self.params, self._beta())
+        t = current_trace()
+        if t is not None:
+            t.add_activity(self, z.sum(), z.numel())
+        return z, (v,)
+
+    def _scan_segment(self, x_seg, state):
+        self._check_input(x_seg, 2)
+        if self.active_backend == "cpu":  # `FusedCell.scan_segment` hands this out for "cpu" or "triton"
+            from ..kernels.lif.cpu import fused_recurrent_lif
+        else:
+            from ..kernels.lif.triton import fused_recurrent_lif
+        (v,) = state
+        L, B = x_seg.shape[:2]
+        n = self.hidden_size
+        beta = self._beta()
+        beta = self.params.beta if beta is None else beta.expand(self.shape).reshape(n)  # [N] per neuron
+        z, vT = fused_recurrent_lif(x_seg.reshape(L, B, n), v.reshape(B, n), beta, self.params)  # [L, B, N], [B, N]
+        t = current_trace()
+        if t is not None:
+            t.add_activity(self, torch.count_nonzero(z), z.numel())
+        return z.view((L, B) + self.shape), (vT.view((B,) + self.shape),)
+
+    def extra_repr(self) -> str:
+        p = self.params
+        backend = "" if self.backend is None else f", backend={self.backend!r}"
+        timing = "" if p.reset_timing == "before_decay" else f", reset_timing={p.reset_timing!r}"
+        learn = "" if not self.learn_beta else f", learn_beta={self.learn_beta!r}"
+        return (f"{self.shape}, beta={p.beta}, threshold={p.threshold}, reset={p.reset!r}, "
+                f"surrogate={p.surrogate!r}{learn}{timing}{backend}")

@@ -1,16 +1,58 @@
-"""Several cells run as one: within a time step each layer feeds the next.
+"""Several layers run as one cell: within a time step each layer feeds the next.
 
-The state is the concatenation of every layer's state tuple, so a checkpoint holds every layer's
-state and no layer's output sequence is ever stored.
+A layer is a cell (``initial_state`` and ``step``) or any other ``nn.Module``, a *stateless*
+layer (convolution, linear, pooling, flatten, dropout, batch norm, layer norm, a user module),
+applied to each step's tensor as it is: ``Stack([nn.Conv2d(2, 16, 3, padding=1), nn.BatchNorm2d(16),
+LIFNeuron((16, 32, 32)), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4096, 10), LIFNeuron(10)])``.
+
+The state is the concatenation of every cell's state tuple (stateless layers add none), so a
+checkpoint holds every layer's state and no layer's output sequence is ever stored.
+
+Over a segment of L steps (the executor's graph segments and no-grad advances, FullBPTT's whole
+sequence) a Stack runs layer by layer (`Stack.scan_segment`): a stateless layer that treats each
+sample on its own and draws no random numbers (convolutions, linear, pooling, flatten, layer
+norm, activations, dropout and batch norm in eval mode: `TIME_BATCHED`) runs once on the whole
+segment as [L*B, ...], the "multi-step" trick; batch norm in training mode runs once per step,
+with the statistics of that step's batch, exactly as a step loop; fused cells run their kernels.
+A Stack holding a layer whose per-sample independence or randomness it cannot know (a user
+module, dropout in training mode) steps all its layers together instead, so that random numbers
+are drawn in the same order under every strategy (and replayed on recomputation).
+
+Module buffers (batch norm's running statistics) are updated once per step of the forward;
+the executor restores them after a recomputation (`sparsebptt.strategies.executor`).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .base import log_once, run_steps, step_is_fused
 
-__all__ = ["Stack"]
+__all__ = ["Stack", "TIME_BATCHED", "is_cell"]
+
+#: stateless modules that treat each sample on its own and draw no random numbers: run on a whole
+#: segment at once as [L*B, ...] (the same rank as one step's (B, ...), so a Flatten that would merge
+#: the batch dimension fails the same way in both paths: "changed the batch dimension")
+TIME_BATCHED = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
+    nn.Bilinear, nn.Identity, nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
+    nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.LayerNorm,
+    nn.GroupNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
+    nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Mish, nn.Softmax, nn.LogSoftmax, nn.ZeroPad1d, nn.ZeroPad2d,
+    nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle,
+)
+
+#: per-step input rank each batch norm class accepts (with the batch dimension)
+_BN_RANKS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+_BN_SHAPES = {2: "(B, C)", 3: "(B, C, L)", 4: "(B, C, H, W)", 5: "(B, C, D, H, W)"}
+
+
+def is_cell(layer) -> bool:
+    """Whether ``layer`` has the cell protocol (``initial_state`` and ``step``)."""
+    return callable(getattr(layer, "initial_state", None)) and callable(getattr(layer, "step", None))
 
 
 def _builtin_step(layer) -> bool:
@@ -22,8 +64,44 @@ def _builtin_step(layer) -> bool:
     return getattr(step, "__module__", "").startswith("sparsebptt.")
 
 
+def _bn_uses_batch_stats(layer) -> bool:
+    return layer.training or layer.running_mean is None
+
+
+def _stateless_kind(layer) -> str:
+    """How a stateless layer runs over a segment: "batched" ([L*B, ...] at once), "per_step" (batch
+    norm with batch statistics: once per step) or "stepped" (unknown: the whole Stack steps)."""
+    if isinstance(layer, _BatchNorm):
+        return "per_step" if _bn_uses_batch_stats(layer) else "batched"
+    if isinstance(layer, nn.Dropout) or isinstance(layer, (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                                                             nn.AlphaDropout)):
+        return "batched" if not layer.training or layer.p == 0 else "stepped"
+    if isinstance(layer, nn.Sequential):
+        kinds = [_stateless_kind(m) for m in layer]
+        return "batched" if all(k == "batched" for k in kinds) else "stepped"
+    if isinstance(layer, TIME_BATCHED):
+        return "batched"
+    return "stepped"
+
+
+def _bn_check(i: int, layer, x, lead: int) -> None:
+    """One-line error for a batch norm that would see the wrong rank or channel count per step."""
+    ranks = next((r for cls, r in _BN_RANKS.items() if isinstance(layer, cls)), None)
+    shape = tuple(x.shape[lead:])  # one step's (B, ...)
+    if ranks is not None and len(shape) not in ranks:
+        want = " or ".join(_BN_SHAPES[r] for r in ranks)
+        raise ValueError(f"Stack: layer {i} ({type(layer).__name__}) gets a {len(shape)}-D tensor of shape {shape} "
+                         f"per step but needs {want}; place it where each step's tensor has that rank (e.g. "
+                         "before nn.Flatten), or use the batch norm of that rank")
+    if len(shape) >= 2 and shape[1] != layer.num_features:
+        raise ValueError(f"Stack: layer {i} ({type(layer).__name__}) has num_features={layer.num_features} but gets "
+                         f"{shape[1]} channels per step (shape {shape})")
+
+
 class Stack(nn.Module):
-    """``Stack([LIF(64, 256), LIF(256, 256)])``: a cell whose step runs the layers in order."""
+    """``Stack([LIF(64, 256), LIF(256, 256)])``: a cell whose step runs the layers in order.
+
+    Layers may be cells or stateless ``nn.Module``s (see the module docstring)."""
 
     def __init__(self, layers):
         super().__init__()
@@ -31,61 +109,132 @@ class Stack(nn.Module):
         if not layers:
             raise ValueError("Stack: needs at least one layer, got an empty list")
         for i, layer in enumerate(layers):
-            if not (hasattr(layer, "step") and hasattr(layer, "initial_state")):
-                raise TypeError(f"Stack: layer {i} ({type(layer).__name__}) is not a cell: "
-                                "it needs `initial_state(batch_size, device, dtype)` and `step(x_t, state)`")
+            if not is_cell(layer) and not isinstance(layer, nn.Module):
+                raise TypeError(f"Stack: layer {i} ({type(layer).__name__}) is not a cell (it needs "
+                                "`initial_state(batch_size, device, dtype)` and `step(x_t, state)`) nor an nn.Module "
+                                "(a stateless layer, applied to each step)")
         for i, (a, b) in enumerate(zip(layers, layers[1:])):
+            if not (is_cell(a) and is_cell(b)):
+                continue
             out_a = getattr(a, "output_size", getattr(a, "hidden_size", None))
             in_b = getattr(b, "input_size", None)
             if out_a is not None and in_b is not None and out_a != in_b:
                 raise ValueError(f"Stack: layer {i} outputs {out_a} features but layer {i + 1} "
                                  f"expects input_size={in_b}")
         self.layers = nn.ModuleList(layers)
-        self._arity = [len(layer.initial_state(1)) for layer in layers]
+        self._cell = [is_cell(layer) for layer in layers]
+        self._arity = [len(layer.initial_state(1)) if c else 0 for layer, c in zip(layers, self._cell)]
+        self._expect = [self._expected_input(layer) if c else None for layer, c in zip(layers, self._cell)]
+
+    @staticmethod
+    def _expected_input(layer):
+        shape = getattr(layer, "input_shape", None)
+        if isinstance(shape, tuple) and shape:
+            return shape
+        n = getattr(layer, "input_size", None)
+        return (n,) if isinstance(n, int) and not isinstance(n, bool) else None
 
     @property
     def input_size(self):
-        return getattr(self.layers[0], "input_size", None)
+        first = self.layers[0]
+        if self._cell[0]:
+            return getattr(first, "input_size", None)
+        return getattr(first, "in_features", None) if isinstance(first, nn.Linear) else None
+
+    @property
+    def input_shape(self):
+        shape = getattr(self.layers[0], "input_shape", None) if self._cell[0] else None
+        return shape if isinstance(shape, tuple) else None
 
     @property
     def hidden_size(self):
-        return getattr(self.layers[-1], "hidden_size", None)
+        last = self.layers[-1]
+        return getattr(last, "hidden_size", getattr(last, "out_features", None))
 
     @property
     def output_size(self):
         last = self.layers[-1]
-        return getattr(last, "output_size", getattr(last, "hidden_size", None))
+        return getattr(last, "output_size", getattr(last, "hidden_size", getattr(last, "out_features", None)))
+
+    @property
+    def binary_states(self) -> tuple[bool, ...]:
+        """Which state components only hold 0/1 (spikes, stored bit-packed): the cells' own, in order."""
+        mask = []
+        for layer, n in zip(self.layers, self._arity):
+            m = getattr(layer, "binary_states", None)
+            mask.extend((False,) * n if m is None else (bool(b) for b in m))
+        return tuple(mask)
 
     def initial_state(self, batch_size, device=None, dtype=None):
-        return tuple(s for layer in self.layers for s in layer.initial_state(batch_size, device, dtype))
+        return tuple(s for layer, c in zip(self.layers, self._cell) if c
+                     for s in layer.initial_state(batch_size, device, dtype))
+
+    # ---- one step -----------------------------------------------------------------------
+    def _check_cell_input(self, i: int, x, lead: int) -> None:
+        want = self._expect[i]
+        if want is not None and tuple(x.shape[lead + 1:]) != want:
+            src = f"layer {i - 1} ({type(self.layers[i - 1]).__name__})" if i else "the input"
+            raise ValueError(f"Stack: layer {i} ({type(self.layers[i]).__name__}) takes (B, {', '.join(map(str, want))}) "
+                             f"per step but {src} gives {tuple(x.shape[lead:])}")
+
+    def _stateless(self, i: int, layer, x, lead: int):
+        """A stateless layer on one step (lead=0: x is (B, ...)) or a segment at once (lead=1: (L, B, ...))."""
+        if isinstance(layer, _BatchNorm):
+            _bn_check(i, layer, x, lead)
+        if lead == 0:
+            y = layer(x)
+            B = x.shape[0]
+        else:
+            L, B = x.shape[:2]
+            y = layer(x.reshape((L * B,) + tuple(x.shape[2:])))
+        if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != (B if lead == 0 else L * B):
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"Stack: layer {i} ({type(layer).__name__}) changed the batch dimension: it got "
+                             f"{tuple(x.shape[lead:]) if lead == 0 else (L * B,) + tuple(x.shape[2:])} and gave "
+                             f"{got}; a stateless layer must keep dimension 0 (the batch)")
+        return y if lead == 0 else y.view((L, B) + tuple(y.shape[1:]))
 
     def step(self, x_t, state):
         out, new, i = x_t, [], 0
-        for layer, n in zip(self.layers, self._arity):
+        for k, (layer, n) in enumerate(zip(self.layers, self._arity)):
+            if not self._cell[k]:
+                out = self._stateless(k, layer, out, 0)
+                continue
+            self._check_cell_input(k, out, 0)
             out, s = layer.step(out, tuple(state[i:i + n]))
             new.extend(s)
             i += n
         return out, tuple(new)
 
+    # ---- a segment, layer by layer --------------------------------------------------------
     @property
     def scan_segment(self):
-        """Layer by layer over a segment when some layer has a fused ``scan_segment`` (equal to
-        stepping the layers together: no layer feeds an earlier one); None otherwise.
+        """Layer by layer over a segment (equal to stepping the layers together: no layer feeds an
+        earlier one) when some cell has a fused ``scan_segment`` or some stateless layer runs on
+        the whole segment at once; None otherwise (the executor steps `step`).
 
         Running a layer ahead over a segment changes the order in which the layers draw random
         numbers (all of layer 0's steps, then layer 1's, instead of step by step), and with it the
         draws themselves whenever the segment's length changes (a strategy's segments, a
-        recomputation's): a layer without a ``scan_segment`` therefore runs ahead only if its
-        ``step`` is a built-in cell's (which draws none); a Stack with any other such layer
+        recomputation's): a cell without a ``scan_segment`` therefore runs ahead only if its
+        ``step`` is a built-in cell's (which draws none), and a stateless layer only if it is one
+        of `TIME_BATCHED` (or batch norm, dropout in eval mode); a Stack with any other such layer
         steps all its layers together (said once on the log).
         """
-        fused = [getattr(layer, "scan_segment", None) is not None for layer in self.layers]
-        if not any(fused):
+        fused = [c and getattr(layer, "scan_segment", None) is not None
+                 for layer, c in zip(self.layers, self._cell)]
+        kinds = [None if c else _stateless_kind(layer) for layer, c in zip(self.layers, self._cell)]
+        if not any(fused) and not any(k is not None for k in kinds):
             return None
         if not step_is_fused(self, "_scan_segment", "Stack's layer-by-layer segment path"):
             return None
-        for i, (layer, f) in enumerate(zip(self.layers, fused)):
-            if not f and not _builtin_step(layer):
+        for i, (layer, f, kind) in enumerate(zip(self.layers, fused, kinds)):
+            if kind == "stepped":
+                log_once(f"sparsebptt: a Stack steps its layers together: layer {i} ({type(layer).__name__}) is a "
+                         "stateless layer that may draw random numbers or mix samples (not one of "
+                         "sparsebptt.cells.stack.TIME_BATCHED), so it cannot run on a whole segment at once")
+                return None
+            if kind is None and not f and not _builtin_step(layer):
                 log_once(f"sparsebptt: a Stack steps its layers together: layer {i} ({type(layer).__name__}) "
                          "is not a built-in cell, and running it ahead of the others over a segment could "
                          "draw its random numbers in another order")
@@ -94,7 +243,15 @@ class Stack(nn.Module):
 
     def _scan_segment(self, x_seg, state):
         out, new, i = x_seg, [], 0
-        for layer, n in zip(self.layers, self._arity):
+        for k, (layer, n) in enumerate(zip(self.layers, self._arity)):
+            if not self._cell[k]:
+                if isinstance(layer, _BatchNorm) and _bn_uses_batch_stats(layer):
+                    _bn_check(k, layer, out, 1)  # statistics of each step's batch, as a step loop
+                    out = torch.stack([self._stateless(k, layer, out[t], 0) for t in range(out.shape[0])])
+                else:
+                    out = self._stateless(k, layer, out, 1)
+                continue
+            self._check_cell_input(k, out, 1)
             s = tuple(state[i:i + n])
             fn = getattr(layer, "scan_segment", None)
             if fn is not None:

@@ -40,6 +40,7 @@ from checkpoint_schedules import (Copy, EndForward, EndReverse, Forward, Move, R
                                   StorageType)
 
 from ..cells.base import run_steps
+from ..sources import Input, as_input
 from ..storage import binary_states_of, make_store
 from ..trace import current_trace, recomputing, saving
 from .base import Plan, SkipReverse
@@ -210,7 +211,9 @@ def run_graph(cell, x, state0, reduce):
     """Plain autograd over the whole sequence: every step's graph is kept (`FullBPTT`, the
     reference). A cell with ``scan_segment`` runs it over all T steps at once; any other cell step
     by step. Returns (out, state_T); nothing is stored or recomputed, so ``retain_graph`` and double
-    backward work as on a hand-written loop."""
+    backward work as on a hand-written loop. A streamed or converted input (`Input.streamed`) is
+    read `NO_GRAD_CHUNK` steps at a time."""
+    x = _as_input(x)
     T = x.shape[0]
     trace = current_trace()
     if trace is not None:
@@ -218,11 +221,23 @@ def run_graph(cell, x, state0, reduce):
     out = Reducer(reduce, T, keep_graph=True)
     segment_fn = getattr(cell, "scan_segment", None)
     with saving(trace):
-        if segment_fn is not None:
-            ys, state = segment_fn(x, state0)
-            out.add_block(0, ys)
-        else:
-            _, state = run_steps(cell.step, x, state0, on_output=out.add)
+        if not x.streamed:
+            x = x.tensor
+            if segment_fn is not None:
+                ys, state = segment_fn(x, state0)
+                out.add_block(0, ys)
+            else:
+                _, state = run_steps(cell.step, x, state0, on_output=out.add)
+            return out.result(), tuple(state)
+        state = state0
+        for c0 in range(0, T, NO_GRAD_CHUNK):
+            c1 = min(c0 + NO_GRAD_CHUNK, T)
+            x_c = x.read(c0, c1)
+            if segment_fn is not None:
+                ys, state = segment_fn(x_c, state)
+                out.add_block(c0, ys)
+            else:
+                _, state = run_steps(cell.step, x_c, state, on_output=out.add, t0=c0)
         return out.result(), tuple(state)
 
 
@@ -234,12 +249,18 @@ def _advance_without_graph(cell, x, n0: int, n1: int, state, reducer: "Reducer |
         if segment_fn is not None:
             for c0 in range(n0, n1, NO_GRAD_CHUNK):
                 c1 = min(c0 + NO_GRAD_CHUNK, n1)
-                ys, state = segment_fn(x[c0:c1], state)
+                ys, state = segment_fn(x.read(c0, c1), state)
                 if reducer is not None:
                     reducer.add_block(c0, ys)
             return state
-        _, state = run_steps(cell.step, x[n0:n1], state, t0=n0,
-                             on_output=reducer.add if reducer is not None else _discard)
+        if not x.streamed:
+            _, state = run_steps(cell.step, x.tensor[n0:n1], state, t0=n0,
+                                 on_output=reducer.add if reducer is not None else _discard)
+            return state
+        for c0 in range(n0, n1, NO_GRAD_CHUNK):  # a streamed input: one chunk read at a time
+            c1 = min(c0 + NO_GRAD_CHUNK, n1)
+            _, state = run_steps(cell.step, x.read(c0, c1), state, t0=c0,
+                                 on_output=reducer.add if reducer is not None else _discard)
     return state
 
 
@@ -247,6 +268,7 @@ def run_forward(cell, x, state0, reduce):
     """The scan's forward alone, for grad mode off (``torch.no_grad()``, ``torch.inference_mode()``):
     no graph, no checkpoint stored, whatever the strategy (its schedule only matters to a backward).
     Returns (out, state_T)."""
+    x = _as_input(x)
     T = x.shape[0]
     trace = current_trace()
     if trace is not None:
@@ -267,7 +289,7 @@ def _advance(run: _Run, n0: int, n1: int, state, graph: bool, emit: bool):
     segment_fn = getattr(cell, "scan_segment", None)
     state_in = tuple(s.detach().requires_grad_(_needs_grad(s) and (n0 > 0 or g))
                      for s, g in zip(state, run.state0_grad))
-    x_in = x[n0:n1].detach().requires_grad_(x.requires_grad)
+    x_in = x.read(n0, n1).detach().requires_grad_(x.requires_grad)
     for i, s in enumerate(state_in):  # what `_check_graph` recognises in a later segment's graph
         s._sparsebptt_leaf = f"state component {i} at step {n0}"
     x_in._sparsebptt_leaf = f"x at steps {n0}..{n1}"
@@ -383,6 +405,25 @@ def _check_recomputed(run: _Run, n: int, state) -> None:
                 f"{d2[1].item():.6g}): the step is not a function of (x_t, state) alone; {fix}")
 
 
+class _Buffers:
+    """The cell's module buffers (batch norm's running statistics and ``num_batches_tracked``) as
+    the forward left them, put back after each recomputation: a recomputed step must not update
+    them a second time, so that they end as under `FullBPTT`. (Batch norm in training mode
+    normalises with the batch's statistics, so its recomputed outputs do not depend on them.)"""
+
+    def __init__(self, cell):
+        bufs = list(cell.buffers()) if hasattr(cell, "buffers") else []
+        self.saved = [(b, b.detach().clone()) for b in bufs]
+
+    def restore(self) -> None:
+        # through ``.data``: batch norm's autograd node holds the running statistics it was given,
+        # and a restore must not count as an in-place change of what a graph saved
+        with torch.no_grad():
+            for b, v in self.saved:
+                if not torch.equal(b, v):
+                    b.data.copy_(v)
+
+
 def _forward_action(run: _Run, a: Forward, work, recompute: bool):
     n, state = work
     if n != a.n0:
@@ -480,9 +521,10 @@ def _autocast(run: _Run):
 
 class _ScheduledScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run: _Run, x, *flat):
+    def forward(ctx, run: _Run, x_node, *flat):
         n_state = len(flat) - len(run.params)
         state0 = tuple(flat[:n_state])
+        x = run.x
         dev = x.device.type
         run.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         T = x.shape[0]
@@ -524,13 +566,14 @@ class _ScheduledScan(torch.autograd.Function):
                                "is not supported with memory strategies)")
         ctx.run = None
         x = run.x
-        grads = {"x": torch.zeros_like(x) if ctx.needs_input_grad[1] else None,
+        grads = {"x": torch.zeros_like(x.tensor) if ctx.needs_input_grad[1] else None,
                  "params": [None] * len(run.params), "extra": {}}
         dstate = list(dstate)
         pos = x.shape[0]
         work = None
         devices = [x.device] if x.device.type == "cuda" else []
         rng_ctx = torch.random.fork_rng(devices=devices, enabled=run.preserve_rng)
+        buffers = _Buffers(run.cell)  # recomputation leaves the modules' buffers as the forward left them
         try:
             with rng_ctx, recomputing(run.trace), _autocast(run):
                 for a in run.actions:
@@ -557,6 +600,7 @@ class _ScheduledScan(torch.autograd.Function):
                             _set_rng_state(rng, x.device)
                     elif isinstance(a, Forward):
                         work = _forward_action(run, a, work, recompute=True)
+                        buffers.restore()
                     elif isinstance(a, SkipReverse):  # steps n0..n1 get no backward
                         if a.n1 != pos:
                             raise RuntimeError(f"schedule skips steps {a.n0}..{a.n1} at step {pos}")
@@ -571,6 +615,7 @@ class _ScheduledScan(torch.autograd.Function):
                     else:
                         raise RuntimeError(f"unexpected action {a!r} in the reverse part of the schedule")
         finally:
+            buffers.restore()
             _close(run)
         if pos != 0:
             raise RuntimeError(f"schedule ended its reverse sweep at step {pos}, expected 0")
@@ -586,6 +631,7 @@ class _ScheduledScan(torch.autograd.Function):
 def run_schedule(cell, x, state0, plan: Plan, reduce, params, preserve_rng=True):
     """Run ``cell`` over ``x`` under the schedule of ``plan`` as one autograd node; returns
     (out, state_T)."""
+    x = _as_input(x)
     T = x.shape[0]
     if plan.T != T:
         raise RuntimeError(f"a plan for T={plan.T} steps cannot run a scan of T={T} steps")
@@ -593,13 +639,20 @@ def run_schedule(cell, x, state0, plan: Plan, reduce, params, preserve_rng=True)
                preserve_rng=preserve_rng, trace=current_trace(), reducer=Reducer(reduce, T),
                state0_grad=tuple(s.requires_grad for s in state0),
                compare_values=preserve_rng and getattr(cell, "scan_segment", None) is None)
-    outs = _ScheduledScan.apply(run, x, *state0, *run.params)
+    # the autograd input for dL/dx: the caller's tensor, or a placeholder for a streamed input
+    x_node = x.tensor if x.tensor is not None else torch.empty(0, device=x.device)
+    outs = _ScheduledScan.apply(run, x_node, *state0, *run.params)
     return outs[0], tuple(outs[1:])
+
+
+def _as_input(x) -> Input:
+    return as_input(x, x.dtype) if isinstance(x, torch.Tensor) else x
 
 
 def execute(cell, x, state0, plan: Plan, reduce, params, preserve_rng=True):
     """Run ``cell`` over ``x`` from ``state0`` as ``plan`` says (`Strategy.plan`); returns
-    (out, state_T). ``params``: the tensors the scan's gradient reaches besides x and state0.
+    (out, state_T). ``x`` is a tensor or an `Input` (`sparsebptt.sources`: segments read, and
+    converted, on demand). ``params``: the tensors the scan's gradient reaches besides x and state0.
     With grad mode off (``torch.no_grad()``, ``torch.inference_mode()``) every plan runs
     `run_forward`: there is no backward to plan for."""
     if not torch.is_grad_enabled():
