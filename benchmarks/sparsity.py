@@ -44,7 +44,7 @@ PRESETS = {
                  thresholds=[0.0, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3]),
     # issue 17's done-when: training batch sizes, 80-90 % zero deltas around thresholds 0.03-0.1
     "batch": dict(cells=["gru", "lstm"], B=[8, 16], H=[256, 1024], I=64, T=100, reps=5,
-                  thresholds=[0.0, 0.03, 0.05, 0.1]),
+                  thresholds=[0.0, 0.03, 0.05, 0.1, 0.15]),
 }
 
 
