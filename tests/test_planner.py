@@ -83,5 +83,5 @@ def test_parse_bytes_bad_shows_forms(bad):
 
 
 def test_plan_bad_shape():
-    with pytest.raises(ValueError, match=r"shape must be \(T, B, input_size\)"):
+    with pytest.raises(ValueError, match=r"shape must be \(T, B, \*features\)"):
         sb.plan(sb.cells.GRU(2, 2), (10, 2), "1MiB")

@@ -104,7 +104,7 @@ def measure(cell, shape, reduce="sum", dtype=None, device=None) -> StepCosts:
     """Measure the per-step costs of ``cell`` at batch size ``shape[1]`` with two tiny traced runs."""
     from .scan import scan
 
-    T, B, n_in = shape
+    T, B, *features = shape
     p = next(cell.parameters(), None) if hasattr(cell, "parameters") else None
     dtype = dtype or (p.dtype if p is not None else torch.get_default_dtype())
     device = device or (p.device if p is not None else torch.device("cpu"))
@@ -115,7 +115,7 @@ def measure(cell, shape, reduce="sum", dtype=None, device=None) -> StepCosts:
     peaks, out_bytes = [], 0
     g = torch.Generator(device="cpu").manual_seed(0)
     for L in (2, 6):
-        x = torch.rand(L, B, n_in, generator=g).to(device=device, dtype=dtype)
+        x = torch.rand(L, B, *features, generator=g).to(device=device, dtype=dtype)
         with trace() as t:
             y, st = scan(cell, x, strategy=FullBPTT(), reduce=reduce)
         peaks.append(t.peak_stored_bytes)
@@ -125,12 +125,17 @@ def measure(cell, shape, reduce="sum", dtype=None, device=None) -> StepCosts:
     costs = StepCosts(S, S_enc, G, out_bytes)
     # one checkpointed forward+backward (gradient w.r.t. x only: the parameters' .grad is untouched)
     L = 3
-    x = torch.rand(L, B, n_in, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    x = torch.rand(L, B, *features, generator=g).to(device=device, dtype=dtype).requires_grad_()
     with trace() as t:
         y, st = scan(cell, x, strategy=Checkpoint(1), reduce=reduce)
         torch.autograd.grad(y.sum(), [x])
-    modelled = estimate(cell, (L, B, n_in), Checkpoint(1), reduce, costs).fast_bytes
+    modelled = estimate(cell, (L, B, *features), Checkpoint(1), reduce, costs).fast_bytes
     return StepCosts(S, S_enc, G, out_bytes, max(t.peak_stored_bytes - modelled, 0))
+
+
+def _check_shape(shape) -> None:
+    if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) >= 3):
+        raise ValueError(f"sb.plan: shape must be (T, B, *features) (x.shape), got {shape!r}")
 
 
 def _walk(strategy: Strategy, T: int):
@@ -217,8 +222,7 @@ def plan(cell, shape, budget, *, reduce="sum", slow_storage="host", disk_dir=Non
     Raises ValueError naming the smallest feasible budget and its plan when nothing fits.
     With ``return_table`` returns (strategy, [Estimate, ...] sorted by time).
     """
-    if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 3):
-        raise ValueError(f"sb.plan: shape must be (T, B, input_size), got {shape!r}")
+    _check_shape(shape)
     T = int(shape[0])
     if T < 1:
         raise ValueError(f"sb.plan: T must be >= 1, got {T}")
