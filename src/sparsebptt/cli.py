@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default=d.model, choices=list(MODELS),
                    help="lif: LIF layers, spike counts -> readout; gru, lstm, delta-gru, delta-lstm: "
                         "recurrent layers, last hidden state -> readout; egru: event-based GRU layers, "
-                        "mean event output -> readout (default: %(default)s)")
+                        "mean event output -> readout; csnn: VGG-style conv-BN-LIF-pool blocks on event frames "
+                        "(--dataset event-shapes, nmnist/dvs-gesture frames), firing rates -> readout "
+                        "(default: %(default)s)")
     t.add_argument("--threshold", type=_non_negative_float, default=None,
                    help="LIF firing threshold (default 1.0), or the delta threshold of delta-gru / "
                         "delta-lstm (default 0.1), or every EGRU unit's initial threshold (default: "
@@ -126,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="examples per step (default: %(default)s)")
     t.add_argument("--hidden", type=_positive_int, default=d.hidden, help="LIF neurons per layer (default: %(default)s)")
     t.add_argument("--layers", type=_positive_int, default=d.layers, help="layers (default: %(default)s)")
+    t.add_argument("--widths", default=None, metavar="C1,C2,...",
+                   help="csnn: channels of each conv-BN-LIF-pool block, one block per width (default: 16,32,64)")
     t.add_argument("--gate-init", default=d.gate_init, choices=list(GATE_INITS),
                    help="gate biases of gru / lstm / delta models: uniform (PyTorch's) or chrono (memory "
                         "time scales spread up to T, for long-range tasks) (default: %(default)s)")
@@ -336,6 +340,8 @@ def _cmd_train(args, parser) -> int:
             parser.error(f"--data-dir is for the datasets read from files ({readers}); dataset "
                          f"{args.dataset!r} needs none")
         args.dataset_options = {**(getattr(args, "dataset_options", None) or {}), "data_dir": data_dir}
+        if args.model == "csnn" and getattr(DATASETS[args.dataset], "sensor", None) is not None:
+            args.dataset_options["frames"] = True  # nmnist / dvs-gesture as frames (tonic's ToFrame)
     device = args.device
     if args.resume is not None:
         if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():

@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["TrainConfig", "FitConfig", "MODELS", "GATE_INITS", "LR_MAX"]
+__all__ = ["TrainConfig", "FitConfig", "MODELS", "GATE_INITS", "LR_MAX", "CSNN_WIDTHS"]
 
 #: --model name -> (cell class name in `sparsebptt.cells`, default threshold or None). EGRU's
 #: default "beta" draws each unit's initial threshold from EvNN's Beta distribution (mean 0.3).
 MODELS = {"lif": ("LIF", 1.0), "gru": ("GRU", None), "lstm": ("LSTM", None),
-          "delta-gru": ("DeltaGRU", 0.1), "delta-lstm": ("DeltaLSTM", 0.1), "egru": ("EGRU", "beta")}
+          "delta-gru": ("DeltaGRU", 0.1), "delta-lstm": ("DeltaLSTM", 0.1), "egru": ("EGRU", "beta"),
+          "csnn": ("LIFNeuron", 1.0)}
+
+#: --widths of --model csnn when none is given: channels of each conv-BN-LIF-pool block
+CSNN_WIDTHS = (16, 32, 64)
 
 #: --gate-init names: how the gate biases of the gated models start
 GATE_INITS = ("uniform", "chrono")
@@ -48,6 +52,8 @@ class TrainConfig:
         text); None for its defaults.
     activity_reg: strength of the EGRU activity regulariser added to the loss (0: none; egru
         models only); activity_target: the event rate per step it allows before it penalises.
+    widths: csnn only: the channels of its conv blocks, comma-separated ("16,32,64"; one block
+        per width, so the count is the depth); None for `CSNN_WIDTHS`.
     """
 
     dataset: str = "digits-spikes"
@@ -68,6 +74,7 @@ class TrainConfig:
     dataset_options: "dict | None" = None
     activity_reg: float = 0.0
     activity_target: float = 0.05
+    widths: "str | None" = None
 
     def __post_init__(self):
         for name in ("T", "epochs", "batch_size", "hidden", "layers", "threads"):
@@ -87,9 +94,9 @@ class TrainConfig:
         if th is not None:
             if MODELS[self.model][1] is None:
                 raise ValueError(f"TrainConfig: model {self.model!r} has no threshold, got threshold={th!r}")
-            low_ok = th > 0 if self.model == "lif" else th >= 0
+            low_ok = th > 0 if self.model in ("lif", "csnn") else th >= 0
             if isinstance(th, bool) or not isinstance(th, (int, float)) or not (low_ok and th < math.inf):
-                raise ValueError(f"TrainConfig: threshold must be a number {'> 0' if self.model == 'lif' else '>= 0'} "
+                raise ValueError(f"TrainConfig: threshold must be a number {'> 0' if self.model in ('lif', 'csnn') else '>= 0'} "
                                  f"for model {self.model!r}, got {th!r}")
         if self.dataset_options is not None and not isinstance(self.dataset_options, dict):
             raise ValueError(f"TrainConfig: dataset_options must be a dict of the dataset's keyword options "
@@ -104,9 +111,27 @@ class TrainConfig:
         if self.gate_init not in GATE_INITS:
             raise ValueError(f"TrainConfig: unknown gate_init {self.gate_init!r}; valid gate inits are: "
                              f"{', '.join(GATE_INITS)}")
-        if self.gate_init == "chrono" and self.model == "lif":
+        if self.gate_init == "chrono" and self.model in ("lif", "csnn"):
             raise ValueError("TrainConfig: gate_init='chrono' needs a gated model (gru, lstm, delta-gru, "
-                             "delta-lstm); model 'lif' has no gates")
+                             f"delta-lstm); model {self.model!r} has no gates")
+        if self.widths is not None:
+            if self.model != "csnn":
+                raise ValueError(f"TrainConfig: widths are the conv blocks of model 'csnn', got model {self.model!r}")
+            self.csnn_widths  # noqa: B018 (checks the string)
+
+    @property
+    def csnn_widths(self) -> "tuple[int, ...]":
+        """``widths`` as a tuple of ints (`CSNN_WIDTHS` when None)."""
+        if self.widths is None:
+            return CSNN_WIDTHS
+        try:
+            out = tuple(int(w) for w in str(self.widths).split(","))
+        except ValueError:
+            out = ()
+        if not out or min(out) < 1:
+            raise ValueError(f"TrainConfig: widths must be positive ints separated by commas (e.g. '16,32,64'), "
+                             f"got {self.widths!r}")
+        return out
 
     @property
     def resolved_threshold(self) -> float | None:

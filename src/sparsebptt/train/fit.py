@@ -449,7 +449,8 @@ def _train(config: TrainConfig, strategy: Strategy, out, progress: bool, log, re
     dataset = get_dataset(config.dataset, config.T, **(config.dataset_options or {}))
     sequence = bool(getattr(dataset, "sequence_targets", False))
     torch.manual_seed(config.seed)
-    core = build_model(config, dataset.input_size, dataset.num_classes, sequence=sequence)
+    core = build_model(config, dataset.input_size, dataset.num_classes, sequence=sequence,
+                       input_shape=getattr(dataset, "input_shape", None))
     return _run(config, strategy, out, progress, log, resume, d, dataset, core, sequence)
 
 
@@ -460,7 +461,8 @@ def _run(config, strategy: Strategy, out, progress: bool, log, resume: bool, d: 
     user = isinstance(config, FitConfig)
     local_batch = -(-config.batch_size // d.world)  # what one process holds
     strategy, out, ckpt = _open_run(config, core, strategy, out, resume, d,
-                                    (config.T, local_batch, getattr(dataset, "input_size", None)))
+                                    (config.T, local_batch,
+                                     *getattr(dataset, "input_shape", (getattr(dataset, "input_size", None),))))
     core.to(d.device)
     opt = torch.optim.Adam(core.parameters(), lr=config.lr)
     prog = _restore(core, opt, ckpt, config, out)

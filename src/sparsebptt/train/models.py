@@ -6,7 +6,9 @@
   and a readout of the last hidden state, or EGRU layers with ``reduce="mean"`` (their output is the
   sparse event output, so the readout sees each unit's mean event output over the sequence);
 - `SequenceModel`: a recurrent stack scanned with ``reduce=None``, the readout at every step (for a
-  dataset with one label per step).
+  dataset with one label per step);
+- `ConvSpikingClassifier` (``csnn``): VGG-style conv-BN-LIF-pool blocks on frames (T, B, C, H, W)
+  scanned with ``reduce="sum"``, a linear readout of the last block's firing rates.
 
 Each model's ``forward(x, return_aux=False)`` returns the logits; with ``return_aux=True`` it returns
 ``(logits, aux)``, where ``aux`` is the term the trainer adds to the loss (EGRU models with
@@ -14,6 +16,8 @@ Each model's ``forward(x, return_aux=False)`` returns the logits; with ``return_
 models keep no state between calls.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -23,7 +27,8 @@ from ..nn import Recurrent
 from ..strategies import Strategy
 from .config import MODELS, TrainConfig
 
-__all__ = ["SpikingClassifier", "RecurrentClassifier", "SequenceModel", "build_model", "chrono_init_"]
+__all__ = ["SpikingClassifier", "RecurrentClassifier", "SequenceModel", "ConvSpikingClassifier", "conv_stack",
+           "build_model", "chrono_init_"]
 
 
 def _stack_keys_before_recurrent(module, state_dict, prefix, *args) -> None:
@@ -89,12 +94,59 @@ class SpikingClassifier(_ScannedModel):
         return (logits, None) if return_aux else logits
 
 
+def conv_stack(input_shape, widths=(16, 32, 64), *, beta: float = 0.9, threshold: float = 1.0,
+               pool: int = 2) -> "tuple[cells.Stack, int]":
+    """A VGG-style spiking conv stack and the number of features it outputs per step.
+
+    For each width: ``Conv2d(c, width, 3, padding=1, bias=False)``, ``BatchNorm2d(width)`` (its
+    statistics per time step), ``LIFNeuron((width, h, w))`` and ``MaxPool2d(pool)``; then ``Flatten``.
+    ``input_shape`` is (channels, height, width) per step; every pooling must leave at least one pixel.
+    """
+    if not (isinstance(input_shape, (tuple, list)) and len(input_shape) == 3
+            and all(isinstance(n, int) and n > 0 for n in input_shape)):
+        raise ValueError(f"conv_stack: input_shape must be (channels, height, width), got {input_shape!r}")
+    widths = tuple(widths)
+    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(f"conv_stack: widths must be positive ints, one per block, got {widths!r}")
+    c, h, w = input_shape
+    if min(h, w) < pool ** len(widths):
+        raise ValueError(f"conv_stack: {len(widths)} blocks pool {h} x {w} pixels by {pool ** len(widths)}; "
+                         f"use fewer widths (at most {int(math.log(min(h, w), pool))}) or larger frames")
+    layers: list = []
+    for width in widths:
+        layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                   cells.LIFNeuron((width, h, w), beta=beta, threshold=threshold), nn.MaxPool2d(pool)]
+        c, h, w = width, h // pool, w // pool
+    layers.append(nn.Flatten())
+    return cells.Stack(layers), c * h * w
+
+
+class ConvSpikingClassifier(_ScannedModel):
+    """``--model csnn``: `conv_stack` (conv-BN-LIF-pool blocks) scanned with reduce="sum", then
+    ``Linear(features, classes)`` of the firing rates (spike counts of the last block / T).
+
+    ``forward(x)`` takes frames x (T, B, *input_shape) and returns logits (B, num_classes); with
+    ``return_aux=True`` it returns ``(logits, None)``.
+    """
+
+    def __init__(self, input_shape, num_classes: int, *, widths=(16, 32, 64), beta: float = 0.9,
+                 threshold: float = 1.0, strategy: "Strategy | str" = "full"):
+        stack, features = conv_stack(tuple(input_shape), widths, beta=beta, threshold=threshold)
+        super().__init__(stack, features, num_classes, strategy, reduce="sum")
+        self.input_shape, self.widths = tuple(input_shape), tuple(widths)
+
+    def forward(self, x: torch.Tensor, return_aux: bool = False):
+        counts, _ = self.recurrent(x)  # [B, features]
+        logits = self.readout(counts / x.shape[0])  # [B, classes]
+        return (logits, None) if return_aux else logits
+
+
 def _recurrent_stack(owner: str, model: str, input_size: int, hidden: int, layers: int,
                      threshold, activity_reg: float) -> "cells.Stack":
     """``Stack([cell(in, H), cell(H, H), ...])`` of the recurrent model called ``model``."""
-    if model not in MODELS or model == "lif":
+    if model not in MODELS or model in ("lif", "csnn"):
         raise ValueError(f"{owner}: unknown model {model!r}; valid models are: "
-                         f"{', '.join(m for m in MODELS if m != 'lif')}")
+                         f"{', '.join(m for m in MODELS if m not in ('lif', 'csnn'))}")
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
         raise ValueError(f"{owner}: layers must be a positive int, got {layers!r}")
     cls = getattr(cells, MODELS[model][0])
@@ -181,9 +233,23 @@ def chrono_init_(cell: nn.Module, T: int) -> nn.Module:
     return cell
 
 
-def build_model(config: TrainConfig, input_size: int, num_classes: int, *, sequence: bool = False) -> nn.Module:
+def build_model(config: TrainConfig, input_size: int, num_classes: int, *, sequence: bool = False,
+                input_shape: "tuple | None" = None) -> nn.Module:
     """The model a `TrainConfig` describes, for a dataset with these sizes; ``sequence``: one
-    label per step (a `SequenceModel`)."""
+    label per step (a `SequenceModel`); ``input_shape``: the dataset's frame shape (C, H, W) per step
+    when it yields frames (``csnn`` needs one, the other models refuse one)."""
+    frames = input_shape is not None and len(tuple(input_shape)) > 1
+    if config.model == "csnn":
+        if not frames:
+            raise ValueError(f"model 'csnn' needs a dataset of frames (C, H, W) per step, such as event-shapes; "
+                             f"dataset {config.dataset!r} yields {input_size} features per step")
+        if sequence:
+            raise ValueError(f"dataset {config.dataset!r} has a label per step; model 'csnn' classifies sequences")
+        return ConvSpikingClassifier(tuple(input_shape), num_classes, widths=config.csnn_widths, beta=config.beta,
+                                     threshold=config.resolved_threshold, strategy=config.strategy)
+    if frames:
+        raise ValueError(f"dataset {config.dataset!r} yields frames {tuple(input_shape)} per step; train it with "
+                         f"--model csnn (a convolutional SNN), not {config.model!r}")
     if config.model == "lif":
         if sequence:
             raise ValueError(f"dataset {config.dataset!r} has a label per step; train it with a recurrent "
