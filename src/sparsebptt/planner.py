@@ -10,6 +10,8 @@ schedule then gives the rest exactly:
     ``scan_segment``: its autograd node returns, and so holds, the whole [L, B, H] output block)
     (C: what a recomputed graph segment holds besides its steps, e.g. the input state a fused
     segment's node saves; measured with one traced Checkpoint(1) run)
+    (+ X for an input read a segment at a time, `sparsebptt.sources`: the converted steps it holds,
+    (longest graph segment + one no-grad chunk) * X_step, or T * X_step under FullBPTT)
     slow bytes = slow_slots * S_enc
     time       = cell-step evaluations = T + recomputed steps (the backward is the same for all)
 
@@ -27,6 +29,7 @@ from checkpoint_schedules import EndForward, EndReverse, Forward
 
 from .storage import binary_states_of
 from .strategies import Checkpoint, DoubleCheckpoint, FullBPTT, Plan, Revolve, Strategy, TwoLevelRevolve
+from .strategies.executor import NO_GRAD_CHUNK
 from .strategies.revolve import binomial_repetitions
 from .trace import trace
 
@@ -85,6 +88,7 @@ class StepCosts:
     saved_per_step: float
     output_bytes: int
     segment_bytes: int = 0
+    input_step_bytes: int = 0  # one step of x in the cell's dtype (what a streamed input holds per step read)
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class Estimate:
     slow_bytes: int
     steps: int  # cell-step evaluations, forward and recomputation
     T: int
+    input_bytes: int = 0  # of fast_bytes: the streamed input's segments held at once (0: x is the caller's tensor)
 
     @property
     def recompute_factor(self) -> float:
@@ -122,7 +127,8 @@ def measure(cell, shape, reduce="sum", dtype=None, device=None) -> StepCosts:
         out_bytes = y.numel() * y.element_size() if reduce is not None else y[0].numel() * y.element_size()
         del y, st
     G = max(peaks[1] - peaks[0], 0) / 4
-    costs = StepCosts(S, S_enc, G, out_bytes)
+    x_step = math.prod(features) * B * torch.empty((), dtype=dtype).element_size()
+    costs = StepCosts(S, S_enc, G, out_bytes, 0, x_step)
     # one checkpointed forward+backward (gradient w.r.t. x only: the parameters' .grad is untouched)
     L = 3
     x = torch.rand(L, B, *features, generator=g).to(device=device, dtype=dtype).requires_grad_()
@@ -130,7 +136,7 @@ def measure(cell, shape, reduce="sum", dtype=None, device=None) -> StepCosts:
         y, st = scan(cell, x, strategy=Checkpoint(1), reduce=reduce)
         torch.autograd.grad(y.sum(), [x])
     modelled = estimate(cell, (L, B, *features), Checkpoint(1), reduce, costs).fast_bytes
-    return StepCosts(S, S_enc, G, out_bytes, max(t.peak_stored_bytes - modelled, 0))
+    return StepCosts(S, S_enc, G, out_bytes, max(t.peak_stored_bytes - modelled, 0), x_step)
 
 
 def _check_shape(shape) -> None:
@@ -179,8 +185,15 @@ def _counts(strategy: Strategy, T: int, plan: Plan | None = None):
     return _walk(strategy, T)
 
 
-def estimate(cell, shape, strategy: Strategy, reduce="sum", costs: StepCosts | None = None) -> Estimate:
-    """Modelled peak fast bytes, slow bytes and cell-step evaluations of one forward+backward."""
+def estimate(cell, shape, strategy: Strategy, reduce="sum", costs: StepCosts | None = None, *,
+             streamed: bool = False) -> Estimate:
+    """Modelled peak fast bytes, slow bytes and cell-step evaluations of one forward+backward.
+
+    ``streamed``: x is read a segment at a time (a spike tensor of another dtype, a `SegmentSource`,
+    see `sparsebptt.sources`), so the converted segments it holds count too: a graph segment's
+    steps (which autograd keeps for the backward; all T under FullBPTT) plus one no-grad chunk
+    (`NO_GRAD_CHUNK` steps) of a recomputation. A tensor x in the cell's dtype is the caller's and
+    is not counted."""
     T = shape[0]
     c = costs or measure(cell, shape, reduce)
     p = strategy.plan(T)  # what the executor would run
@@ -195,7 +208,11 @@ def estimate(cell, shape, strategy: Strategy, reduce="sum", costs: StepCosts | N
         fast = (p.fast_slots * c.stored_state_bytes + longest * c.saved_per_step
                 + held_outputs * c.output_bytes + c.state_bytes + c.segment_bytes)
         slow = p.slow_slots * c.stored_state_bytes
-    return Estimate(strategy, int(fast), int(slow), T + recomputed, T)
+    input_bytes = 0
+    if streamed:
+        steps_held = T if p.keep_graph else min(T, longest + min(NO_GRAD_CHUNK, T))
+        input_bytes = steps_held * c.input_step_bytes
+    return Estimate(strategy, int(fast + input_bytes), int(slow), T + recomputed, T, int(input_bytes))
 
 
 def candidates(T: int, slow_storage: str = "host", disk_dir=None) -> list[Strategy]:
@@ -216,8 +233,11 @@ def candidates(T: int, slow_storage: str = "host", disk_dir=None) -> list[Strate
 
 
 def plan(cell, shape, budget, *, reduce="sum", slow_storage="host", disk_dir=None,
-         return_table=False):
+         return_table=False, streamed: bool = False):
     """The fastest strategy whose peak fast-memory bytes fit ``budget`` (bytes or "512MiB").
+
+    ``shape`` is x's (T, B, *features); ``streamed``: x is read a segment at a time (see
+    `estimate`), and the segments it holds count against the budget.
 
     Raises ValueError naming the smallest feasible budget and its plan when nothing fits.
     With ``return_table`` returns (strategy, [Estimate, ...] sorted by time).
@@ -228,7 +248,7 @@ def plan(cell, shape, budget, *, reduce="sum", slow_storage="host", disk_dir=Non
         raise ValueError(f"sb.plan: T must be >= 1, got {T}")
     limit = parse_bytes(budget)
     costs = measure(cell, shape, reduce)
-    table = [estimate(cell, shape, s, reduce, costs) for s in candidates(T, slow_storage, disk_dir)]
+    table = [estimate(cell, shape, s, reduce, costs, streamed=streamed) for s in candidates(T, slow_storage, disk_dir)]
     table.sort(key=lambda e: (e.steps, e.slow_bytes, e.fast_bytes))
     fits = [e for e in table if e.fast_bytes <= limit]
     if not fits:

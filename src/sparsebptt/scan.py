@@ -5,6 +5,8 @@ It checks its inputs, asks the strategy for its `Plan` and hands it to the execu
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .strategies import FullBPTT, Strategy, parse_strategy
@@ -27,7 +29,9 @@ def _check_cell(cell) -> None:
 def _as_tensor_like(x):
     """A numpy array (a ``numpy.memmap`` too) as a tensor sharing its memory; anything else as it is."""
     if type(x).__module__.startswith("numpy") and hasattr(x, "__array_interface__"):
-        return torch.from_numpy(x)
+        with warnings.catch_warnings():  # a read-only memmap: the scan never writes to its input
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(x)
     return x
 
 
@@ -80,7 +84,7 @@ def _check_x(cell, x) -> None:
     p = next((p for p in cell.parameters() if p.is_floating_point()), None) \
         if hasattr(cell, "parameters") else None
     if p is not None:
-        if dtype.is_floating_point and p.dtype != dtype:
+        if isinstance(x, torch.Tensor) and dtype.is_floating_point and p.dtype != dtype:
             raise TypeError(f"sb.scan: x has dtype {dtype} but the cell's parameters are {p.dtype}; "
                             f"use x.to({p.dtype}) or cell.to({dtype})")
         if p.device != x.device:
