@@ -12,8 +12,9 @@ Over a segment of L steps (the executor's graph segments and no-grad advances, F
 sequence) a Stack runs layer by layer (`Stack.scan_segment`): a stateless layer that treats each
 sample on its own and draws no random numbers (convolutions, linear, pooling, flatten, layer
 norm, activations, dropout and batch norm in eval mode: `TIME_BATCHED`) runs once on the whole
-segment as [L*B, ...], the "multi-step" trick; batch norm in training mode runs once per step,
-with the statistics of that step's batch, exactly as a step loop; fused cells run their kernels.
+segment as [L*B, ...], the "multi-step" trick; batch norm in training mode normalises each step
+with the statistics of that step's batch, exactly as a step loop, in one call
+(`batch_norm_per_step`: time joins the channels); fused cells run their kernels.
 A Stack holding a layer whose per-sample independence or randomness it cannot know (a user
 module, dropout in training mode) steps all its layers together instead, so that random numbers
 are drawn in the same order under every strategy (and replayed on recomputation).
@@ -24,12 +25,13 @@ the executor restores them after a recomputation (`sparsebptt.strategies.executo
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .base import log_once, run_steps, step_is_fused
 
-__all__ = ["Stack", "TIME_BATCHED", "is_cell"]
+__all__ = ["Stack", "TIME_BATCHED", "is_cell", "batch_norm_per_step"]
 
 #: stateless modules that treat each sample on its own and draw no random numbers: run on a whole
 #: segment at once as [L*B, ...] (the same rank as one step's (B, ...), so a Flatten that would merge
@@ -96,6 +98,39 @@ def _bn_check(i: int, layer, x, lead: int) -> None:
     if len(shape) >= 2 and shape[1] != layer.num_features:
         raise ValueError(f"Stack: layer {i} ({type(layer).__name__}) has num_features={layer.num_features} but gets "
                          f"{shape[1]} channels per step (shape {shape})")
+
+
+def batch_norm_per_step(layer, x):
+    """Batch norm of every step of ``x`` (L, B, C, ...) with each step's own batch statistics, in one
+    call: time joins the channels, (B, L*C, ...), so each (step, channel) pair is normalised over
+    its own batch (the same elements, in the same order, as a call per step), and the running
+    statistics are then updated once per step, in time order, as a step loop would (with
+    ``num_batches_tracked`` and ``momentum=None``'s cumulative average). For the exact types
+    ``nn.BatchNorm1d/2d/3d`` (a subclass may have its own forward: it is called once per step)."""
+    if type(layer) not in _BN_RANKS:
+        return torch.stack([layer(x[t]) for t in range(x.shape[0])])
+    L, B, C = x.shape[:3]
+    rest = tuple(x.shape[3:])
+    xx = x.transpose(0, 1).reshape((B, L * C) + rest)  # [B, L*C, ...]
+    w = None if layer.weight is None else layer.weight.repeat(L)
+    b = None if layer.bias is None else layer.bias.repeat(L)
+    y = F.batch_norm(xx, None, None, w, b, True, 0.0, layer.eps)
+    if layer.training and layer.track_running_stats and layer.running_mean is not None:
+        with torch.no_grad():
+            dims = [0] + list(range(2, xx.dim()))
+            var, mean = torch.var_mean(xx.detach(), dim=dims, correction=1)  # [L*C]: unbiased, as batch norm keeps
+            rm, rv, n = layer.running_mean, layer.running_var, layer.num_batches_tracked
+            for t in range(L):
+                f = layer.momentum
+                if n is not None:
+                    n.add_(1)
+                    if f is None:
+                        f = 1.0 / float(n)
+                elif f is None:  # pragma: no cover - torch keeps num_batches_tracked when tracking
+                    f = 0.0
+                rm.copy_(f * mean[t * C:(t + 1) * C] + (1 - f) * rm)
+                rv.copy_(f * var[t * C:(t + 1) * C] + (1 - f) * rv)
+    return y.view((B, L, C) + rest).transpose(0, 1)
 
 
 class Stack(nn.Module):
@@ -247,7 +282,7 @@ class Stack(nn.Module):
             if not self._cell[k]:
                 if isinstance(layer, _BatchNorm) and _bn_uses_batch_stats(layer):
                     _bn_check(k, layer, out, 1)  # statistics of each step's batch, as a step loop
-                    out = torch.stack([self._stateless(k, layer, out[t], 0) for t in range(out.shape[0])])
+                    out = batch_norm_per_step(layer, out)
                 else:
                     out = self._stateless(k, layer, out, 1)
                 continue
