@@ -216,3 +216,60 @@ def test_a_new_disk_store_sweeps_its_folder_once(tmp_path, monkeypatch):
     store2 = DiskStore((torch.zeros(2, 5),), 2, disk_dir=str(tmp_path))
     assert dead.exists()  # swept once per folder and process, not at every scan
     store.close(), store2.close()
+
+
+@pytest.mark.parametrize("storage", ["device", "host", "disk"])
+def test_store_roundtrip_image_states(storage, tmp_path):
+    """States of any shape (B, C, H, W) with an odd element count: stored and restored exactly."""
+    v = seeded(0, 3, 2, 5, 7)
+    z = seeded(1, 3, 2, 5, 7, kind="spikes")
+    store = make_store(storage, (v, z), 2, binary=(False, True), disk_dir=str(tmp_path))
+    store.save(4, (v * 2, z))
+    got = store.load(4, release=True)
+    assert got[0].shape == (3, 2, 5, 7) and torch.equal(got[0], v * 2) and torch.equal(got[1], z)
+    store.close()
+
+
+class ConvSpiking(torch.nn.Module):
+    """A user cell with image-shaped membrane and spike states (B, C, H, W); spikes declared binary."""
+
+    binary_states = (False, True)
+
+    def __init__(self, c, h, w):
+        super().__init__()
+        self.shape = (c, h, w)
+        self.conv = torch.nn.Conv2d(c, c, 3, padding=1)
+
+    def initial_state(self, batch_size, device=None, dtype=None):
+        return tuple(torch.zeros((batch_size,) + self.shape, device=device, dtype=dtype) for _ in range(2))
+
+    def step(self, x_t, state):
+        v, z = state
+        v = 0.8 * v + x_t + self.conv(z)
+        s = (v > 0.3).to(v.dtype) + (v - v.detach())  # straight-through spike
+        return s, (v - 0.3 * s.detach(), s.detach())
+
+
+@pytest.mark.parametrize("storage", ["host", "disk"])
+def test_image_spike_states_bit_packed_in_a_stack(storage, tmp_path):
+    """Inside a Stack with stateless layers, a (B, C, H, W) spike state is stored 1 bit per value,
+    and the strategy equals FullBPTT."""
+    def make():
+        torch.manual_seed(0)
+        return sb.cells.Stack([torch.nn.Conv2d(2, 3, 3, padding=1), ConvSpiking(3, 5, 7),
+                               torch.nn.Flatten(), torch.nn.Linear(105, 4)]).double()
+
+    x = seeded(0, 20, 2, 2, 5, 7)
+    res = {}
+    for name, strategy in [("full", sb.FullBPTT()), ("double", sb.DoubleCheckpoint(10, 5, storage, str(tmp_path)))]:
+        net = make()
+        xx = x.clone().requires_grad_()
+        with sb.trace() as t:
+            y, _ = sb.scan(net, xx, strategy=strategy)
+            (y * seeded(3, *y.shape)).sum().backward()
+        res[name] = [y.detach(), xx.grad] + [p.grad for p in net.parameters()]
+        if name == "double":
+            assert net.binary_states == (False, True)
+            assert t.peak_offloaded_bytes == 1 * (2 * 105 * 8 + -(-2 * 105 // 8))  # v float64, z packed
+    for a, b in zip(res["full"], res["double"]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10)
