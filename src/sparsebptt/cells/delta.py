@@ -213,8 +213,9 @@ class DeltaGRU(_DeltaCell):
         backend: "cpu" (skip inactive columns forward and backward), "torch" (reference),
             "triton" (GPU segment kernels), "auto", or None (the process default; see the module
             docstring). "sparse" is the former name of "cpu".
-        active_set: how a batch shares the active columns: "auto", "union", "sample"
-            (see `sparsebptt.kernels.sparse`).
+        active_set: how a batch shares the active columns on the step path: "auto", "union",
+            "sample" (see `sparsebptt.kernels.sparse`); the C segment scan always works per
+            active entry, each row of ``W^T`` read once per step for all samples using it.
     """
 
     gates = 3

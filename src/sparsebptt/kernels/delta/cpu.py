@@ -59,7 +59,7 @@ def load_library():
             fwd, bwd = getattr(lib, f"delta_fwd_{suf}"), getattr(lib, f"delta_bwd_{suf}")
             fwd.restype = bwd.restype = None
             fwd.argtypes = [_L] * 5 + [_P] * 11 + [_D, _D] + [_P] * 7 + [_L] + [_P] * 3
-            bwd.argtypes = [_L] * 5 + [_P] * 19 + [_L] + [_P] * 10
+            bwd.argtypes = [_L] * 5 + [_P] * 19 + [_L] + [_P] * 9
         _lib = lib
     return _lib
 
@@ -151,7 +151,7 @@ class _DeltaSegment(torch.autograd.Function):
         gbi, gbh = ys.new_zeros(G * H), ys.new_zeros(G * H)
         gys = torch.zeros_like(ys) if gys is None else gys.contiguous()
         gA, gC, ghn = ys.new_empty(B, G * H), ys.new_empty(B, G * H), ys.new_empty(B, H)
-        bs, vs, acc = torch.empty(B, dtype=torch.long), ys.new_empty(B), ys.new_empty(B, 16)
+        bs, vs = torch.empty(B, dtype=torch.long), ys.new_empty(B)
         h0 = h0.contiguous()  # held while the C call runs
         c0 = None if c0 is None else c0.contiguous()
         getattr(load_library(), f"delta_bwd_{SUFFIX[dt]}")(
@@ -159,7 +159,7 @@ class _DeltaSegment(torch.autograd.Function):
             ys.data_ptr(), _ptr(cs), s.data_ptr(), sx.data_ptr(), dxs.data_ptr(), sh.data_ptr(), dhs.data_ptr(),
             wiT.data_ptr(), whT.data_ptr(), _ptr(gys), gh.data_ptr(), _ptr(gc), gxr.data_ptr(), ghr.data_ptr(),
             gmx.data_ptr(), gmh.data_ptr(), _ptr(gx), int(need_xside), _ptr(gwiT), _ptr(gwhT), gbi.data_ptr(),
-            gbh.data_ptr(), gA.data_ptr(), gC.data_ptr(), ghn.data_ptr(), bs.data_ptr(), vs.data_ptr(), acc.data_ptr())
+            gbh.data_ptr(), gA.data_ptr(), gC.data_ptr(), ghn.data_ptr(), bs.data_ptr(), vs.data_ptr())
         t = current_trace()
         if t is not None:
             mx_, mh_ = ctx.macs

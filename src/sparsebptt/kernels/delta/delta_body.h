@@ -120,7 +120,7 @@ INL void FN(lstm_gates)(const T* restrict a, const T* restrict m, const T* restr
 INL void FN(side_bwd)(const long B, const long n, const long O, const unsigned char* restrict mk,
                       const T* restrict dv, const T* restrict wT, const T* restrict gm, T* restrict gref,
                       T* restrict gout, const long need_in, T* restrict gwT, long* restrict bs,
-                      T* restrict vs, T* restrict acc) {
+                      T* restrict vs) {
     for (long j = 0; j < n; ++j) {
         long k = 0;
         for (long b = 0; b < B; ++b) {
@@ -179,12 +179,12 @@ CLONES void FN(delta_fwd)(long lstm, long L, long B, long nI, long H, const T* x
    of the final state (gc unused for the GRU); out: the same arrays hold the gradients of the
    initial state. gx [L, B, nI] (zeros in) or NULL; need_x: take the input side's deltas'
    gradients (for gx or the initial x_ref); gwiT [nI, G*H], gwhT [H, G*H], gbi, gbh [G*H]:
-   accumulated into (gwiT, gwhT only when not NULL). Scratch: gA, gC [B, G*H], ghn [B, H], bs, vs [B], acc [B, 16]. */
+   accumulated into (gwiT, gwhT only when not NULL). Scratch: gA, gC [B, G*H], ghn [B, H], bs, vs [B]. */
 CLONES void FN(delta_bwd)(long lstm, long L, long B, long nI, long H, const T* h0, const T* c0,
                           const T* ys, const T* cs, const T* s, const unsigned char* sx, const T* dxs,
                           const unsigned char* sh, const T* dhs, const T* wiT, const T* whT, const T* gys,
                           T* gh, T* gc, T* gxr, T* ghr, T* gmx, T* gmh, T* gx, long need_x, T* gwiT,
-                          T* gwhT, T* gbi, T* gbh, T* gA, T* gC, T* ghn, long* bs, T* vs, T* acc) {
+                          T* gwhT, T* gbi, T* gbh, T* gA, T* gC, T* ghn, long* bs, T* vs) {
     const unsigned int csr = ftz_on();
     const long G = lstm ? 4 : 3, O = G * H;
     for (long t = L - 1; t >= 0; --t) {
@@ -234,8 +234,8 @@ CLONES void FN(delta_bwd)(long lstm, long L, long B, long nI, long H, const T* h
             for (long o = 0; o < O; ++o) { gbi[o] += ga[o]; gbh[o] += gcc[o]; }
         }
         FN(side_bwd)(B, nI, O, sx + t * B * nI, dxs + t * B * nI, wiT, gmx, gxr, gx ? gx + t * B * nI : NULL,
-                     need_x, gwiT, bs, vs, acc);
-        FN(side_bwd)(B, H, O, sh + t * B * H, dhs + t * B * H, whT, gmh, ghr, ghn, 1, gwhT, bs, vs, acc);
+                     need_x, gwiT, bs, vs);
+        FN(side_bwd)(B, H, O, sh + t * B * H, dhs + t * B * H, whT, gmh, ghr, ghn, 1, gwhT, bs, vs);
         memcpy(gh, ghn, sizeof(T) * B * H);
     }
     ftz_off(csr);
