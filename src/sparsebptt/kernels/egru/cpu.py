@@ -380,7 +380,7 @@ class SegmentFunction(torch.autograd.Function):
         s = gis.new_empty(L, B, 4 * H) if save else None
         cts = gis.new_empty(L, B, H) if save else None
         gh = gis.new_empty(B, O)
-        bs, vs = torch.empty(B, dtype=torch.long), gis.new_empty(B)
+        bs, vs = torch.empty(max(B, H), dtype=torch.long), gis.new_empty(max(B, H))
         counts = torch.empty(L, 3, dtype=torch.long)
         getattr(load_library(), f"egru_fwd_{SUFFIX[dt]}")(
             L, B, H, gis.data_ptr(), whT.data_ptr(), bh.data_ptr(), thr.data_ptr(), epsilon, c.data_ptr(),

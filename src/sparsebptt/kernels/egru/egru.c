@@ -48,6 +48,10 @@ static void ftz_off(unsigned int old) {
 #endif
 }
 
+#ifndef EGRU_FWD_BY_SAMPLE
+#define EGRU_FWD_BY_SAMPLE 0  /* 1: the forward's W_hh y per sample (see egru_body.h) */
+#endif
+
 /* the segment scan's entry points (egru_fwd, egru_bwd): an AVX-512 and an AVX2 copy beside the
    baseline one, picked by the loader (ifunc) */
 #if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)

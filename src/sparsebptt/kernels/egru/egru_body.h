@@ -156,8 +156,34 @@ CLONES void FN(egru_fwd)(long L, long B, long H, const T* gis, const T* whT, con
     const unsigned int csr = ftz_on();
     const long O = 3 * H;
     for (long t = 0; t < L; ++t) {
-        for (long b = 0; b < B; ++b) memcpy(gh + b * O, bh, sizeof(T) * O);
         long nz = 0;
+#if EGRU_FWD_BY_SAMPLE
+        /* per sample, output chunks of 64 held in registers while its events' rows are added */
+        for (long b = 0; b < B; ++b) {
+            long k = 0;
+            for (long j = 0; j < H; ++j)
+                if (y[b * H + j] != (T)0) { bs[k] = j; vs[k] = y[b * H + j]; ++k; }
+            nz += k;
+            T* g = gh + b * O;
+            long o0 = 0;
+            for (; o0 + 64 <= O; o0 += 64) {
+                T acc[64];
+                for (int l = 0; l < 64; ++l) acc[l] = bh[o0 + l];
+                for (long q = 0; q < k; ++q) {
+                    const T* restrict w = whT + bs[q] * O + o0;
+                    const T v = vs[q];
+                    for (int l = 0; l < 64; ++l) acc[l] += v * w[l];
+                }
+                for (int l = 0; l < 64; ++l) g[o0 + l] = acc[l];
+            }
+            for (; o0 < O; ++o0) {
+                T a = bh[o0];
+                for (long q = 0; q < k; ++q) a += vs[q] * whT[bs[q] * O + o0];
+                g[o0] = a;
+            }
+        }
+#else
+        for (long b = 0; b < B; ++b) memcpy(gh + b * O, bh, sizeof(T) * O);
         for (long j = 0; j < H; ++j) {  /* gh[b] += y[b, j] W_hh^T[j] over the non-zero y */
             long k = 0;
             for (long b = 0; b < B; ++b)
@@ -166,6 +192,7 @@ CLONES void FN(egru_fwd)(long L, long B, long H, const T* gis, const T* whT, con
             for (long q = 0; q < k; ++q) FN(axpy)(gh + bs[q] * O, vs[q], w, O);
             nz += k;
         }
+#endif
         long fired = 0, wanted = 0;
         for (long b = 0; b < B; ++b) {
             const T* restrict gi = gis + (t * B + b) * O;

@@ -1,0 +1,74 @@
+"""EGRU's C forward (issue 17): which loop order for ``gh = b_hh + W_hh y`` over the events pays?
+
+- column order (default, ``EGRU_FWD_BY_SAMPLE=0``): for each unit j, the row ``W_hh^T[j]`` read once
+  and added (an axpy) into every sample with an event at j;
+- sample order (``EGRU_FWD_BY_SAMPLE=1``): for each sample, output chunks of 64 kept in registers
+  while the rows of its events are added (rows read once per sample).
+
+Builds `kernels/egru/egru.c` both ways, times the no-grad scan of each and of the fused dense
+`GRU(backend="auto")` round-robin (one thread, medians of 7), T=200, B=8, H=512, untrained weights,
+N(0, 1) input, thresholds 0.1 (~15 % activity) and 0.2 (~3 %); writes
+benchmarks/results/egru_forward_order.json.
+
+    python benchmarks/egru_forward_order.py
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sparsebptt as sb
+import sparsebptt.kernels.egru.cpu as egru_cpu
+from sparsebptt.kernels.cbuild import build_file
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main():
+    torch.set_num_threads(1)
+    libs = {}
+    for v in (0, 1):
+        egru_cpu._lib = None
+        real = egru_cpu.build_file
+        egru_cpu.build_file = lambda name, path, _v=v: build_file(f"sparsebptt_egru_v{_v}", path,
+                                                                  defines=(f"EGRU_FWD_BY_SAMPLE={_v}",))
+        try:
+            libs[v] = egru_cpu.load_library()
+        finally:
+            egru_cpu.build_file = real
+    T, B, H = 200, 8, 512
+    torch.manual_seed(0)
+    gru = sb.cells.GRU(64, H, backend="auto")
+    x = torch.randn(T, B, 64)
+    rows = []
+    for th in (0.1, 0.2):
+        cell = sb.cells.EGRU(64, H, threshold_init=th)
+        cell.load_state_dict(gru.state_dict(), strict=False)
+        times = {"column": [], "sample": [], "gru": []}
+        for _ in range(7):
+            for name in times:
+                if name != "gru":
+                    egru_cpu._lib = libs[name == "sample"]
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    sb.scan(gru if name == "gru" else cell, x)
+                times[name].append(time.perf_counter() - t0)
+        m = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        rows.append(dict(threshold=th, **{f"{k}_ms": v for k, v in m.items()},
+                         sample_vs_column=m["sample"] / m["column"], column_vs_gru=m["column"] / m["gru"]))
+        print(rows[-1], file=sys.stderr)
+    egru_cpu._lib = None
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "egru_forward_order.json").write_text(json.dumps(
+        {"command": "python benchmarks/egru_forward_order.py", "torch": torch.__version__, "threads": 1,
+         "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
