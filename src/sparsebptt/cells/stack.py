@@ -114,13 +114,18 @@ def batch_norm_per_step(layer, x):
     xx = x.transpose(0, 1).reshape((B, L * C) + rest)  # [B, L*C, ...]
     w = None if layer.weight is None else layer.weight.repeat(L)
     b = None if layer.bias is None else layer.bias.repeat(L)
-    y = F.batch_norm(xx, None, None, w, b, True, 0.0, layer.eps)
-    if layer.training and layer.track_running_stats and layer.running_mean is not None:
+    track = layer.training and layer.track_running_stats and layer.running_mean is not None
+    if not track:
+        y = F.batch_norm(xx, None, None, w, b, True, 0.0, layer.eps)
+    else:
+        # momentum 1 into zeroed buffers: batch norm's own batch mean and unbiased variance of
+        # each (step, channel), computed as in a call per step (no second pass over the data)
+        mean = torch.zeros(L * C, dtype=layer.running_mean.dtype, device=xx.device)
+        var = torch.zeros_like(mean)
+        y = F.batch_norm(xx, mean, var, w, b, True, 1.0, layer.eps)
         with torch.no_grad():
-            dims = [0] + list(range(2, xx.dim()))
-            var, mean = torch.var_mean(xx.detach(), dim=dims, correction=1)  # [L*C]: unbiased, as batch norm keeps
             rm, rv, n = layer.running_mean, layer.running_var, layer.num_batches_tracked
-            for t in range(L):
+            for t in range(L):  # as batch norm updates them, once per step in time order
                 f = layer.momentum
                 if n is not None:
                     n.add_(1)
