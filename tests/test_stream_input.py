@@ -170,3 +170,18 @@ def test_source_errors():
         sb.scan(sb.cells.LIF(3, 2), bad)
     with pytest.raises(TypeError, match=r"x must be a floating-point tensor or spikes \(bool/uint8/int8\), got dtype torch.int32"):
         sb.scan(sb.cells.LIF(3, 2), torch.zeros(4, 2, 3, dtype=torch.int32))
+
+
+def test_recurrent_memory_budget_plans_image_and_streamed_inputs():
+    """sb.Recurrent(memory_budget=...) plans for (T, B, C, H, W) inputs and streamed ones (it no longer
+    runs FullBPTT for an x that is not 3-D)."""
+    torch.manual_seed(0)
+    net = sb.cells.Stack([nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), sb.cells.LIFNeuron((4, 8, 8)),
+                          nn.Flatten(), nn.Linear(256, 3), sb.cells.LIFNeuron(3)])
+    layer = sb.Recurrent(net, memory_budget="2MiB", reduce="sum", return_state=False)
+    x = seeded(0, 300, 4, 2, 8, 8, kind="spikes", dtype=torch.float32)
+    layer(x)
+    layer(x.bool())
+    layer(sb.SegmentSource(lambda t0, t1: x[t0:t1].bool(), T=300, shape=(4, 2, 8, 8)))
+    picks = layer.plans
+    assert len(picks) == 3 and all(not s.plan(300).keep_graph for s in picks.values())

@@ -16,6 +16,7 @@ from torch import nn
 
 from .planner import format_bytes, parse_bytes, plan
 from .scan import REDUCES, scan
+from .sources import SegmentSource
 from .strategies import FullBPTT, Strategy, parse_strategy
 
 __all__ = ["Recurrent"]
@@ -36,7 +37,7 @@ def _as_strategy(strategy) -> Strategy:
 def _plannable(x) -> bool:
     """Whether ``x`` has a shape the planner can plan for; any other ``x`` goes to `sb.scan`, which
     raises its own error for it."""
-    return isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[0] > 0 and x.shape[1] > 0
+    return isinstance(x, (torch.Tensor, SegmentSource)) and x.dim() >= 3 and x.shape[0] > 0 and x.shape[1] > 0
 
 
 class Recurrent(nn.Module):
@@ -120,7 +121,8 @@ class Recurrent(nn.Module):
         key = (tuple(x.shape), x.dtype, x.device)
         if key not in self._plans:
             with torch.enable_grad():  # the planner measures a small backward, also under no_grad
-                self._plans[key] = plan(self.cell, key[0], self._budget, reduce=self.reduce)
+                streamed = not (isinstance(x, torch.Tensor) and x.is_floating_point())  # read per segment
+                self._plans[key] = plan(self.cell, key[0], self._budget, reduce=self.reduce, streamed=streamed)
         return self._plans[key]
 
     def forward(self, x: torch.Tensor, state0: "tuple[torch.Tensor, ...] | None" = None):

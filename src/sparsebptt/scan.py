@@ -70,8 +70,9 @@ def _check_x(cell, x) -> None:
         raise ValueError("sb.scan: an integer x cannot require grad")
     in_shape = getattr(cell, "input_shape", None)
     n_in = getattr(cell, "input_size", None)
+    flat_ok = len(shape) == 3 and isinstance(n_in, int) and shape[2] == n_in  # a cell taking both forms (adapters)
     if isinstance(in_shape, tuple) and in_shape:
-        if shape[2:] != in_shape:
+        if shape[2:] != in_shape and not flat_ok:
             raise ValueError(f"sb.scan: x has shape {shape} but {type(cell).__name__} takes (T, B, "
                              f"{', '.join(map(str, in_shape))}): features {in_shape} expected, {shape[2:]} received")
     elif isinstance(n_in, int) and not isinstance(n_in, bool):
