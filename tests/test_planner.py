@@ -85,3 +85,17 @@ def test_parse_bytes_bad_shows_forms(bad):
 def test_plan_bad_shape():
     with pytest.raises(ValueError, match=r"shape must be \(T, B, \*features\)"):
         sb.plan(sb.cells.GRU(2, 2), (10, 2), "1MiB")
+
+
+def test_measure_leaves_buffers_and_rng_alone():
+    """The planner's tiny traced runs restore batch norm's running statistics and the RNG (issue 14)."""
+    torch.manual_seed(0)
+    net = sb.cells.Stack([torch.nn.Linear(3, 6), torch.nn.BatchNorm1d(6), torch.nn.Dropout(0.2),
+                          sb.cells.LIFNeuron(6)])
+    before = [b.clone() for b in net.buffers()]
+    torch.manual_seed(7)
+    sb.plan(net, (50, 4, 3), "1MiB")
+    after_rng = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(after_rng, torch.rand(3))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.buffers()))

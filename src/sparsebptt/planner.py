@@ -106,7 +106,23 @@ class Estimate:
 
 
 def measure(cell, shape, reduce="sum", dtype=None, device=None) -> StepCosts:
-    """Measure the per-step costs of ``cell`` at batch size ``shape[1]`` with two tiny traced runs."""
+    """Measure the per-step costs of ``cell`` at batch size ``shape[1]`` with two tiny traced runs.
+
+    The runs leave no trace on the cell or the process: its module buffers (batch norm's running
+    statistics) are restored and the random number generators forked."""
+    buffers = [(b, b.detach().clone()) for b in cell.buffers()] if hasattr(cell, "buffers") else []
+    dev = device or next((t.device for t in cell.parameters()), torch.device("cpu")) \
+        if hasattr(cell, "parameters") else torch.device("cpu")
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            return _measure(cell, shape, reduce, dtype, device)
+    finally:
+        with torch.no_grad():
+            for b, v in buffers:
+                b.copy_(v)
+
+
+def _measure(cell, shape, reduce, dtype, device) -> StepCosts:
     from .scan import scan
 
     T, B, *features = shape
