@@ -315,3 +315,24 @@ def test_batch_norm_1d_per_step(momentum):
             _, state = loop.step(x[t], state)
     for (n, a), b in zip(loop.named_buffers(), net.buffers()):
         assert_close(n, a.double(), b.double(), torch.float64)
+
+
+def test_which_stateless_layers_run_time_batched():
+    from sparsebptt.cells.stack import _stateless_kind
+    assert _stateless_kind(nn.Conv2d(1, 1, 3)) == "batched"
+    assert _stateless_kind(nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU())) == "batched"
+    assert _stateless_kind(nn.BatchNorm2d(3)) == "per_step"
+    assert _stateless_kind(nn.BatchNorm2d(3).eval()) == "batched"
+    assert _stateless_kind(nn.Dropout(0.2)) == "stepped" and _stateless_kind(nn.Dropout(0.2).eval()) == "batched"
+    assert _stateless_kind(nn.Softmax(dim=1)) == "batched" and _stateless_kind(nn.Softmax(dim=0)) == "stepped"
+    assert _stateless_kind(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))) == "stepped"
+
+    class Mine(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    assert _stateless_kind(Mine()) == "stepped"  # unknown: the Stack steps all its layers together
+    net = sb.cells.Stack([Mine(), sb.cells.LIFNeuron(4)])
+    assert net.scan_segment is None
+    y, _ = sb.scan(net, seeded(0, 5, 2, 4), strategy=sb.Checkpoint(2))
+    assert y.shape == (5, 2, 4)

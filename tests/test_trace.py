@@ -144,3 +144,20 @@ def test_graphs_never_back_propagated_are_freed():
         del h, _
     gc.collect()
     assert t3.stored_bytes == 0
+
+
+def test_image_states_stored_bytes_and_activity():
+    """LIFNeuron with (B, C, H, W) states: checkpoint slots counted at their full size, activity the spike rate,
+    offloaded bytes for disk slots (issue 14)."""
+    T, k, B, shape = 40, 8, 2, (3, 5, 7)
+    cell = sb.cells.LIFNeuron(shape, threshold=0.5, backend="torch")
+    x = seeded(0, T, B, *shape, dtype=torch.float32).requires_grad_()  # a neuron has no parameters of its own
+    seg = traced(cell, x[:k], sb.FullBPTT()).peak_stored_bytes
+    t = traced(cell, x, sb.Checkpoint(k))
+    slots = (T // k - 1) * B * 105 * 4
+    assert slots + seg <= t.peak_stored_bytes <= slots + 1.5 * seg + B * 105 * 4 * k
+    with sb.trace() as t2:
+        z, _ = sb.scan(cell, x, strategy=sb.DoubleCheckpoint(20, 4, "disk"))
+        z.sum().backward()
+    assert t2.peak_offloaded_bytes == 1 * B * 105 * 4
+    assert abs(t2.activity["LIFNeuron"] - z.double().mean().item()) < 1e-12

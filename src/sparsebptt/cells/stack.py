@@ -42,7 +42,7 @@ TIME_BATCHED = (
     nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.LayerNorm,
     nn.GroupNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
-    nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Mish, nn.Softmax, nn.LogSoftmax, nn.ZeroPad1d, nn.ZeroPad2d,
+    nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Mish, nn.ZeroPad1d, nn.ZeroPad2d,
     nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle,
 )
@@ -78,6 +78,8 @@ def _stateless_kind(layer) -> str:
     if isinstance(layer, nn.Dropout) or isinstance(layer, (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                                                              nn.AlphaDropout)):
         return "batched" if not layer.training or layer.p == 0 else "stepped"
+    if isinstance(layer, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):  # over the batch (dim None/0) it mixes samples
+        return "batched" if isinstance(layer.dim, int) and layer.dim >= 1 else "stepped"
     if isinstance(layer, nn.Sequential):
         kinds = [_stateless_kind(m) for m in layer]
         return "batched" if all(k == "batched" for k in kinds) else "stepped"
