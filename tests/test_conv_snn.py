@@ -214,7 +214,8 @@ def test_lif_neuron_equals_reference(opts, backend, dtype):
         assert_close(name, a, b, dtype)
 
 
-@pytest.mark.parametrize("strategy", [sb.FullBPTT()] + STRATEGIES, ids=lambda s: s.to_string() + getattr(s, "outer_storage", ""))
+@pytest.mark.parametrize("strategy", [sb.FullBPTT()] + STRATEGIES,
+                         ids=lambda s: s.to_string() + getattr(s, "outer_storage", ""))
 def test_lif_neuron_every_strategy(strategy):
     cell = sb.cells.LIFNeuron((2, 3), beta=0.7, threshold=0.3, learn_beta="neuron").double()
     x = seeded(0, 17, 3, 2, 3).requires_grad_()
@@ -259,7 +260,8 @@ def test_state_shape_does_not_match_input():
 
 
 def test_cell_of_3d_input_given_5d():
-    with pytest.raises(ValueError, match=r"LIF takes \(T, B, 8\) \(input_size=8\); flatten the features with x.flatten\(2\)"):
+    with pytest.raises(ValueError, match=r"LIF takes \(T, B, 8\) \(input_size=8\); flatten the features "
+                                         r"with x.flatten\(2\)"):
         sb.scan(sb.cells.LIF(8, 3), torch.rand(3, 2, 2, 2, 2))
 
 
@@ -336,3 +338,7 @@ def test_which_stateless_layers_run_time_batched():
     assert net.scan_segment is None
     y, _ = sb.scan(net, seeded(0, 5, 2, 4), strategy=sb.Checkpoint(2))
     assert y.shape == (5, 2, 4)
+    Mine.time_batched = True  # the user's promise: per sample, no random numbers
+    assert _stateless_kind(Mine()) == "batched" and net.scan_segment is not None
+    y2, _ = sb.scan(net, seeded(0, 5, 2, 4), strategy=sb.Checkpoint(2))
+    assert torch.equal(y, y2)

@@ -26,7 +26,8 @@ def dense_net(backend="torch"):
 
 def conv_net():
     torch.manual_seed(2)
-    return sb.cells.Stack([nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), sb.cells.LIFNeuron((3, 5, 5), threshold=0.3),
+    return sb.cells.Stack([nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3),
+                           sb.cells.LIFNeuron((3, 5, 5), threshold=0.3),
                            nn.Flatten(), nn.Linear(75, 4), sb.cells.LIFNeuron(4, threshold=0.2)]).double()
 
 
@@ -168,7 +169,8 @@ def test_source_errors():
     bad = sb.SegmentSource(lambda t0, t1: torch.zeros(t1 - t0, 2, 5), T=4, shape=(2, 3))
     with pytest.raises(ValueError, match=r"fn\(0, 4\) returned shape \(4, 2, 5\), expected \(4, 2, 3\)"):
         sb.scan(sb.cells.LIF(3, 2), bad)
-    with pytest.raises(TypeError, match=r"x must be a floating-point tensor or spikes \(bool/uint8/int8\), got dtype torch.int32"):
+    with pytest.raises(TypeError, match=r"x must be a floating-point tensor or spikes \(bool/uint8/int8\), "
+                                        r"got dtype torch.int32"):
         sb.scan(sb.cells.LIF(3, 2), torch.zeros(4, 2, 3, dtype=torch.int32))
 
 

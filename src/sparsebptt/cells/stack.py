@@ -16,8 +16,9 @@ segment as [L*B, ...], the "multi-step" trick; batch norm in training mode norma
 with the statistics of that step's batch, exactly as a step loop, in one call
 (`batch_norm_per_step`: time joins the channels); fused cells run their kernels.
 A Stack holding a layer whose per-sample independence or randomness it cannot know (a user
-module, dropout in training mode) steps all its layers together instead, so that random numbers
-are drawn in the same order under every strategy (and replayed on recomputation).
+module, unless it sets ``time_batched = True``; dropout in training mode) steps all its layers
+together instead, so that random numbers are drawn in the same order under every strategy (and
+replayed on recomputation).
 
 Module buffers (batch norm's running statistics) are updated once per step of the forward;
 the executor restores them after a recomputation (`sparsebptt.strategies.executor`).
@@ -72,7 +73,13 @@ def _bn_uses_batch_stats(layer) -> bool:
 
 def _stateless_kind(layer) -> str:
     """How a stateless layer runs over a segment: "batched" ([L*B, ...] at once), "per_step" (batch
-    norm with batch statistics: once per step) or "stepped" (unknown: the whole Stack steps)."""
+    norm with batch statistics: once per step) or "stepped" (unknown: the whole Stack steps).
+
+    A user module opts in with a ``time_batched = True`` attribute: it promises to treat each sample
+    on its own and to draw no random numbers, so a segment (L*B, ...) gives what L steps would."""
+    flag = getattr(layer, "time_batched", None)
+    if isinstance(flag, bool):
+        return "batched" if flag else "stepped"
     if isinstance(layer, _BatchNorm):
         return "per_step" if _bn_uses_batch_stats(layer) else "batched"
     if isinstance(layer, nn.Dropout) or isinstance(layer, (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
@@ -216,7 +223,8 @@ class Stack(nn.Module):
         want = self._expect[i]
         if want is not None and tuple(x.shape[lead + 1:]) != want:
             src = f"layer {i - 1} ({type(self.layers[i - 1]).__name__})" if i else "the input"
-            raise ValueError(f"Stack: layer {i} ({type(self.layers[i]).__name__}) takes (B, {', '.join(map(str, want))}) "
+            raise ValueError(f"Stack: layer {i} ({type(self.layers[i]).__name__}) takes "
+                             f"(B, {', '.join(map(str, want))}) "
                              f"per step but {src} gives {tuple(x.shape[lead:])}")
 
     def _stateless(self, i: int, layer, x, lead: int):
