@@ -344,7 +344,8 @@ def markdown(rows: list, acc: dict, train_T) -> str:
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     for m in methods:
         cells = []
-        strat = next((r.get("strategy") for r in rows if r["method"] == m and r.get("strategy")), None)
+        strat = next((r.get("strategy") for r in rows if r["method"] == m and r["T"] == Ts[-1] and r.get("strategy")),
+                     None)
         for T in Ts:
             r = next((r for r in rows if r["method"] == m and r["T"] == T and r.get("kind") == "step"), None)
             if r is None or r["status"] != "ok":
@@ -404,10 +405,21 @@ def main(argv=None) -> int:
     ap.add_argument("--disk-dir", default=None, help="folder of double-disk's file (default: the temp folder)")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--name", default="deep")
+    ap.add_argument("--table", metavar="JSON", help="print the table and checks of a results file, run nothing")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.table:
+        with open(args.table) as f:
+            saved = json.load(f)
+        rows = saved["rows"]
+        acc = {r["method"]: r["val_acc"] for r in rows if r.get("kind") == "train" and r["status"] == "ok"}
+        T_check = max(r["T"] for r in rows if r.get("kind") == "step")
+        print(markdown(rows, acc, saved["args"]["train_T"]))
+        for n, v, t in checks(rows, T_check):
+            print(f"- {v}: {n}: {t}")
         return 0
     widths = [int(w) for w in args.widths.split(",")]
     meta = common.metadata(1)
