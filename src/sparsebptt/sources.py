@@ -37,7 +37,9 @@ class SegmentSource:
     ``fn(t0, t1)`` returns the steps t0..t1 (a tensor of shape (t1 - t0, B, *features)); the scan
     calls it when it first needs a segment and again when a memory strategy recomputes it, so it
     must return the same values every time (read a file, regenerate from a seed). Any dtype works
-    (converted to the cell's dtype per segment; ``dtype`` declares it up front for the planner).
+    (converted to the cell's dtype per segment; ``dtype`` only records it). ``device`` is the
+    cell's device (default CPU): each segment is moved there when read, so ``fn`` may return CPU
+    tensors for a CUDA cell.
 
     Example::
 
