@@ -353,3 +353,19 @@ def test_skipper_without_skipping_equals_full_bptt():
     for name in ref:
         if name.startswith("buffer"):
             assert torch.equal(ref[name], skipped[name]), name
+
+
+def test_trace_counts_conv_and_linear_macs():
+    """sb.trace counts the MACs of a Stack's convolutions and linear layers, the same under every
+    strategy (recomputation counted apart), forward and backward (issue 14)."""
+    T, B = 5, 2
+    x = seeded(0, T, B, 2, 9, 7)
+    per_step = B * (4 * 9 * 7 * 2 * 9 + 3 * 4 * 3 * 4 * 9 + 5 * 36)  # conv1, conv2 (after 2x2 pooling), linear
+    counts = {}
+    for strategy in (sb.FullBPTT(), sb.Checkpoint(2)):
+        with sb.trace() as t:
+            y, _ = sb.scan(csnn(), x.clone().requires_grad_(), strategy=strategy)
+            y.sum().backward()
+        counts[strategy.to_string()] = (t.forward_macs, t.recomputed_macs, t.backward_macs)
+    assert counts["full"] == (T * per_step, 0, 2 * T * per_step)
+    assert counts["checkpoint:2"] == (T * per_step, 4 * per_step, 2 * T * per_step)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..trace import current_trace
 from .base import log_once, run_steps, step_is_fused
 
 __all__ = ["Stack", "TIME_BATCHED", "is_cell", "batch_norm_per_step"]
@@ -93,6 +94,31 @@ def _stateless_kind(layer) -> str:
     if isinstance(layer, TIME_BATCHED):
         return "batched"
     return "stepped"
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _count_macs(layer, x, y) -> None:
+    """Multiply-accumulates of a stateless Linear or convolution, for an active `sb.trace`: forward
+    ``out elements * in_features`` (linear) or ``out elements * in_channels/groups * kernel size``
+    (convolution); the backward adds as many for each of the input and weight gradients it computes."""
+    t = current_trace()
+    if t is None:
+        return
+    if isinstance(layer, nn.Linear):
+        macs = y.numel() * layer.in_features
+    elif isinstance(layer, _CONVS):
+        k = 1
+        for d in layer.kernel_size:
+            k *= d
+        macs = y.numel() * (layer.in_channels // layer.groups) * k
+    else:
+        return
+    t.add_forward_macs(macs)
+    if y.requires_grad:
+        n_bwd = macs * (int(x.requires_grad) + int(layer.weight.requires_grad))
+        y.register_hook(lambda g, _t=t, _n=n_bwd: _t.add_backward_macs(_n))
 
 
 def _bn_check(i: int, layer, x, lead: int) -> None:
@@ -232,11 +258,14 @@ class Stack(nn.Module):
         if isinstance(layer, _BatchNorm):
             _bn_check(i, layer, x, lead)
         if lead == 0:
-            y = layer(x)
+            x_in = x
             B = x.shape[0]
         else:
             L, B = x.shape[:2]
-            y = layer(x.reshape((L * B,) + tuple(x.shape[2:])))
+            x_in = x.reshape((L * B,) + tuple(x.shape[2:]))
+        y = layer(x_in)
+        if isinstance(y, torch.Tensor):
+            _count_macs(layer, x_in, y)
         if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != (B if lead == 0 else L * B):
             got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
             raise ValueError(f"Stack: layer {i} ({type(layer).__name__}) changed the batch dimension: it got "
