@@ -13,15 +13,11 @@ Triton is optional: without it this module is skipped with the reason.
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    # must be set before the kernels are defined (triton.jit reads it at decoration time)
-    os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton", reason="triton is not installed (optional: pip install triton)")
 
 import sparsebptt as sb  # noqa: E402

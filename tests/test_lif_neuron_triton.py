@@ -2,14 +2,11 @@
 in Triton's interpreter (TRITON_INTERPRET=1, small shapes), on a CUDA device when there is one."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:  # must be set before the kernels are defined (triton.jit reads it at decoration time)
-    os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton", reason="triton is not installed (optional: pip install triton)")
 
 import sparsebptt as sb  # noqa: E402
