@@ -338,6 +338,10 @@ def checks(rows: list, T: int) -> list:
 
 def markdown(rows: list, acc: dict, train_T) -> str:
     Ts = sorted({r["T"] for r in rows if r.get("kind") == "step"})
+    if not Ts:
+        return "\n".join(["| method | val acc (T=%s) | train seconds |" % train_T, "|---|---|---|"]
+                         + [f"| {r['method']} | {r['val_acc']:.3f} | {r['train_seconds']:.0f} |"
+                            for r in rows if r.get("kind") == "train" and r["status"] == "ok"])
     lines = ["| method | strategy | " + " | ".join(f"T={T}: time / saved / RSS growth" for T in Ts)
              + (f" | val acc (T={train_T}) |" if acc else " |"),
              "|---|---|" + "---|" * len(Ts) + ("---|" if acc else "")]
@@ -398,6 +402,7 @@ def main(argv=None) -> int:
     ap.add_argument("--widths", default=",".join(map(str, WIDTHS)))
     ap.add_argument("--inner", type=int, default=3, help="timed steps per process (median)")
     ap.add_argument("--no-train", action="store_true", help="skip the short training (accuracy)")
+    ap.add_argument("--no-steps", action="store_true", help="only the short training (no per-T step measurements)")
     ap.add_argument("--train-T", type=int, default=10)
     ap.add_argument("--train-n", type=int, default=640)
     ap.add_argument("--val-n", type=int, default=320)
@@ -416,7 +421,7 @@ def main(argv=None) -> int:
             saved = json.load(f)
         rows = saved["rows"]
         acc = {r["method"]: r["val_acc"] for r in rows if r.get("kind") == "train" and r["status"] == "ok"}
-        T_check = max(r["T"] for r in rows if r.get("kind") == "step")
+        T_check = max((r["T"] for r in rows if r.get("kind") == "step"), default=0)
         print(markdown(rows, acc, saved["args"]["train_T"]))
         for n, v, t in checks(rows, T_check):
             print(f"- {v}: {n}: {t}")
@@ -425,7 +430,7 @@ def main(argv=None) -> int:
     meta = common.metadata(1)
     meta["peers"] = common.package_versions(["spikingjelly", "tonic"])
     rows = []
-    for T in args.T:
+    for T in ([] if args.no_steps else args.T):
         for m in args.methods:
             spec = {"method": m, "T": T, "B": args.B, "widths": widths, "inner": args.inner,
                     "disk_dir": args.disk_dir}
@@ -459,7 +464,7 @@ def main(argv=None) -> int:
             else:
                 print(f"train {m}: FAILED: {r.get('reason')}", flush=True)
     T_check = max(args.T)
-    verdicts = checks(rows, T_check)
+    verdicts = [] if args.no_steps else checks(rows, T_check)
     table = markdown(rows, acc, args.train_T)
     os.makedirs(RESULTS, exist_ok=True)
     base = os.path.join(RESULTS, args.name)
