@@ -486,7 +486,7 @@ def main(argv=None) -> int:
     print(f"issue 14's checks at T={T_check}:")
     for n, v, t in verdicts:
         print(f"- {v}: {n}: {t}")
-    print(f"\nwrote {base}.json, .csv, .png")
+    print(f"\nwrote {base}.json, .csv" + (", .png" if os.path.exists(base + ".png") else ""))
     return 0
 
 
