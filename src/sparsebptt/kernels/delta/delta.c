@@ -52,39 +52,15 @@ static void ftz_off(unsigned int old) {
 #endif
 }
 
-/* float: exp as in rnn.c (Cephes expf, branch-free so the gate loops vectorise) */
+/* float, then double; exp, sigmoid, tanh, axpy and dot from cmath.h */
 #define T float
 #define SUF f32
-#define I int32_t
-#define EXP_LO -87.0
-#define EXP_HI 88.0
-#define EXP_MAGIC 12582912.0
-#define EXP_C1 0.693359375
-#define EXP_C2 -2.12194440e-4
-#define EXP_BIAS 127
-#define EXP_MANT 23
-#define EXP_POLY \
-    const T r2 = r * r; T p = (T)1.9875691500E-4; p = p * r + (T)1.3981999507E-3; \
-    p = p * r + (T)8.3334519073E-3; p = p * r + (T)4.1665795894E-2; \
-    p = p * r + (T)1.6666665459E-1; p = p * r + (T)5.0000001201E-1; p = p * r2 + r; \
-    p = p + (T)1;
+#define TBITS 32
+#include "cmath.h"
 #include "delta_body.h"
 
 #define T double
 #define SUF f64
-#define I int64_t
-#define EXP_LO -708.0
-#define EXP_HI 708.0
-#define EXP_MAGIC 6755399441055744.0
-#define EXP_C1 6.93145751953125E-1
-#define EXP_C2 1.42860682030941723212E-6
-#define EXP_BIAS 1023
-#define EXP_MANT 52
-#define EXP_POLY \
-    const T r2 = r * r; \
-    const T px = r * ((1.26177193074810590878E-4 * r2 + 3.02994407707441961300E-2) * r2 \
-                      + 9.99999999999999999910E-1); \
-    const T qx = ((3.00198505138664455042E-6 * r2 + 2.52448340349684104192E-3) * r2 \
-                  + 2.27265548208155028766E-1) * r2 + 2.00000000000000000009E0; \
-    T p = px / (qx - px); p = (T)1 + (T)2 * p;
+#define TBITS 64
+#include "cmath.h"
 #include "delta_body.h"

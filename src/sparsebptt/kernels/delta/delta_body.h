@@ -1,45 +1,9 @@
 /* Delta GRU / Delta LSTM segment kernels for one scalar type: included by delta.c with T (the C
-   type), SUF (the name suffix), I (the same-width integer) and the EXP_* constants defined.
+   type), SUF (the name suffix) and TBITS defined, after cmath.h (exp, sigm, tanh, axpy, dot).
    Layout: x [L, B, nI]; states h, c, h_ref [B, H], x_ref [B, nI], m_x, m_h [B, G*H]; W^T
    [in, G*H] (row j: the weights of input column j). */
 
-/* exp(x) as in rnn_body.h: branch-free, so the gate loops vectorise */
-INL T FN(exp)(T x) {
-    x = x < (T)EXP_LO ? (T)EXP_LO : x;
-    x = x > (T)EXP_HI ? (T)EXP_HI : x;
-    const T magic = (T)EXP_MAGIC;
-    const T t = x * (T)1.44269504088896340736 + magic;
-    const T fn = t - magic;
-    I bits, mbits;
-    memcpy(&bits, &t, sizeof bits);
-    memcpy(&mbits, &magic, sizeof mbits);
-    const I n = bits - mbits;
-    T r = x - fn * (T)EXP_C1;
-    r = r - fn * (T)EXP_C2;
-    EXP_POLY
-    const I sb = (n + EXP_BIAS) << EXP_MANT;
-    T s;
-    memcpy(&s, &sb, sizeof s);
-    return p * s;
-}
-INL T FN(sigm)(const T x) { return (T)1 / ((T)1 + FN(exp)(-x)); }
-INL T FN(tanh)(const T x) { return (T)1 - (T)2 / ((T)1 + FN(exp)((T)2 * x)); }
 
-/* y += a x over n entries */
-INL void FN(axpy)(T* restrict y, const T a, const T* restrict x, const long n) {
-    for (long i = 0; i < n; ++i) y[i] += a * x[i];
-}
-/* a . b: 16 running sums (straight-line, so the compiler keeps them in one or two vectors) */
-INL T FN(dot)(const T* restrict a, const T* restrict b, const long n) {
-    T s[16] = {0};
-    long i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int k = 0; k < 16; ++k) s[k] += a[i + k] * b[i + k];
-    T r = 0;
-    for (int k = 0; k < 16; ++k) r += s[k];
-    for (; i < n; ++i) r += a[i] * b[i];
-    return r;
-}
 
 /* One memory's step, encoding: d = v - ref, active where |d| > th (every entry when th == 0),
    ref := v there; mk, dv [B, n] get the masks and deltas (row by row, so the loop vectorises). */
@@ -243,12 +207,4 @@ CLONES void FN(delta_bwd)(long lstm, long L, long B, long nI, long H, const T* h
 
 #undef T
 #undef SUF
-#undef I
-#undef EXP_LO
-#undef EXP_HI
-#undef EXP_MAGIC
-#undef EXP_C1
-#undef EXP_C2
-#undef EXP_BIAS
-#undef EXP_MANT
-#undef EXP_POLY
+#undef TBITS

@@ -109,40 +109,6 @@ void FN(masked_rows_axpy)(const T* y, const T* g, const unsigned char* mask, T* 
 
 /* ---- the segment scan (egru_fwd, egru_bwd): equations in sparsebptt/kernels/egru/cpu.py ---- */
 
-/* exp(x) as in rnn_body.h: branch-free, so the gate loops vectorise */
-INL T FN(exp)(T x) {
-    x = x < (T)EXP_LO ? (T)EXP_LO : x;
-    x = x > (T)EXP_HI ? (T)EXP_HI : x;
-    const T magic = (T)EXP_MAGIC;
-    const T t = x * (T)1.44269504088896340736 + magic;
-    const T fn = t - magic;
-    I bits, mbits;
-    memcpy(&bits, &t, sizeof bits);
-    memcpy(&mbits, &magic, sizeof mbits);
-    const I n = bits - mbits;
-    T r = x - fn * (T)EXP_C1;
-    r = r - fn * (T)EXP_C2;
-    EXP_POLY
-    const I sb = (n + EXP_BIAS) << EXP_MANT;
-    T s;
-    memcpy(&s, &sb, sizeof s);
-    return p * s;
-}
-INL T FN(sigm)(const T x) { return (T)1 / ((T)1 + FN(exp)(-x)); }
-INL T FN(tanh)(const T x) { return (T)1 - (T)2 / ((T)1 + FN(exp)((T)2 * x)); }
-INL void FN(axpy)(T* restrict y, const T a, const T* restrict x, const long n) {
-    for (long i = 0; i < n; ++i) y[i] += a * x[i];
-}
-INL T FN(dot16)(const T* restrict a, const T* restrict b, const long n) {
-    T s[16] = {0};
-    long i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int k = 0; k < 16; ++k) s[k] += a[i + k] * b[i + k];
-    T r = 0;
-    for (int k = 0; k < 16; ++k) r += s[k];
-    for (; i < n; ++i) r += a[i] * b[i];
-    return r;
-}
 
 /* Forward of L steps. gis [L, B, 3H] (x W_ih^T + b_ih), whT [H, 3H] (W_hh^T), bh [3H] (zeros for
    none), thr [H]; c, y [B, H] (and cnt, the event counts, when not NULL) updated in place;
@@ -301,7 +267,7 @@ CLONES void FN(egru_bwd_step)(long L, long B, long H, long t, const T* c0, const
                     const T v = ctp[b * H + j] - thr[j];
                     want = v > (T)0 || (v < (T)0 ? -v : v) < ep;
                 }
-                if (want) { gyn[b * H + j] = FN(dot16)(dgh + b * O, w, O); ++ndot; }
+                if (want) { gyn[b * H + j] = FN(dot)(dgh + b * O, w, O); ++ndot; }
             }
         }
         if (axpy) {
@@ -351,12 +317,4 @@ CLONES long FN(egru_dw_block)(long B, long H, long t0, long t1, const T* y0, con
 #undef VT
 #undef LANES
 #undef PS
-#undef I
-#undef EXP_LO
-#undef EXP_HI
-#undef EXP_MAGIC
-#undef EXP_C1
-#undef EXP_C2
-#undef EXP_BIAS
-#undef EXP_MANT
-#undef EXP_POLY
+#undef TBITS

@@ -1,27 +1,5 @@
 /* The GRU and LSTM gate kernels for one scalar type: included by rnn.c with T (the C type), SUF
-   (the name suffix), I (the same-width integer) and the EXP_* constants of exp defined. */
-/* exp(x): x = n ln2 + r (ln2 in two parts), a polynomial in r, times 2^n built in the exponent
-   bits; no branch and no libm call, so loops over it vectorise. Clamped where 2^n stays normal. */
-INL T FN(exp)(T x) {
-    x = x < (T)EXP_LO ? (T)EXP_LO : x;
-    x = x > (T)EXP_HI ? (T)EXP_HI : x;
-    const T magic = (T)EXP_MAGIC;  /* 1.5 * 2^mantissa bits: adding it rounds to an integer */
-    const T t = x * (T)1.44269504088896340736 + magic;
-    const T fn = t - magic;
-    I bits, mbits;
-    memcpy(&bits, &t, sizeof bits);
-    memcpy(&mbits, &magic, sizeof mbits);
-    const I n = bits - mbits;
-    T r = x - fn * (T)EXP_C1;
-    r = r - fn * (T)EXP_C2;
-    EXP_POLY
-    const I sb = (n + EXP_BIAS) << EXP_MANT;
-    T s;
-    memcpy(&s, &sb, sizeof s);
-    return p * s;
-}
-INL T FN(sigm)(const T x) { return (T)1 / ((T)1 + FN(exp)(-x)); }
-INL T FN(tanh)(const T x) { return (T)1 - (T)2 / ((T)1 + FN(exp)((T)2 * x)); }
+   (the name suffix) and TBITS defined, after cmath.h (exp, sigm, tanh). */
 
 /* GRU step: gi, gh [B, 3H] (r z n), h [B, H] -> hout [B, H]; s [B, 4H] (r z n gh_n) if save */
 INL void FN(gru_fwd_loop)(const T* restrict gi, const T* restrict gh, const T* restrict h,
@@ -154,12 +132,4 @@ CLONES void FN(lstm_hist)(const T* s, const T* cs, const T* h0, long L, long B, 
 /* this body's parameters end here, so the next instantiation can define them anew */
 #undef T
 #undef SUF
-#undef I
-#undef EXP_LO
-#undef EXP_HI
-#undef EXP_MAGIC
-#undef EXP_C1
-#undef EXP_C2
-#undef EXP_BIAS
-#undef EXP_MANT
-#undef EXP_POLY
+#undef TBITS
