@@ -4,16 +4,11 @@
    one contiguous row, read once per step for every sample that has it active (an axpy per active
    entry forward, a dot per active entry and an axpy per event into dW^T backward). An AVX-512
    and an AVX2 copy of each entry point beside the baseline one, picked by the loader (ifunc).
-   Denormals are flushed to zero while a kernel runs (FTZ/DAZ on x86), as in egru.c. */
+   Denormals are flushed to zero while a kernel runs (FTZ/DAZ on x86), (ftz.h). */
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define X86 1
-#else
-#define X86 0
-#endif
+#include "ftz.h"  /* X86, ftz_on/ftz_off */
 
 #include "cbuild.h"
 
@@ -34,23 +29,6 @@
 #ifndef CLONES
 #define CLONES
 #endif
-
-static unsigned int ftz_on(void) {
-#if X86
-    const unsigned int old = _mm_getcsr();
-    _mm_setcsr(old | 0x8040);  /* FTZ | DAZ */
-    return old;
-#else
-    return 0;
-#endif
-}
-static void ftz_off(unsigned int old) {
-#if X86
-    _mm_setcsr(old);
-#else
-    (void)old;
-#endif
-}
 
 /* float, then double; exp, sigmoid, tanh, axpy and dot from cmath.h */
 #define T float

@@ -5,12 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define X86 1
-#else
-#define X86 0
-#endif
+#include "ftz.h"  /* X86, ftz_on/ftz_off */
 
 #include "cbuild.h"
 
@@ -27,26 +22,6 @@ static int use_simd(void) {
     return simd;
 }
 int egru_simd(void) { return use_simd(); }
-
-/* Denormal operands (gate derivatives of saturated units underflow there) cost a microcode
-   assist per operation: the kernel ran 6x slower on a trained EGRU's gradients than on random
-   ones. Flush them to zero for the kernel's duration (values below 1.2e-38 in float32). */
-static unsigned int ftz_on(void) {
-#if X86
-    const unsigned int old = _mm_getcsr();
-    _mm_setcsr(old | 0x8040);  /* FTZ | DAZ */
-    return old;
-#else
-    return 0;
-#endif
-}
-static void ftz_off(unsigned int old) {
-#if X86
-    _mm_setcsr(old);
-#else
-    (void)old;
-#endif
-}
 
 #ifndef EGRU_FWD_BY_SAMPLE
 #define EGRU_FWD_BY_SAMPLE 0  /* 1: the forward's W_hh y per sample (see egru_body.h) */
