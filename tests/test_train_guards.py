@@ -429,11 +429,18 @@ def test_interrupt_during_start_up_is_one_line(monkeypatch, capsys):
     assert err == "sparsebptt: interrupted\n"
 
 
+def _sigint_default():
+    """In the child: Ctrl-C's default disposition, as in a terminal. A test run started in the
+    background by a non-interactive shell (``cmd &``) ignores SIGINT, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("after", [0.4, 1.0])
 def test_ctrl_c_while_the_command_imports_is_one_line(tmp_path, after):
     """Before: a 15- to 60-line traceback from inside torch's or numpy's imports."""
     p = subprocess.Popen([sys.executable, "-m", "sparsebptt", "train", *SMALL, "--out", str(tmp_path / "r")],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_sigint_default)
     time.sleep(after)  # in the package's imports (seconds on a busy machine), or later in main
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
@@ -444,7 +451,8 @@ def test_ctrl_c_while_the_command_imports_is_one_line(tmp_path, after):
 
 def test_importing_the_library_keeps_the_programs_ctrl_c():
     code = "import signal, sparsebptt; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       preexec_fn=_sigint_default)
     assert r.stdout.strip() == "True", r.stderr
 
 
