@@ -13,7 +13,7 @@ import torch
 import sparsebptt as sb
 from sparsebptt.kernels.delta.cpu import fused_recurrent_delta, load_library
 from sparsebptt.kernels.delta.naive import naive_recurrent_delta_gru, naive_recurrent_delta_lstm
-from sparsebptt.testing import assert_close, seeded
+from sparsebptt.testing import assert_close, scan_grads, seeded
 
 N_IN, H = 5, 6
 CELLS = {"delta-gru": sb.cells.DeltaGRU, "delta-lstm": sb.cells.DeltaLSTM}
@@ -56,21 +56,7 @@ def random_state(cell, B, dtype, seed=50):
 
 
 def run(cell, x, state0, strategy=None, x_grad=True, state_grad=True):
-    x = x.clone().requires_grad_(x_grad)
-    state0 = tuple(s.clone().requires_grad_(state_grad) for s in state0)
-    for p in cell.parameters():
-        p.grad = None
-    with sb.trace() as t:
-        out, state = sb.scan(cell, x, state0, strategy=strategy)
-        loss = (out * seeded(100, *out.shape, dtype=x.dtype)).sum()
-        for k, s in enumerate(state):
-            loss = loss + (s * seeded(200 + k, *s.shape, dtype=x.dtype)).sum()
-        loss.backward()
-    res = {"out": out.detach(), "dx": x.grad}
-    res.update({f"state_T[{k}]": s.detach() for k, s in enumerate(state)})
-    res.update({f"dstate0[{k}]": s.grad for k, s in enumerate(state0)})
-    res.update({f"d{n}": p.grad for n, p in cell.named_parameters()})
-    return res, t
+    return scan_grads(cell, x, state0, strategy, x_grad=x_grad, state_grad=state_grad)
 
 
 def compare(ref, got, dtype, T):

@@ -10,7 +10,7 @@ import torch
 
 import sparsebptt as sb
 from sparsebptt.kernels.sparse import full_above
-from sparsebptt.testing import assert_close, seeded
+from sparsebptt.testing import assert_close, scan_grads, seeded
 
 N_IN, H = 5, 12
 STRATEGIES = [sb.FullBPTT(), sb.Checkpoint(every=3), sb.Revolve(slots=2), sb.DoubleCheckpoint(outer=8, inner=3)]
@@ -45,21 +45,7 @@ def pair(dtype, count_events=False, epsilon=0.3, gamma=0.7, bias=True):
 
 
 def run(cell, x, state0, strategy=None, y0_grad=True):
-    x = x.clone().requires_grad_()
-    state0 = tuple(s.clone().requires_grad_(k != 1 or y0_grad) for k, s in enumerate(state0))
-    for p in cell.parameters():
-        p.grad = None
-    with sb.trace() as t:
-        out, state = sb.scan(cell, x, state0, strategy=strategy)
-        loss = (out * seeded(100, *out.shape, dtype=x.dtype)).sum()
-        for k, s in enumerate(state):
-            loss = loss + (s * seeded(200 + k, *s.shape, dtype=x.dtype)).sum()
-        loss.backward()
-    res = {"out": out.detach(), "dx": x.grad}
-    res.update({f"state_T[{k}]": s.detach() for k, s in enumerate(state)})
-    res.update({f"dstate0[{k}]": s.grad for k, s in enumerate(state0)})
-    res.update({f"d{n}": p.grad for n, p in cell.named_parameters()})
-    return res, t
+    return scan_grads(cell, x, state0, strategy, state_grad=[k != 1 or y0_grad for k in range(len(state0))])
 
 
 def state0_of(cell, B, dtype):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TOLERANCES", "assert_close", "seeded", "grads_of"]
+__all__ = ["TOLERANCES", "assert_close", "seeded", "grads_of", "scan_grads"]
 
 #: dtype -> (atol, rtol). float64: exact strategies agree to 1e-10 absolute; float32 to 1e-5
 #: relative (to the tensor's largest magnitude); half types for fused kernels.
@@ -57,3 +57,29 @@ def grads_of(module: torch.nn.Module, *tensors) -> dict[str, torch.Tensor | None
     for n, p in module.named_parameters():
         out[n] = p.grad.clone() if p.grad is not None else None
     return out
+
+
+def scan_grads(cell, x, state0, strategy=None, *, x_grad=True, state_grad=True):
+    """One traced forward + backward of ``sb.scan`` with the loss ``(out * dout).sum() +
+    sum_k (state_T[k] * dstate_k).sum()`` (seeded ``dout``, ``dstate_k``); returns ``(results,
+    trace)``: out, state_T[k], dx, dstate0[k] and d<param> for every named parameter.
+    ``state_grad``: one flag for every state component, or one flag per component."""
+    from .scan import scan
+    from .trace import trace
+
+    flags = [state_grad] * len(state0) if isinstance(state_grad, bool) else list(state_grad)
+    x = x.clone().requires_grad_(x_grad)
+    state0 = tuple(s.clone().requires_grad_(f) for s, f in zip(state0, flags))
+    for p in cell.parameters():
+        p.grad = None
+    with trace() as t:
+        out, state = scan(cell, x, state0, strategy=strategy)
+        loss = (out * seeded(100, *out.shape, dtype=x.dtype)).sum()
+        for k, s in enumerate(state):
+            loss = loss + (s * seeded(200 + k, *s.shape, dtype=x.dtype)).sum()
+        loss.backward()
+    res = {"out": out.detach(), "dx": x.grad}
+    res.update({f"state_T[{k}]": s.detach() for k, s in enumerate(state)})
+    res.update({f"dstate0[{k}]": s.grad for k, s in enumerate(state0)})
+    res.update({f"d{n}": p.grad for n, p in cell.named_parameters()})
+    return res, t
