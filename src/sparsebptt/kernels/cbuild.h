@@ -13,4 +13,16 @@
 /* FN(name): name_SUF, the copy of a function for the scalar type being instantiated */
 #define FN(name) SB_CAT(name, SUF)
 
+
+/* SB_CLONES("avx2", "default"): a copy of a function per target, picked by the loader (ifunc), on
+   x86-64 Linux with a compiler that has target_clones; elsewhere the one baseline function */
+#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define SB_CLONES(...) __attribute__((target_clones(__VA_ARGS__)))
+#endif
+#endif
+#ifndef SB_CLONES
+#define SB_CLONES(...)
+#endif
+
 #endif

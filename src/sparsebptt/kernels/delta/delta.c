@@ -21,14 +21,7 @@
                                    128-2048 gained nothing: benchmarks/delta_blocking.py) */
 #endif
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-#endif
-#ifndef CLONES
-#define CLONES
-#endif
+#define CLONES SB_CLONES("avx512f", "avx2", "default")
 
 /* float, then double; exp, sigmoid, tanh, axpy and dot from cmath.h */
 #define T float

@@ -29,14 +29,7 @@ int egru_simd(void) { return use_simd(); }
 
 /* the segment scan's entry points (egru_fwd, egru_bwd): an AVX-512 and an AVX2 copy beside the
    baseline one, picked by the loader (ifunc) */
-#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-#endif
-#ifndef CLONES
-#define CLONES
-#endif
+#define CLONES SB_CLONES("avx512f", "avx2", "default")
 
 /* float: 8 lanes of __m256, the _ps intrinsics (exp, sigmoid, tanh, axpy, dot
    from cmath.h) */

@@ -8,14 +8,7 @@
 #include "cbuild.h"
 
 /* an AVX2 copy of each entry point beside the baseline one, picked by the loader (ifunc) */
-#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define CLONES __attribute__((target_clones("avx2", "default")))
-#endif
-#endif
-#ifndef CLONES
-#define CLONES
-#endif
+#define CLONES SB_CLONES("avx2", "default")
 
 /* float, then double; exp, sigmoid and tanh from cmath.h */
 #define T float
