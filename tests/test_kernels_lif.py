@@ -20,7 +20,7 @@ from sparsebptt.kernels import cbuild
 from sparsebptt.kernels.lif.cpu import fused_recurrent_lif
 from sparsebptt.kernels.lif.naive import naive_recurrent_lif
 from sparsebptt.cells.surrogate import surrogate_derivative
-from sparsebptt.testing import TOLERANCES, assert_close, seeded
+from sparsebptt.testing import TOLERANCES, assert_close, scan_grads, seeded
 
 pytestmark = pytest.mark.skipif(not kb.backend_available("cpu")[0],
                                 reason=f"cpu backend unavailable: {kb.backend_available('cpu')[1]}")
@@ -289,21 +289,9 @@ def _stacks(dtype, mixed):
 
 
 def _run_stack(stack, x, strategy, reduce=None):
-    x = x.clone().requires_grad_()
-    for p in stack.parameters():
-        p.grad = None
-    state0 = tuple((0.3 * seeded(7 + k, *s.shape, dtype=x.dtype)).requires_grad_()
+    state0 = tuple(0.3 * seeded(7 + k, *s.shape, dtype=x.dtype)
                    for k, s in enumerate(stack.initial_state(x.shape[1], dtype=x.dtype)))
-    out, state = sb.scan(stack, x, state0, strategy=strategy, reduce=reduce)
-    loss = (out * seeded(100, *out.shape, dtype=x.dtype)).sum()
-    for k, s in enumerate(state):
-        loss = loss + (s * seeded(200 + k, *s.shape, dtype=x.dtype)).sum()
-    loss.backward()
-    res = {"out": out.detach(), "dx": x.grad}
-    res.update({f"state_T[{k}]": s.detach() for k, s in enumerate(state)})
-    res.update({f"dstate0[{k}]": s.grad for k, s in enumerate(state0)})
-    res.update({f"d{n}": p.grad for n, p in stack.named_parameters()})
-    return res
+    return scan_grads(stack, x, state0, strategy, reduce=reduce)[0]
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["lif-lif", "lif-gru-lif"])

@@ -586,24 +586,7 @@ def run_nir(graph, x: torch.Tensor, dt: float = 1.0) -> torch.Tensor:
     outputs = [k for k, n in nodes.items() if isinstance(n, nir.Output)]
     if len(inputs) != 1 or len(outputs) != 1:
         raise ValueError(f"run_nir: needs one Input and one Output node, got {inputs} and {outputs}")
-    succ = {k: [] for k in nodes}
-    for a, b in edges:
-        succ[a].append(b)
-    order, back, state, on_stack = [], set(), {}, set()
-
-    def visit(k):  # depth-first: edges to a node on the stack close a cycle
-        state[k] = "open"
-        on_stack.add(k)
-        for nxt in succ[k]:
-            if nxt in on_stack:
-                back.add((k, nxt))
-            elif nxt not in state:
-                visit(nxt)
-        on_stack.discard(k)
-        order.append(k)
-
-    visit(inputs[0])
-    order.reverse()
+    order, back = _walk(nodes, edges, inputs[0])
     preds = {k: [a for a, b in edges if b == k] for k in nodes}
     f64 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
     Tn, B = x.shape[0], x.shape[1]

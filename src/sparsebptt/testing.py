@@ -59,11 +59,12 @@ def grads_of(module: torch.nn.Module, *tensors) -> dict[str, torch.Tensor | None
     return out
 
 
-def scan_grads(cell, x, state0, strategy=None, *, x_grad=True, state_grad=True):
+def scan_grads(cell, x, state0, strategy=None, *, x_grad=True, state_grad=True, reduce=None):
     """One traced forward + backward of ``sb.scan`` with the loss ``(out * dout).sum() +
     sum_k (state_T[k] * dstate_k).sum()`` (seeded ``dout``, ``dstate_k``); returns ``(results,
     trace)``: out, state_T[k], dx, dstate0[k] and d<param> for every named parameter.
-    ``state_grad``: one flag for every state component, or one flag per component."""
+    ``state_grad``: one flag for every state component, or one flag per component; ``reduce`` as
+    `sb.scan`'s."""
     from .scan import scan
     from .trace import trace
 
@@ -73,7 +74,7 @@ def scan_grads(cell, x, state0, strategy=None, *, x_grad=True, state_grad=True):
     for p in cell.parameters():
         p.grad = None
     with trace() as t:
-        out, state = scan(cell, x, state0, strategy=strategy)
+        out, state = scan(cell, x, state0, strategy=strategy, reduce=reduce)
         loss = (out * seeded(100, *out.shape, dtype=x.dtype)).sum()
         for k, s in enumerate(state):
             loss = loss + (s * seeded(200 + k, *s.shape, dtype=x.dtype)).sum()
