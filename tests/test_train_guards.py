@@ -429,6 +429,21 @@ def test_interrupt_during_start_up_is_one_line(monkeypatch, capsys):
     assert err == "sparsebptt: interrupted\n"
 
 
+def _wait_until_importing_torch(p, timeout=60.0):
+    """Until the child maps libtorch (it is inside ``import sparsebptt``, after the package's first
+    line set the command's Ctrl-C handler): a fixed delay raced the interpreter's start-up on a
+    loaded machine, where a Ctrl-C is Python's own traceback before any code of ours runs."""
+    maps = Path(f"/proc/{p.pid}/maps")
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and p.poll() is None:
+        try:
+            if "libtorch" in maps.read_text():
+                return
+        except OSError:  # no /proc: keep the fixed delay alone
+            return
+        time.sleep(0.005)
+
+
 def _sigint_default():
     """In the child: Ctrl-C's default disposition, as in a terminal. A test run started in the
     background by a non-interactive shell (``cmd &``) ignores SIGINT, and children inherit that."""
@@ -441,7 +456,8 @@ def test_ctrl_c_while_the_command_imports_is_one_line(tmp_path, after):
     p = subprocess.Popen([sys.executable, "-m", "sparsebptt", "train", *SMALL, "--out", str(tmp_path / "r")],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          preexec_fn=_sigint_default)
-    time.sleep(after)  # in the package's imports (seconds on a busy machine), or later in main
+    _wait_until_importing_torch(p)  # past the interpreter's own start-up, which no code of ours sees
+    time.sleep(after - 0.4)  # in the package's imports (seconds on a busy machine), or later in main
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
