@@ -108,7 +108,6 @@ def _loop(layers, x, vs=None):
 
 
 def _loop_ckpt(layers, x, k):
-    import torch
     from torch.utils.checkpoint import checkpoint
 
     def seg(xs, *vs):

@@ -303,7 +303,7 @@ def checks(rows: list[dict], T: int, floors: dict | None = None) -> list[dict]:
     if full and ck:
         v = ck["peak_stored_bytes"] / full["peak_stored_bytes"]
         b = 3 * math.sqrt(T) / T
-        add("a", f"checkpoint stored bytes / full's <= 3*sqrt(T)/T", v, b, v <= b,
+        add("a", "checkpoint stored bytes / full's <= 3*sqrt(T)/T", v, b, v <= b,
             f"{common.fmt_bytes(ck['peak_stored_bytes'])} vs {common.fmt_bytes(full['peak_stored_bytes'])}")
         v = ck["time_median_s"] / full["time_median_s"]
         first = ck["time_first_s"] / full["time_first_s"]

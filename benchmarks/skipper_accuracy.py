@@ -36,7 +36,6 @@ import csv
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import shutil

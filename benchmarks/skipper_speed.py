@@ -246,7 +246,7 @@ def main(argv=None) -> int:
 
     print(f"\n2-layer LIF Stack, T={args.T}, B={args.batch}, H={args.hidden}, input {args.input}, "
           f"reduce=sum, {args.repeats} interleaved rounds, {args.threads} thread(s)")
-    print(f"| strategy | peak stored | full / this | median fwd+bwd | p20 | p80 |"
+    print("| strategy | peak stored | full / this | median fwd+bwd | p20 | p80 |"
           + (" peak RSS delta |" if rss else ""))
     print("|---|---|---|---|---|---|" + ("---|" if rss else ""))
     for r in rows:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparsebptt import cli
-from sparsebptt.data import DVSGesture, NMNIST, SHD, SSC, get_dataset
+from sparsebptt.data import DVSGesture, NMNIST, SHD, get_dataset
 from sparsebptt.data.events import read_nmnist_bin
 
 h5py = pytest.importorskip("h5py")

@@ -52,7 +52,7 @@ def resolve_device(device: "str | torch.device") -> torch.device:
     """``device`` as a `torch.device`; ValueError (one line) if it does not parse or is absent."""
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
+    except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {device!r}; valid devices are: cpu, cuda, cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
