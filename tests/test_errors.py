@@ -158,3 +158,23 @@ def test_stack_empty_and_non_cell():
         sb.cells.Stack([])
     with pytest.raises(TypeError, match=r"layer 0 \(object\) is not a cell .* nor an nn.Module"):
         sb.cells.Stack([object()])  # an nn.Module without the cell protocol is a stateless layer (issue 14)
+
+
+_FILE_FREE_DATASETS = ["adding", "delayed-recall", "digits-seq", "digits-spikes", "event-shapes", "slow-sines",
+                       "text"]
+
+
+@pytest.mark.parametrize("name", _FILE_FREE_DATASETS)
+@pytest.mark.parametrize("bad, error, message", [
+    (dict(split="test"), ValueError, r"unknown split 'test'; valid splits are: train, val"),
+    (dict(batch_size=0), ValueError, r"batch_size must be a positive int, got 0"),
+    (dict(seed=1.5), TypeError, r"seed must be an int, got float"),
+], ids=["split", "batch_size", "seed"])
+def test_dataset_batches_arguments(name, bad, error, message):
+    from sparsebptt.data import get_dataset
+
+    args = dict(split="train", batch_size=2, seed=0)
+    args.update(bad)
+    d = get_dataset(name, T=5)
+    with pytest.raises(error, match=f"^{name}: {message}"):
+        next(d.batches(args.pop("split"), args.pop("batch_size"), **args))

@@ -20,6 +20,22 @@ def check_positive_int(owner: str, name: str, value) -> None:
         raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
 
 
+def check_split(owner: str, split: str) -> None:
+    """ValueError naming the valid splits unless ``split`` is one of `SPLITS`."""
+    if split not in SPLITS:
+        raise ValueError(f"{owner}: unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
+
+
+def check_batches_args(owner: str, split: str, batch_size, seed, shuffle: "bool | None") -> bool:
+    """Check the arguments every dataset's ``batches`` takes; returns ``shuffle`` with its default
+    (True for "train", False for "val") filled in."""
+    check_split(owner, split)
+    check_positive_int(owner, "batch_size", batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{owner}: seed must be an int, got {type(seed).__name__}")
+    return split == "train" if shuffle is None else shuffle
+
+
 class LabelledSplits:
     """Split checks and label access shared by the datasets (``self.name``, ``self._labels``)."""
 
@@ -27,8 +43,7 @@ class LabelledSplits:
     _labels: dict
 
     def _check_split(self, split: str) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"{self.name}: unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
+        check_split(self.name, split)
 
     def labels(self, split: str) -> torch.Tensor:
         """The labels of ``split`` (N,), int64, in split order (the order of unshuffled batches)."""
@@ -84,12 +99,7 @@ class RateCodedDataset(LabelledSplits):
         ``shuffle`` defaults to True for "train" and False for "val". The last batch may be
         smaller. ``seed`` fixes the order and the spikes.
         """
-        self._check_split(split)
-        check_positive_int(self.name, "batch_size", batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"{self.name}: seed must be an int, got {type(seed).__name__}")
-        if shuffle is None:
-            shuffle = split == "train"
+        shuffle = check_batches_args(self.name, split, batch_size, seed, shuffle)
         features, labels = self._features[split], self._labels[split]
         g = torch.Generator().manual_seed(seed)
         n = len(labels)

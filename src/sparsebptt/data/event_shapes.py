@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .base import SPLITS, LabelledSplits, check_positive_int
+from .base import SPLITS, LabelledSplits, check_batches_args, check_positive_int
 
 __all__ = ["EventShapes", "EventShapesSplit", "SHAPES", "render_shapes"]
 
@@ -159,12 +159,7 @@ class EventShapes(LabelledSplits):
         ``shuffle`` defaults to True for "train" and False for "val"; ``seed`` fixes the order (the
         events themselves were fixed when the dataset was built). The last batch may be smaller.
         """
-        self._check_split(split)
-        check_positive_int(self.name, "batch_size", batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"{self.name}: seed must be an int, got {type(seed).__name__}")
-        if shuffle is None:
-            shuffle = split == "train"
+        shuffle = check_batches_args(self.name, split, batch_size, seed, shuffle)
         x, labels = self._x[split], self._labels[split]
         n = len(labels)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)

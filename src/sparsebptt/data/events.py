@@ -42,7 +42,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .base import SPLITS, LabelledSplits, check_positive_int
+from .base import SPLITS, LabelledSplits, check_batches_args, check_positive_int
 
 __all__ = ["EventDataset", "SHD", "SSC", "NMNIST", "DVSGesture", "read_nmnist_bin", "tonic_frames"]
 
@@ -196,12 +196,8 @@ class EventDataset(LabelledSplits):
                 shuffle: "bool | None" = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(x, y)``: x (T, B, input_size) float32 (frames=True: (T, B, 2, H, W)), y (B,)
         int64; ``shuffle`` defaults to True for "train"; ``seed`` fixes the order."""
-        self._check_split(split)
-        check_positive_int(self.name, "batch_size", batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"{self.name}: seed must be an int, got {type(seed).__name__}")
+        shuffle = check_batches_args(self.name, split, batch_size, seed, shuffle)
         n = self.num_examples(split)
-        shuffle = split == "train" if shuffle is None else shuffle
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
         for i in range(0, n, batch_size):
             idx = order[i:i + batch_size]

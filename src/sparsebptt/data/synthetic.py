@@ -36,7 +36,7 @@ from typing import Iterator
 
 import torch
 
-from .base import SPLITS, check_positive_int
+from .base import check_batches_args, check_positive_int, check_split
 
 __all__ = ["SyntheticDataset", "DelayedRecall", "Adding"]
 
@@ -73,8 +73,7 @@ class SyntheticDataset:
         self.val_seed = val_seed
 
     def _check_split(self, split: str) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"{self.name}: unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
+        check_split(self.name, split)
 
     def num_examples(self, split: str) -> int:
         self._check_split(split)
@@ -111,10 +110,7 @@ class SyntheticDataset:
         """Yield ``(x, y)``: x (T, B, input_size) float32, y (B,) int64; the last batch may be
         smaller. ``seed`` fixes the training examples; "val" is fixed by ``val_seed``. ``shuffle``
         is accepted for the common interface and has no effect (every example is drawn afresh)."""
-        self._check_split(split)
-        check_positive_int(self.name, "batch_size", batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"{self.name}: seed must be an int, got {type(seed).__name__}")
+        check_batches_args(self.name, split, batch_size, seed, shuffle)
         seeds = self.example_seeds(split, seed)
         for i in range(0, len(seeds), batch_size):
             chunk = seeds[i:i + batch_size]

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import torch
 
-from .base import SPLITS, check_positive_int
+from .base import check_batches_args, check_positive_int, check_split
 
 __all__ = ["CharText", "stdlib_corpus"]
 
@@ -113,8 +113,7 @@ class CharText:
         return len(self.vocab)
 
     def _check_split(self, split: str) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"{self.name}: unknown split {split!r}; valid splits are: {', '.join(SPLITS)}")
+        check_split(self.name, split)
 
     def num_examples(self, split: str) -> int:
         """Windows of T + 1 characters that tile the split (one epoch of training)."""
@@ -134,12 +133,7 @@ class CharText:
         ``shuffle`` (default: True for "train") starts the windows at a random phase and
         shuffles them; else they tile the split from its start. ``seed`` fixes both.
         """
-        self._check_split(split)
-        check_positive_int(self.name, "batch_size", batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"{self.name}: seed must be an int, got {type(seed).__name__}")
-        if shuffle is None:
-            shuffle = split == "train"
+        shuffle = check_batches_args(self.name, split, batch_size, seed, shuffle)
         ids, T = self._ids[split], self.T
         n = self.num_examples(split)
         g = torch.Generator().manual_seed(seed)
