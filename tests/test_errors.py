@@ -175,6 +175,6 @@ def test_dataset_batches_arguments(name, bad, error, message):
 
     args = dict(split="train", batch_size=2, seed=0)
     args.update(bad)
-    d = get_dataset(name, T=8)
+    d = get_dataset(name, T=12)
     with pytest.raises(error, match=f"^{name}: {message}"):
         next(d.batches(args.pop("split"), args.pop("batch_size"), **args))
