@@ -118,7 +118,8 @@ def _mem_total() -> int | None:
         return None
 
 
-def _git(where: str, *args) -> str | None:
+def git_output(where: str, *args) -> str | None:
+    """stdout of ``git -C where *args``, or None where git fails (no git, not a checkout)."""
     try:
         return subprocess.run(["git", "-C", where, *args], capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -135,7 +136,7 @@ def metadata(torch_threads: int) -> dict:
     import sparsebptt
 
     pkg = os.path.dirname(os.path.abspath(sparsebptt.__file__))  # the sparsebptt actually imported
-    dirty = _git(pkg, "status", "--porcelain", "--", ".")
+    dirty = git_output(pkg, "status", "--porcelain", "--", ".")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv),
@@ -148,9 +149,9 @@ def metadata(torch_threads: int) -> dict:
         # imports: memory and first-run time of revolve depend on it
         "numba": sys.modules["numba"].__version__ if "numba" in sys.modules else None,
         "sparsebptt_path": pkg,
-        "sparsebptt_git_commit": _git(pkg, "rev-parse", "HEAD"),
+        "sparsebptt_git_commit": git_output(pkg, "rev-parse", "HEAD"),
         "sparsebptt_git_dirty": bool(dirty) if dirty is not None else None,
-        "benchmark_git_commit": _git(REPO, "rev-parse", "HEAD"),
+        "benchmark_git_commit": git_output(REPO, "rev-parse", "HEAD"),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_model": _cpu_model(),

@@ -1121,8 +1121,8 @@ def main(argv=None):
             "device": device, "gpus": gpus, "driver": gpus[0]["driver"] if gpus else None,
             "device_name": gpus[0]["name"] if device == "cuda" and gpus else platform.processor() or "cpu",
             "python": platform.python_version(), "platform": platform.platform(),
-            "git_commit": common._git(REPO, "rev-parse", "HEAD"),
-            "git_dirty": bool(common._git(REPO, "status", "--porcelain", "--", "src", "benchmarks")),
+            "git_commit": common.git_output(REPO, "rev-parse", "HEAD"),
+            "git_dirty": bool(common.git_output(REPO, "status", "--porcelain", "--", "src", "benchmarks")),
             "peers": common.package_versions(PEERS),
             "peers_sj_cupy_path": args.sj_cupy_path,
             "spikingjelly_cupy_version": common.package_versions(["spikingjelly"], args.sj_cupy_path)["spikingjelly"]

@@ -34,15 +34,16 @@ import argparse
 import concurrent.futures as cf
 import csv
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 SCRIPT = os.path.abspath(__file__)
 REPO = os.path.dirname(os.path.dirname(SCRIPT))
@@ -258,28 +259,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def metadata(args) -> dict:
-    import torch
-
-    import sparsebptt
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", "-C", REPO, *a], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-    except OSError:
-        cpu = None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-            "preset": args.preset, "jobs": args.jobs, "python": platform.python_version(),
-            "torch": torch.__version__, "sparsebptt": sparsebptt.__version__,
-            "git_commit": git("rev-parse", "HEAD") or os.environ.get("SPARSEBPTT_GIT_COMMIT"),
-            "cpu_model": cpu, "cpu_count": os.cpu_count(),
-            "torch_threads_per_run": 1, "loadavg_at_start": os.getloadavg(), "gpu": None}
+    return {**common.metadata(1), "preset": args.preset, "jobs": args.jobs, "torch_threads_per_run": 1}
 
 
 def gate() -> None:

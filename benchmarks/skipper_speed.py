@@ -27,27 +27,21 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
 SCRIPT = os.path.abspath(__file__)
 REPO = os.path.dirname(os.path.dirname(SCRIPT))
 PRESETS = {"full": dict(T=4000, repeats=5), "ci": dict(T=400, repeats=3)}
 STRATEGIES = ("full", "checkpoint:64", "skipper:64,16")
-
-
-def quantile(xs, q):
-    s = sorted(xs)
-    pos = (len(s) - 1) * q
-    lo, hi = int(pos), min(int(pos) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def build(args):
@@ -109,26 +103,7 @@ def rss_worker(spec: dict) -> dict:
 def metadata(args) -> dict:
     import torch
 
-    import sparsebptt
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", "-C", REPO, *a], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-    except OSError:
-        cpu = None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "sparsebptt": sparsebptt.__version__,
-            "git_commit": git("rev-parse", "HEAD") or os.environ.get("SPARSEBPTT_GIT_COMMIT"),
-            "cpu_model": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "loadavg_at_start": os.getloadavg(), "gpu": None}
+    return common.metadata(torch.get_num_threads())
 
 
 def parse_args(argv=None):
@@ -214,8 +189,8 @@ def main(argv=None) -> int:
                      "peak_stored_bytes": stored[n]["peak_stored_bytes"],
                      "stored_ratio_full_over": stored["full"]["peak_stored_bytes"] / stored[n]["peak_stored_bytes"],
                      "forward_steps": stored[n]["forward_steps"], "recomputed_steps": stored[n]["recomputed_steps"],
-                     "median_s": statistics.median(times[n]), "p20_s": quantile(times[n], 0.2),
-                     "p80_s": quantile(times[n], 0.8), "times_s": times[n],
+                     "median_s": statistics.median(times[n]), "p20_s": common.quantile(times[n], 0.2),
+                     "p80_s": common.quantile(times[n], 0.8), "times_s": times[n],
                      "peak_rss_delta": rss.get(n, {}).get("peak_rss_delta")})
     med = {k: statistics.median(v) for k, v in ratios.items()}
     mem_ratio = stored["full"]["peak_stored_bytes"] / stored["skipper:64,16"]["peak_stored_bytes"]
