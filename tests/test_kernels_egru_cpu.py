@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sparsebptt as sb
+import sparsebptt.kernels.egru.cpu as egru_cpu
 from sparsebptt.kernels.sparse import full_above
 from sparsebptt.testing import assert_close, scan_grads, seeded
 
@@ -24,14 +25,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def f32_rtol(T: int) -> float:
+def f32_rtol(T: int, H: int = H) -> float:
     """float32 bound relative to each tensor's largest magnitude: sums of up to n = 3H + I
     products in another order (and a Cephes exp against torch's), carried back over T steps;
     ~eps * sqrt(n * T) for random signs, times 8 for the gate derivatives' amplification."""
     return 8 * 2.0 ** -24 * ((3 * H + N_IN + 1) * (T + 1)) ** 0.5
 
 
-def pair(dtype, count_events=False, epsilon=0.3, gamma=0.7, bias=True):
+def pair(dtype, count_events=False, epsilon=0.3, gamma=0.7, bias=True, H=H):
     torch.manual_seed(5)
     ref = sb.cells.EGRU(N_IN, H, threshold_init=0.1, epsilon=epsilon, gamma=gamma, bias=bias,
                         count_events=count_events, backend="torch")
@@ -49,6 +50,7 @@ def run(cell, x, state0, strategy=None, y0_grad=True):
 
 
 def state0_of(cell, B, dtype):
+    H = cell.hidden_size
     c = seeded(40, B, H, dtype=dtype) * 0.3
     y = torch.where(seeded(41, B, H, dtype=dtype) > 0.5, c.abs() + 0.2, torch.zeros_like(c))  # some events
     st = (c, y)
@@ -57,13 +59,13 @@ def state0_of(cell, B, dtype):
     return st
 
 
-def compare(ref, got, dtype, T):
+def compare(ref, got, dtype, T, H=H):
     assert ref.keys() == got.keys()
     for name in ref:
         if dtype == torch.float64:
             assert_close(name, ref[name], got[name])
         else:
-            assert_close(name, ref[name], got[name], atol=0.0, rtol=f32_rtol(T))
+            assert_close(name, ref[name], got[name], atol=0.0, rtol=f32_rtol(T, H))
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.to_string())
@@ -80,6 +82,41 @@ def test_segment_scan_equals_reference(count_events, dtype, strategy):
     compare(r, g, dtype, T)
     a = tg.activity["EGRU"]
     assert 0.0 < a < 1.0 and a == pytest.approx(tr.activity["EGRU"], abs=1e-12)
+
+
+@pytest.fixture
+def isa_cap():
+    """Caps the register-blocked products' instruction set for one test (restored after)."""
+    best = egru_cpu.kernel_isa(2)
+
+    def cap(level):
+        if level > best:
+            pytest.skip(f"the CPU has no instruction set level {level} (best {best})")
+        assert egru_cpu.kernel_isa(level) == level
+    yield cap
+    egru_cpu.kernel_isa(2)
+
+
+@pytest.mark.parametrize("dw_bytes", [1, 1 << 20], ids=["dw_block1", "dw_block_all"])
+@pytest.mark.parametrize("dots_below", [0.0, 2.0], ids=["dy_gemm", "dy_dots"])
+@pytest.mark.parametrize("isa", [2, 1, 0], ids=["avx512", "avx2", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_register_blocked_paths(dtype, isa, dots_below, dw_bytes, isa_cap, monkeypatch):
+    """Issue 17's register-blocked products (egru_mm.h) in each instruction set the CPU has, with
+    dL/dy as dots in C (every step, y0 included) or as GEMMs, and the weight gradient over events in
+    blocks of one step or of the whole segment: H = 100 (3H = 300: full 8-vector blocks, single
+    vectors and a scalar tail; two forward chunks), B = 5 (groups of 4 samples and a rest of 1)."""
+    isa_cap(isa)
+    monkeypatch.setattr(egru_cpu, "DOTS_BELOW", dots_below)
+    monkeypatch.setattr(egru_cpu, "DW_BLOCK_BYTES", dw_bytes)
+    Hb, T, B = 100, 11, 5
+    ref, got = pair(dtype, H=Hb, epsilon=0.4)
+    x = seeded(6, T, B, N_IN, dtype=dtype)
+    s0 = state0_of(ref, B, dtype)
+    r, tr = run(ref, x, s0)
+    g, tg = run(got, x, s0)
+    compare(r, g, dtype, T, Hb)
+    assert 0.05 < tg.activity["EGRU"] < full_above(B)  # the weight gradient over events runs (not a GEMM)
 
 
 @pytest.mark.parametrize("kw", [dict(bias=False), dict(epsilon=0.05), dict(gamma=0.0)], ids=str)
@@ -109,9 +146,10 @@ def test_strided_threshold():
 @pytest.mark.parametrize("epsilon", [0.02, 0.2], ids=lambda e: f"eps{e}")
 def test_backward_macs_are_the_sparse_products(epsilon):
     """Backward MACs: dW_ih (a GEMM, dense), dL/dy of each step before (dots at its events and
-    units within epsilon of the threshold, or one dense GEMM when at least `full_above(B)` of
-    them are needed; y0 needs every unit: a GEMM) and the dW_hh axpys (the previous step's
-    non-zero y; one GEMM when most are non-zero), each row 3H long."""
+    units within epsilon of the threshold, or one dense GEMM when at least `DOTS_BELOW` of them
+    are needed (issue 17: was `full_above(B)`); y0 needs every unit: a GEMM) and the dW_hh axpys
+    (the previous step's non-zero y; one GEMM when `full_above(B)` of them are non-zero), each
+    row 3H long."""
     _, got = pair(torch.float64, epsilon=epsilon)
     T, B = 8, 3
     x = seeded(3, T, B, N_IN)
@@ -120,6 +158,7 @@ def test_backward_macs_are_the_sparse_products(epsilon):
     with torch.no_grad():  # count what the backward needs from a plain reference run
         c, y = s0
         full = full_above(B) * B * H
+        dots_below = egru_cpu.DOTS_BELOW * B * H
         dy_macs = B * H  # y0 needs a gradient: every entry, as a GEMM
         events = int((y != 0).sum())
         for k in range(T):
@@ -135,7 +174,7 @@ def test_backward_macs_are_the_sparse_products(epsilon):
             y, c = ct * e, ct - got.threshold * e
             if k < T - 1:
                 wanted = int(((v > 0) | (v.abs() < got.epsilon)).sum())
-                dy_macs += wanted if wanted < full else B * H
+                dy_macs += wanted if wanted < dots_below else B * H
                 events += int((y != 0).sum())
     G3 = 3 * H
     dense_ih = T * B * N_IN * G3 * 2  # dW_ih and dx

@@ -1,12 +1,16 @@
 """EGRU's "cpu" backend: the event-sparse segment scan `fused_recurrent_egru` and its C kernels.
 
 For CPU float32/float64 tensors a segment runs as one GEMM for the input projections and
-`SegmentFunction` (issue 17): the whole recurrence, forward and backward, in two C calls
-(``egru_fwd`` / ``egru_bwd`` in ``egru_body.h``): per step an axpy of a row of ``W_hh^T`` per
-event forward; backward the pointwise part fused in one pass, ``dL/dy`` of the step before only
-at its events and near-threshold units (a dot per such entry; nothing for the others), and
-``dW_hh^T`` rows accumulated over its events along the segment. It does the same products as
-the path below, without a Python-level node per step. Other tensors (other dtypes, devices, or
+`SegmentFunction` (issue 17): the whole recurrence, forward and backward, in C (``egru_fwd`` /
+``egru_bwd`` in ``egru_body.h``, one call each per segment; the backward hands back to Python
+only for steps whose ``dL/dy`` it takes as a GEMM): per step the rows of ``W_hh^T`` of each
+sample's events added in registers forward; backward the pointwise part fused in one pass,
+``dL/dy`` of the step before only at its events and near-threshold units (register-blocked
+dots, each row of ``W_hh^T`` read once for up to 4 samples; nothing for the others), and
+``dW_hh^T`` rows accumulated over its events in blocks of steps (each row held in registers
+while its events' rows are added). The products (``egru_mm.h``) run in AVX-512 or AVX2 (the
+best the CPU has, `kernel_isa`) or plain C. It does the same products as the path below,
+without a Python-level node per step. Other tensors (other dtypes, devices, or
 ``use_c_kernels = False``) take the step-wise path described next.
 
 The forward reads only the columns of units with an event (``y`` is zero elsewhere): ``W_hh y``
@@ -61,7 +65,7 @@ from ..common import SUFFIX, NoCtx
 from ..sparse import UNION_OVERLAP, Chain, full_above, sparse_linear, transposed_weight
 from ...trace import current_trace, linear
 
-__all__ = ["load_library", "masked_rows_dot", "masked_rows_axpy_", "C_SOURCE", "FusedPointwiseFunction",
+__all__ = ["load_library", "kernel_isa", "masked_rows_dot", "masked_rows_axpy_", "C_SOURCE", "FusedPointwiseFunction",
            "RecurrentGradFunction", "SegmentFunction", "fused_recurrent_egru"]
 
 #: the C source (package data): `egru.c` instantiates `egru_body.h` for float and double
@@ -85,14 +89,20 @@ def load_library():
             fwd = getattr(lib, f"egru_fwd_{suf}")
             fwd.restype = None
             fwd.argtypes = [_L] * 3 + [_P] * 4 + [ctypes.c_double] + [_P] * 10
-            bwd = getattr(lib, f"egru_bwd_step_{suf}")
-            bwd.restype = None
-            bwd.argtypes = [_L] * 4 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L] * 3 + [_P] * 9
-            dwb = getattr(lib, f"egru_dw_block_{suf}")
-            dwb.restype, dwb.argtypes = _L, [_L] * 4 + [_P] * 4
+            bwd = getattr(lib, f"egru_bwd_{suf}")
+            bwd.restype = _L
+            bwd.argtypes = [_L] * 4 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L, _P, _L, _L] + [_P] * 12
         lib.egru_simd.restype = ctypes.c_int
+        lib.egru_isa.restype, lib.egru_isa.argtypes = ctypes.c_int, [ctypes.c_int]
         _lib = lib
     return _lib
+
+
+def kernel_isa(cap: int = -1) -> int:
+    """The instruction set of the segment scan's register-blocked products: 2 AVX-512F, 1 AVX2 +
+    FMA, 0 plain C (the best the CPU has, at most ``cap`` once a ``cap >= 0`` was given: tests
+    run each copy)."""
+    return int(load_library().egru_isa(int(cap)))
 
 
 def _check(name, **tensors):
@@ -346,20 +356,27 @@ def _p(t):
 #: take about this many bytes (kept in cache while each row of dW_hh^T is read and written once)
 DW_BLOCK_BYTES = 1 << 20
 
+#: the backward takes ``dL/dy_{t-1}`` as dots in C (register-blocked, each row of ``W_hh^T`` read
+#: once for the samples that want it) below this share of wanted entries, as one GEMM from it on
+DOTS_BELOW = 0.6
+
 
 class SegmentFunction(torch.autograd.Function):
     """A whole segment's recurrence in two C calls (``egru_fwd`` / ``egru_bwd``): inputs the input
     projections ``gis = x W_ih^T + b_ih`` [L, B, 3H] (a GEMM outside, whose backward torch runs),
     ``W_hh``, ``b_hh``, the thresholds and the initial state; outputs ``(ys, c', y'[, n'])``.
 
-    Forward per step: ``gh = b_hh + sum_j y[b, j] W_hh^T[j]`` over the non-zero ``y`` (an axpy
-    per event, each row of ``W_hh^T`` read once for every sample with an event there), then the
-    pointwise part fused (`FusedPointwiseFunction`'s equations). Backward per step: the pointwise
-    backward fused (one pass, `FusedPointwiseFunction`'s equations, ``dthreshold`` summed in
-    place); then ``dL/dy_{t-1} = dgh . W_hh^T[j]`` only at the previous step's events and
-    near-threshold units (every unit of a ``y0`` that needs a gradient), and ``dW_hh^T[j] +=
-    y_{t-1}[b, j] dgh[b]`` over its events, accumulated along the segment. Nothing is done for
-    units outside the pseudo-derivative's support but carrying ``dc``.
+    Forward per step: ``gh = b_hh + sum_j y[b, j] W_hh^T[j]`` over the non-zero ``y`` (per
+    chunk of 1 KiB of outputs, each sample's event rows added in registers; the chunk's columns
+    of ``W_hh^T`` stay in L2 for all samples), then the pointwise part fused
+    (`FusedPointwiseFunction`'s equations). Backward per step: the pointwise backward fused (one
+    pass, ``dthreshold`` summed in place); then ``dL/dy_{t-1} = dgh . W_hh^T[j]`` only at the
+    previous step's events and near-threshold units (every unit of a ``y0`` that needs a
+    gradient) as dots, or one GEMM (``dgh W_hh``) when at least `DOTS_BELOW` of the entries are
+    wanted; and ``dW_hh^T[j] += y_{t-1}[b, j] dgh[b]`` over its events, in blocks of steps
+    (`DW_BLOCK_BYTES`), or one GEMM over the segment when `full_above` of the ``y`` are
+    non-zero. Nothing is done for units outside the pseudo-derivative's support but carrying
+    ``dc``. MACs to `sb.trace`: the dots, axpys and GEMMs done (``3H`` each row).
     """
 
     @staticmethod
@@ -380,7 +397,7 @@ class SegmentFunction(torch.autograd.Function):
         s = gis.new_empty(L, B, 4 * H) if save else None
         cts = gis.new_empty(L, B, H) if save else None
         gh = gis.new_empty(B, O)
-        bs, vs = torch.empty(max(B, H), dtype=torch.long), gis.new_empty(max(B, H))
+        bs, vs = torch.empty(B * (H + 1), dtype=torch.long), gis.new_empty(B * H)
         counts = torch.empty(L, 3, dtype=torch.long)
         getattr(load_library(), f"egru_fwd_{SUFFIX[dt]}")(
             L, B, H, gis.data_ptr(), whT.data_ptr(), bh.data_ptr(), thr.data_ptr(), epsilon, c.data_ptr(),
@@ -407,37 +424,35 @@ class SegmentFunction(torch.autograd.Function):
         gn = None if (gnT is None or not ctx.has_count) else gnT.contiguous()
         dgis, dghs = ys.new_empty(L, B, O), ys.new_empty(L, B, O)
         gbh, gthr = ys.new_zeros(O), ys.new_zeros(H)
-        gyn = ys.new_empty(B, H)
-        bs, vs = torch.empty(B, dtype=torch.long), ys.new_empty(B)
         macs = torch.zeros(2, dtype=torch.long)
         c0_, y0_, thr = c0.contiguous(), y0.contiguous(), threshold.detach().contiguous()  # held while C runs
-        # the weight gradient over events (C axpys) unless most y are non-zero: then one GEMM at the end
-        full = full_above(B)
-        counts = ctx.step_counts.tolist()  # per step: events, non-zero y read, dL/dy entries wanted
-        axpy = need_w and sum(row[1] for row in counts) < full * L * B * H
+        # the weight gradient over events (C) unless most y are non-zero: then one GEMM at the end
+        counts = ctx.step_counts  # per step: events, non-zero y read, dL/dy entries wanted
+        axpy = need_w and int(counts[:, 1].sum()) < full_above(B) * L * B * H
         gwhT = ys.new_zeros(H, O) if axpy else None
-        lib = load_library()
-        step = getattr(lib, f"egru_bwd_step_{SUFFIX[ys.dtype]}")
-        dw_block = getattr(lib, f"egru_dw_block_{SUFFIX[ys.dtype]}")
+        # dL/dy_{t-1} as one GEMM (the caller's) where most of it is wanted, else dots in C
+        wanted = torch.cat([torch.tensor([B * H if need_y0 else 0]), counts[:-1, 2]])
+        dense = (wanted >= DOTS_BELOW * B * H).to(torch.uint8)
         # dW_hh over events in blocks of steps whose dgh rows fit in ~DW_BLOCK_BYTES (each dW row
         # read and written once per block, not per step)
-        blk = max(1, DW_BLOCK_BYTES // (B * O * ys.element_size()))
+        blk = min(L, max(1, DW_BLOCK_BYTES // (B * O * ys.element_size())))
+        ap, bs, out = torch.empty(B, dtype=torch.long), torch.empty(B, dtype=torch.long), ys.new_empty(B)
+        cnt = torch.empty(H, dtype=torch.long)
+        idx, val = (torch.empty(blk * B * H, dtype=torch.long), ys.new_empty(blk * B * H)) if axpy else (None, None)
+        run = getattr(load_library(), f"egru_bwd_{SUFFIX[ys.dtype]}")
         w_hh = weight_hh.detach()
         dense_macs = 0
-        for k in range(L - 1, -1, -1):
-            wanted = counts[k - 1][2] if k else (B * H if need_y0 else 0)
-            dots = wanted < full * B * H  # else dL/dy_{k-1} as one GEMM (faster when most are needed)
-            step(L, B, H, k, c0_.data_ptr(), y0_.data_ptr(), ys.data_ptr(), s.data_ptr(), cts.data_ptr(),
-                 ctx.whT.data_ptr(), thr.data_ptr(), gamma, epsilon, gys.data_ptr(), gc.data_ptr(), gy.data_ptr(),
-                 _p(gn), int(need_y0), int(dots), 0, dgis.data_ptr(), dghs.data_ptr(), None,
-                 gbh.data_ptr(), gthr.data_ptr(), gyn.data_ptr(), bs.data_ptr(), vs.data_ptr(), macs.data_ptr())
-            if not dots:
+        k = L - 1
+        while k >= 0:
+            k = run(L, B, H, k, c0_.data_ptr(), y0_.data_ptr(), ys.data_ptr(), s.data_ptr(), cts.data_ptr(),
+                    ctx.whT.data_ptr(), thr.data_ptr(), gamma, epsilon, gys.data_ptr(), gc.data_ptr(),
+                    gy.data_ptr(), _p(gn), int(need_y0), dense.data_ptr(), int(axpy), blk, dgis.data_ptr(),
+                    dghs.data_ptr(), _p(gwhT), gbh.data_ptr(), gthr.data_ptr(), ap.data_ptr(), bs.data_ptr(),
+                    out.data_ptr(), cnt.data_ptr(), _p(idx), _p(val), macs.data_ptr())
+            if k >= 0:  # dL/dy_{k-1} = dgh_k W_hh, one GEMM
                 torch.mm(dghs[k], w_hh, out=gy)
                 dense_macs += B * O * H
-            if axpy and (k % blk == 0):
-                n_ax = dw_block(B, H, k, min(L, k + blk), y0_.data_ptr(), ys.data_ptr(), dghs.data_ptr(),
-                                gwhT.data_ptr())
-                dense_macs += n_ax * O
+                k -= 1
         if need_w and not axpy:  # dW_hh^T = [y0, y_1 .. y_{L-1}]^T @ dgh, one GEMM
             yprev = torch.cat([y0_.unsqueeze(0), ys[:-1]]).reshape(L * B, H)
             gwhT = yprev.t() @ dghs.reshape(L * B, O)

@@ -1,6 +1,7 @@
 /* EGRU's sparse-backward kernels (see sparsebptt/kernels/egru/cpu.py): masked_rows_dot,
    masked_rows_axpy and the segment scan egru_fwd / egru_bwd, each _f32 and _f64, one copy of
-   egru_body.h per type; AVX2 + FMA loops where the CPU has them (chosen at run time), else plain C; denormals flushed to zero while a kernel
+   egru_body.h per type; AVX2 + FMA loops where the CPU has them (chosen at run time), else plain C;
+   the register-blocked products (egru_mm.h) also in AVX-512 where the CPU has it; denormals flushed to zero while a kernel
    runs. */
 #include <stddef.h>
 #include <stdint.h>
@@ -23,8 +24,30 @@ static int use_simd(void) {
 }
 int egru_simd(void) { return use_simd(); }
 
+static int isa = -1, isa_cap = 2;  /* 2: AVX-512F, 1: AVX2 + FMA, 0: plain C; decided at the first call */
+static int isa_level(void) {
+    if (isa < 0) {
+#if X86
+        __builtin_cpu_init();
+        isa = __builtin_cpu_supports("avx512f") ? 2 : use_simd();
+#else
+        isa = 0;
+#endif
+    }
+    return isa < isa_cap ? isa : isa_cap;
+}
+/* the register-blocked products' instruction set (2, 1, 0 as isa_level); cap >= 0 caps it (tests
+   run every copy the CPU has) */
+int egru_isa(int cap) {
+    if (cap >= 0) isa_cap = cap;
+    return isa_level();
+}
+
 #ifndef EGRU_FWD_BY_SAMPLE
-#define EGRU_FWD_BY_SAMPLE 0  /* 1: the forward's W_hh y per sample (see egru_body.h) */
+#define EGRU_FWD_BY_SAMPLE 1  /* 0: the forward's W_hh y in column order (axpys; see egru_body.h) */
+#endif
+#ifndef FCH
+#define FCH (1024 / (long)sizeof(T))  /* the forward's chunk of outputs: 1 KiB per sample */
 #endif
 
 /* the segment scan's entry points (egru_fwd, egru_bwd): an AVX-512 and an AVX2 copy beside the
@@ -39,6 +62,7 @@ int egru_simd(void) { return use_simd(); }
 #define VT __m256
 #define LANES 8
 #define PS ps
+#define VT512 __m512
 #include "cmath.h"
 #include "egru_body.h"
 
@@ -49,5 +73,6 @@ int egru_simd(void) { return use_simd(); }
 #define VT __m256d
 #define LANES 4
 #define PS pd
+#define VT512 __m512d
 #include "cmath.h"
 #include "egru_body.h"

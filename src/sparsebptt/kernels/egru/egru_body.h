@@ -107,13 +107,101 @@ void FN(masked_rows_axpy)(const T* y, const T* g, const unsigned char* mask, T* 
 }
 
 
+/* ---- register-blocked products (egru_mm.h): an AVX-512 and an AVX2 copy, and plain C ---- */
+
+#if X86
+__attribute__((always_inline, target("avx2,fma")))
+static inline T FN(hsum256)(VT v) {
+    T l[LANES];
+    MM(storeu)(l, v);
+    T r = 0;
+    for (int k = 0; k < LANES; ++k) r += l[k];
+    return r;
+}
+#define VW 512
+#define VEC VT512
+#define VLN (64 / (long)sizeof(T))
+#define VTGT "avx512f"
+#define VHSUM(v) SB_CAT(_mm512_reduce_add, PS)(v)
+#include "egru_mm.h"
+#define VW 256
+#define VEC VT
+#define VLN (32 / (long)sizeof(T))
+#define VTGT "avx2,fma"
+#define VHSUM(v) FN(hsum256)(v)
+#include "egru_mm.h"
+#endif
+
+static void FN(acc_rows_plain)(T* out, const T* init, const T* base, long stride, const long* idx,
+                               const T* vals, long m, long n) {
+    if (out != init) memcpy(out, init, sizeof(T) * n);
+    for (long q = 0; q < m; ++q) FN(axpy)(out, vals[q], base + idx[q] * stride, n);
+}
+
+/* out[o] = init[o] + sum_{q < m} vals[q] base[idx[q] stride + o], o < n (see egru_mm.h) */
+static void FN(acc_rows)(T* out, const T* init, const T* base, long stride, const long* idx,
+                         const T* vals, long m, long n) {
+#if X86
+    const int l = isa_level();
+    if (l >= 2) { SB_CAT(FN(acc_rows), 512)(out, init, base, stride, idx, vals, m, n); return; }
+    if (l == 1) { SB_CAT(FN(acc_rows), 256)(out, init, base, stride, idx, vals, m, n); return; }
+#endif
+    FN(acc_rows_plain)(out, init, base, stride, idx, vals, m, n);
+}
+
+/* out[q] = w . a[q] over n entries, q < k (any k: groups of 4 samples per pass over w) */
+static void FN(multi_dot)(const T* w, const T* const* a, long k, long n, T* out) {
+#if X86
+    const int l = isa_level();
+    if (l >= 1) {
+        for (long g = 0; g < k; g += 4) {
+            const int kk = (int)(k - g < 4 ? k - g : 4);
+            if (l >= 2) SB_CAT(FN(dots), 512)(w, a + g, kk, n, out + g);
+            else SB_CAT(FN(dots), 256)(w, a + g, kk, n, out + g);
+        }
+        return;
+    }
+#endif
+    for (long q = 0; q < k; ++q) out[q] = FN(dot_plain)(a[q], w, n);
+}
+
+
 /* ---- the segment scan (egru_fwd, egru_bwd): equations in sparsebptt/kernels/egru/cpu.py ---- */
 
+
+/* The pointwise forward of one sample (FusedPointwiseFunction's equations): gi, hh [3H] (x W_ih^T
+   + b_ih, W_hh y + b_hh); c, y [H] updated; r, u, n, W_hn y + b_hn into sb [4H] and c~ into ctb
+   [H] when HAS_S; the events added to cntb [H] when HAS_CNT (constants after inlining: the loop
+   has no branch and vectorises); *fired, *wanted: its events and the entries whose dL/dy the
+   backward takes (events and |c~ - threshold| < epsilon). */
+INL void FN(fwd_point)(long H, const T* restrict gi, const T* restrict hh, const T* restrict thr, T ep,
+                       T* restrict cb, T* restrict yb, T* restrict sb, T* restrict ctb, T* restrict cntb,
+                       int* fired, int* wanted, const int HAS_S, const int HAS_CNT) {
+    int f = 0, w = 0;
+    for (long j = 0; j < H; ++j) {
+        const T r = FN(sigm)(gi[j] + hh[j]);
+        const T u = FN(sigm)(gi[H + j] + hh[H + j]);
+        const T hn = hh[2 * H + j];
+        const T nn = FN(tanh)(gi[2 * H + j] + r * hn);
+        const T ct = nn + u * (cb[j] - nn);
+        const T e = (ct - thr[j]) > (T)0 ? (T)1 : (T)0;
+        yb[j] = ct * e;
+        cb[j] = ct - e * thr[j];
+        const T v = ct - thr[j];
+        const T av = v < (T)0 ? -v : v;
+        f += v > (T)0;
+        w += (v > (T)0) | (av < ep);
+        if (HAS_CNT) cntb[j] += e;
+        if (HAS_S) { sb[j] = r; sb[H + j] = u; sb[2 * H + j] = nn; sb[3 * H + j] = hn; ctb[j] = ct; }
+    }
+    *fired = f;
+    *wanted = w;
+}
 
 /* Forward of L steps. gis [L, B, 3H] (x W_ih^T + b_ih), whT [H, 3H] (W_hh^T), bh [3H] (zeros for
    none), thr [H]; c, y [B, H] (and cnt, the event counts, when not NULL) updated in place;
    ys [L, B, H]; s [L, B, 4H] (r, u, n, W_hn y + b_hn) and cts [L, B, H] (c~) when not NULL;
-   gh [B, 3H], bs, vs [B]: scratch; counts [L, 3]: events of each step, non-zero y read, entries
+   gh [B, 3H], bs [B (H + 1)], vs [B H]: scratch; counts [L, 3]: events of each step, non-zero y read, entries
    whose dL/dy the backward takes (events, |c~ - threshold| < epsilon). */
 CLONES void FN(egru_fwd)(long L, long B, long H, const T* gis, const T* whT, const T* bh, const T* thr,
                          double epsilon, T* c, T* y, T* cnt, T* ys, T* s, T* cts, T* gh, long* bs, T* vs,
@@ -124,29 +212,26 @@ CLONES void FN(egru_fwd)(long L, long B, long H, const T* gis, const T* whT, con
     for (long t = 0; t < L; ++t) {
         long nz = 0;
 #if EGRU_FWD_BY_SAMPLE
-        /* per sample, output chunks of 64 held in registers while its events' rows are added */
+        /* per sample the units with an event (bs) and their y (vs); then per chunk of FCH outputs
+           (W_hh^T's columns of it stay in L2 for all samples) each sample's rows added in
+           registers (acc_rows) */
+        long* mb = bs + B * H;
         for (long b = 0; b < B; ++b) {
             long k = 0;
+            const T* yb = y + b * H;
+            long* jb = bs + b * H;
+            T* vb = vs + b * H;
             for (long j = 0; j < H; ++j)
-                if (y[b * H + j] != (T)0) { bs[k] = j; vs[k] = y[b * H + j]; ++k; }
+                if (yb[j] != (T)0) { jb[k] = j; vb[k] = yb[j]; ++k; }
+            mb[b] = k;
             nz += k;
-            T* g = gh + b * O;
-            long o0 = 0;
-            for (; o0 + 64 <= O; o0 += 64) {
-                T acc[64];
-                for (int l = 0; l < 64; ++l) acc[l] = bh[o0 + l];
-                for (long q = 0; q < k; ++q) {
-                    const T* restrict w = whT + bs[q] * O + o0;
-                    const T v = vs[q];
-                    for (int l = 0; l < 64; ++l) acc[l] += v * w[l];
-                }
-                for (int l = 0; l < 64; ++l) g[o0 + l] = acc[l];
-            }
-            for (; o0 < O; ++o0) {
-                T a = bh[o0];
-                for (long q = 0; q < k; ++q) a += vs[q] * whT[bs[q] * O + o0];
-                g[o0] = a;
-            }
+        }
+        const long nch = (O + FCH - 1) / FCH;
+        for (long ci = 0; ci < nch; ++ci) {  /* chunks in alternating order (see masked_dots) */
+            const long o0 = ((t & 1) ? nch - 1 - ci : ci) * FCH;
+            const long n = O - o0 < FCH ? O - o0 : FCH;
+            for (long b = 0; b < B; ++b)
+                FN(acc_rows)(gh + b * O + o0, bh + o0, whT + o0, O, bs + b * H, vs + b * H, mb[b], n);
         }
 #else
         for (long b = 0; b < B; ++b) memcpy(gh + b * O, bh, sizeof(T) * O);
@@ -161,28 +246,16 @@ CLONES void FN(egru_fwd)(long L, long B, long H, const T* gis, const T* whT, con
 #endif
         long fired = 0, wanted = 0;
         for (long b = 0; b < B; ++b) {
-            const T* restrict gi = gis + (t * B + b) * O;
-            const T* restrict hh = gh + b * O;
-            T* restrict cb = c + b * H;
-            T* restrict yb = y + b * H;
-            T* restrict sb = s ? s + (t * B + b) * 4 * H : NULL;
-            T* restrict ctb = cts ? cts + (t * B + b) * H : NULL;
-            long f = 0, w = 0;
-            for (long j = 0; j < H; ++j) {
-                const T r = FN(sigm)(gi[j] + hh[j]);
-                const T u = FN(sigm)(gi[H + j] + hh[H + j]);
-                const T hn = hh[2 * H + j];
-                const T nn = FN(tanh)(gi[2 * H + j] + r * hn);
-                const T ct = nn + u * (cb[j] - nn);
-                const T e = (ct - thr[j]) > (T)0 ? (T)1 : (T)0;
-                yb[j] = ct * e;
-                cb[j] = ct - e * thr[j];
-                f += e > (T)0;
-                const T v = ct - thr[j];
-                w += e > (T)0 || (v < (T)0 ? -v : v) < ep;
-                if (cnt) cnt[b * H + j] += e;
-                if (sb) { sb[j] = r; sb[H + j] = u; sb[2 * H + j] = nn; sb[3 * H + j] = hn; ctb[j] = ct; }
-            }
+            const T* gi = gis + (t * B + b) * O;
+            const T* hh = gh + b * O;
+            T* sb = s ? s + (t * B + b) * 4 * H : NULL;
+            T* ctb = cts ? cts + (t * B + b) * H : NULL;
+            T* cb_ = cnt ? cnt + b * H : NULL;
+            int f = 0, w = 0;
+            if (sb && cb_) FN(fwd_point)(H, gi, hh, thr, ep, c + b * H, y + b * H, sb, ctb, cb_, &f, &w, 1, 1);
+            else if (sb) FN(fwd_point)(H, gi, hh, thr, ep, c + b * H, y + b * H, sb, ctb, cb_, &f, &w, 1, 0);
+            else if (cb_) FN(fwd_point)(H, gi, hh, thr, ep, c + b * H, y + b * H, sb, ctb, cb_, &f, &w, 0, 1);
+            else FN(fwd_point)(H, gi, hh, thr, ep, c + b * H, y + b * H, sb, ctb, cb_, &f, &w, 0, 0);
             fired += f;
             wanted += w;
         }
@@ -194,119 +267,165 @@ CLONES void FN(egru_fwd)(long L, long B, long H, const T* gis, const T* whT, con
     ftz_off(csr);
 }
 
-/* Backward of step t (the caller runs t = L-1 .. 0). c0, y0 [B, H]: the segment's initial state;
-   ys, s, cts: the forward's; gys [L, B, H] (zeros for none); gc, gy [B, H]: in the gradients of
-   c_t and y_t, out those of c_{t-1} and (when dots) y_{t-1}; gcnt [B, H] or NULL: the gradient of
-   the final counts (constant along the segment). Out: dgis[t], dghs[t] [B, 3H]; accumulated: gbh
-   [3H], gthr [H], and gwhT [H, 3H] when axpy. dots: take dL/dy_{t-1} = dgh . W_hh^T[j] only
-   where the step before needs it (its events and |c~ - threshold| < epsilon; every entry of y0
-   when t = 0 and need_y0); else the caller does it (a GEMM when most entries are needed).
-   axpy: dW_hh^T[j] += y_{t-1}[b, j] dgh[b] over the non-zero y_{t-1}. Scratch gyn [B, H], bs,
-   vs [B]. macs [2]: the dots and the axpys done are added (times 3H). */
-CLONES void FN(egru_bwd_step)(long L, long B, long H, long t, const T* c0, const T* y0, const T* ys,
-                              const T* s, const T* cts, const T* whT, const T* thr, double gamma,
-                              double epsilon, const T* gys, T* gc, T* gy, const T* gcnt, long need_y0,
-                              long dots, long axpy, T* dgis, T* dghs, T* gwhT, T* gbh, T* gthr, T* gyn,
-                              long* bs, T* vs, long* macs) {
-    (void)L;
-    const unsigned int csr = ftz_on();
+/* The pointwise backward of one sample (FusedPointwiseFunction's equations); tm = 0 at the
+   segment's first step (c_{t-1} = c0 as given), else 1 (c_{t-1} = c~_{t-1} - e threshold,
+   bitwise the forward's); HAS_GN (a constant after inlining): gnb, the counts' gradient, given. */
+INL void FN(bwd_point)(long H, const T* restrict sb, const T* restrict ctb, const T* restrict cpb,
+                       const T* restrict thr, const T* restrict gyb, const T* restrict gy_,
+                       const T* restrict gnb, T tm, T gm, T iep, T* restrict gcb, T* restrict dgi,
+                       T* restrict dg, T* restrict gthr, const int HAS_GN) {
+    for (long j = 0; j < H; ++j) {
+        const T ct = ctb[j], th = thr[j];
+        const T v = ct - th;
+        const T e = v > (T)0 ? (T)1 : (T)0;
+        T cp = cpb[j];
+        const T ep_ = ((cp - th) > (T)0 ? (T)1 : (T)0) * tm;
+        cp = cp - ep_ * th;
+        const T dy = gy_[j] + gyb[j];
+        const T dcn = gcb[j];
+        T det = dy * ct - dcn * th;
+        if (HAS_GN) det = det + gnb[j];
+        const T av = v < (T)0 ? -v : v;
+        const T ps = (T)1 - av * iep;
+        const T dv = det * (gm * (ps > (T)0 ? ps : (T)0));
+        const T dct = (dv + dy * e) + dcn;
+        gthr[j] -= dv + dcn * e;
+        const T r = sb[j], u = sb[H + j], nn = sb[2 * H + j], hn = sb[3 * H + j];
+        const T dcp = dct * u;
+        const T dn = dct - dcp;
+        const T du = dct * (cp - nn);
+        const T dan = dn * ((T)1 - nn * nn);
+        const T dau = du * u * ((T)1 - u);
+        const T dar = dan * hn * r * ((T)1 - r);
+        dgi[j] = dar; dgi[H + j] = dau; dgi[2 * H + j] = dan;
+        dg[j] = dar; dg[H + j] = dau; dg[2 * H + j] = dan * r;
+        gcb[j] = dcp;
+    }
+}
+
+/* The pointwise backward of step t (FusedPointwiseFunction's equations): from gy (dL/dy_t from
+   the step after, [B, H]) plus gys[t], gc (dL/dc_t, replaced by dL/dc_{t-1}) and gcnt; writes
+   dgis[t], dghs[t] [B, 3H]; accumulates gbh [3H] and gthr [H]. */
+INL void FN(bwd_pointwise)(long B, long H, long t, const T* c0, const T* s, const T* cts,
+                              const T* thr, T gm, T iep, const T* gys, T* gc, const T* gy,
+                              const T* gcnt, T* dgis, T* dghs, T* gbh, T* gthr) {
     const long O = 3 * H;
-    const T gm = (T)gamma, ep = (T)epsilon, iep = (T)1 / (T)epsilon;
     T* dgh = dghs + t * B * O;
+    const T tm = t ? (T)1 : (T)0;
     for (long b = 0; b < B; ++b) {
-        const T* restrict sb = s + (t * B + b) * 4 * H;
-        const T* restrict ctb = cts + (t * B + b) * H;
-        const T* restrict cpb = t ? cts + ((t - 1) * B + b) * H : c0 + b * H;
-        const T* restrict gyb = gys + (t * B + b) * H;
-        const T* restrict gnb = gcnt ? gcnt + b * H : NULL;
-        T* restrict gcb = gc + b * H;
-        T* restrict gy_ = gy + b * H;
-        T* restrict dgi = dgis + (t * B + b) * O;
-        T* restrict dg = dgh + b * O;
-        for (long j = 0; j < H; ++j) {
-            const T ct = ctb[j], th = thr[j];
-            const T v = ct - th;
-            const T e = v > (T)0 ? (T)1 : (T)0;
-            /* c_{t-1}: the forward's c = c~ - e threshold of the step before (bitwise) */
-            T cp = cpb[j];
-            if (t) { const T ep_ = (cp - th) > (T)0 ? (T)1 : (T)0; cp = cp - ep_ * th; }
-            const T dy = gy_[j] + gyb[j];
-            const T dcn = gcb[j];
-            T det = dy * ct - dcn * th;
-            if (gnb) det = det + gnb[j];
-            const T av = v < (T)0 ? -v : v;
-            const T ps = (T)1 - av * iep;
-            const T dv = det * (gm * (ps > (T)0 ? ps : (T)0));
-            const T dct = (dv + dy * e) + dcn;
-            gthr[j] -= dv + dcn * e;
-            const T r = sb[j], u = sb[H + j], nn = sb[2 * H + j], hn = sb[3 * H + j];
-            const T dcp = dct * u;
-            const T dn = dct - dcp;
-            const T du = dct * (cp - nn);
-            const T dan = dn * ((T)1 - nn * nn);
-            const T dau = du * u * ((T)1 - u);
-            const T dar = dan * hn * r * ((T)1 - r);
-            dgi[j] = dar; dgi[H + j] = dau; dgi[2 * H + j] = dan;
-            dg[j] = dar; dg[H + j] = dau; dg[2 * H + j] = dan * r;
-            gcb[j] = dcp;
-        }
+        const T* sb = s + (t * B + b) * 4 * H;
+        const T* ctb = cts + (t * B + b) * H;
+        const T* cpb = t ? cts + ((t - 1) * B + b) * H : c0 + b * H;
+        const T* gyb = gys + (t * B + b) * H;
+        T* dg = dgh + b * O;
+        if (gcnt)
+            FN(bwd_point)(H, sb, ctb, cpb, thr, gyb, gy + b * H, gcnt + b * H, tm, gm, iep, gc + b * H,
+                          dgis + (t * B + b) * O, dg, gthr, 1);
+        else
+            FN(bwd_point)(H, sb, ctb, cpb, thr, gyb, gy + b * H, NULL, tm, gm, iep, gc + b * H,
+                          dgis + (t * B + b) * O, dg, gthr, 0);
         for (long o = 0; o < O; ++o) gbh[o] += dg[o];
     }
-    /* the recurrent product W_hh y_{t-1}: dL/dy_{t-1} where needed, dW_hh over its non-zero y */
-    const T* yp = t ? ys + (t - 1) * B * H : y0;
-    const T* ctp = t ? cts + (t - 1) * B * H : NULL;
-    long ndot = 0, naxpy = 0;
-    const int do_dots = dots && (t || need_y0);
-    if (do_dots) memset(gyn, 0, sizeof(T) * B * H);
-    for (long j = 0; j < H; ++j) {
-        const T* w = whT + j * O;
-        if (do_dots) {
-            for (long b = 0; b < B; ++b) {
-                int want = 1;
-                if (t) {
-                    const T v = ctp[b * H + j] - thr[j];
-                    want = v > (T)0 || (v < (T)0 ? -v : v) < ep;
-                }
-                if (want) { gyn[b * H + j] = FN(dot)(dgh + b * O, w, O); ++ndot; }
-            }
-        }
-        if (axpy) {
-            long k = 0;
-            for (long b = 0; b < B; ++b)
-                if (yp[b * H + j] != (T)0) { bs[k] = b; vs[k] = yp[b * H + j]; ++k; }
-            T* row = gwhT + j * O;
-            for (long q = 0; q < k; ++q) FN(axpy)(row, vs[q], dgh + bs[q] * O, O);
-            naxpy += k;
-        }
-    }
-    if (do_dots) memcpy(gy, gyn, sizeof(T) * B * H);
-    macs[0] += ndot;
-    macs[1] += naxpy;
-    ftz_off(csr);
 }
 
 /* dW_hh^T[j] += sum_{t0 <= t < t1} sum_b y_{t-1}[b, j] dgh_t[b] over the non-zero y_{t-1}: the
-   weight gradient of a block of steps, row by row, so each row of dW_hh^T is read and written once
-   per block (not once per step) while the block's dgh rows stay in cache. y0 [B, H]; ys [L, B, H];
-   dghs [L, B, 3H]. Returns the axpys done (times 3H). */
-CLONES long FN(egru_dw_block)(long B, long H, long t0, long t1, const T* y0, const T* ys, const T* dghs,
-                              T* gwhT) {
+   weight gradient of a block of steps. The block's events are first sorted by unit (counting
+   sort into idx (rows t B + b of dghs) and val, cnt [H] scratch), then each row of dW_hh^T is read
+   and written once while its events' dgh rows are added in registers (acc_rows). Returns the
+   events (axpys of 3H). */
+static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T* ys, const T* dghs,
+                         T* gwhT, long* cnt, long* idx, T* val) {
+    const long O = 3 * H;
+    memset(cnt, 0, sizeof(long) * H);
+    for (long t = t0; t < t1; ++t) {
+        const T* yp = t ? ys + (t - 1) * B * H : y0;
+        for (long b = 0; b < B; ++b)
+            for (long j = 0; j < H; ++j) cnt[j] += yp[b * H + j] != (T)0;
+    }
+    long n = 0;
+    for (long j = 0; j < H; ++j) { const long c = cnt[j]; cnt[j] = n; n += c; }  /* starts */
+    for (long t = t0; t < t1; ++t) {
+        const T* yp = t ? ys + (t - 1) * B * H : y0;
+        for (long b = 0; b < B; ++b)
+            for (long j = 0; j < H; ++j) {
+                const T v = yp[b * H + j];
+                if (v != (T)0) { const long p = cnt[j]++; idx[p] = t * B + b; val[p] = v; }
+            }
+    }
+    long start = 0;  /* cnt[j] is now the end of unit j's events */
+    for (long j = 0; j < H; ++j) {
+        const long m = cnt[j] - start;
+        if (m) FN(acc_rows)(gwhT + j * O, gwhT + j * O, dghs, O, idx + start, val + start, m, O);
+        start = cnt[j];
+    }
+    return n;
+}
+
+/* dL/dy_{t-1}[b, j] = dgh_t[b] . W_hh^T[j] where wanted: at the step before's events and units
+   within epsilon of the threshold (ctp: its c~; every entry when ctp is NULL); zero elsewhere
+   (into gy [B, H]). Each row of W_hh^T is read once for the samples that want it (multi_dot:
+   groups of 4 per pass); rev: the rows in reverse order (the caller alternates, so the rows
+   read last by one step, still in L2, are the first the next step reads: W_hh^T, 3 MiB at
+   H = 512 in float32, does not fit in L2 and a cyclic order would miss on every row).
+   ap [B], out [B]: scratch. Returns the dots done (of 3H). */
+static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T* ctp, const T* thr,
+                            T ep, int rev, T* gy, const T** ap, long* bs, T* out) {
+    const long O = 3 * H;
+    long nd = 0;
+    memset(gy, 0, sizeof(T) * B * H);
+    for (long jj = 0; jj < H; ++jj) {
+        const long j = rev ? H - 1 - jj : jj;
+        long k = 0;
+        for (long b = 0; b < B; ++b) {
+            int want = 1;
+            if (ctp) {
+                const T v = ctp[b * H + j] - thr[j];
+                want = v > (T)0 || (v < (T)0 ? -v : v) < ep;
+            }
+            if (want) { ap[k] = dgh + b * O; bs[k] = b; ++k; }
+        }
+        if (!k) continue;
+        FN(multi_dot)(whT + j * O, ap, k, O, out);
+        for (long q = 0; q < k; ++q) gy[bs[q] * H + j] = out[q];
+        nd += k;
+    }
+    return nd;
+}
+
+/* Backward of the steps t_hi, t_hi - 1, .. 0 of a segment (one call for all of them, or until
+   a step whose dL/dy_{t-1} the caller takes as a GEMM: dense[t] != 0; then it returns t with
+   dghs[t] written, and the caller sets gy = dghs[t] W_hh and calls again with t_hi = t - 1).
+   Returns -1 when step 0 is done. c0, y0 [B, H]: the segment's initial state; ys, s, cts: the
+   forward's; gys [L, B, H] (zeros for none); gc, gy [B, H]: in the gradients of c_t and y_t, out
+   those of c_{t-1} and y_{t-1}; gcnt [B, H] or NULL: the gradient of the final counts (constant
+   along the segment). Per step: the pointwise backward (bwd_pointwise), then dL/dy_{t-1} where
+   the step before needs it (masked_dots; every entry of y0 at t = 0 when need_y0; nothing at
+   t = 0 otherwise); when axpy, dW_hh^T over the events (dw_block) each time t reaches a multiple
+   of blk (blocks [t, t + blk)). Out: dgis, dghs [L, B, 3H]; accumulated: gbh [3H], gthr [H],
+   gwhT [H, 3H] (when axpy). Scratch: ap, bs, out [B]; cnt [H], idx, val [blk B H]. macs [2]: the
+   dots and the axpys done are added (times 3H). */
+CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, const T* c0, const T* y0, const T* ys,
+                         const T* s, const T* cts, const T* whT, const T* thr, double gamma,
+                         double epsilon, const T* gys, T* gc, T* gy, const T* gcnt, long need_y0,
+                         const unsigned char* dense, long axpy, long blk, T* dgis, T* dghs, T* gwhT,
+                         T* gbh, T* gthr, const T** ap, long* bs, T* out, long* cnt, long* idx,
+                         T* val, long* macs) {
     const unsigned int csr = ftz_on();
     const long O = 3 * H;
-    long n = 0;
-    for (long j = 0; j < H; ++j) {
-        T* row = gwhT + j * O;
-        for (long t = t0; t < t1; ++t) {
-            const T* yp = t ? ys + (t - 1) * B * H : y0;
-            const T* dg = dghs + t * B * O;
-            for (long b = 0; b < B; ++b) {
-                const T v = yp[b * H + j];
-                if (v != (T)0) { FN(axpy)(row, v, dg + b * O, O); ++n; }
-            }
-        }
+    const T gm = (T)gamma, ep = (T)epsilon, iep = (T)1 / (T)epsilon;
+    long stop = -1;
+    for (long t = t_hi; t >= 0; --t) {
+        FN(bwd_pointwise)(B, H, t, c0, s, cts, thr, gm, iep, gys, gc, gy, gcnt, dgis, dghs, gbh, gthr);
+        const int want_dy = t || need_y0;
+        if (want_dy && !dense[t])
+            macs[0] += FN(masked_dots)(B, H, dghs + t * B * O, whT, t ? cts + (t - 1) * B * H : NULL, thr,
+                                       ep, (int)(t & 1), gy, ap, bs, out);
+        if (axpy && t % blk == 0)
+            macs[1] += FN(dw_block)(B, H, t, t + blk < L ? t + blk : L, y0, ys, dghs, gwhT, cnt, idx, val);
+        if (want_dy && dense[t]) { stop = t; break; }
     }
     ftz_off(csr);
-    return n;
+    return stop;
 }
 
 #undef MM
@@ -318,3 +437,4 @@ CLONES long FN(egru_dw_block)(long B, long H, long t0, long t1, const T* y0, con
 #undef LANES
 #undef PS
 #undef TBITS
+#undef VT512

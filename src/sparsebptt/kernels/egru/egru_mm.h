@@ -1,0 +1,128 @@
+/* EGRU's register-blocked sparse products for one scalar type and one vector width (issue 17):
+   included by egru_body.h with T, SUF, PS (ps or pd) and VW (512 or 256), VEC (the vector type),
+   VLN (its lanes), VTGT (the target string) and VHSUM(v) (the sum of a vector's lanes) defined.
+   FV(name) names the copy name_<SUF>_<VW>; each is compiled for its target only and called only
+   when the CPU has it (egru_body.h's dispatch). Multiply-adds are fused here (these are sums of
+   products whose order differs from torch's anyway); the pointwise math is not (cbuild's
+   -ffp-contract=off). */
+#define SB_MMV_(w) _mm##w
+#define SB_MMV(w) SB_MMV_(w)
+#define VOP(op) SB_CAT(SB_CAT(SB_MMV(VW), op), PS)
+#define FV(name) SB_CAT(FN(name), VW)
+
+/* out[o] = init[o] + sum_{q < m} vals[q] base[idx[q] stride + o] for o < n (out may be init):
+   8 vectors of out held in registers while the m rows are added (one load per multiply-add),
+   then single vectors, then scalars. The forward's W_hh y over a sample's events (base =
+   W_hh^T, idx = its units) and the weight gradient's dW_hh^T[j] over the events of unit j in a
+   block of steps (base = dL/d(W_hh y) rows, idx = their (t, b)). */
+__attribute__((target(VTGT)))
+static void FV(acc_rows)(T* out, const T* init, const T* base, long stride, const long* idx,
+                         const T* vals, long m, long n) {
+    long o = 0;
+    for (; o + 8 * VLN <= n; o += 8 * VLN) {
+        VEC a0 = VOP(loadu)(init + o), a1 = VOP(loadu)(init + o + VLN);
+        VEC a2 = VOP(loadu)(init + o + 2 * VLN), a3 = VOP(loadu)(init + o + 3 * VLN);
+        VEC a4 = VOP(loadu)(init + o + 4 * VLN), a5 = VOP(loadu)(init + o + 5 * VLN);
+        VEC a6 = VOP(loadu)(init + o + 6 * VLN), a7 = VOP(loadu)(init + o + 7 * VLN);
+        for (long q = 0; q < m; ++q) {
+            const VEC v = VOP(set1)(vals[q]);
+            const T* p = base + idx[q] * stride + o;
+            a0 = VOP(fmadd)(v, VOP(loadu)(p), a0);
+            a1 = VOP(fmadd)(v, VOP(loadu)(p + VLN), a1);
+            a2 = VOP(fmadd)(v, VOP(loadu)(p + 2 * VLN), a2);
+            a3 = VOP(fmadd)(v, VOP(loadu)(p + 3 * VLN), a3);
+            a4 = VOP(fmadd)(v, VOP(loadu)(p + 4 * VLN), a4);
+            a5 = VOP(fmadd)(v, VOP(loadu)(p + 5 * VLN), a5);
+            a6 = VOP(fmadd)(v, VOP(loadu)(p + 6 * VLN), a6);
+            a7 = VOP(fmadd)(v, VOP(loadu)(p + 7 * VLN), a7);
+        }
+        VOP(storeu)(out + o, a0); VOP(storeu)(out + o + VLN, a1);
+        VOP(storeu)(out + o + 2 * VLN, a2); VOP(storeu)(out + o + 3 * VLN, a3);
+        VOP(storeu)(out + o + 4 * VLN, a4); VOP(storeu)(out + o + 5 * VLN, a5);
+        VOP(storeu)(out + o + 6 * VLN, a6); VOP(storeu)(out + o + 7 * VLN, a7);
+    }
+    for (; o + VLN <= n; o += VLN) {
+        VEC a = VOP(loadu)(init + o);
+        for (long q = 0; q < m; ++q)
+            a = VOP(fmadd)(VOP(set1)(vals[q]), VOP(loadu)(base + idx[q] * stride + o), a);
+        VOP(storeu)(out + o, a);
+    }
+    for (; o < n; ++o) {
+        T a = init[o];
+        for (long q = 0; q < m; ++q) a += vals[q] * base[idx[q] * stride + o];
+        out[o] = a;
+    }
+}
+
+/* out[q] = w . a[q] over n entries for q < K (K = 1..4, a constant after inlining): each chunk
+   of w loaded once for the K samples, two vectors per sample in flight (2K accumulators) */
+__attribute__((always_inline, target(VTGT)))
+static inline void FV(dotk)(const T* w, const T* const* a, long n, T* out, const int K) {
+    const T* a0 = a[0];
+    const T* a1 = K > 1 ? a[1] : a0;
+    const T* a2 = K > 2 ? a[2] : a0;
+    const T* a3 = K > 3 ? a[3] : a0;
+    VEC s00 = VOP(setzero)(), s01 = VOP(setzero)(), s10 = VOP(setzero)(), s11 = VOP(setzero)();
+    VEC s20 = VOP(setzero)(), s21 = VOP(setzero)(), s30 = VOP(setzero)(), s31 = VOP(setzero)();
+    long i = 0;
+    for (; i + 2 * VLN <= n; i += 2 * VLN) {
+        const VEC w0 = VOP(loadu)(w + i), w1 = VOP(loadu)(w + i + VLN);
+        s00 = VOP(fmadd)(w0, VOP(loadu)(a0 + i), s00);
+        s01 = VOP(fmadd)(w1, VOP(loadu)(a0 + i + VLN), s01);
+        if (K > 1) {
+            s10 = VOP(fmadd)(w0, VOP(loadu)(a1 + i), s10);
+            s11 = VOP(fmadd)(w1, VOP(loadu)(a1 + i + VLN), s11);
+        }
+        if (K > 2) {
+            s20 = VOP(fmadd)(w0, VOP(loadu)(a2 + i), s20);
+            s21 = VOP(fmadd)(w1, VOP(loadu)(a2 + i + VLN), s21);
+        }
+        if (K > 3) {
+            s30 = VOP(fmadd)(w0, VOP(loadu)(a3 + i), s30);
+            s31 = VOP(fmadd)(w1, VOP(loadu)(a3 + i + VLN), s31);
+        }
+    }
+    for (; i + VLN <= n; i += VLN) {
+        const VEC w0 = VOP(loadu)(w + i);
+        s00 = VOP(fmadd)(w0, VOP(loadu)(a0 + i), s00);
+        if (K > 1) s10 = VOP(fmadd)(w0, VOP(loadu)(a1 + i), s10);
+        if (K > 2) s20 = VOP(fmadd)(w0, VOP(loadu)(a2 + i), s20);
+        if (K > 3) s30 = VOP(fmadd)(w0, VOP(loadu)(a3 + i), s30);
+    }
+    T r0 = VHSUM(VOP(add)(s00, s01)), r1 = 0, r2 = 0, r3 = 0;
+    if (K > 1) r1 = VHSUM(VOP(add)(s10, s11));
+    if (K > 2) r2 = VHSUM(VOP(add)(s20, s21));
+    if (K > 3) r3 = VHSUM(VOP(add)(s30, s31));
+    for (; i < n; ++i) {
+        r0 += w[i] * a0[i];
+        if (K > 1) r1 += w[i] * a1[i];
+        if (K > 2) r2 += w[i] * a2[i];
+        if (K > 3) r3 += w[i] * a3[i];
+    }
+    out[0] = r0;
+    if (K > 1) out[1] = r1;
+    if (K > 2) out[2] = r2;
+    if (K > 3) out[3] = r3;
+}
+
+/* out[q] = w . a[q] over n entries for q < k (k = 1..4) */
+__attribute__((target(VTGT)))
+static void FV(dots)(const T* w, const T* const* a, int k, long n, T* out) {
+    switch (k) {
+    case 1: FV(dotk)(w, a, n, out, 1); break;
+    case 2: FV(dotk)(w, a, n, out, 2); break;
+    case 3: FV(dotk)(w, a, n, out, 3); break;
+    default: FV(dotk)(w, a, n, out, 4); break;
+    }
+}
+
+#undef FV
+#undef VOP
+#undef SB_MMV
+#undef SB_MMV_
+/* this width's parameters end here */
+#undef VW
+#undef VEC
+#undef VLN
+#undef VTGT
+#undef VHSUM
