@@ -709,3 +709,120 @@ def test_the_fused_path_says_it_ran(caplog):
     with caplog.at_level(logging.INFO, logger="sparsebptt.kernels"):
         sb.scan(sb.cells.LIF(3, 4, backend="cpu"), torch.rand(5, 2, 3))
     assert any("fused 'cpu' backend" in r.getMessage() for r in caplog.records)
+
+
+# ---- spike-driven input products (issue 17) ----------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(37, 19, 23), (160, 64, 256), (300, 40, 100), (1, 1, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_spike_rows_products_equal_the_matmul(dtype, shape, bias):
+    """Currents from the rows of W^T at the spikes, and dW from the rows of dL/di at them, equal
+    the dense products (vector tails: H and K off every block size)."""
+    from sparsebptt.kernels.lif.cpu import SpikeRows
+    R, K, H = shape
+    x = seeded(1, R, K, dtype=dtype, kind="spikes", p=0.2)
+    W, b, d = seeded(2, H, K, dtype=dtype), seeded(3, H, dtype=dtype) if bias else None, seeded(4, R, H, dtype=dtype)
+    rows = SpikeRows.of(x, keep=True)
+    assert rows is not None and rows.col.numel() == int(x.count_nonzero())
+    out = torch.empty(R, H, dtype=dtype)
+    rows.project(W, b, out)
+    ref = x @ W.t() + (b if bias else 0)
+    assert_close("currents", ref, out, dtype)
+    assert_close("dW", d.t() @ x, rows.weight_grad(d), dtype)
+
+
+def test_spike_rows_of_a_row_do_not_depend_on_the_others():
+    """A row's currents are summed in one fixed order whatever rows come with it, so a recomputed
+    segment repeats the forward's currents bit for bit however the scan was cut."""
+    from sparsebptt.kernels.lif.cpu import SpikeRows
+    x = seeded(5, 96, 70, dtype=torch.float32, kind="spikes", p=0.15)
+    W, b = seeded(6, 50, 70, dtype=torch.float32), seeded(7, 50, dtype=torch.float32)
+    whole = torch.empty(96, 50)
+    SpikeRows.of(x, keep=False).project(W, b, whole)
+    for a, c in ((0, 10), (10, 13), (13, 96)):
+        part = torch.empty(c - a, 50)
+        SpikeRows.of(x[a:c].contiguous(), keep=False).project(W, b, part)
+        assert torch.equal(part, whole[a:c])
+
+
+@pytest.mark.parametrize("bad", [0.5, -1.0, float("nan"), 2.0], ids=["half", "minus1", "nan", "two"])
+def test_spike_path_checks_its_input(bad):
+    """``spikes=True`` is a hint: an entry other than 0 or 1 sends the layer to the matmul, with the
+    same outputs and gradients as ``spikes=False``."""
+    from sparsebptt.kernels.lif.cpu import SpikeRows, fused_lif_layer
+    x = seeded(8, 9, 3, 11, kind="spikes", p=0.3)
+    x[4, 1, 7] = bad
+    assert SpikeRows.of(x.reshape(27, 11), keep=False) is None
+    W, b, v0 = seeded(9, 6, 11), seeded(10, 6), 0.3 * seeded(11, 3, 6)
+    res = []
+    for spikes in (False, True):
+        args = [t.clone().requires_grad_() for t in (x, v0, W, b)]
+        z, vT = fused_lif_layer(args[0], args[1], args[2], args[3], 0.8, LIFParams(threshold=0.4), spikes=spikes)
+        torch.nan_to_num(z * seeded(12, *z.shape) + vT.sum()).sum().backward()
+        res.append([z.detach(), vT.detach()] + [a.grad for a in args])
+    for a, c in zip(*res):
+        assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(c))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_spike_path_layer_equals_the_matmul_layer(dtype):
+    """fused_lif_layer with spikes=True: outputs, state and every gradient as with the matmul; the
+    backward keeps the spikes' columns instead of x."""
+    from sparsebptt.kernels.lif.cpu import fused_lif_layer
+    x = seeded(13, 23, 4, 30, dtype=dtype, kind="spikes", p=0.25)
+    W, b, v0 = 0.8 * seeded(14, 45, 30, dtype=dtype), seeded(15, 45, dtype=dtype), 0.3 * seeded(16, 4, 45, dtype=dtype)
+    beta = 0.5 + 0.4 * seeded(17, 45, dtype=dtype, kind="uniform")
+    res, saved = [], []
+    for spikes in (False, True):
+        args = [t.clone().requires_grad_() for t in (x, v0, W, b, beta)]
+        z, vT = fused_lif_layer(*args, LIFParams(threshold=0.5), spikes=spikes)
+        saved.append(any(t is not None and t.shape == x.shape for t in z.grad_fn.saved_tensors))
+        ((z * seeded(18, *z.shape, dtype=dtype)).sum() + (vT * seeded(19, *vT.shape, dtype=dtype)).sum()).backward()
+        res.append([z.detach(), vT.detach()] + [a.grad for a in args])
+    for name, a, c in zip(["z", "vT", "dx", "dv0", "dW", "db", "dbeta"], *res):
+        assert_close(name, a, c, dtype)
+    assert saved == [True, False]  # int32 columns of the spikes, not the [L, B, in] input
+
+
+def test_a_stack_tells_a_lif_after_a_spiking_layer_that_its_input_is_spikes():
+    import functools
+    lif_lif = sb.cells.Stack([sb.cells.LIF(5, 8, backend="cpu"), sb.cells.LIF(8, 6, backend="cpu"),
+                              sb.cells.LIFNeuron(6, backend="cpu"), sb.cells.LIF(6, 4, backend="cpu")])
+    fns = lif_lif._segment_fns()
+    hints = [isinstance(f, functools.partial) and f.keywords.get("spikes", False) for f in fns]
+    assert hints == [False, True, False, True]  # not the scan's input, not LIFNeuron (no projection)
+    mixed = sb.cells.Stack([sb.cells.LIF(5, 8, backend="cpu"), sb.cells.GRU(8, 8, backend="cpu"),
+                            sb.cells.LIF(8, 6, backend="cpu"), torch.nn.Identity(), sb.cells.LIF(6, 4, backend="cpu")])
+    assert not any(isinstance(f, functools.partial) and f.keywords.get("spikes", False)
+                   for f in mixed._segment_fns())
+
+
+def test_a_scan_runs_the_backend_its_forward_resolved(monkeypatch):
+    """The segment path is resolved once per scan: a process default changed between the forward
+    and the backward does not change what the recomputation runs (it repeats the forward), and
+    the next scan follows the new default."""
+    import sparsebptt.kernels.lif.cpu as lif_cpu
+    monkeypatch.setattr(kb, "_default", None)
+    monkeypatch.delenv("SPARSEBPTT_BACKEND", raising=False)
+    calls = []
+    orig = lif_cpu.fused_lif_layer
+    monkeypatch.setattr(lif_cpu, "fused_lif_layer", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    sb.set_backend("cpu")
+    torch.manual_seed(0)
+    net = sb.cells.Stack([sb.cells.LIF(6, 9), sb.cells.LIF(9, 5)]).double()
+    x = seeded(20, 24, 3, 6, kind="spikes", p=0.4)
+    out, _ = sb.scan(net, x)
+    ref = dict(zip([n for n, _ in net.named_parameters()],
+                   torch.autograd.grad((out * seeded(100, *out.shape)).sum(), list(net.parameters()))))
+    out, _ = sb.scan(net, x, strategy=sb.Checkpoint(every=5))
+    n_forward = len(calls)
+    sb.set_backend("torch")
+    (out * seeded(100, *out.shape)).sum().backward()
+    assert len(calls) > n_forward  # the recomputation ran the fused layers the forward ran
+    for n, p in net.named_parameters():
+        assert_close(n, ref[n], p.grad, torch.float64)
+    calls.clear()
+    with torch.no_grad():
+        sb.scan(net, x, strategy=sb.Checkpoint(every=5))
+    assert not calls  # the next scan runs the new default

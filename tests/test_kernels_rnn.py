@@ -371,3 +371,43 @@ def test_layer_input_checks(case, match):
         w_ih = w_ih.double()
     with pytest.raises((ValueError, TypeError), match=match):
         fused_gru_layer(x, h0, w_ih, w_hh, b, b_hh)
+
+
+# ---- W_hh^T made once per value of the weight (issue 17) ----------------------------------------
+def test_transposed_copy_is_reused_until_the_weight_changes():
+    import gc
+
+    from sparsebptt.kernels import common
+    w = torch.nn.Parameter(seeded(1, 6, 4))
+    a = common.transposed(w)
+    assert torch.equal(a, w.t()) and a.is_contiguous() and not a.requires_grad
+    assert common.transposed(w) is a  # reused
+    with torch.no_grad():
+        w.add_(1.0)  # an optimizer step: the version counter moves
+    b = common.transposed(w)
+    assert b is not a and torch.equal(b, w.t())
+    w.data = seeded(2, 6, 4)  # a new storage
+    c = common.transposed(w)
+    assert c is not b and torch.equal(c, w.t())
+    held = len(common._transposed_cache.entries)
+    del w, a, b, c
+    gc.collect()
+    common.transposed(torch.ones(2, 2))  # the next miss drops the copies of weights gone since
+    assert len(common._transposed_cache.entries) <= held
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_checkpointed_training_steps_see_the_updated_weights(kind):
+    """Two SGD steps under Checkpoint: the second scan's segments multiply by the updated W_hh,
+    as the reference (FullBPTT, backend "torch") does."""
+    ref, fast = make_pair(kind, torch.float64, h=18)
+    x = seeded(3, 20, 2, N_IN)
+    for cell, strategy in ((ref, sb.FullBPTT()), (fast, sb.Checkpoint(every=6))):
+        opt = torch.optim.SGD(cell.parameters(), lr=0.5)
+        for _ in range(2):
+            opt.zero_grad()
+            out, _ = sb.scan(cell, x, strategy=strategy)
+            (out * seeded(4, *out.shape)).sum().backward()
+            opt.step()
+    for (n, p), (_, q) in zip(ref.named_parameters(), fast.named_parameters()):
+        assert_close(n, p.detach(), q.detach(), torch.float64)

@@ -10,6 +10,7 @@ Every exact strategy works with any such module. The reference cells here add ``
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -172,17 +173,24 @@ class FusedCell(Cell):
     #: (None: every backend of ``kernels``)
     segment_kernels: "tuple[str, ...] | None" = None
 
+    #: whether ``_scan_segment`` takes the resolved backend as ``backend=`` (then `scan_segment`
+    #: hands it out bound, and the segments of one scan, recomputations included, run the backend
+    #: resolved when the scan asked for it, without resolving it again per segment)
+    segment_takes_backend: bool = False
+
     @property
     def scan_segment(self):
         """The fused segment scan when a fused backend with a segment kernel is active and the
         cell's ``step`` is the one that kernel implements (see `step_is_fused`), else None (the
-        step path)."""
+        step path). The executor asks once per scan and runs every segment through what it got."""
         backend = self.active_backend
         segments = self.kernels if self.segment_kernels is None else self.segment_kernels
         if backend == "torch" or backend not in segments or not step_is_fused(
                 self, "_scan_segment", f"the fused {backend!r} segment kernel"):
             return None
         log_once(f"sparsebptt: {type(self).__name__} scans run the fused {backend!r} backend")
+        if self.segment_takes_backend:
+            return functools.partial(self._scan_segment, backend=backend)
         return self._scan_segment
 
     def extra_repr(self) -> str:

@@ -120,6 +120,11 @@ class LIF(FusedCell):
     """
 
     kernels = ("cpu", "triton")
+    segment_takes_backend = True
+    #: every output is a spike, 0 or 1 (a `Stack` tells the next LIF layer so: see ``_scan_segment``)
+    output_is_spikes = True
+    #: ``_scan_segment`` takes ``spikes=True`` for an input known to hold spikes
+    segment_takes_spikes = True
 
     def __init__(self, input_size: int, hidden_size: int, *, beta: float = 0.9, threshold: float = 1.0,
                  reset: str = "subtract", surrogate: str = "fast_sigmoid",
@@ -152,8 +157,14 @@ class LIF(FusedCell):
             t.add_activity(self, z.sum(), z.numel())
         return z, ((v, z) if self.recurrent else (v,))
 
-    def _scan_segment(self, x_seg, state):
-        backend = self.active_backend  # "cpu" or "triton": `FusedCell.scan_segment` hands this out
+    def _scan_segment(self, x_seg, state, *, backend=None, spikes: bool = False):
+        """A segment through the fused kernels. ``backend``: "cpu" or "triton", as
+        `FusedCell.scan_segment` resolved it (None: resolve now). ``spikes``: the caller knows
+        ``x_seg`` holds spikes (0/1; a `Stack` says so for the output of a spiking layer): the
+        feed-forward "cpu" layer then sums the currents from the rows of W at the spikes
+        (`sparsebptt.kernels.lif.cpu.fused_lif_layer`); a hint, checked there."""
+        if backend is None:
+            backend = self.active_backend  # "cpu" or "triton": `FusedCell.scan_segment` hands this out
         beta = self.params.beta if self.beta is None else self.beta.clamp(0.0, 1.0)
         if self.recurrent:  # per step: a matmul for V z_{t-1}, one backend call for the membrane
             if backend == "cpu":
@@ -169,7 +180,7 @@ class LIF(FusedCell):
         (v,) = state
         if backend == "cpu":  # projection, recurrence and their backward in one node
             from ..kernels.lif.cpu import fused_lif_layer
-            z, v = fused_lif_layer(x_seg, v, self.weight, self.bias, beta, self.params)
+            z, v = fused_lif_layer(x_seg, v, self.weight, self.bias, beta, self.params, spikes=spikes)
         else:
             from ..kernels.lif.triton import fused_recurrent_lif
             i = linear(x_seg, self.weight, self.bias)  # [L, B, H]: one matmul, MACs counted as per step
@@ -225,6 +236,9 @@ class LIFNeuron(FusedCell):
     """
 
     kernels = ("cpu", "triton")
+    segment_takes_backend = True
+    #: every output is a spike, 0 or 1 (see `LIF.output_is_spikes`)
+    output_is_spikes = True
 
     def __init__(self, shape, *, beta: float = 0.9, threshold: float = 1.0, reset: str = "subtract",
                  surrogate: str = "fast_sigmoid", surrogate_scale: float | None = None,
@@ -286,9 +300,11 @@ class LIFNeuron(FusedCell):
             t.add_activity(self, z.sum(), z.numel())
         return z, (v,)
 
-    def _scan_segment(self, x_seg, state):
+    def _scan_segment(self, x_seg, state, *, backend=None):
         self._check_input(x_seg, 2)
-        if self.active_backend == "cpu":  # `FusedCell.scan_segment` hands this out for "cpu" or "triton"
+        if backend is None:
+            backend = self.active_backend  # `FusedCell.scan_segment` hands this out for "cpu" or "triton"
+        if backend == "cpu":
             from ..kernels.lif.cpu import fused_recurrent_lif
         else:
             from ..kernels.lif.triton import fused_recurrent_lif

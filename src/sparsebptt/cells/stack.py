@@ -25,6 +25,8 @@ the executor restores them after a recomputation (`sparsebptt.strategies.executo
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -300,8 +302,8 @@ class Stack(nn.Module):
         of `TIME_BATCHED` (or batch norm, dropout in eval mode); a Stack with any other such layer
         steps all its layers together (said once on the log).
         """
-        fused = [c and getattr(layer, "scan_segment", None) is not None
-                 for layer, c in zip(self.layers, self._cell)]
+        fns = self._segment_fns()
+        fused = [fn is not None for fn in fns]
         kinds = [None if c else _stateless_kind(layer) for layer, c in zip(self.layers, self._cell)]
         if not any(fused) and not any(k is not None for k in kinds):
             return None
@@ -318,9 +320,27 @@ class Stack(nn.Module):
                          "is not a built-in cell, and running it ahead of the others over a segment could "
                          "draw its random numbers in another order")
                 return None
-        return self._scan_segment
+        return functools.partial(self._scan_segment, fns=fns)
 
-    def _scan_segment(self, x_seg, state):
+    def _segment_fns(self) -> list:
+        """Each cell's fused ``scan_segment`` (None for a cell without one, and for stateless
+        layers), resolved once for a scan. A layer whose ``_scan_segment`` takes ``spikes``
+        (`LIF`) directly after a cell whose outputs are spikes (``output_is_spikes``: `LIF`,
+        `LIFNeuron`) gets ``spikes=True``: its input product may add rows of W at the spikes."""
+        fns = []
+        for k, (layer, c) in enumerate(zip(self.layers, self._cell)):
+            fn = getattr(layer, "scan_segment", None) if c else None
+            if fn is not None and k > 0 and self._cell[k - 1] and getattr(layer, "segment_takes_spikes", False) \
+                    and getattr(self.layers[k - 1], "output_is_spikes", False):
+                fn = functools.partial(fn, spikes=True)
+            fns.append(fn)
+        return fns
+
+    def _scan_segment(self, x_seg, state, fns=None):
+        """Layer by layer over a segment; ``fns``: the cells' segment functions as `_segment_fns`
+        gave them (None: resolved now)."""
+        if fns is None:
+            fns = self._segment_fns()
         out, new, i = x_seg, [], 0
         for k, (layer, n) in enumerate(zip(self.layers, self._arity)):
             if not self._cell[k]:
@@ -332,7 +352,7 @@ class Stack(nn.Module):
                 continue
             self._check_cell_input(k, out, 1)
             s = tuple(state[i:i + n])
-            fn = getattr(layer, "scan_segment", None)
+            fn = fns[k]
             if fn is not None:
                 out, s = fn(out, s)
             else:

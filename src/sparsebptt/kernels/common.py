@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import threading
+import weakref
 
 import torch
 
-__all__ = ["NoCtx", "SUFFIX", "empty"]
+__all__ = ["NoCtx", "SUFFIX", "empty", "transposed"]
 
 #: the dtypes the C kernels are compiled for, and the suffix of their functions (``lif_fwd_f32``)
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -36,6 +38,40 @@ def empty(shape, dtype) -> torch.Tensor:
         if hi > lo:
             _libc.madvise(lo, hi - lo, _MADV_HUGEPAGE)
     return t
+
+
+_transposed_cache = threading.local()
+#: weights whose transposed copy `transposed` keeps (per thread; the oldest is dropped)
+TRANSPOSED_KEEP = 8
+
+
+def transposed(weight: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``weight.t()``, made once per value of the weight and reused by every
+    segment of a scan (a 256 x 768 copy costs about as much as 4 steps of a GRU at B=16).
+
+    The copy is keyed on the tensor itself (a weak reference), its storage address and its
+    version counter, which every in-place change bumps (an optimizer step, ``copy_``, ``.data``
+    assignment changes the address): a changed weight is copied again. Made under no_grad (the
+    kernels' forward runs outside autograd); per thread, at most `TRANSPOSED_KEEP` weights, each
+    dropped with its weight.
+    """
+    cache = _transposed_cache.__dict__.setdefault("entries", {})
+    key = id(weight)
+    hit = cache.get(key)
+    if hit is not None:
+        ref, version, ptr, shape, wt = hit
+        if ref() is weight and version == weight._version and ptr == weight.data_ptr() \
+                and shape == weight.shape:
+            return wt
+        del cache[key]
+    with torch.no_grad():
+        wt = weight.detach().t().contiguous()
+    for k in [k for k, e in cache.items() if e[0]() is None]:  # copies of weights gone since
+        del cache[k]
+    if len(cache) >= TRANSPOSED_KEEP:
+        del cache[next(iter(cache))]
+    cache[key] = (weakref.ref(weight), weight._version, weight.data_ptr(), weight.shape, wt)
+    return wt
 
 
 class NoCtx:

@@ -191,6 +191,7 @@ class _Run:
     extra: dict = field(default_factory=dict)  # id -> leaf the cell uses without registering it
     digests: dict = field(default_factory=dict)  # step -> `_digest` of the state stored there
     compare_values: bool = True  # whether a recomputed state must equal the stored one in value
+    segment_fn: object = None  # the cell's ``scan_segment``, asked once per scan (None: the step path)
 
 
 def _needs_grad(s: torch.Tensor) -> bool:
@@ -241,10 +242,10 @@ def run_graph(cell, x, state0, reduce):
         return out.result(), tuple(state)
 
 
-def _advance_without_graph(cell, x, n0: int, n1: int, state, reducer: "Reducer | None"):
+def _advance_without_graph(cell, x, n0: int, n1: int, state, reducer: "Reducer | None", segment_fn):
     """Steps n0..n1 from ``state`` without a graph; their outputs go to ``reducer`` (None: nowhere).
-    A cell's ``scan_segment`` gets at most `NO_GRAD_CHUNK` steps at a time. Returns the new state."""
-    segment_fn = getattr(cell, "scan_segment", None)
+    ``segment_fn``: the cell's ``scan_segment`` as the scan resolved it (None: step by step); it
+    gets at most `NO_GRAD_CHUNK` steps at a time. Returns the new state."""
     with torch.no_grad():
         if segment_fn is not None:
             for c0 in range(n0, n1, NO_GRAD_CHUNK):
@@ -274,7 +275,7 @@ def run_forward(cell, x, state0, reduce):
     if trace is not None:
         trace.forward_steps += T
     out = Reducer(reduce, T)
-    state = _advance_without_graph(cell, x, 0, T, state0, out)
+    state = _advance_without_graph(cell, x, 0, T, state0, out, getattr(cell, "scan_segment", None))
     return out.result(), tuple(state)
 
 
@@ -283,10 +284,9 @@ def _advance(run: _Run, n0: int, n1: int, state, graph: bool, emit: bool):
 
     A cell with ``scan_segment(x_seg, state) -> (ys, state)`` (a fused path over many steps) runs
     through it; any other cell step by step."""
-    x, cell = run.x, run.cell
+    x, cell, segment_fn = run.x, run.cell, run.segment_fn
     if not graph:
-        return _advance_without_graph(cell, x, n0, n1, state, run.reducer if emit else None)
-    segment_fn = getattr(cell, "scan_segment", None)
+        return _advance_without_graph(cell, x, n0, n1, state, run.reducer if emit else None, segment_fn)
     state_in = tuple(s.detach().requires_grad_(_needs_grad(s) and (n0 > 0 or g))
                      for s, g in zip(state, run.state0_grad))
     x_in = x.read(n0, n1).detach().requires_grad_(x.requires_grad)
@@ -491,9 +491,18 @@ def _reverse(run: _Run, seg: _Segment, dout, dstate, grads):
             if got[k] is not None:
                 grads["x"][seg.n0:seg.n1] = got[k]
             k += 1
+        owned = grads.setdefault("owned", set())  # sums made here: added to in place
         for i, g in zip(param_idx, got[k:k + len(param_idx)]):
-            if g is not None:
-                grads["params"][i] = g if grads["params"][i] is None else grads["params"][i] + g
+            if g is None:
+                continue
+            acc = grads["params"][i]
+            if acc is None:
+                grads["params"][i] = g  # autograd's tensor: not written to
+            elif i in owned:
+                acc.add_(g)
+            else:
+                grads["params"][i] = acc + g
+                owned.add(i)
         for (key, _), g in zip(extra, got[k + len(param_idx):]):
             if g is not None:
                 grads["extra"][key] = g if key not in grads["extra"] else grads["extra"][key] + g
@@ -635,10 +644,13 @@ def run_schedule(cell, x, state0, plan: Plan, reduce, params, preserve_rng=True)
     T = x.shape[0]
     if plan.T != T:
         raise RuntimeError(f"a plan for T={plan.T} steps cannot run a scan of T={T} steps")
+    # the segment path is resolved once: every segment, recomputations included, runs what the
+    # forward ran (a backend changed between the forward and the backward does not apply to it)
+    segment_fn = getattr(cell, "scan_segment", None)
     run = _Run(cell=cell, x=x, params=list(params), reduce=reduce, plan=plan, actions=iter(plan.actions),
                preserve_rng=preserve_rng, trace=current_trace(), reducer=Reducer(reduce, T),
                state0_grad=tuple(s.requires_grad for s in state0),
-               compare_values=preserve_rng and getattr(cell, "scan_segment", None) is None)
+               compare_values=preserve_rng and segment_fn is None, segment_fn=segment_fn)
     # the autograd input for dL/dx: the caller's tensor, or a placeholder for a streamed input
     x_node = x.tensor if x.tensor is not None else torch.empty(0, device=x.device)
     outs = _ScheduledScan.apply(run, x_node, *state0, *run.params)

@@ -154,6 +154,121 @@ void FN(lif_bwd)(const T* u, const T* dz, long dz_st, const T* dvT, const T* v0,
 #undef BWD_CASES_AD
 #undef BWD_CASES_RZ
 
+/* ---- spike-driven input products (a layer whose input is spikes: every entry 0 or 1) ---------
+   x [R, K] -> CSR: row r's nonzero columns, ascending, in col[ptr[r] .. ptr[r+1]]. Returns 1 when
+   every entry is exactly 0 or 1 (the products below then add rows of W^T: no multiply), else 0
+   (the caller runs the dense matmul). col must hold R*K entries. */
+static long FN(csr_scalar)(const T* x, long R, long K, long* ptr, int* col) {
+    long n = 0; int other = 0;
+    for (long r = 0; r < R; ++r) {
+        const T* xr = x + r * K;
+        ptr[r] = n;
+        for (long j = 0; j < K; ++j) {
+            const T a = xr[j];
+            col[n] = (int)j;
+            n += a != (T)0;
+            other |= (a != (T)0) & (a != (T)1);
+        }
+    }
+    ptr[R] = n;
+    return other ? -1 : n;
+}
+long FN(lif_csr)(const T* x, long R, long K, long* ptr, int* col) {
+#ifdef SB_CSR_AVX512  /* lif.c: a compress-store version, where the CPU has AVX-512 */
+    if (FN(csr_avx512_ok)()) return FN(csr_avx512)(x, R, K, ptr, col);
+#endif
+    return FN(csr_scalar)(x, R, K, ptr, col);
+}
+
+#define VL (64 / (long)sizeof(T))  /* lanes of a 64-byte vector */
+#define VB 8                       /* vectors per block of output columns (8 accumulators) */
+typedef T FN(vec) __attribute__((vector_size(64), aligned(sizeof(T))));
+
+/* out[r, :] = bias + sum over q in row r of wt[col[q], :]  (wt = W^T [K, H]; bias [H] or NULL).
+   Blocks of VB*VL output columns; per row the accumulators stay in registers and each active
+   input adds one row block of W^T: the sum runs over the active columns in ascending order, so a
+   row's result does not depend on the rows computed with it (a recomputed segment repeats the
+   forward bit for bit). */
+CLONES void FN(lif_spmm)(const long* ptr, const int* col, const T* wt, const T* bias, long R, long H, T* out) {
+    typedef FN(vec) V;
+    const long nv = H / VL;
+    for (long v0 = 0; v0 < nv; v0 += VB) {
+        const int nb = v0 + VB <= nv ? VB : (int)(nv - v0);
+        const T* wb = wt + v0 * VL;
+        for (long r = 0; r < R; ++r) {
+            V acc[VB];
+            for (int k = 0; k < VB; ++k) acc[k] = (V){0};
+            if (bias) for (int k = 0; k < nb; ++k) acc[k] = *(const V*)(bias + (v0 + k) * VL);
+            if (nb == VB) {
+                for (long q = ptr[r]; q < ptr[r + 1]; ++q) {
+                    const T* w = wb + (long)col[q] * H;
+                    for (int k = 0; k < VB; ++k) acc[k] += *(const V*)(w + k * VL);
+                }
+            } else {
+                for (long q = ptr[r]; q < ptr[r + 1]; ++q) {
+                    const T* w = wb + (long)col[q] * H;
+                    for (int k = 0; k < nb; ++k) acc[k] += *(const V*)(w + k * VL);
+                }
+            }
+            T* o = out + r * H + v0 * VL;
+            for (int k = 0; k < nb; ++k) *(V*)(o + k * VL) = acc[k];
+        }
+    }
+    for (long h = nv * VL; h < H; ++h)  /* the columns past the last whole vector */
+        for (long r = 0; r < R; ++r) {
+            T s = bias ? bias[h] : (T)0;
+            for (long q = ptr[r]; q < ptr[r + 1]; ++q) s += wt[(long)col[q] * H + h];
+            out[r * H + h] = s;
+        }
+}
+
+/* dwt[j, :] += sum of d[r, :] over the rows r with x[r, j] = 1  (dW^T of out = x W^T + b).
+   Rows in chunks of SP_CHUNK: within a chunk the rows of each column are listed (a counting
+   sort of the CSR), and each column's sum is accumulated in registers over them, in ascending r,
+   then added to dwt once: no read-modify-write of dwt per spike, and the chunk of d stays in cache. */
+#ifndef SP_CHUNK
+#define SP_CHUNK 256
+#endif
+CLONES void FN(lif_spmm_t)(const long* ptr, const int* col, const T* d, long R, long K, long H, T* dwt,
+                           int* cnt, int* rows) {
+    typedef FN(vec) V;
+    const long nv = H / VL;
+    for (long r0 = 0; r0 < R; r0 += SP_CHUNK) {
+        const long r1 = r0 + SP_CHUNK < R ? r0 + SP_CHUNK : R;
+        memset(cnt, 0, sizeof(int) * (K + 1));
+        for (long q = ptr[r0]; q < ptr[r1]; ++q) cnt[col[q] + 1]++;
+        for (long j = 0; j < K; ++j) cnt[j + 1] += cnt[j];
+        for (long r = r0; r < r1; ++r)  /* rows of column j in rows[cnt[j] .. cnt[j+1]] (cnt[j] moves on) */
+            for (long q = ptr[r]; q < ptr[r + 1]; ++q) rows[cnt[col[q]]++] = (int)r;
+        /* cnt[j] now ends column j: its rows start at cnt[j-1] (0 for j = 0) */
+        for (long v0 = 0; v0 < nv; v0 += VB) {
+            const int nb = v0 + VB <= nv ? VB : (int)(nv - v0);
+            const T* db = d + v0 * VL;
+            for (long j = 0; j < K; ++j) {
+                const int q0 = j ? cnt[j - 1] : 0, q1 = cnt[j];
+                if (q0 == q1) continue;
+                V acc[VB];
+                for (int k = 0; k < VB; ++k) acc[k] = (V){0};
+                for (int q = q0; q < q1; ++q) {
+                    const T* dr = db + (long)rows[q] * H;
+                    for (int k = 0; k < nb; ++k) acc[k] += *(const V*)(dr + k * VL);
+                }
+                T* w = dwt + j * H + v0 * VL;
+                for (int k = 0; k < nb; ++k) *(V*)(w + k * VL) += acc[k];
+            }
+        }
+        for (long h = nv * VL; h < H; ++h)
+            for (long j = 0; j < K; ++j) {
+                const int q0 = j ? cnt[j - 1] : 0, q1 = cnt[j];
+                T s = (T)0;
+                for (int q = q0; q < q1; ++q) s += d[(long)rows[q] * H + h];
+                dwt[j * H + h] += s;
+            }
+    }
+}
+#undef VL
+#undef VB
+
 /* this body's parameters end here, so the next instantiation can define them anew */
 #undef T
 #undef SUF
