@@ -119,6 +119,20 @@ def test_register_blocked_paths(dtype, isa, dots_below, dw_bytes, isa_cap, monke
     assert 0.05 < tg.activity["EGRU"] < full_above(B)  # the weight gradient over events runs (not a GEMM)
 
 
+@pytest.mark.parametrize("isa", [2, 1], ids=["avx512", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_dots_over_sample_blocks(dtype, isa, isa_cap, monkeypatch):
+    """dL/dy as dots for B = 11: units grouped by the samples that want them within blocks of 8
+    samples (a block of 8 and one of 3), tiles of 4, 2 and 1 units."""
+    isa_cap(isa)
+    monkeypatch.setattr(egru_cpu, "DOTS_BELOW", 2.0)
+    Hb, T, B = 40, 7, 11
+    ref, got = pair(dtype, H=Hb, epsilon=0.4)
+    x = seeded(7, T, B, N_IN, dtype=dtype)
+    s0 = state0_of(ref, B, dtype)
+    compare(run(ref, x, s0)[0], run(got, x, s0)[0], dtype, T, Hb)
+
+
 @pytest.mark.parametrize("kw", [dict(bias=False), dict(epsilon=0.05), dict(gamma=0.0)], ids=str)
 def test_options_and_y0_without_gradient(kw):
     ref, got = pair(torch.float64, **kw)

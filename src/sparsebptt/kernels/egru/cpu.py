@@ -6,7 +6,8 @@ For CPU float32/float64 tensors a segment runs as one GEMM for the input project
 only for steps whose ``dL/dy`` it takes as a GEMM): per step the rows of ``W_hh^T`` of each
 sample's events added in registers forward; backward the pointwise part fused in one pass,
 ``dL/dy`` of the step before only at its events and near-threshold units (register-blocked
-dots, each row of ``W_hh^T`` read once for up to 4 samples; nothing for the others), and
+dots: units grouped by the samples that want them, tiles of up to 4 units x 4 samples; nothing
+for the others), and
 ``dW_hh^T`` rows accumulated over its events in blocks of steps (each row held in registers
 while its events' rows are added). The products (``egru_mm.h``) run in AVX-512 or AVX2 (the
 best the CPU has, `kernel_isa`) or plain C. It does the same products as the path below,
@@ -91,7 +92,7 @@ def load_library():
             fwd.argtypes = [_L] * 3 + [_P] * 4 + [ctypes.c_double] + [_P] * 10
             bwd = getattr(lib, f"egru_bwd_{suf}")
             bwd.restype = _L
-            bwd.argtypes = [_L] * 4 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L, _P, _L, _L] + [_P] * 12
+            bwd.argtypes = [_L] * 4 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L, _P, _L, _L, _L] + [_P] * 13
         lib.egru_simd.restype = ctypes.c_int
         lib.egru_isa.restype, lib.egru_isa.argtypes = ctypes.c_int, [ctypes.c_int]
         _lib = lib
@@ -422,7 +423,7 @@ class SegmentFunction(torch.autograd.Function):
         gc = torch.zeros_like(c0) if gcT is None else gcT.detach().clone(memory_format=torch.contiguous_format)
         gy = torch.zeros_like(y0) if gyT is None else gyT.detach().clone(memory_format=torch.contiguous_format)
         gn = None if (gnT is None or not ctx.has_count) else gnT.contiguous()
-        dgis, dghs = ys.new_empty(L, B, O), ys.new_empty(L, B, O)
+        dgis = ys.new_empty(L, B, O)
         gbh, gthr = ys.new_zeros(O), ys.new_zeros(H)
         macs = torch.zeros(2, dtype=torch.long)
         c0_, y0_, thr = c0.contiguous(), y0.contiguous(), threshold.detach().contiguous()  # held while C runs
@@ -436,7 +437,10 @@ class SegmentFunction(torch.autograd.Function):
         # dW_hh over events in blocks of steps whose dgh rows fit in ~DW_BLOCK_BYTES (each dW row
         # read and written once per block, not per step)
         blk = min(L, max(1, DW_BLOCK_BYTES // (B * O * ys.element_size())))
-        ap, bs, out = torch.empty(B, dtype=torch.long), torch.empty(B, dtype=torch.long), ys.new_empty(B)
+        R = blk if axpy else L  # dL/d(W_hh y) of the steps: a ring of one block unless a GEMM takes dW_hh
+        dghs = ys.new_empty(R, B, O)
+        wm = torch.empty(B * H, dtype=torch.uint8)
+        ap, bs, out = torch.empty(B, dtype=torch.long), torch.empty(H * (B + 1), dtype=torch.long), ys.new_empty(B)
         cnt = torch.empty(H, dtype=torch.long)
         idx, val = (torch.empty(blk * B * H, dtype=torch.long), ys.new_empty(blk * B * H)) if axpy else (None, None)
         run = getattr(load_library(), f"egru_bwd_{SUFFIX[ys.dtype]}")
@@ -446,11 +450,11 @@ class SegmentFunction(torch.autograd.Function):
         while k >= 0:
             k = run(L, B, H, k, c0_.data_ptr(), y0_.data_ptr(), ys.data_ptr(), s.data_ptr(), cts.data_ptr(),
                     ctx.whT.data_ptr(), thr.data_ptr(), gamma, epsilon, gys.data_ptr(), gc.data_ptr(),
-                    gy.data_ptr(), _p(gn), int(need_y0), dense.data_ptr(), int(axpy), blk, dgis.data_ptr(),
+                    gy.data_ptr(), _p(gn), int(need_y0), dense.data_ptr(), int(axpy), blk, R, dgis.data_ptr(),
                     dghs.data_ptr(), _p(gwhT), gbh.data_ptr(), gthr.data_ptr(), ap.data_ptr(), bs.data_ptr(),
-                    out.data_ptr(), cnt.data_ptr(), _p(idx), _p(val), macs.data_ptr())
+                    out.data_ptr(), wm.data_ptr(), cnt.data_ptr(), _p(idx), _p(val), macs.data_ptr())
             if k >= 0:  # dL/dy_{k-1} = dgh_k W_hh, one GEMM
-                torch.mm(dghs[k], w_hh, out=gy)
+                torch.mm(dghs[k % R], w_hh, out=gy)
                 dense_macs += B * O * H
                 k -= 1
         if need_w and not axpy:  # dW_hh^T = [y0, y_1 .. y_{L-1}]^T @ dgh, one GEMM

@@ -24,6 +24,17 @@ static int use_simd(void) {
 }
 int egru_simd(void) { return use_simd(); }
 
+#if EGRU_TIMING && X86
+/* -DEGRU_TIMING=1 (benchmarks only): the backward's time stamp counter ticks per part, summed in
+   egru_tsc: pointwise, dL/dy dots, dW_hh blocks */
+unsigned long long egru_tsc[4];
+static unsigned long long egru_t0;
+#define EGRU_TICK(i) do { const unsigned long long n_ = __rdtsc(); \
+    if (i) egru_tsc[(i) - 1] += n_ - egru_t0; egru_t0 = n_; } while (0)
+#else
+#define EGRU_TICK(i) do { } while (0)
+#endif
+
 static int isa = -1, isa_cap = 2;  /* 2: AVX-512F, 1: AVX2 + FMA, 0: plain C; decided at the first call */
 static int isa_level(void) {
     if (isa < 0) {
@@ -45,6 +56,9 @@ int egru_isa(int cap) {
 
 #ifndef EGRU_FWD_BY_SAMPLE
 #define EGRU_FWD_BY_SAMPLE 1  /* 0: the forward's W_hh y in column order (axpys; see egru_body.h) */
+#endif
+#ifndef EGRU_ALTERNATE
+#define EGRU_ALTERNATE 1  /* 0: W_hh^T's rows (chunks) in one order every step (see masked_dots) */
 #endif
 #ifndef FCH
 #define FCH (1024 / (long)sizeof(T))  /* the forward's chunk of outputs: 1 KiB per sample */

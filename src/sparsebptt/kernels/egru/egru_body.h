@@ -166,6 +166,17 @@ static void FN(multi_dot)(const T* w, const T* const* a, long k, long n, T* out)
 }
 
 
+/* out[u * 4 + q] = w[u] . a[q] over n entries, u < ju (2 or 4), q < k (1..4) */
+static void FN(unit_tile)(const T* const* w, int ju, const T* const* a, int k, long n, T* out) {
+#if X86
+    const int l = isa_level();
+    if (l >= 2) { SB_CAT(FN(tile), 512)(w, a, ju, k, n, out); return; }
+    if (l == 1) { SB_CAT(FN(tile), 256)(w, a, ju, k, n, out); return; }
+#endif
+    for (int u = 0; u < ju; ++u)
+        for (int q = 0; q < k; ++q) out[u * 4 + q] = FN(dot_plain)(a[q], w[u], n);
+}
+
 /* ---- the segment scan (egru_fwd, egru_bwd): equations in sparsebptt/kernels/egru/cpu.py ---- */
 
 
@@ -228,7 +239,7 @@ CLONES void FN(egru_fwd)(long L, long B, long H, const T* gis, const T* whT, con
         }
         const long nch = (O + FCH - 1) / FCH;
         for (long ci = 0; ci < nch; ++ci) {  /* chunks in alternating order (see masked_dots) */
-            const long o0 = ((t & 1) ? nch - 1 - ci : ci) * FCH;
+            const long o0 = ((t & 1 & EGRU_ALTERNATE) ? nch - 1 - ci : ci) * FCH;
             const long n = O - o0 < FCH ? O - o0 : FCH;
             for (long b = 0; b < B; ++b)
                 FN(acc_rows)(gh + b * O + o0, bh + o0, whT + o0, O, bs + b * H, vs + b * H, mb[b], n);
@@ -305,12 +316,11 @@ INL void FN(bwd_point)(long H, const T* restrict sb, const T* restrict ctb, cons
 
 /* The pointwise backward of step t (FusedPointwiseFunction's equations): from gy (dL/dy_t from
    the step after, [B, H]) plus gys[t], gc (dL/dc_t, replaced by dL/dc_{t-1}) and gcnt; writes
-   dgis[t], dghs[t] [B, 3H]; accumulates gbh [3H] and gthr [H]. */
+   dgis[t] and dgh [B, 3H]; accumulates gbh [3H] and gthr [H]. */
 INL void FN(bwd_pointwise)(long B, long H, long t, const T* c0, const T* s, const T* cts,
                               const T* thr, T gm, T iep, const T* gys, T* gc, const T* gy,
-                              const T* gcnt, T* dgis, T* dghs, T* gbh, T* gthr) {
+                              const T* gcnt, T* dgis, T* dgh, T* gbh, T* gthr) {
     const long O = 3 * H;
-    T* dgh = dghs + t * B * O;
     const T tm = t ? (T)1 : (T)0;
     for (long b = 0; b < B; ++b) {
         const T* sb = s + (t * B + b) * 4 * H;
@@ -330,11 +340,11 @@ INL void FN(bwd_pointwise)(long B, long H, long t, const T* c0, const T* s, cons
 
 /* dW_hh^T[j] += sum_{t0 <= t < t1} sum_b y_{t-1}[b, j] dgh_t[b] over the non-zero y_{t-1}: the
    weight gradient of a block of steps. The block's events are first sorted by unit (counting
-   sort into idx (rows t B + b of dghs) and val, cnt [H] scratch), then each row of dW_hh^T is read
+   sort into idx (rows (t mod R) B + b of dghs, a ring of R steps) and val, cnt [H] scratch), then each row of dW_hh^T is read
    and written once while its events' dgh rows are added in registers (acc_rows). Returns the
    events (axpys of 3H). */
 static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T* ys, const T* dghs,
-                         T* gwhT, long* cnt, long* idx, T* val) {
+                         long R, T* gwhT, long* cnt, long* idx, T* val) {
     const long O = 3 * H;
     memset(cnt, 0, sizeof(long) * H);
     for (long t = t0; t < t1; ++t) {
@@ -349,7 +359,7 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
         for (long b = 0; b < B; ++b)
             for (long j = 0; j < H; ++j) {
                 const T v = yp[b * H + j];
-                if (v != (T)0) { const long p = cnt[j]++; idx[p] = t * B + b; val[p] = v; }
+                if (v != (T)0) { const long p = cnt[j]++; idx[p] = (t % R) * B + b; val[p] = v; }
             }
     }
     long start = 0;  /* cnt[j] is now the end of unit j's events */
@@ -363,65 +373,113 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
 
 /* dL/dy_{t-1}[b, j] = dgh_t[b] . W_hh^T[j] where wanted: at the step before's events and units
    within epsilon of the threshold (ctp: its c~; every entry when ctp is NULL); zero elsewhere
-   (into gy [B, H]). Each row of W_hh^T is read once for the samples that want it (multi_dot:
-   groups of 4 per pass); rev: the rows in reverse order (the caller alternates, so the rows
-   read last by one step, still in L2, are the first the next step reads: W_hh^T, 3 MiB at
-   H = 512 in float32, does not fit in L2 and a cyclic order would miss on every row).
-   ap [B], out [B]: scratch. Returns the dots done (of 3H). */
+   (into gy [B, H]). Per block of 8 samples the units are sorted by the set of samples that want
+   them (a counting sort on that 8-bit mask); each set's units run in tiles of 4 (or 2) units x
+   up to 4 samples (unit_tile: a loaded chunk of a dgh row serves 4 units, one of a W_hh^T row
+   4 samples), a last unit alone (multi_dot). Rows wanted by no sample are not read. (Chunking the
+   columns so dgh stays in L1, or reversing the order every other step so W_hh^T's last rows are
+   still in L2, measured no faster at H = 512, B = 8.) rev: unused. ap [B], out [B], wm [H B],
+   wl [H (B + 1)]: scratch. Returns the dots done (of 3H). */
 static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T* ctp, const T* thr,
-                            T ep, int rev, T* gy, const T** ap, long* bs, T* out) {
+                            T ep, int rev, T* gy, const T** ap, T* out, unsigned char* wm, long* wl) {
+    (void)rev;
     const long O = 3 * H;
     long nd = 0;
     memset(gy, 0, sizeof(T) * B * H);
-    for (long jj = 0; jj < H; ++jj) {
-        const long j = rev ? H - 1 - jj : jj;
-        long k = 0;
-        for (long b = 0; b < B; ++b) {
-            int want = 1;
-            if (ctp) {
+    if (ctp)
+        for (long b = 0; b < B; ++b)
+            for (long j = 0; j < H; ++j) {
                 const T v = ctp[b * H + j] - thr[j];
-                want = v > (T)0 || (v < (T)0 ? -v : v) < ep;
+                wm[j * B + b] = (unsigned char)((v > (T)0) | ((v < (T)0 ? -v : v) < ep));
             }
-            if (want) { ap[k] = dgh + b * O; bs[k] = b; ++k; }
+    else
+        memset(wm, 1, (size_t)(B * H));
+    long* mask = wl;      /* [H]: a unit's wanted samples in the block of 8, as bits */
+    long* order = wl + H; /* [H]: the units sorted by that mask */
+    for (long b0 = 0; b0 < B; b0 += 8) {
+        const long nb = B - b0 < 8 ? B - b0 : 8;
+        long start[257];
+        memset(start, 0, sizeof start);
+        for (long j = 0; j < H; ++j) {
+            long m = 0;
+            for (long q = 0; q < nb; ++q) m |= (long)wm[j * B + b0 + q] << q;
+            mask[j] = m;
+            ++start[m + 1];
         }
-        if (!k) continue;
-        FN(multi_dot)(whT + j * O, ap, k, O, out);
-        for (long q = 0; q < k; ++q) gy[bs[q] * H + j] = out[q];
-        nd += k;
+        for (long m = 0; m < 256; ++m) start[m + 1] += start[m];
+        long pos[256];
+        memcpy(pos, start, sizeof pos);
+        for (long j = 0; j < H; ++j) order[pos[mask[j]]++] = j;
+        for (long m = 1; m < 256; ++m) {  /* the units wanted by exactly the samples of m */
+            const long u0 = start[m], u1 = start[m + 1];
+            if (u0 == u1) continue;
+            long bl[8], k = 0;
+            for (long q = 0; q < nb; ++q)
+                if (m >> q & 1) bl[k++] = b0 + q;
+            nd += k * (u1 - u0);
+            for (long g = 0; g < k; g += 4) {  /* samples in groups of up to 4 */
+                const int kk = (int)(k - g < 4 ? k - g : 4);
+                for (int q = 0; q < kk; ++q) ap[q] = dgh + bl[g + q] * O;
+                long u = u0;
+                while (u < u1) {  /* units in tiles of 4, 2, then 1 */
+                    const int ju = u1 - u >= 4 ? 4 : (u1 - u >= 2 ? 2 : 1);
+                    const T* w[4];
+                    for (int r = 0; r < ju; ++r) w[r] = whT + order[u + r] * O;
+                    if (ju == 1) {
+                        FN(multi_dot)(w[0], ap, kk, O, out);
+                        for (int q = 0; q < kk; ++q) gy[bl[g + q] * H + order[u]] = out[q];
+                    } else {
+                        T o16[16];
+                        FN(unit_tile)(w, ju, ap, kk, O, o16);
+                        for (int r = 0; r < ju; ++r)
+                            for (int q = 0; q < kk; ++q) gy[bl[g + q] * H + order[u + r]] = o16[r * 4 + q];
+                    }
+                    u += ju;
+                }
+            }
+        }
     }
     return nd;
 }
 
 /* Backward of the steps t_hi, t_hi - 1, .. 0 of a segment (one call for all of them, or until
    a step whose dL/dy_{t-1} the caller takes as a GEMM: dense[t] != 0; then it returns t with
-   dghs[t] written, and the caller sets gy = dghs[t] W_hh and calls again with t_hi = t - 1).
+   dgh_t written, and the caller sets gy = dgh_t W_hh and calls again with t_hi = t - 1). dghs:
+   dL/d(W_hh y + b_hh) of the steps, a ring of R steps (dgh_t at t mod R; R >= blk when axpy,
+   R = L when the caller takes dW_hh as one GEMM over the segment).
    Returns -1 when step 0 is done. c0, y0 [B, H]: the segment's initial state; ys, s, cts: the
    forward's; gys [L, B, H] (zeros for none); gc, gy [B, H]: in the gradients of c_t and y_t, out
    those of c_{t-1} and y_{t-1}; gcnt [B, H] or NULL: the gradient of the final counts (constant
    along the segment). Per step: the pointwise backward (bwd_pointwise), then dL/dy_{t-1} where
    the step before needs it (masked_dots; every entry of y0 at t = 0 when need_y0; nothing at
    t = 0 otherwise); when axpy, dW_hh^T over the events (dw_block) each time t reaches a multiple
-   of blk (blocks [t, t + blk)). Out: dgis, dghs [L, B, 3H]; accumulated: gbh [3H], gthr [H],
-   gwhT [H, 3H] (when axpy). Scratch: ap, bs, out [B]; cnt [H], idx, val [blk B H]. macs [2]: the
+   of blk (blocks [t, t + blk)). Out: dgis [L, B, 3H], dghs [R, B, 3H]; accumulated: gbh [3H],
+   gthr [H], gwhT [H, 3H] (when axpy). Scratch: ap, out [B]; wm [H B]; wl [H (B + 1)]; cnt [H], idx, val
+   [blk B H]. macs [2]: the
    dots and the axpys done are added (times 3H). */
 CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, const T* c0, const T* y0, const T* ys,
                          const T* s, const T* cts, const T* whT, const T* thr, double gamma,
                          double epsilon, const T* gys, T* gc, T* gy, const T* gcnt, long need_y0,
-                         const unsigned char* dense, long axpy, long blk, T* dgis, T* dghs, T* gwhT,
-                         T* gbh, T* gthr, const T** ap, long* bs, T* out, long* cnt, long* idx,
-                         T* val, long* macs) {
+                         const unsigned char* dense, long axpy, long blk, long R, T* dgis, T* dghs,
+                         T* gwhT, T* gbh, T* gthr, const T** ap, long* wl, T* out, unsigned char* wm,
+                         long* cnt, long* idx, T* val, long* macs) {
     const unsigned int csr = ftz_on();
     const long O = 3 * H;
     const T gm = (T)gamma, ep = (T)epsilon, iep = (T)1 / (T)epsilon;
     long stop = -1;
     for (long t = t_hi; t >= 0; --t) {
-        FN(bwd_pointwise)(B, H, t, c0, s, cts, thr, gm, iep, gys, gc, gy, gcnt, dgis, dghs, gbh, gthr);
+        T* dgh = dghs + (t % R) * B * O;
+        EGRU_TICK(0);
+        FN(bwd_pointwise)(B, H, t, c0, s, cts, thr, gm, iep, gys, gc, gy, gcnt, dgis, dgh, gbh, gthr);
+        EGRU_TICK(1);
         const int want_dy = t || need_y0;
         if (want_dy && !dense[t])
-            macs[0] += FN(masked_dots)(B, H, dghs + t * B * O, whT, t ? cts + (t - 1) * B * H : NULL, thr,
-                                       ep, (int)(t & 1), gy, ap, bs, out);
+            macs[0] += FN(masked_dots)(B, H, dgh, whT, t ? cts + (t - 1) * B * H : NULL, thr, ep,
+                                       (int)(t & 1) & EGRU_ALTERNATE, gy, ap, out, wm, wl);
+        EGRU_TICK(2);
         if (axpy && t % blk == 0)
-            macs[1] += FN(dw_block)(B, H, t, t + blk < L ? t + blk : L, y0, ys, dghs, gwhT, cnt, idx, val);
+            macs[1] += FN(dw_block)(B, H, t, t + blk < L ? t + blk : L, y0, ys, dghs, R, gwhT, cnt, idx, val);
+        EGRU_TICK(3);
         if (want_dy && dense[t]) { stop = t; break; }
     }
     ftz_off(csr);

@@ -105,6 +105,52 @@ static inline void FV(dotk)(const T* w, const T* const* a, long n, T* out, const
     if (K > 3) out[3] = r3;
 }
 
+/* out[u * 4 + q] = w[u] . a[q] over n entries for u < JU (2 or 4 units), q < K (1..4 samples;
+   constants after inlining): a tile of JU x K accumulators, each loaded chunk of a sample's row
+   used for JU units and each chunk of a unit's row for K samples (loads per multiply-add
+   (JU + K) / (JU K), against (1 + K) / K for one unit) */
+__attribute__((always_inline, target(VTGT)))
+static inline void FV(tilek)(const T* const* w, const T* const* a, long n, T* out, const int JU,
+                             const int K) {
+    VEC s[4][4];
+    for (int u = 0; u < 4; ++u)
+        for (int q = 0; q < 4; ++q) s[u][q] = VOP(setzero)();
+    long i = 0;
+    for (; i + VLN <= n; i += VLN) {
+        VEC wv[4], av[4];
+        for (int u = 0; u < JU; ++u) wv[u] = VOP(loadu)(w[u] + i);
+        for (int q = 0; q < K; ++q) av[q] = VOP(loadu)(a[q] + i);
+        for (int u = 0; u < JU; ++u)
+            for (int q = 0; q < K; ++q) s[u][q] = VOP(fmadd)(wv[u], av[q], s[u][q]);
+    }
+    for (int u = 0; u < JU; ++u)
+        for (int q = 0; q < K; ++q) {
+            T r = VHSUM(s[u][q]);
+            for (long l = i; l < n; ++l) r += w[u][l] * a[q][l];
+            out[u * 4 + q] = r;
+        }
+}
+
+/* out[u * 4 + q] = w[u] . a[q] over n entries, u < ju (2 or 4), q < k (1..4) */
+__attribute__((target(VTGT)))
+static void FV(tile)(const T* const* w, const T* const* a, int ju, int k, long n, T* out) {
+    if (ju == 4) {
+        switch (k) {
+        case 1: FV(tilek)(w, a, n, out, 4, 1); break;
+        case 2: FV(tilek)(w, a, n, out, 4, 2); break;
+        case 3: FV(tilek)(w, a, n, out, 4, 3); break;
+        default: FV(tilek)(w, a, n, out, 4, 4); break;
+        }
+    } else {
+        switch (k) {
+        case 1: FV(tilek)(w, a, n, out, 2, 1); break;
+        case 2: FV(tilek)(w, a, n, out, 2, 2); break;
+        case 3: FV(tilek)(w, a, n, out, 2, 3); break;
+        default: FV(tilek)(w, a, n, out, 2, 4); break;
+        }
+    }
+}
+
 /* out[q] = w . a[q] over n entries for q < k (k = 1..4) */
 __attribute__((target(VTGT)))
 static void FV(dots)(const T* w, const T* const* a, int k, long n, T* out) {
