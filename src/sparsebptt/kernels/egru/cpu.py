@@ -92,7 +92,7 @@ def load_library():
             fwd.argtypes = [_L] * 3 + [_P] * 4 + [ctypes.c_double] + [_P] * 10
             bwd = getattr(lib, f"egru_bwd_{suf}")
             bwd.restype = _L
-            bwd.argtypes = [_L] * 4 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L, _P, _L, _L, _L] + [_P] * 13
+            bwd.argtypes = [_L] * 5 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L, _P, _L, _L, _L] + [_P] * 13
         lib.egru_simd.restype = ctypes.c_int
         lib.egru_isa.restype, lib.egru_isa.argtypes = ctypes.c_int, [ctypes.c_int]
         _lib = lib
@@ -353,6 +353,28 @@ def _p(t):
     return None if t is None else t.data_ptr()
 
 
+#: rows (steps x batch) of a chunk of the input projection: the segment's ``x W_ih^T + b_ih`` and
+#: its gradient run chunk by chunk through one reused [chunk, B, 3H] buffer (a fresh [L, B, 3H]
+#: tensor per segment cost its page faults: ~6 ms per 25 MB)
+CHUNK_ROWS = 256
+
+
+def _chunks(L: int, B: int):
+    """(t0, t1) step ranges of about `CHUNK_ROWS` rows covering 0..L."""
+    n = max(1, CHUNK_ROWS // B)
+    return [(t0, min(L, t0 + n)) for t0 in range(0, L, n)]
+
+
+def _project(x, weight, bias, out):
+    """``out = x W^T + b`` for x [m, B, I] into out [m, B, O] (one GEMM)."""
+    m, B, n_in = x.shape
+    o = out.view(m * B, -1)
+    if bias is None:
+        torch.mm(x.reshape(m * B, n_in), weight.t(), out=o)
+    else:
+        torch.addmm(bias, x.reshape(m * B, n_in), weight.t(), out=o)
+
+
 #: the backward's weight gradient over events runs over blocks of steps whose dL/d(W_hh y) rows
 #: take about this many bytes (kept in cache while each row of dW_hh^T is read and written once)
 DW_BLOCK_BYTES = 1 << 20
@@ -381,49 +403,64 @@ class SegmentFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, meta, gis, weight_hh, bias_hh, threshold, c0, y0, n0):
+    def forward(ctx, meta, x, weight_ih, bias_ih, weight_hh, bias_hh, threshold, c0, y0, n0):
         gamma, epsilon = meta
-        L, B, O = gis.shape
+        L, B, n_in = x.shape
+        O = weight_ih.shape[0]
         H = O // 3
-        dt = gis.dtype
-        gis = gis.detach().contiguous()
+        dt = x.dtype
+        xd = x.detach().contiguous()
+        w_ih = weight_ih.detach()
+        b_ih = None if bias_ih is None else bias_ih.detach()
         whT = transposed_weight(weight_hh)
-        bh = gis.new_zeros(O) if bias_hh is None else bias_hh.detach().contiguous()
+        bh = x.new_zeros(O) if bias_hh is None else bias_hh.detach().contiguous()
         thr = threshold.detach().contiguous()
         c = c0.detach().clone(memory_format=torch.contiguous_format)
         y = y0.detach().clone(memory_format=torch.contiguous_format)
         n = None if n0 is None else n0.detach().clone(memory_format=torch.contiguous_format)
         save = not isinstance(ctx, NoCtx)
-        ys = gis.new_empty(L, B, H)
-        s = gis.new_empty(L, B, 4 * H) if save else None
-        cts = gis.new_empty(L, B, H) if save else None
-        gh = gis.new_empty(B, O)
-        bs, vs = torch.empty(B * (H + 1), dtype=torch.long), gis.new_empty(B * H)
+        ys = x.new_empty(L, B, H)
+        s = x.new_empty(L, B, 4 * H) if save else None
+        cts = x.new_empty(L, B, H) if save else None
+        gh = x.new_empty(B, O)
+        bs, vs = torch.empty(B * (H + 1), dtype=torch.long), x.new_empty(B * H)
         counts = torch.empty(L, 3, dtype=torch.long)
-        getattr(load_library(), f"egru_fwd_{SUFFIX[dt]}")(
-            L, B, H, gis.data_ptr(), whT.data_ptr(), bh.data_ptr(), thr.data_ptr(), epsilon, c.data_ptr(),
-            y.data_ptr(), _p(n), ys.data_ptr(), _p(s), _p(cts), gh.data_ptr(), bs.data_ptr(),
-            vs.data_ptr(), counts.data_ptr())
+        fwd = getattr(load_library(), f"egru_fwd_{SUFFIX[dt]}")
+        chunks = _chunks(L, B)
+        gi = x.new_empty(chunks[0][1], B, O)  # one chunk's input projection
+        for t0, t1 in chunks:
+            m = t1 - t0
+            _project(xd[t0:t1], w_ih, b_ih, gi[:m])
+            fwd(m, B, H, gi.data_ptr(), whT.data_ptr(), bh.data_ptr(), thr.data_ptr(), epsilon, c.data_ptr(),
+                y.data_ptr(), _p(n), ys[t0].data_ptr(), None if s is None else s[t0].data_ptr(),
+                None if cts is None else cts[t0].data_ptr(), gh.data_ptr(), bs.data_ptr(), vs.data_ptr(),
+                counts[t0].data_ptr())
         ctx.counts = counts.sum(0)
         ctx.step_counts = counts
         if save:
-            ctx.save_for_backward(weight_hh, threshold, c0, y0, ys, s, cts)
+            ctx.save_for_backward(xd, weight_ih, bias_ih, weight_hh, threshold, c0, y0, ys, s, cts)
             ctx.whT, ctx.meta = whT, meta
             ctx.has_bias, ctx.has_count = bias_hh is not None, n0 is not None
         return (ys, c, y) if n is None else (ys, c, y, n)
 
     @staticmethod
     def backward(ctx, gys, gcT, gyT, gnT=None):
-        weight_hh, threshold, c0, y0, ys, s, cts = ctx.saved_tensors
+        xd, weight_ih, bias_ih, weight_hh, threshold, c0, y0, ys, s, cts = ctx.saved_tensors
         gamma, epsilon = ctx.meta
         L, B, H = ys.shape
         O = 3 * H
-        need_w, need_b, need_thr, need_c0, need_y0 = ctx.needs_input_grad[2:7]
+        need_x, need_wih, need_bih = ctx.needs_input_grad[1:4]
+        need_w, need_b, need_thr, need_c0, need_y0 = ctx.needs_input_grad[4:9]
         gys = torch.zeros_like(ys) if gys is None else gys.contiguous()
         gc = torch.zeros_like(c0) if gcT is None else gcT.detach().clone(memory_format=torch.contiguous_format)
         gy = torch.zeros_like(y0) if gyT is None else gyT.detach().clone(memory_format=torch.contiguous_format)
         gn = None if (gnT is None or not ctx.has_count) else gnT.contiguous()
-        dgis = ys.new_empty(L, B, O)
+        chunks = _chunks(L, B)
+        dgi = ys.new_empty(chunks[0][1], B, O)  # dL/d(x W_ih^T + b_ih) of one chunk
+        w_ih = weight_ih.detach()
+        dx = torch.empty_like(xd) if need_x else None
+        dwih = torch.zeros_like(w_ih) if need_wih else None
+        dbih = ys.new_zeros(O) if (need_bih and bias_ih is not None) else None
         gbh, gthr = ys.new_zeros(O), ys.new_zeros(H)
         macs = torch.zeros(2, dtype=torch.long)
         c0_, y0_, thr = c0.contiguous(), y0.contiguous(), threshold.detach().contiguous()  # held while C runs
@@ -446,17 +483,28 @@ class SegmentFunction(torch.autograd.Function):
         run = getattr(load_library(), f"egru_bwd_{SUFFIX[ys.dtype]}")
         w_hh = weight_hh.detach()
         dense_macs = 0
-        k = L - 1
-        while k >= 0:
-            k = run(L, B, H, k, c0_.data_ptr(), y0_.data_ptr(), ys.data_ptr(), s.data_ptr(), cts.data_ptr(),
-                    ctx.whT.data_ptr(), thr.data_ptr(), gamma, epsilon, gys.data_ptr(), gc.data_ptr(),
-                    gy.data_ptr(), _p(gn), int(need_y0), dense.data_ptr(), int(axpy), blk, R, dgis.data_ptr(),
-                    dghs.data_ptr(), _p(gwhT), gbh.data_ptr(), gthr.data_ptr(), ap.data_ptr(), bs.data_ptr(),
-                    out.data_ptr(), wm.data_ptr(), cnt.data_ptr(), _p(idx), _p(val), macs.data_ptr())
-            if k >= 0:  # dL/dy_{k-1} = dgh_k W_hh, one GEMM
-                torch.mm(dghs[k % R], w_hh, out=gy)
-                dense_macs += B * O * H
-                k -= 1
+        n_in = xd.shape[2]
+        for t0, t1 in reversed(chunks):
+            k = t1 - 1
+            while k >= t0:
+                k = run(L, B, H, k, t0, c0_.data_ptr(), y0_.data_ptr(), ys.data_ptr(), s.data_ptr(),
+                        cts.data_ptr(), ctx.whT.data_ptr(), thr.data_ptr(), gamma, epsilon, gys.data_ptr(),
+                        gc.data_ptr(), gy.data_ptr(), _p(gn), int(need_y0), dense.data_ptr(), int(axpy), blk, R,
+                        dgi.data_ptr(), dghs.data_ptr(), _p(gwhT), gbh.data_ptr(), gthr.data_ptr(), ap.data_ptr(),
+                        bs.data_ptr(), out.data_ptr(), wm.data_ptr(), cnt.data_ptr(), _p(idx), _p(val),
+                        macs.data_ptr())
+                if k >= t0:  # dL/dy_{k-1} = dgh_k W_hh, one GEMM
+                    torch.mm(dghs[k % R], w_hh, out=gy)
+                    dense_macs += B * O * H
+                    k -= 1
+            g = dgi[:t1 - t0].view((t1 - t0) * B, O)  # the chunk's input-projection gradients
+            if need_x:
+                torch.mm(g, w_ih, out=dx[t0:t1].view((t1 - t0) * B, n_in))
+            if need_wih:
+                dwih.addmm_(g.t(), xd[t0:t1].reshape((t1 - t0) * B, n_in))
+            if dbih is not None:
+                dbih += g.sum(0)
+        dense_macs += (int(need_x) + int(need_wih)) * L * B * n_in * O
         if need_w and not axpy:  # dW_hh^T = [y0, y_1 .. y_{L-1}]^T @ dgh, one GEMM
             yprev = torch.cat([y0_.unsqueeze(0), ys[:-1]]).reshape(L * B, H)
             gwhT = yprev.t() @ dghs.reshape(L * B, O)
@@ -465,17 +513,18 @@ class SegmentFunction(torch.autograd.Function):
         if t is not None:
             t.add_backward_macs(int(macs.sum()) * O + dense_macs)
         dn0 = None
-        if ctx.has_count and ctx.needs_input_grad[7]:
+        if ctx.has_count and ctx.needs_input_grad[9]:
             dn0 = torch.zeros_like(y0) if gnT is None else gnT
-        return (None, dgis, None if gwhT is None else gwhT.t(), gbh if (need_b and ctx.has_bias) else None,
-                gthr if need_thr else None, gc if need_c0 else None, gy if need_y0 else None, dn0)
+        return (None, dx, dwih, dbih, None if gwhT is None else gwhT.t(),
+                gbh if (need_b and ctx.has_bias) else None, gthr if need_thr else None,
+                gc if need_c0 else None, gy if need_y0 else None, dn0)
 
 
-def _segment_in_c(gis, state, weight_hh, bias_hh, threshold, gamma, epsilon, layer):
+def _segment_in_c(x, state, weight_ih, bias_ih, weight_hh, bias_hh, threshold, gamma, epsilon, layer):
     c, y = state[0], state[1]
     n = state[2] if len(state) > 2 else None
     meta = (float(gamma), float(epsilon))
-    args = (gis, weight_hh, bias_hh, threshold, c, y, n)
+    args = (x, weight_ih, bias_ih, weight_hh, bias_hh, threshold, c, y, n)
     if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
         out = SegmentFunction.apply(meta, *args)
         counts = out[0].grad_fn.counts
@@ -486,8 +535,9 @@ def _segment_in_c(gis, state, weight_hh, bias_hh, threshold, gamma, epsilon, lay
         counts = ctx.counts
     t = current_trace()
     if t is not None:
-        L, B, O = gis.shape
-        t.add_forward_macs(int(counts[1]) * O)
+        L, B, n_in = x.shape
+        O = weight_ih.shape[0]
+        t.add_forward_macs(L * B * n_in * O + int(counts[1]) * O)
         t.add_activity(layer, counts[0], L * B * (O // 3))
     return out[0], tuple(out[1:])
 
@@ -505,10 +555,10 @@ def fused_recurrent_egru(x, state, weight_ih, weight_hh, bias_ih, bias_hh, thres
     threshold only; the first step takes it at every unit. ``active_set``: how a batch shares
     the active columns in `sparse_linear`; ``layer``: the key of the activity in `sb.trace`.
     """
+    tensors = [t for t in (x, *state, weight_ih, bias_ih, weight_hh, bias_hh, threshold) if t is not None]
+    if _use_kernels(*tensors) and len({t.dtype for t in tensors}) == 1:
+        return _segment_in_c(x, state, weight_ih, bias_ih, weight_hh, bias_hh, threshold, gamma, epsilon, layer)
     gis = linear(x, weight_ih, bias_ih)  # [L, B, 3H], one GEMM (one backward node)
-    if _use_kernels(x, *state, weight_hh, threshold) and len({t.dtype for t in (x, *state, weight_hh,
-                                                                                 threshold)}) == 1:
-        return _segment_in_c(gis, state, weight_hh, bias_hh, threshold, gamma, epsilon, layer)
     c, y = state[0], state[1]
     count = state[2] if len(state) > 2 else None
     chain = Chain(weight_hh, transposed_weight(weight_hh))  # W_hh.T [H, 3H], once per segment

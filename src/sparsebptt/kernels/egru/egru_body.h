@@ -316,10 +316,10 @@ INL void FN(bwd_point)(long H, const T* restrict sb, const T* restrict ctb, cons
 
 /* The pointwise backward of step t (FusedPointwiseFunction's equations): from gy (dL/dy_t from
    the step after, [B, H]) plus gys[t], gc (dL/dc_t, replaced by dL/dc_{t-1}) and gcnt; writes
-   dgis[t] and dgh [B, 3H]; accumulates gbh [3H] and gthr [H]. */
+   dgi and dgh [B, 3H] (dL/d(x W_ih^T + b_ih), dL/d(W_hh y + b_hh) of step t); accumulates gbh [3H] and gthr [H]. */
 INL void FN(bwd_pointwise)(long B, long H, long t, const T* c0, const T* s, const T* cts,
                               const T* thr, T gm, T iep, const T* gys, T* gc, const T* gy,
-                              const T* gcnt, T* dgis, T* dgh, T* gbh, T* gthr) {
+                              const T* gcnt, T* dgi, T* dgh, T* gbh, T* gthr) {
     const long O = 3 * H;
     const T tm = t ? (T)1 : (T)0;
     for (long b = 0; b < B; ++b) {
@@ -330,10 +330,10 @@ INL void FN(bwd_pointwise)(long B, long H, long t, const T* c0, const T* s, cons
         T* dg = dgh + b * O;
         if (gcnt)
             FN(bwd_point)(H, sb, ctb, cpb, thr, gyb, gy + b * H, gcnt + b * H, tm, gm, iep, gc + b * H,
-                          dgis + (t * B + b) * O, dg, gthr, 1);
+                          dgi + b * O, dg, gthr, 1);
         else
             FN(bwd_point)(H, sb, ctb, cpb, thr, gyb, gy + b * H, NULL, tm, gm, iep, gc + b * H,
-                          dgis + (t * B + b) * O, dg, gthr, 0);
+                          dgi + b * O, dg, gthr, 0);
         for (long o = 0; o < O; ++o) gbh[o] += dg[o];
     }
 }
@@ -442,22 +442,22 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
     return nd;
 }
 
-/* Backward of the steps t_hi, t_hi - 1, .. 0 of a segment (one call for all of them, or until
-   a step whose dL/dy_{t-1} the caller takes as a GEMM: dense[t] != 0; then it returns t with
-   dgh_t written, and the caller sets gy = dgh_t W_hh and calls again with t_hi = t - 1). dghs:
-   dL/d(W_hh y + b_hh) of the steps, a ring of R steps (dgh_t at t mod R; R >= blk when axpy,
-   R = L when the caller takes dW_hh as one GEMM over the segment).
-   Returns -1 when step 0 is done. c0, y0 [B, H]: the segment's initial state; ys, s, cts: the
-   forward's; gys [L, B, H] (zeros for none); gc, gy [B, H]: in the gradients of c_t and y_t, out
-   those of c_{t-1} and y_{t-1}; gcnt [B, H] or NULL: the gradient of the final counts (constant
-   along the segment). Per step: the pointwise backward (bwd_pointwise), then dL/dy_{t-1} where
-   the step before needs it (masked_dots; every entry of y0 at t = 0 when need_y0; nothing at
-   t = 0 otherwise); when axpy, dW_hh^T over the events (dw_block) each time t reaches a multiple
-   of blk (blocks [t, t + blk)). Out: dgis [L, B, 3H], dghs [R, B, 3H]; accumulated: gbh [3H],
-   gthr [H], gwhT [H, 3H] (when axpy). Scratch: ap, out [B]; wm [H B]; wl [H (B + 1)]; cnt [H], idx, val
-   [blk B H]. macs [2]: the
-   dots and the axpys done are added (times 3H). */
-CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, const T* c0, const T* y0, const T* ys,
+/* Backward of the steps t_hi, t_hi - 1, .. t_lo of a segment (the caller's chunk of its input
+   projection): one call for all of them, or until a step whose dL/dy_{t-1} the caller takes as
+   a GEMM (dense[t] != 0): then it returns t with dgh_t written, and the caller sets gy = dgh_t
+   W_hh and calls again with t_hi = t - 1. Returns t_lo - 1 when step t_lo is done. c0, y0
+   [B, H]: the segment's initial state; ys, s, cts: the forward's; gys [L, B, H] (zeros for
+   none); gc, gy [B, H]: in the gradients of c_t and y_t, out those of c_{t-1} and y_{t-1}; gcnt
+   [B, H] or NULL: the gradient of the final counts (constant along the segment). Per step: the
+   pointwise backward (bwd_pointwise), then dL/dy_{t-1} where the step before needs it
+   (masked_dots; every entry of y0 at t = 0 when need_y0; nothing at t = 0 otherwise); when axpy,
+   dW_hh^T over the events (dw_block) each time t reaches a multiple of blk (blocks [t, t + blk)).
+   Out: dgis [.., B, 3H] (step t at t - t_lo), dghs: dL/d(W_hh y + b_hh) of the steps, a ring of
+   R steps (dgh_t at t mod R; R >= blk when axpy, R = L when the caller takes dW_hh as one GEMM
+   over the segment); accumulated: gbh [3H], gthr [H], gwhT [H, 3H] (when axpy). Scratch: ap,
+   out [B]; wm [H B]; wl [H (B + 1)]; cnt [H], idx, val [blk B H]. macs [2]: the dots and the
+   axpys done are added (times 3H). */
+CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* c0, const T* y0, const T* ys,
                          const T* s, const T* cts, const T* whT, const T* thr, double gamma,
                          double epsilon, const T* gys, T* gc, T* gy, const T* gcnt, long need_y0,
                          const unsigned char* dense, long axpy, long blk, long R, T* dgis, T* dghs,
@@ -466,11 +466,12 @@ CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, const T* c0, const T
     const unsigned int csr = ftz_on();
     const long O = 3 * H;
     const T gm = (T)gamma, ep = (T)epsilon, iep = (T)1 / (T)epsilon;
-    long stop = -1;
-    for (long t = t_hi; t >= 0; --t) {
+    long stop = t_lo - 1;
+    for (long t = t_hi; t >= t_lo; --t) {
         T* dgh = dghs + (t % R) * B * O;
         EGRU_TICK(0);
-        FN(bwd_pointwise)(B, H, t, c0, s, cts, thr, gm, iep, gys, gc, gy, gcnt, dgis, dgh, gbh, gthr);
+        FN(bwd_pointwise)(B, H, t, c0, s, cts, thr, gm, iep, gys, gc, gy, gcnt, dgis + (t - t_lo) * B * O,
+                          dgh, gbh, gthr);
         EGRU_TICK(1);
         const int want_dy = t || need_y0;
         if (want_dy && !dense[t])
