@@ -479,7 +479,8 @@ class SegmentFunction(torch.autograd.Function):
         wm = torch.empty(B * H, dtype=torch.uint8)
         ap, bs, out = torch.empty(B, dtype=torch.long), torch.empty(H * (B + 1), dtype=torch.long), ys.new_empty(B)
         cnt = torch.empty(H, dtype=torch.long)
-        idx, val = (torch.empty(blk * B * H, dtype=torch.long), ys.new_empty(blk * B * H)) if axpy else (None, None)
+        nev = blk * B * H + H  # a block's events sorted by unit, one spare slot per unit
+        idx, val = (torch.empty(nev, dtype=torch.long), ys.new_empty(nev)) if axpy else (None, None)
         run = getattr(load_library(), f"egru_bwd_{SUFFIX[ys.dtype]}")
         w_hh = weight_hh.detach()
         dense_macs = 0

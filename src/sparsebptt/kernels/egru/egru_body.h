@@ -339,34 +339,42 @@ INL void FN(bwd_pointwise)(long B, long H, long t, const T* c0, const T* s, cons
 }
 
 /* dW_hh^T[j] += sum_{t0 <= t < t1} sum_b y_{t-1}[b, j] dgh_t[b] over the non-zero y_{t-1}: the
-   weight gradient of a block of steps. The block's events are first sorted by unit (counting
-   sort into idx (rows (t mod R) B + b of dghs, a ring of R steps) and val, cnt [H] scratch), then each row of dW_hh^T is read
-   and written once while its events' dgh rows are added in registers (acc_rows). Returns the
-   events (axpys of 3H). */
+   weight gradient of a block of steps. The block's events are first sorted by unit (a counting
+   sort into idx (rows (t mod R) B + b of dghs, a ring of R steps) and val, [n + H] each: unit
+   j's events start at (events of the units before it) + j, one spare slot per unit, so the fill
+   writes every entry without a branch and a zero only lands in its unit's spare slot; cnt [H]
+   longs, used as ints), then each row of dW_hh^T is read and written once while its events' dgh
+   rows are added in registers (acc_rows). Returns the events (axpys of 3H). */
 static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T* ys, const T* dghs,
                          long R, T* gwhT, long* cnt, long* idx, T* val) {
     const long O = 3 * H;
-    memset(cnt, 0, sizeof(long) * H);
+    int* restrict pos = (int*)cnt;
+    memset(pos, 0, sizeof(int) * H);
     for (long t = t0; t < t1; ++t) {
-        const T* yp = t ? ys + (t - 1) * B * H : y0;
+        const T* restrict yp = t ? ys + (t - 1) * B * H : y0;
         for (long b = 0; b < B; ++b)
-            for (long j = 0; j < H; ++j) cnt[j] += yp[b * H + j] != (T)0;
+            for (long j = 0; j < H; ++j) pos[j] += yp[b * H + j] != (T)0;
     }
     long n = 0;
-    for (long j = 0; j < H; ++j) { const long c = cnt[j]; cnt[j] = n; n += c; }  /* starts */
+    for (long j = 0; j < H; ++j) { const long c = pos[j]; pos[j] = (int)(n + j); n += c; }  /* starts */
     for (long t = t0; t < t1; ++t) {
         const T* yp = t ? ys + (t - 1) * B * H : y0;
-        for (long b = 0; b < B; ++b)
+        for (long b = 0; b < B; ++b) {
+            const long row = (t % R) * B + b;
             for (long j = 0; j < H; ++j) {
                 const T v = yp[b * H + j];
-                if (v != (T)0) { const long p = cnt[j]++; idx[p] = (t % R) * B + b; val[p] = v; }
+                const int p = pos[j];
+                idx[p] = row;
+                val[p] = v;
+                pos[j] = p + (v != (T)0);
             }
+        }
     }
-    long start = 0;  /* cnt[j] is now the end of unit j's events */
+    long start = 0;  /* pos[j] is now the end of unit j's events */
     for (long j = 0; j < H; ++j) {
-        const long m = cnt[j] - start;
+        const long m = pos[j] - start;
         if (m) FN(acc_rows)(gwhT + j * O, gwhT + j * O, dghs, O, idx + start, val + start, m, O);
-        start = cnt[j];
+        start = pos[j] + 1;
     }
     return n;
 }
@@ -455,7 +463,7 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
    Out: dgis [.., B, 3H] (step t at t - t_lo), dghs: dL/d(W_hh y + b_hh) of the steps, a ring of
    R steps (dgh_t at t mod R; R >= blk when axpy, R = L when the caller takes dW_hh as one GEMM
    over the segment); accumulated: gbh [3H], gthr [H], gwhT [H, 3H] (when axpy). Scratch: ap,
-   out [B]; wm [H B]; wl [H (B + 1)]; cnt [H], idx, val [blk B H]. macs [2]: the dots and the
+   out [B]; wm [H B]; wl [H (B + 1)]; cnt [H], idx, val [blk B H + H]. macs [2]: the dots and the
    axpys done are added (times 3H). */
 CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* c0, const T* y0, const T* ys,
                          const T* s, const T* cts, const T* whT, const T* thr, double gamma,

@@ -12,7 +12,7 @@
 
 /* out[o] = init[o] + sum_{q < m} vals[q] base[idx[q] stride + o] for o < n (out may be init):
    8 vectors of out held in registers while the m rows are added (one load per multiply-add),
-   then single vectors, then scalars. The forward's W_hh y over a sample's events (base =
+   then 4, then single vectors, then scalars. The forward's W_hh y over a sample's events (base =
    W_hh^T, idx = its units) and the weight gradient's dW_hh^T[j] over the events of unit j in a
    block of steps (base = dL/d(W_hh y) rows, idx = their (t, b)). */
 __attribute__((target(VTGT)))
@@ -40,6 +40,20 @@ static void FV(acc_rows)(T* out, const T* init, const T* base, long stride, cons
         VOP(storeu)(out + o + 2 * VLN, a2); VOP(storeu)(out + o + 3 * VLN, a3);
         VOP(storeu)(out + o + 4 * VLN, a4); VOP(storeu)(out + o + 5 * VLN, a5);
         VOP(storeu)(out + o + 6 * VLN, a6); VOP(storeu)(out + o + 7 * VLN, a7);
+    }
+    for (; o + 4 * VLN <= n; o += 4 * VLN) {
+        VEC a0 = VOP(loadu)(init + o), a1 = VOP(loadu)(init + o + VLN);
+        VEC a2 = VOP(loadu)(init + o + 2 * VLN), a3 = VOP(loadu)(init + o + 3 * VLN);
+        for (long q = 0; q < m; ++q) {
+            const VEC v = VOP(set1)(vals[q]);
+            const T* p = base + idx[q] * stride + o;
+            a0 = VOP(fmadd)(v, VOP(loadu)(p), a0);
+            a1 = VOP(fmadd)(v, VOP(loadu)(p + VLN), a1);
+            a2 = VOP(fmadd)(v, VOP(loadu)(p + 2 * VLN), a2);
+            a3 = VOP(fmadd)(v, VOP(loadu)(p + 3 * VLN), a3);
+        }
+        VOP(storeu)(out + o, a0); VOP(storeu)(out + o + VLN, a1);
+        VOP(storeu)(out + o + 2 * VLN, a2); VOP(storeu)(out + o + 3 * VLN, a3);
     }
     for (; o + VLN <= n; o += VLN) {
         VEC a = VOP(loadu)(init + o);
