@@ -711,20 +711,24 @@ def test_the_fused_path_says_it_ran(caplog):
     assert any("fused 'cpu' backend" in r.getMessage() for r in caplog.records)
 
 
-# ---- spike-driven input products (issue 17) ----------------------------------------------------
+# ---- sparse-input products (issue 17) ------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [(37, 19, 23), (160, 64, 256), (300, 40, 100), (1, 1, 1)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_spike_rows_products_equal_the_matmul(dtype, shape, bias):
-    """Currents from the rows of W^T at the spikes, and dW from the rows of dL/di at them, equal
-    the dense products (vector tails: H and K off every block size)."""
-    from sparsebptt.kernels.lif.cpu import SpikeRows
+@pytest.mark.parametrize("values", ["spikes", "events"])
+def test_sparse_rows_products_equal_the_matmul(dtype, shape, bias, values):
+    """Currents from the rows of W^T at the nonzeros, and dW from the rows of dL/di at them, equal
+    the dense products (vector tails: H and K off every block size); spikes (all 1) or values."""
+    from sparsebptt.kernels.lif.cpu import SparseRows
     R, K, H = shape
     x = seeded(1, R, K, dtype=dtype, kind="spikes", p=0.2)
+    if values == "events":
+        x = x * seeded(5, R, K, dtype=dtype)
     W, b, d = seeded(2, H, K, dtype=dtype), seeded(3, H, dtype=dtype) if bias else None, seeded(4, R, H, dtype=dtype)
-    rows = SpikeRows.of(x, keep=True)
+    rows = SparseRows.of(x, keep=True)
     assert rows is not None and rows.col.numel() == int(x.count_nonzero())
+    assert (rows.val is None) == bool(((x == 0) | (x == 1)).all())
     out = torch.empty(R, H, dtype=dtype)
     rows.project(W, b, out)
     ref = x @ W.t() + (b if bias else 0)
@@ -732,70 +736,90 @@ def test_spike_rows_products_equal_the_matmul(dtype, shape, bias):
     assert_close("dW", d.t() @ x, rows.weight_grad(d), dtype)
 
 
-def test_spike_rows_of_a_row_do_not_depend_on_the_others():
+def test_sparse_rows_of_a_row_do_not_depend_on_the_others():
     """A row's currents are summed in one fixed order whatever rows come with it, so a recomputed
     segment repeats the forward's currents bit for bit however the scan was cut."""
-    from sparsebptt.kernels.lif.cpu import SpikeRows
+    from sparsebptt.kernels.lif.cpu import SparseRows
     x = seeded(5, 96, 70, dtype=torch.float32, kind="spikes", p=0.15)
     W, b = seeded(6, 50, 70, dtype=torch.float32), seeded(7, 50, dtype=torch.float32)
     whole = torch.empty(96, 50)
-    SpikeRows.of(x, keep=False).project(W, b, whole)
+    SparseRows.of(x, keep=False).project(W, b, whole)
     for a, c in ((0, 10), (10, 13), (13, 96)):
         part = torch.empty(c - a, 50)
-        SpikeRows.of(x[a:c].contiguous(), keep=False).project(W, b, part)
+        SparseRows.of(x[a:c].contiguous(), keep=False).project(W, b, part)
         assert torch.equal(part, whole[a:c])
+    x[3, 4] = 2.5  # a value: the same row sums, times the values
+    ones = torch.empty(96, 50)
+    SparseRows.of(x, keep=False).project(W, b, ones)
+    assert torch.equal(ones[:3], whole[:3]) and torch.equal(ones[4:], whole[4:])
 
 
-@pytest.mark.parametrize("bad", [0.5, -1.0, float("nan"), 2.0], ids=["half", "minus1", "nan", "two"])
-def test_spike_path_checks_its_input(bad):
-    """``spikes=True`` is a hint: an entry other than 0 or 1 sends the layer to the matmul, with the
-    same outputs and gradients as ``spikes=False``."""
-    from sparsebptt.kernels.lif.cpu import SpikeRows, fused_lif_layer
-    x = seeded(8, 9, 3, 11, kind="spikes", p=0.3)
-    x[4, 1, 7] = bad
-    assert SpikeRows.of(x.reshape(27, 11), keep=False) is None
-    W, b, v0 = seeded(9, 6, 11), seeded(10, 6), 0.3 * seeded(11, 3, 6)
-    res = []
-    for spikes in (False, True):
-        args = [t.clone().requires_grad_() for t in (x, v0, W, b)]
-        z, vT = fused_lif_layer(args[0], args[1], args[2], args[3], 0.8, LIFParams(threshold=0.4), spikes=spikes)
-        torch.nan_to_num(z * seeded(12, *z.shape) + vT.sum()).sum().backward()
-        res.append([z.detach(), vT.detach()] + [a.grad for a in args])
-    for a, c in zip(*res):
-        assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(c))
+def test_sparse_rows_stop_counting_above_the_density_asked():
+    from sparsebptt.kernels.lif.cpu import SparseRows
+    x = seeded(8, 40, 30, kind="spikes", p=0.5)
+    assert SparseRows.of(x, keep=False, max_density=0.25) is None
+    assert SparseRows.of(x, keep=False, max_density=0.75) is not None
+    x[0, 0] = float("nan")  # a NaN is a nonzero with a value: it reaches the currents as in a matmul
+    out = torch.empty(40, 3, dtype=torch.float64)
+    SparseRows.of(x, keep=False).project(seeded(9, 3, 30), None, out)
+    assert out[0].isnan().all() and not out[1:].isnan().any()
+
+
+def test_the_route_is_decided_once_per_scan():
+    """The first segment's density decides; later segments follow it whatever their density."""
+    from sparsebptt.kernels.lif.cpu import SPARSE_INPUT_MAX, SparseRoute
+    sparse = seeded(10, 20, 30, kind="spikes", p=SPARSE_INPUT_MAX / 3)
+    dense = seeded(11, 20, 30, kind="spikes", p=0.9)
+    route = SparseRoute()
+    assert route.rows(sparse, keep=False) is not None and route.rows(dense, keep=False) is not None
+    route = SparseRoute()
+    assert route.rows(dense, keep=False) is None and route.rows(sparse, keep=False) is None
+    cell = sb.cells.LIF(30, 4, backend="cpu")
+    a, b = cell.scan_segment, cell.scan_segment
+    assert a.keywords["route"] is not b.keywords["route"]  # one per scan
+    assert "route" not in sb.cells.LIF(30, 4, backend="cpu", recurrent=True).scan_segment.keywords
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_spike_path_layer_equals_the_matmul_layer(dtype):
-    """fused_lif_layer with spikes=True: outputs, state and every gradient as with the matmul; the
-    backward keeps the spikes' columns instead of x."""
-    from sparsebptt.kernels.lif.cpu import fused_lif_layer
-    x = seeded(13, 23, 4, 30, dtype=dtype, kind="spikes", p=0.25)
+@pytest.mark.parametrize("values", ["spikes", "events"])
+def test_sparse_layer_equals_the_matmul_layer(dtype, values):
+    """fused_lif_layer with a sparse route: outputs, state and every gradient as with the matmul;
+    the backward keeps the nonzeros instead of x."""
+    from sparsebptt.kernels.lif.cpu import SparseRoute, fused_lif_layer
+    x = seeded(13, 23, 4, 30, dtype=dtype, kind="spikes", p=0.2)
+    if values == "events":
+        x = x * seeded(12, 23, 4, 30, dtype=dtype)
     W, b, v0 = 0.8 * seeded(14, 45, 30, dtype=dtype), seeded(15, 45, dtype=dtype), 0.3 * seeded(16, 4, 45, dtype=dtype)
     beta = 0.5 + 0.4 * seeded(17, 45, dtype=dtype, kind="uniform")
     res, saved = [], []
-    for spikes in (False, True):
+    for route in (None, SparseRoute()):
         args = [t.clone().requires_grad_() for t in (x, v0, W, b, beta)]
-        z, vT = fused_lif_layer(*args, LIFParams(threshold=0.5), spikes=spikes)
+        z, vT = fused_lif_layer(*args, LIFParams(threshold=0.5), route=route)
         saved.append(any(t is not None and t.shape == x.shape for t in z.grad_fn.saved_tensors))
         ((z * seeded(18, *z.shape, dtype=dtype)).sum() + (vT * seeded(19, *vT.shape, dtype=dtype)).sum()).backward()
         res.append([z.detach(), vT.detach()] + [a.grad for a in args])
     for name, a, c in zip(["z", "vT", "dx", "dv0", "dW", "db", "dbeta"], *res):
         assert_close(name, a, c, dtype)
-    assert saved == [True, False]  # int32 columns of the spikes, not the [L, B, in] input
+    assert saved == [True, False]  # the nonzeros' columns (and values), not the [L, B, in] input
 
 
-def test_a_stack_tells_a_lif_after_a_spiking_layer_that_its_input_is_spikes():
-    import functools
-    lif_lif = sb.cells.Stack([sb.cells.LIF(5, 8, backend="cpu"), sb.cells.LIF(8, 6, backend="cpu"),
-                              sb.cells.LIFNeuron(6, backend="cpu"), sb.cells.LIF(6, 4, backend="cpu")])
-    fns = lif_lif._segment_fns()
-    hints = [isinstance(f, functools.partial) and f.keywords.get("spikes", False) for f in fns]
-    assert hints == [False, True, False, True]  # not the scan's input, not LIFNeuron (no projection)
-    mixed = sb.cells.Stack([sb.cells.LIF(5, 8, backend="cpu"), sb.cells.GRU(8, 8, backend="cpu"),
-                            sb.cells.LIF(8, 6, backend="cpu"), torch.nn.Identity(), sb.cells.LIF(6, 4, backend="cpu")])
-    assert not any(isinstance(f, functools.partial) and f.keywords.get("spikes", False)
-                   for f in mixed._segment_fns())
+@pytest.mark.parametrize("strategy", [sb.FullBPTT(), sb.Checkpoint(every=5), sb.Revolve(slots=2)],
+                         ids=lambda s: s.to_string())
+def test_a_sparse_input_layer_equals_the_reference_under_every_strategy(strategy):
+    """A LIF on spike input (and one on the first's spikes) takes the sparse route; float64
+    outputs and every gradient equal the torch reference's."""
+    ref, fast = _stacks(torch.float64, mixed=False)
+    x = seeded(3, 37, 2, N_IN, kind="spikes", p=0.15)
+    routes = []
+    for layer in fast.layers:
+        orig = layer._scan_segment
+        def spy(*a, _o=orig, **k):
+            routes.append(k.get("route"))
+            return _o(*a, **k)
+        layer._scan_segment = spy
+    got = _run_stack(fast, x, strategy)
+    assert routes and all(r is not None and r.sparse for r in routes)
+    compare(_run_stack(ref, x, sb.FullBPTT()), got, torch.float64)
 
 
 def test_a_scan_runs_the_backend_its_forward_resolved(monkeypatch):

@@ -27,6 +27,7 @@ with the input projection as one matmul; "auto" picks the fastest available. The
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -121,10 +122,6 @@ class LIF(FusedCell):
 
     kernels = ("cpu", "triton")
     segment_takes_backend = True
-    #: every output is a spike, 0 or 1 (a `Stack` tells the next LIF layer so: see ``_scan_segment``)
-    output_is_spikes = True
-    #: ``_scan_segment`` takes ``spikes=True`` for an input known to hold spikes
-    segment_takes_spikes = True
 
     def __init__(self, input_size: int, hidden_size: int, *, beta: float = 0.9, threshold: float = 1.0,
                  reset: str = "subtract", surrogate: str = "fast_sigmoid",
@@ -157,12 +154,21 @@ class LIF(FusedCell):
             t.add_activity(self, z.sum(), z.numel())
         return z, ((v, z) if self.recurrent else (v,))
 
-    def _scan_segment(self, x_seg, state, *, backend=None, spikes: bool = False):
+    @property
+    def scan_segment(self):
+        """As `FusedCell.scan_segment`; a feed-forward layer's also carries the scan's
+        `SparseRoute`: its first segment decides whether the input products run sparse (a mostly
+        zero input: spikes, events) for the whole scan, recomputations included."""
+        fn = FusedCell.scan_segment.fget(self)
+        if fn is None or self.recurrent or fn.keywords.get("backend") != "cpu":
+            return fn
+        from ..kernels.lif.cpu import SparseRoute
+        return functools.partial(fn, route=SparseRoute())
+
+    def _scan_segment(self, x_seg, state, *, backend=None, route=None):
         """A segment through the fused kernels. ``backend``: "cpu" or "triton", as
-        `FusedCell.scan_segment` resolved it (None: resolve now). ``spikes``: the caller knows
-        ``x_seg`` holds spikes (0/1; a `Stack` says so for the output of a spiking layer): the
-        feed-forward "cpu" layer then sums the currents from the rows of W at the spikes
-        (`sparsebptt.kernels.lif.cpu.fused_lif_layer`); a hint, checked there."""
+        `FusedCell.scan_segment` resolved it (None: resolve now). ``route``: the scan's
+        `sparsebptt.kernels.lif.cpu.SparseRoute` (backend "cpu", feed-forward; None: the matmul)."""
         if backend is None:
             backend = self.active_backend  # "cpu" or "triton": `FusedCell.scan_segment` hands this out
         beta = self.params.beta if self.beta is None else self.beta.clamp(0.0, 1.0)
@@ -180,7 +186,7 @@ class LIF(FusedCell):
         (v,) = state
         if backend == "cpu":  # projection, recurrence and their backward in one node
             from ..kernels.lif.cpu import fused_lif_layer
-            z, v = fused_lif_layer(x_seg, v, self.weight, self.bias, beta, self.params, spikes=spikes)
+            z, v = fused_lif_layer(x_seg, v, self.weight, self.bias, beta, self.params, route=route)
         else:
             from ..kernels.lif.triton import fused_recurrent_lif
             i = linear(x_seg, self.weight, self.bias)  # [L, B, H]: one matmul, MACs counted as per step
@@ -237,8 +243,6 @@ class LIFNeuron(FusedCell):
 
     kernels = ("cpu", "triton")
     segment_takes_backend = True
-    #: every output is a spike, 0 or 1 (see `LIF.output_is_spikes`)
-    output_is_spikes = True
 
     def __init__(self, shape, *, beta: float = 0.9, threshold: float = 1.0, reset: str = "subtract",
                  surrogate: str = "fast_sigmoid", surrogate_scale: float | None = None,

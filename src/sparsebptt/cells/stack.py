@@ -324,17 +324,9 @@ class Stack(nn.Module):
 
     def _segment_fns(self) -> list:
         """Each cell's fused ``scan_segment`` (None for a cell without one, and for stateless
-        layers), resolved once for a scan. A layer whose ``_scan_segment`` takes ``spikes``
-        (`LIF`) directly after a cell whose outputs are spikes (``output_is_spikes``: `LIF`,
-        `LIFNeuron`) gets ``spikes=True``: its input product may add rows of W at the spikes."""
-        fns = []
-        for k, (layer, c) in enumerate(zip(self.layers, self._cell)):
-            fn = getattr(layer, "scan_segment", None) if c else None
-            if fn is not None and k > 0 and self._cell[k - 1] and getattr(layer, "segment_takes_spikes", False) \
-                    and getattr(self.layers[k - 1], "output_is_spikes", False):
-                fn = functools.partial(fn, spikes=True)
-            fns.append(fn)
-        return fns
+        layers), asked once for a scan: every segment of the scan, recomputations included, runs
+        what it got (a layer's backend, a `LIF`'s choice of sparse-input products)."""
+        return [getattr(layer, "scan_segment", None) if c else None for layer, c in zip(self.layers, self._cell)]
 
     def _scan_segment(self, x_seg, state, fns=None):
         """Layer by layer over a segment; ``fns``: the cells' segment functions as `_segment_fns`

@@ -52,8 +52,8 @@ def transposed(weight: torch.Tensor) -> torch.Tensor:
     The copy is keyed on the tensor itself (a weak reference), its storage address and its
     version counter, which every in-place change bumps (an optimizer step, ``copy_``, ``.data``
     assignment changes the address): a changed weight is copied again. Made under no_grad (the
-    kernels' forward runs outside autograd); per thread, at most `TRANSPOSED_KEEP` weights, each
-    dropped with its weight.
+    kernels' forward runs outside autograd); per thread, at most `TRANSPOSED_KEEP` weights; the copies of
+    weights that no longer exist are dropped at the next miss.
     """
     cache = _transposed_cache.__dict__.setdefault("entries", {})
     key = id(weight)

@@ -49,7 +49,7 @@ from .function import (SURROGATE_IDS, LIFConstants, after_decay, recurrence_func
                        surrogate_scale)
 
 __all__ = ["fused_recurrent_lif", "fused_lif_layer", "fused_recurrent_lif_layer", "load_library", "C_SOURCE",
-           "SpikeRows", "SPIKE_CHUNK"]
+           "SparseRows", "SparseRoute", "SPARSE_CHUNK", "SPARSE_INPUT_MAX"]
 
 #: the C source (package data): ``lif.c`` instantiates ``lif_body.h`` for float and double
 C_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lif.c")
@@ -61,11 +61,16 @@ _FWD_ARGS = [_P, _P, _P, ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.
 _BWD_ARGS = [_P, _P, ctypes.c_long, _P, _P, _P, ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_int,
              ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_long, ctypes.c_long, ctypes.c_long, _P, _P, _P]
 
-_SPIKE_FNS = {"lif_csr": (ctypes.c_long, [_P, ctypes.c_long, ctypes.c_long, _P, _P]),
-              "lif_spmm": (None, [_P, _P, _P, _P, ctypes.c_long, ctypes.c_long, _P]),
-              "lif_spmm_t": (None, [_P, _P, _P, ctypes.c_long, ctypes.c_long, ctypes.c_long, _P, _P, _P])}
+_SPARSE_FNS = {"lif_csr": (ctypes.c_long, [_P, ctypes.c_long, ctypes.c_long, ctypes.c_long, _P, _P, _P, _P]),
+               "lif_spmm": (None, [_P, _P, _P, _P, _P, ctypes.c_long, ctypes.c_long, _P]),
+               "lif_spmm_t": (None, [_P, _P, _P, _P, ctypes.c_long, ctypes.c_long, ctypes.c_long, _P, _P, _P, _P])}
 #: rows per chunk of `lif_spmm_t` (``SP_CHUNK`` in lif_body.h)
-SPIKE_CHUNK = 256
+SPARSE_CHUNK = 256
+#: the largest fraction of nonzero inputs at which a layer takes the sparse-input products: on
+#: the AVX-512 box, one thread, in -> 256 for 160 or 1,600 rows, they equal the matmul near 40-45 %
+#: (forward) and 25-30 % (dW) and take 0.2-0.5x its time at 2-10 % (benchmarks/lif_sparse_input.py,
+#: results/lif_sparse_input_issue17a.csv)
+SPARSE_INPUT_MAX = 0.25
 
 
 def load_library():
@@ -77,7 +82,7 @@ def load_library():
             fwd, bwd = getattr(lib, f"lif_fwd_{suf}"), getattr(lib, f"lif_bwd_{suf}")
             fwd.restype = bwd.restype = None
             fwd.argtypes, bwd.argtypes = _FWD_ARGS, _BWD_ARGS
-            for name, (res, args) in _SPIKE_FNS.items():
+            for name, (res, args) in _SPARSE_FNS.items():
                 fn = getattr(lib, f"{name}_{suf}")
                 fn.restype, fn.argtypes = res, args
         _lib = lib
@@ -147,54 +152,87 @@ def _lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: bool, scratch: b
 FusedRecurrentLIFFunction = recurrence_function("FusedRecurrentLIFFunction", _lif_fwd, _lif_bwd)
 
 
-class SpikeRows:
-    """The nonzero columns of a spike input x [R, K] (every entry 0 or 1), row by row (CSR): what
-    the spike-driven products read instead of x. ``ptr`` int64 [R + 1], ``col`` int32 [nnz]."""
+class SparseRows:
+    """The nonzeros of an input x [R, K] row by row (CSR): what the sparse-input products read
+    instead of x. ``ptr`` int64 [R + 1], ``col`` int32 [nnz], ``val`` [nnz] (None: every nonzero
+    is 1, spikes)."""
 
-    __slots__ = ("ptr", "col", "R", "K")
+    __slots__ = ("ptr", "col", "val", "R", "K")
 
-    def __init__(self, ptr, col, R, K):
-        self.ptr, self.col, self.R, self.K = ptr, col, R, K
+    def __init__(self, ptr, col, val, R, K):
+        self.ptr, self.col, self.val, self.R, self.K = ptr, col, val, R, K
 
     @classmethod
-    def of(cls, x2: torch.Tensor, keep: bool):
-        """The rows of ``x2`` [R, K] (contiguous), or None when an entry is neither 0 nor 1 (the
-        caller multiplies densely). ``keep``: trim ``col`` to its nnz entries (it is saved)."""
+    def of(cls, x2: torch.Tensor, keep: bool, max_density: float = 1.0):
+        """The rows of ``x2`` [R, K] (contiguous), or None when more than ``max_density`` of its
+        entries are nonzero (it stops counting there). ``keep``: trim to the nnz entries (saved)."""
         R, K = x2.shape
+        max_nnz = int(max_density * R * K)
         ptr = torch.empty(R + 1, dtype=torch.int64)
-        col = torch.empty(max(1, R * K), dtype=torch.int32)
-        n = getattr(load_library(), f"lif_csr_{SUFFIX[x2.dtype]}")(x2.data_ptr(), R, K, ptr.data_ptr(), col.data_ptr())
+        col = torch.empty(max_nnz + K + 1, dtype=torch.int32)
+        val = torch.empty(max_nnz + K + 1, dtype=x2.dtype)
+        binary = ctypes.c_int(0)
+        n = getattr(load_library(), f"lif_csr_{SUFFIX[x2.dtype]}")(
+            x2.data_ptr(), R, K, max_nnz, ptr.data_ptr(), col.data_ptr(), val.data_ptr(), ctypes.byref(binary))
         if n < 0:
             return None
-        return cls(ptr, col[:n].clone() if keep else col, R, K)
+        val = None if binary.value else (val[:n].clone() if keep else val)
+        return cls(ptr, col[:n].clone() if keep else col, val, R, K)
 
     def project(self, weight, bias, out2):
-        """``out2 = x W^T + b`` [R, H]: per row, the rows of W^T at its spikes added in ascending order."""
+        """``out2 = x W^T + b`` [R, H]: per row, the rows of W^T at its nonzeros, times their
+        values, added in ascending column order."""
         H = weight.shape[0]
         fn = getattr(load_library(), f"lif_spmm_{SUFFIX[out2.dtype]}")
-        fn(self.ptr.data_ptr(), self.col.data_ptr(), transposed(weight).data_ptr(), _ptr(bias), self.R, H,
-           out2.data_ptr())
+        fn(self.ptr.data_ptr(), self.col.data_ptr(), _ptr(self.val), transposed(weight).data_ptr(), _ptr(bias),
+           self.R, H, out2.data_ptr())
 
     def weight_grad(self, d2):
         """``d2^T x`` [H, K] (dL/dW of ``x W^T``) from ``d2`` = dL/dout [R, H] (contiguous), as the
-        transpose of a contiguous [K, H]: per input column the rows at its spikes are summed (in
-        chunks of `SPIKE_CHUNK` rows); the copy into W's layout is left to whoever accumulates the
-        gradient (once per scan, not once per segment)."""
+        transpose of a contiguous [K, H]: per input column the rows of d2 at its nonzeros are
+        summed (in chunks of `SPARSE_CHUNK` rows); the copy into W's layout is left to whoever
+        accumulates the gradient (once per scan, not once per segment)."""
         H = d2.shape[1]
         dwt = torch.zeros(self.K, H, dtype=d2.dtype)
         cnt = torch.empty(self.K + 1, dtype=torch.int32)
-        rows = torch.empty(max(1, min(self.R, SPIKE_CHUNK) * self.K), dtype=torch.int32)
+        n = max(1, min(self.R, SPARSE_CHUNK) * self.K)
+        rows = torch.empty(n, dtype=torch.int32)
+        vals = torch.empty(n if self.val is not None else 1, dtype=d2.dtype)
         getattr(load_library(), f"lif_spmm_t_{SUFFIX[d2.dtype]}")(
-            self.ptr.data_ptr(), self.col.data_ptr(), d2.data_ptr(), self.R, self.K, H, dwt.data_ptr(),
-            cnt.data_ptr(), rows.data_ptr())
+            self.ptr.data_ptr(), self.col.data_ptr(), _ptr(self.val), d2.data_ptr(), self.R, self.K, H,
+            dwt.data_ptr(), cnt.data_ptr(), rows.data_ptr(), vals.data_ptr())
         return dwt.t()
 
+    def tensors(self):
+        """What the backward keeps: (ptr, col, val)."""
+        return self.ptr, self.col, self.val
 
-def _project(x2, weight, bias, out2, spikes: bool, keep: bool):
-    """The input currents ``out2 = x2 W^T + b``: with ``spikes`` (the caller knows x2 holds spikes)
-    by the spike-driven product when every entry is 0 or 1 (returns its `SpikeRows`), else one
-    matmul (returns None)."""
-    rows = SpikeRows.of(x2, keep) if spikes else None
+
+class SparseRoute:
+    """Whether one scan's input products run sparse: decided on the scan's first segment (at most
+    `SPARSE_INPUT_MAX` of its inputs nonzero) and kept for every later segment of that scan,
+    recomputations included, so the forward and its recomputation take the same path (each row's
+    currents then repeat bit for bit). A layer's `scan_segment` makes one per scan."""
+
+    __slots__ = ("sparse",)
+
+    def __init__(self):
+        self.sparse = None
+
+    def rows(self, x2: torch.Tensor, keep: bool):
+        """`SparseRows` of ``x2`` when this scan runs sparse, else None."""
+        if self.sparse is False:
+            return None
+        rows = SparseRows.of(x2, keep, SPARSE_INPUT_MAX if self.sparse is None else 1.0)
+        if self.sparse is None:
+            self.sparse = rows is not None
+        return rows
+
+
+def _project(x2, weight, bias, out2, route: "SparseRoute | None", keep: bool):
+    """The input currents ``out2 = x2 W^T + b``: by the sparse-input products when ``route`` says
+    so (returns the `SparseRows`), else one matmul (returns None)."""
+    rows = route.rows(x2, keep) if route is not None else None
     if rows is not None:
         rows.project(weight, bias, out2)
     elif bias is None:
@@ -215,12 +253,12 @@ class FusedLIFLayerFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, v0, weight, bias, beta, p: LIFConstants, spikes: bool = False):
+    def forward(ctx, x, v0, weight, bias, beta, p: LIFConstants, route=None):
         L, B, n_in = x.shape
         H = weight.shape[0]
         x2 = x.reshape(L * B, n_in)
         i = empty((L, B, H), x.dtype)
-        rows = _project(x2, weight, bias, i.view(L * B, H), spikes, keep=weight.requires_grad)
+        rows = _project(x2, weight, bias, i.view(L * B, H), route, keep=weight.requires_grad)
         z, u, vT = _lif_fwd(i, v0, beta, p, save_u=True, u_into_i=True)
         macs = L * B * n_in * H
         t = current_trace()
@@ -231,19 +269,19 @@ class FusedLIFLayerFunction(torch.autograd.Function):
         ctx.beta_s = None if beta_t is not None else beta
         ctx.need_dbeta = beta_t is not None and beta_t.requires_grad
         ctx.bwd_macs = macs * (int(x.requires_grad) + int(weight.requires_grad))
-        # a spike input is kept as its rows of nonzero columns (int32 per spike), not as x
+        # a sparse input is kept as its nonzeros (int32 column each, and the value unless 1), not as x
         rows = rows if rows is not None and weight.requires_grad else None
         ctx.shape_x = (L * B, n_in)
         ctx.save_for_backward(u, x if rows is None else None, weight,
                               v0 if ctx.need_dbeta or after_decay(p) else None, beta_t,
-                              *((rows.ptr, rows.col) if rows is not None else (None, None)))
+                              *(rows.tensors() if rows is not None else (None, None, None)))
         ctx.set_materialize_grads(False)
         return z, vT
 
     @staticmethod
     def backward(ctx, dz, dvT):
-        u, x, weight, v0, beta_t, ptr, col = ctx.saved_tensors
-        rows = None if ptr is None else SpikeRows(ptr, col, *ctx.shape_x)
+        u, x, weight, v0, beta_t, ptr, col, val = ctx.saved_tensors
+        rows = None if ptr is None else SparseRows(ptr, col, val, *ctx.shape_x)
         beta = beta_t if beta_t is not None else ctx.beta_s
         di, dv0, dbeta = _lif_bwd(u, dz, dvT, v0, beta, ctx.p, ctx.need_dbeta, scratch=True)
         L, B, H = di.shape
@@ -316,18 +354,18 @@ def fused_recurrent_lif(i: torch.Tensor, v0: torch.Tensor, beta, p: LIFConstants
 
 
 def fused_lif_layer(x: torch.Tensor, v0: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    beta, p: LIFConstants, spikes: bool = False):
+                    beta, p: LIFConstants, route: "SparseRoute | None" = None):
     """A feed-forward LIF layer over a segment on CPU: ``(z [L, B, H], v_T [B, H])``.
 
     ``x`` [L, B, in]; ``weight`` [H, in]; ``bias`` [H] or None; ``beta`` a float or an [H] tensor
     (clamped by the caller); see `FusedLIFLayerFunction`. Differentiable in every tensor.
 
-    ``spikes``: the caller knows ``x`` holds spikes (a spiking layer's output, as `Stack` knows).
-    When every entry is 0 or 1 (checked: otherwise the matmul runs), the currents are then summed
-    from the rows of W^T at the spikes (`SpikeRows`, a C kernel: per row in ascending input order,
-    so a row's currents do not depend on the segment it is computed in), dW from the same rows,
-    and the backward keeps the spikes' columns (int32 each) instead of x. It pays below about 35 %
-    activity; the dense matmul is faster above (BENCHMARKS.md, "Checkpointed LIF against the floor").
+    ``route``: a `SparseRoute` (one per scan, as `LIF.scan_segment` makes it) lets a mostly-zero
+    input (spikes, events: at most `SPARSE_INPUT_MAX` nonzero) take the sparse-input products, C
+    kernels: the currents summed from the rows of W^T at the nonzeros (per row in ascending input
+    order, so a row's currents do not depend on the segment it is computed in), dW from the rows
+    of dL/di at them, and the backward keeps the nonzeros (int32 column each, and their values
+    unless all are 1) instead of x. None: one matmul.
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"fused_lif_layer: weight must be a 2-D tensor [H, in], got "
@@ -347,9 +385,9 @@ def fused_lif_layer(x: torch.Tensor, v0: torch.Tensor, weight: torch.Tensor, bia
         beta = beta.contiguous()
     tensors = [t for t in (x, v0, weight, bias, beta) if isinstance(t, torch.Tensor)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return FusedLIFLayerFunction.apply(x, v0, weight, bias, beta, p, spikes)
+        return FusedLIFLayerFunction.apply(x, v0, weight, bias, beta, p, route)
     i = empty((L, B, H), x.dtype)
-    _project(x.reshape(L * B, -1), weight, bias, i.view(L * B, H), spikes, keep=False)
+    _project(x.reshape(L * B, -1), weight, bias, i.view(L * B, H), route, keep=False)
     t = current_trace()
     if t is not None:
         t.add_forward_macs(L * B * x.shape[2] * H)
