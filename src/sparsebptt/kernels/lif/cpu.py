@@ -114,16 +114,17 @@ def _lif_fwd(i, v0, beta, p: LIFConstants, save_u: bool, u_into_i: bool = False)
 _tls = threading.local()
 
 
-def _scratch(shape, dtype) -> torch.Tensor:
-    """A per-thread reusable buffer for [L, B, H] temporaries that never leave a backward (di of a
-    layer): a fresh 32 MiB buffer costs more in page faults than the kernel that fills it."""
+def _scratch(shape, dtype, name: str = "di") -> torch.Tensor:
+    """A per-thread reusable buffer for temporaries that never leave a call (``name``: di of a
+    layer's backward; the nonzeros of a sparse input while they are listed and used): a fresh
+    32 MiB buffer costs more in page faults than the kernel that fills it."""
     n = 1
     for d in shape:
         n *= d
     cache = _tls.__dict__.setdefault("scratch", {})
-    buf = cache.get(dtype)
+    buf = cache.get((name, dtype))
     if buf is None or buf.numel() < n:
-        buf = cache[dtype] = empty((n,), dtype)
+        buf = cache[(name, dtype)] = empty((n,), dtype)
     return buf[:n].view(shape)
 
 
@@ -168,9 +169,10 @@ class SparseRows:
         entries are nonzero (it stops counting there). ``keep``: trim to the nnz entries (saved)."""
         R, K = x2.shape
         max_nnz = int(max_density * R * K)
-        ptr = torch.empty(R + 1, dtype=torch.int64)
-        col = torch.empty(max_nnz + K + 1, dtype=torch.int32)
-        val = torch.empty(max_nnz + K + 1, dtype=x2.dtype)
+        # listed into per-thread buffers; what is kept is copied out at its size
+        ptr = torch.empty(R + 1, dtype=torch.int64) if keep else _scratch((R + 1,), torch.int64, "ptr")
+        col = _scratch((max_nnz + K + 1,), torch.int32, "col")
+        val = _scratch((max_nnz + K + 1,), x2.dtype, "val")
         binary = ctypes.c_int(0)
         n = getattr(load_library(), f"lif_csr_{SUFFIX[x2.dtype]}")(
             x2.data_ptr(), R, K, max_nnz, ptr.data_ptr(), col.data_ptr(), val.data_ptr(), ctypes.byref(binary))
@@ -194,10 +196,10 @@ class SparseRows:
         accumulates the gradient (once per scan, not once per segment)."""
         H = d2.shape[1]
         dwt = torch.zeros(self.K, H, dtype=d2.dtype)
-        cnt = torch.empty(self.K + 1, dtype=torch.int32)
+        cnt = _scratch((self.K + 1,), torch.int32, "cnt")
         n = max(1, min(self.R, SPARSE_CHUNK) * self.K)
-        rows = torch.empty(n, dtype=torch.int32)
-        vals = torch.empty(n if self.val is not None else 1, dtype=d2.dtype)
+        rows = _scratch((n,), torch.int32, "rows")
+        vals = _scratch((n if self.val is not None else 1,), d2.dtype, "vals")
         getattr(load_library(), f"lif_spmm_t_{SUFFIX[d2.dtype]}")(
             self.ptr.data_ptr(), self.col.data_ptr(), _ptr(self.val), d2.data_ptr(), self.R, self.K, H,
             dwt.data_ptr(), cnt.data_ptr(), rows.data_ptr(), vals.data_ptr())
