@@ -15,7 +15,8 @@ Before timing, the script checks that backend "cpu" gives backend "torch"'s outp
 gradients (T = 53) and that ``nn`` gives the same outputs. Each method gets one untimed warm-up
 step at the full T; then the repeats run interleaved round-robin (method after method), so the
 machine's load drifts over all methods alike; the CSV holds median / p20 / p80 over repeats and
-the ratios of the medians.
+the ratios of the medians (to sb torch, to nn, and to the floor: issue 17 asks <= 1.5x of the
+floor for sb-cpu-full and sb-cpu-ckpt).
 
     .venv/bin/python benchmarks/rnn_cpu.py [--T 2000] [--repeats 5]
 
@@ -152,9 +153,10 @@ def main(argv=None):
                          "p80_s": round(s["p80_s"], 4), "n": s["n"],
                          "ms_per_step": round(1e3 * s["median_s"] / args.T, 4),
                          "vs_sb_torch": round(s["median_s"] / stats["sb-torch-full"]["median_s"], 3),
-                         "vs_nn": round(s["median_s"] / stats["nn"]["median_s"], 3)})
+                         "vs_nn": round(s["median_s"] / stats["nn"]["median_s"], 3),
+                         "vs_floor": round(s["median_s"] / stats["floor"]["median_s"], 3)})
             print(f"{kind:5s} {m:14s} {s['median_s']:8.3f} s  ({rows[-1]['vs_sb_torch']:.2f}x sb torch, "
-                  f"{rows[-1]['vs_nn']:.2f}x nn)", flush=True)
+                  f"{rows[-1]['vs_nn']:.2f}x nn, {rows[-1]['vs_floor']:.2f}x floor)", flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -33,6 +33,7 @@ is collected by one `Reducer`.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -315,20 +316,37 @@ def _advance(run: _Run, n0: int, n1: int, state, graph: bool, emit: bool):
     return seg
 
 
+_ACCUMULATE_GRAD = []  # the type of autograd's leaf nodes, found on first use
+
+
+def _accumulate_grad_type():
+    if not _ACCUMULATE_GRAD:
+        with torch.enable_grad():
+            leaf = torch.zeros(1, requires_grad=True)
+            _ACCUMULATE_GRAD.append(type((leaf * 1).grad_fn.next_functions[0][0]))
+    return _ACCUMULATE_GRAD[0]
+
+
 def _graph_leaves(roots):
-    """The leaves (tensors with an ``AccumulateGrad`` node) the autograd graph of ``roots`` reaches."""
+    """The leaves (tensors with an ``AccumulateGrad`` node) the autograd graph of ``roots`` reaches.
+    (Told apart by the node's type, not by looking up ``variable`` on every node: half the time
+    on a step path's graph, where most nodes are not leaves.)"""
+    leaf_type = _accumulate_grad_type()
     seen, leaves = set(), {}
     stack = [r.grad_fn for r in roots if r is not None and r.grad_fn is not None]
+    push = stack.append
     while stack:
         fn = stack.pop()
         if fn in seen:
             continue
         seen.add(fn)
-        var = getattr(fn, "variable", None)
-        if var is not None:  # AccumulateGrad
+        if type(fn) is leaf_type:
+            var = fn.variable
             leaves[id(var)] = var
             continue
-        stack.extend(f for f, _ in fn.next_functions if f is not None)
+        for f, _ in fn.next_functions:
+            if f is not None and f not in seen:
+                push(f)
     return leaves.values()
 
 
@@ -356,14 +374,14 @@ def _check_graph(run: _Run, seg: _Segment) -> None:
 
 def _digest(state, values: bool):
     """Shape, dtype, device of each state component and (``values``) its sum and sum of |values|
-    in float64: what a recomputation reaching the same step must reproduce."""
+    in float64, as two Python floats: what a recomputation reaching the same step must reproduce."""
     out = []
     with torch.no_grad():
         for s in state:
             d = None
             if values and not s.is_complex():
-                f = s if s.is_floating_point() else s.to(torch.float64)
-                d = torch.stack([f.sum(dtype=torch.float64), torch.linalg.vector_norm(f, 1, dtype=torch.float64)])
+                f = s.to(torch.float64)
+                d = (f.sum().item(), f.abs().sum().item())
             out.append((tuple(s.shape), s.dtype, s.device, d))
     return out
 
@@ -394,15 +412,15 @@ def _check_recomputed(run: _Run, n: int, state) -> None:
                 f"but recomputing gave {dtype2} {shape2} on {dev2}; {fix}")
         if d is None or d2 is None:
             continue
-        if bool(torch.isfinite(d).all() and torch.isfinite(d2).all()):
-            same = bool((d2 - d).abs().max() <= RECOMPUTE_RTOL * d[1])
+        if all(math.isfinite(v) for v in d + d2):
+            same = max(abs(d2[0] - d[0]), abs(d2[1] - d[1])) <= RECOMPUTE_RTOL * d[1]
         else:  # infinities and NaNs in the state: the same ones
-            same = bool(((d == d2) | (torch.isnan(d) & torch.isnan(d2))).all())
+            same = all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(d, d2))
         if not same:
             raise RecomputationError(
                 f"sb.scan of {name}: state component {i} at step {n} differs between the forward and its "
-                f"recomputation (sum {d[0].item():.6g} vs {d2[0].item():.6g}, sum of |values| {d[1].item():.6g} vs "
-                f"{d2[1].item():.6g}): the step is not a function of (x_t, state) alone; {fix}")
+                f"recomputation (sum {d[0]:.6g} vs {d2[0]:.6g}, sum of |values| {d[1]:.6g} vs "
+                f"{d2[1]:.6g}): the step is not a function of (x_t, state) alone; {fix}")
 
 
 class _Buffers:
