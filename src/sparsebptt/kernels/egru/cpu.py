@@ -477,9 +477,9 @@ class SegmentFunction(torch.autograd.Function):
         R = blk if axpy else L  # dL/d(W_hh y) of the steps: a ring of one block unless a GEMM takes dW_hh
         dghs = ys.new_empty(R, B, O)
         wm = torch.empty(B * H, dtype=torch.uint8)
-        ap, bs, out = torch.empty(B, dtype=torch.long), torch.empty(H * (B + 1), dtype=torch.long), ys.new_empty(B)
+        ap, bs, out = torch.empty(B, dtype=torch.long), torch.empty(H * (B + 1), dtype=torch.long), ys.new_empty(max(B, H))
         cnt = torch.empty(H, dtype=torch.long)
-        nev = blk * B * H + H  # a block's events sorted by unit, one spare slot per unit
+        nev = blk * B * H  # a block's events sorted by unit
         idx, val = (torch.empty(nev, dtype=torch.long), ys.new_empty(nev)) if axpy else (None, None)
         run = getattr(load_library(), f"egru_bwd_{SUFFIX[ys.dtype]}")
         w_hh = weight_hh.detach()

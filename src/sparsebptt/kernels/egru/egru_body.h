@@ -123,12 +123,14 @@ static inline T FN(hsum256)(VT v) {
 #define VLN (64 / (long)sizeof(T))
 #define VTGT "avx512f"
 #define VHSUM(v) SB_CAT(_mm512_reduce_add, PS)(v)
+#define VMASK(v) (unsigned int)SB_CAT(_mm512_cmp, SB_CAT(PS, mask))(v, SB_CAT(_mm512_setzero, PS)(), _CMP_NEQ_UQ)
 #include "egru_mm.h"
 #define VW 256
 #define VEC VT
 #define VLN (32 / (long)sizeof(T))
 #define VTGT "avx2,fma"
 #define VHSUM(v) FN(hsum256)(v)
+#define VMASK(v) (unsigned int)MM(movemask)(MM(cmp)(v, MM(setzero)(), _CMP_NEQ_UQ))
 #include "egru_mm.h"
 #endif
 
@@ -147,6 +149,19 @@ static void FN(acc_rows)(T* out, const T* init, const T* base, long stride, cons
     if (l == 1) { SB_CAT(FN(acc_rows), 256)(out, init, base, stride, idx, vals, m, n); return; }
 #endif
     FN(acc_rows_plain)(out, init, base, stride, idx, vals, m, n);
+}
+
+/* the non-zero entries of y [n]: indices into js, values into vs; returns their count */
+static long FN(nonzeros)(const T* y, long n, long* js, T* vs) {
+#if X86
+    const int l = isa_level();
+    if (l >= 2) return SB_CAT(FN(nonzeros), 512)(y, n, js, vs);
+    if (l == 1) return SB_CAT(FN(nonzeros), 256)(y, n, js, vs);
+#endif
+    long k = 0;
+    for (long j = 0; j < n; ++j)
+        if (y[j] != (T)0) { js[k] = j; vs[k] = y[j]; ++k; }
+    return k;
 }
 
 /* out[q] = w . a[q] over n entries, q < k (any k: groups of 4 samples per pass over w) */
@@ -228,14 +243,8 @@ CLONES void FN(egru_fwd)(long L, long B, long H, const T* gis, const T* whT, con
            registers (acc_rows) */
         long* mb = bs + B * H;
         for (long b = 0; b < B; ++b) {
-            long k = 0;
-            const T* yb = y + b * H;
-            long* jb = bs + b * H;
-            T* vb = vs + b * H;
-            for (long j = 0; j < H; ++j)
-                if (yb[j] != (T)0) { jb[k] = j; vb[k] = yb[j]; ++k; }
-            mb[b] = k;
-            nz += k;
+            mb[b] = FN(nonzeros)(y + b * H, H, bs + b * H, vs + b * H);
+            nz += mb[b];
         }
         const long nch = (O + FCH - 1) / FCH;
         for (long ci = 0; ci < nch; ++ci) {  /* chunks in alternating order (see masked_dots) */
@@ -340,13 +349,12 @@ INL void FN(bwd_pointwise)(long B, long H, long t, const T* c0, const T* s, cons
 
 /* dW_hh^T[j] += sum_{t0 <= t < t1} sum_b y_{t-1}[b, j] dgh_t[b] over the non-zero y_{t-1}: the
    weight gradient of a block of steps. The block's events are first sorted by unit (a counting
-   sort into idx (rows (t mod R) B + b of dghs, a ring of R steps) and val, [n + H] each: unit
-   j's events start at (events of the units before it) + j, one spare slot per unit, so the fill
-   writes every entry without a branch and a zero only lands in its unit's spare slot; cnt [H]
-   longs, used as ints), then each row of dW_hh^T is read and written once while its events' dgh
-   rows are added in registers (acc_rows). Returns the events (axpys of 3H). */
+   sort into idx (rows (t mod R) B + b of dghs, a ring of R steps) and val [blk B H]; cnt [H]
+   longs, used as ints; js, vs [H]: each row's non-zero entries, from nonzeros), then each row of
+   dW_hh^T is read and written once while its events' dgh rows are added in registers
+   (acc_rows). Returns the events (axpys of 3H). */
 static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T* ys, const T* dghs,
-                         long R, T* gwhT, long* cnt, long* idx, T* val) {
+                         long R, T* gwhT, long* cnt, long* idx, T* val, long* js, T* vs) {
     const long O = 3 * H;
     int* restrict pos = (int*)cnt;
     memset(pos, 0, sizeof(int) * H);
@@ -356,17 +364,16 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
             for (long j = 0; j < H; ++j) pos[j] += yp[b * H + j] != (T)0;
     }
     long n = 0;
-    for (long j = 0; j < H; ++j) { const long c = pos[j]; pos[j] = (int)(n + j); n += c; }  /* starts */
+    for (long j = 0; j < H; ++j) { const long c = pos[j]; pos[j] = (int)n; n += c; }  /* starts */
     for (long t = t0; t < t1; ++t) {
         const T* yp = t ? ys + (t - 1) * B * H : y0;
         for (long b = 0; b < B; ++b) {
             const long row = (t % R) * B + b;
-            for (long j = 0; j < H; ++j) {
-                const T v = yp[b * H + j];
-                const int p = pos[j];
+            const long k = FN(nonzeros)(yp + b * H, H, js, vs);
+            for (long q = 0; q < k; ++q) {
+                const int p = pos[js[q]]++;
                 idx[p] = row;
-                val[p] = v;
-                pos[j] = p + (v != (T)0);
+                val[p] = vs[q];
             }
         }
     }
@@ -374,7 +381,7 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
     for (long j = 0; j < H; ++j) {
         const long m = pos[j] - start;
         if (m) FN(acc_rows)(gwhT + j * O, gwhT + j * O, dghs, O, idx + start, val + start, m, O);
-        start = pos[j] + 1;
+        start = pos[j];
     }
     return n;
 }
@@ -462,8 +469,8 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
    dW_hh^T over the events (dw_block) each time t reaches a multiple of blk (blocks [t, t + blk)).
    Out: dgis [.., B, 3H] (step t at t - t_lo), dghs: dL/d(W_hh y + b_hh) of the steps, a ring of
    R steps (dgh_t at t mod R; R >= blk when axpy, R = L when the caller takes dW_hh as one GEMM
-   over the segment); accumulated: gbh [3H], gthr [H], gwhT [H, 3H] (when axpy). Scratch: ap,
-   out [B]; wm [H B]; wl [H (B + 1)]; cnt [H], idx, val [blk B H + H]. macs [2]: the dots and the
+   over the segment); accumulated: gbh [3H], gthr [H], gwhT [H, 3H] (when axpy). Scratch: ap [B],
+   out [max(B, H)]; wm [H B]; wl [H (B + 1)]; cnt [H], idx, val [blk B H]. macs [2]: the dots and the
    axpys done are added (times 3H). */
 CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* c0, const T* y0, const T* ys,
                          const T* s, const T* cts, const T* whT, const T* thr, double gamma,
@@ -487,7 +494,7 @@ CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* 
                                        (int)(t & 1) & EGRU_ALTERNATE, gy, ap, out, wm, wl);
         EGRU_TICK(2);
         if (axpy && t % blk == 0)
-            macs[1] += FN(dw_block)(B, H, t, t + blk < L ? t + blk : L, y0, ys, dghs, R, gwhT, cnt, idx, val);
+            macs[1] += FN(dw_block)(B, H, t, t + blk < L ? t + blk : L, y0, ys, dghs, R, gwhT, cnt, idx, val, wl, out);
         EGRU_TICK(3);
         if (want_dy && dense[t]) { stop = t; break; }
     }
