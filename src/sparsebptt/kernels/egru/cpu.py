@@ -92,7 +92,7 @@ def load_library():
             fwd.argtypes = [_L] * 3 + [_P] * 4 + [ctypes.c_double] + [_P] * 10
             bwd = getattr(lib, f"egru_bwd_{suf}")
             bwd.restype = _L
-            bwd.argtypes = [_L] * 5 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L, _P, _L, _L, _L] + [_P] * 13
+            bwd.argtypes = [_L] * 5 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L, _P, _L, _L, _L] + [_P] * 12
         lib.egru_simd.restype = ctypes.c_int
         lib.egru_isa.restype, lib.egru_isa.argtypes = ctypes.c_int, [ctypes.c_int]
         _lib = lib
@@ -476,7 +476,6 @@ class SegmentFunction(torch.autograd.Function):
         blk = min(L, max(1, DW_BLOCK_BYTES // (B * O * ys.element_size())))
         R = blk if axpy else L  # dL/d(W_hh y) of the steps: a ring of one block unless a GEMM takes dW_hh
         dghs = ys.new_empty(R, B, O)
-        wm = torch.empty(B * H, dtype=torch.uint8)
         ap, bs, out = torch.empty(B, dtype=torch.long), torch.empty(H * (B + 1), dtype=torch.long), ys.new_empty(max(B, H))
         cnt = torch.empty(H, dtype=torch.long)
         nev = blk * B * H  # a block's events sorted by unit
@@ -492,7 +491,7 @@ class SegmentFunction(torch.autograd.Function):
                         cts.data_ptr(), ctx.whT.data_ptr(), thr.data_ptr(), gamma, epsilon, gys.data_ptr(),
                         gc.data_ptr(), gy.data_ptr(), _p(gn), int(need_y0), dense.data_ptr(), int(axpy), blk, R,
                         dgi.data_ptr(), dghs.data_ptr(), _p(gwhT), gbh.data_ptr(), gthr.data_ptr(), ap.data_ptr(),
-                        bs.data_ptr(), out.data_ptr(), wm.data_ptr(), cnt.data_ptr(), _p(idx), _p(val),
+                        bs.data_ptr(), out.data_ptr(), cnt.data_ptr(), _p(idx), _p(val),
                         macs.data_ptr())
                 if k >= t0:  # dL/dy_{k-1} = dgh_k W_hh, one GEMM
                     torch.mm(dghs[k % R], w_hh, out=gy)

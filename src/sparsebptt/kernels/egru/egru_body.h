@@ -393,34 +393,30 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
    up to 4 samples (unit_tile: a loaded chunk of a dgh row serves 4 units, one of a W_hh^T row
    4 samples), a last unit alone (multi_dot). Rows wanted by no sample are not read. (Chunking the
    columns so dgh stays in L1, or reversing the order every other step so W_hh^T's last rows are
-   still in L2, measured no faster at H = 512, B = 8.) rev: unused. ap [B], out [B], wm [H B],
-   wl [H (B + 1)]: scratch. Returns the dots done (of 3H). */
+   still in L2, measured no faster at H = 512, B = 8.) ap [B], out [B], wl [2 H]: scratch. Returns the dots done (of 3H). */
 static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T* ctp, const T* thr,
-                            T ep, int rev, T* gy, const T** ap, T* out, unsigned char* wm, long* wl) {
-    (void)rev;
+                            T ep, T* gy, const T** ap, T* out, long* wl) {
     const long O = 3 * H;
     long nd = 0;
     memset(gy, 0, sizeof(T) * B * H);
-    if (ctp)
-        for (long b = 0; b < B; ++b)
-            for (long j = 0; j < H; ++j) {
-                const T v = ctp[b * H + j] - thr[j];
-                wm[j * B + b] = (unsigned char)((v > (T)0) | ((v < (T)0 ? -v : v) < ep));
-            }
-    else
-        memset(wm, 1, (size_t)(B * H));
-    long* mask = wl;      /* [H]: a unit's wanted samples in the block of 8, as bits */
-    long* order = wl + H; /* [H]: the units sorted by that mask */
+    int* restrict mask = (int*)wl;  /* [H]: a unit's wanted samples in the block of 8, as bits */
+    long* order = wl + H;           /* [H]: the units sorted by that mask */
     for (long b0 = 0; b0 < B; b0 += 8) {
         const long nb = B - b0 < 8 ? B - b0 : 8;
+        memset(mask, 0, sizeof(int) * H);
+        for (long q = 0; q < nb; ++q) {
+            const T* restrict cb = ctp ? ctp + (b0 + q) * H : NULL;
+            if (cb)
+                for (long j = 0; j < H; ++j) {
+                    const T v = cb[j] - thr[j];
+                    mask[j] |= ((v > (T)0) | ((v < (T)0 ? -v : v) < ep)) << q;
+                }
+            else
+                for (long j = 0; j < H; ++j) mask[j] |= 1 << q;
+        }
         long start[257];
         memset(start, 0, sizeof start);
-        for (long j = 0; j < H; ++j) {
-            long m = 0;
-            for (long q = 0; q < nb; ++q) m |= (long)wm[j * B + b0 + q] << q;
-            mask[j] = m;
-            ++start[m + 1];
-        }
+        for (long j = 0; j < H; ++j) ++start[mask[j] + 1];
         for (long m = 0; m < 256; ++m) start[m + 1] += start[m];
         long pos[256];
         memcpy(pos, start, sizeof pos);
@@ -470,14 +466,14 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
    Out: dgis [.., B, 3H] (step t at t - t_lo), dghs: dL/d(W_hh y + b_hh) of the steps, a ring of
    R steps (dgh_t at t mod R; R >= blk when axpy, R = L when the caller takes dW_hh as one GEMM
    over the segment); accumulated: gbh [3H], gthr [H], gwhT [H, 3H] (when axpy). Scratch: ap [B],
-   out [max(B, H)]; wm [H B]; wl [H (B + 1)]; cnt [H], idx, val [blk B H]. macs [2]: the dots and the
+   out [max(B, H)]; wl [H (B + 1)]; cnt [H], idx, val [blk B H]. macs [2]: the dots and the
    axpys done are added (times 3H). */
 CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* c0, const T* y0, const T* ys,
                          const T* s, const T* cts, const T* whT, const T* thr, double gamma,
                          double epsilon, const T* gys, T* gc, T* gy, const T* gcnt, long need_y0,
                          const unsigned char* dense, long axpy, long blk, long R, T* dgis, T* dghs,
-                         T* gwhT, T* gbh, T* gthr, const T** ap, long* wl, T* out, unsigned char* wm,
-                         long* cnt, long* idx, T* val, long* macs) {
+                         T* gwhT, T* gbh, T* gthr, const T** ap, long* wl, T* out, long* cnt, long* idx,
+                         T* val, long* macs) {
     const unsigned int csr = ftz_on();
     const long O = 3 * H;
     const T gm = (T)gamma, ep = (T)epsilon, iep = (T)1 / (T)epsilon;
@@ -491,7 +487,7 @@ CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* 
         const int want_dy = t || need_y0;
         if (want_dy && !dense[t])
             macs[0] += FN(masked_dots)(B, H, dgh, whT, t ? cts + (t - 1) * B * H : NULL, thr, ep,
-                                       (int)(t & 1) & EGRU_ALTERNATE, gy, ap, out, wm, wl);
+                                       gy, ap, out, wl);
         EGRU_TICK(2);
         if (axpy && t % blk == 0)
             macs[1] += FN(dw_block)(B, H, t, t + blk < L ? t + blk : L, y0, ys, dghs, R, gwhT, cnt, idx, val, wl, out);
