@@ -1,16 +1,18 @@
 """EGRU's C forward (issue 17): which loop order for ``gh = b_hh + W_hh y`` over the events pays?
 
-- column order (default, ``EGRU_FWD_BY_SAMPLE=0``): for each unit j, the row ``W_hh^T[j]`` read once
-  and added (an axpy) into every sample with an event at j;
-- sample order (``EGRU_FWD_BY_SAMPLE=1``): for each sample, output chunks of 64 kept in registers
-  while the rows of its events are added (rows read once per sample).
+- column order (``EGRU_FWD_BY_SAMPLE=0``): for each unit j, the row ``W_hh^T[j]`` read once and
+  added (an axpy) into every sample with an event at j;
+- sample order (``EGRU_FWD_BY_SAMPLE=1``, the default since issue 17's second session): per chunk
+  of 1 KiB of outputs, each sample's event rows added into registers (``acc_rows``, AVX-512 /
+  AVX2); the chunk's columns of ``W_hh^T`` stay in L2 for the batch. (The first session's sample
+  order, scalar chunks of 64 without the L2 chunking, was 1.2-1.9x slower than column order.)
 
 Builds `kernels/egru/egru.c` both ways, times the no-grad scan of each and of the fused dense
 `GRU(backend="auto")` round-robin (one thread, medians of 7), T=200, B=8, H=512, untrained weights,
 N(0, 1) input, thresholds 0.1 (~15 % activity) and 0.2 (~3 %); writes
-benchmarks/results/egru_forward_order.json.
+benchmarks/results/egru_forward_order[_TAG].json.
 
-    python benchmarks/egru_forward_order.py
+    python benchmarks/egru_forward_order.py [--tag TAG]
 """
 from __future__ import annotations
 
@@ -29,7 +31,12 @@ from sparsebptt.kernels.cbuild import build_file
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def main():
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tag", default=None, help="file name suffix")
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     libs = {}
     for v in (0, 1):
@@ -64,9 +71,10 @@ def main():
         print(rows[-1], file=sys.stderr)
     egru_cpu._lib = None
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "egru_forward_order.json").write_text(json.dumps(
-        {"command": "python benchmarks/egru_forward_order.py", "torch": torch.__version__, "threads": 1,
-         "rows": rows}, indent=1) + "\n")
+    name = "egru_forward_order" + (f"_{args.tag}" if args.tag else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps(
+        {"command": "python benchmarks/egru_forward_order.py" + (f" --tag {args.tag}" if args.tag else ""),
+         "torch": torch.__version__, "threads": 1, "rows": rows}, indent=1) + "\n")
     return 0
 
 
