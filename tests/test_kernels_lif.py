@@ -830,8 +830,8 @@ def test_a_scan_runs_the_backend_its_forward_resolved(monkeypatch):
     monkeypatch.setattr(kb, "_default", None)
     monkeypatch.delenv("SPARSEBPTT_BACKEND", raising=False)
     calls = []
-    orig = lif_cpu.fused_lif_layer
-    monkeypatch.setattr(lif_cpu, "fused_lif_layer", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    orig = lif_cpu.layer_forward  # what every fused feed-forward LIF segment runs
+    monkeypatch.setattr(lif_cpu, "layer_forward", lambda *a, **k: calls.append(1) or orig(*a, **k))
     sb.set_backend("cpu")
     torch.manual_seed(0)
     net = sb.cells.Stack([sb.cells.LIF(6, 9), sb.cells.LIF(9, 5)]).double()
@@ -850,3 +850,50 @@ def test_a_scan_runs_the_backend_its_forward_resolved(monkeypatch):
     with torch.no_grad():
         sb.scan(net, x, strategy=sb.Checkpoint(every=5))
     assert not calls  # the next scan runs the new default
+
+
+# ---- recomputed segments without autograd (issue 17) -------------------------------------------
+def _spy_vjp(monkeypatch):
+    from sparsebptt.strategies import executor as ex
+    used = []
+    orig = ex._advance_vjp
+    monkeypatch.setattr(ex, "_advance_vjp", lambda *a, **k: used.append(1) or orig(*a, **k))
+    return used
+
+
+@pytest.mark.parametrize("strategy", [sb.Checkpoint(every=6), sb.Revolve(slots=2), sb.DoubleCheckpoint(outer=12, inner=4)],
+                         ids=lambda s: s.to_string())
+def test_recomputed_segments_run_the_segment_vjp(strategy, monkeypatch):
+    """A Stack of fused feed-forward LIF layers recomputes its segments through `LIFSegmentVJP`
+    (no autograd graph); outputs and every gradient equal the reference's in float64."""
+    used = _spy_vjp(monkeypatch)
+    ref, fast = _stacks(torch.float64, mixed=False)
+    assert hasattr(fast.scan_segment, "vjp") and not hasattr(_stacks(torch.float64, mixed=True)[1].scan_segment, "vjp")
+    x = seeded(3, 37, 2, N_IN, kind="spikes", p=0.4)
+    compare(_run_stack(ref, x, sb.FullBPTT()), _run_stack(fast, x, strategy), torch.float64)
+    assert used
+
+
+@pytest.mark.parametrize("case", ["shared-weight", "frozen-weight-no-bias", "x-without-grad"])
+def test_segment_vjp_gradients_in_the_corner_cases(case, monkeypatch):
+    """A weight shared by two layers gets the sum of both layers' gradients; a frozen weight and
+    no bias get none; an x without grad gets none: as the autograd reference."""
+    used = _spy_vjp(monkeypatch)
+    nets = []
+    for backend in ("torch", "cpu"):
+        torch.manual_seed(2)
+        a = sb.cells.LIF(9, 9, threshold=0.3, backend=backend, bias=case != "frozen-weight-no-bias")
+        b = sb.cells.LIF(9, 9, threshold=0.3, backend=backend, learn_beta=True)
+        if case == "shared-weight":
+            b.weight = a.weight
+        if case == "frozen-weight-no-bias":
+            a.weight.requires_grad_(False)
+        nets.append(sb.cells.Stack([a, b]).double())
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = seeded(4, 29, 3, 9, kind="spikes", p=0.3)
+    res = []
+    for net, st in zip(nets, (sb.FullBPTT(), sb.Checkpoint(every=4))):
+        state0 = tuple(0.3 * seeded(7 + k, *s.shape) for k, s in enumerate(net.initial_state(3, dtype=torch.float64)))
+        res.append(scan_grads(net, x, state0, st, x_grad=case != "x-without-grad")[0])
+    compare(*res, torch.float64)
+    assert used

@@ -38,7 +38,7 @@ from .base import FusedCell, init_uniform_, linear
 from .surrogate import check_surrogate, spike
 from ..trace import current_trace
 
-__all__ = ["LIFParams", "lif_step", "LIF", "LIFNeuron", "RESETS", "RESET_TIMINGS", "LEARN_BETA"]
+__all__ = ["LIFParams", "lif_step", "LIF", "LIFNeuron", "LIFSegmentVJP", "RESETS", "RESET_TIMINGS", "LEARN_BETA"]
 
 RESETS = ("subtract", "zero")
 #: when a spike's reset acts: at once ("before_decay", the default) or at the next step, after the
@@ -163,7 +163,10 @@ class LIF(FusedCell):
         if fn is None or self.recurrent or fn.keywords.get("backend") != "cpu":
             return fn
         from ..kernels.lif.cpu import SparseRoute
-        return functools.partial(fn, route=SparseRoute())
+        route = SparseRoute()
+        fn = functools.partial(fn, route=route)
+        fn.vjp = LIFSegmentVJP(self, route)  # the executor's recomputed segments: see LIFSegmentVJP
+        return fn
 
     def _scan_segment(self, x_seg, state, *, backend=None, route=None):
         """A segment through the fused kernels. ``backend``: "cpu" or "triton", as
@@ -205,6 +208,47 @@ class LIF(FusedCell):
         timing = "" if p.reset_timing == "before_decay" else f", reset_timing={p.reset_timing!r}"
         return (f"{self.input_size}, {self.hidden_size}, beta={p.beta}, threshold={p.threshold}, "
                 f"reset={p.reset!r}, surrogate={p.surrogate!r}, recurrent={self.recurrent}{timing}{backend}")
+
+
+class LIFSegmentVJP:
+    """A feed-forward `LIF` layer (backend "cpu") over a segment without autograd: ``forward(x_seg,
+    state) -> (z, state_T, saved)`` and ``backward(saved, dz, dstate_T, need_x, need_state) ->
+    (dx, dstate_0, {id(parameter): gradient})``. The executor runs its recomputed segments through
+    it (one Python call per segment instead of an autograd graph and ``torch.autograd.grad``); the
+    same kernels as the layer's autograd node (`sparsebptt.kernels.lif.cpu.layer_forward` /
+    `layer_backward`) and the scan's `SparseRoute`, so the recomputation repeats the forward and
+    the gradients are the autograd path's. A learnable beta gets clamp's backward (zero outside
+    [0, 1]). Only the layer's registered parameters enter: nothing can escape the recomputation."""
+
+    def __init__(self, cell: "LIF", route):
+        self.cell, self.route = cell, route
+
+    def forward(self, x_seg, state):
+        from ..kernels.lif.cpu import layer_forward
+        cell = self.cell
+        (v,) = state
+        learn = cell.beta is not None
+        beta = cell.beta.clamp(0.0, 1.0).contiguous() if learn else cell.params.beta
+        z, vT, saved = layer_forward(x_seg.contiguous(), v.contiguous(), cell.weight, cell.bias, beta, cell.params,
+                                     self.route, keep=True, need_dbeta=learn and cell.beta.requires_grad)
+        cell._count_activity(z)
+        return z, (vT,), saved
+
+    def backward(self, saved, dz, dstate, need_x: bool, need_state):
+        from ..kernels.lif.cpu import layer_backward
+        cell = self.cell
+        need_w = cell.weight.requires_grad
+        need_b = cell.bias is not None and cell.bias.requires_grad
+        dx, dv0, dw, db, dbeta = layer_backward(saved, dz, dstate[0], need_x, need_w, need_b)
+        grads = {}
+        if need_w:
+            grads[id(cell.weight)] = dw
+        if need_b:
+            grads[id(cell.bias)] = db
+        if saved.need_dbeta and dbeta is not None:  # clamp(0, 1)'s backward, as autograd's
+            b = cell.beta.detach()
+            grads[id(cell.beta)] = torch.where((b >= 0.0) & (b <= 1.0), dbeta, torch.zeros_like(dbeta))
+        return dx, (dv0 if need_state[0] else None,), grads
 
 
 #: how a learnable beta of `LIFNeuron` is shared: one per neuron, or one per channel (shape[0])

@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..trace import current_trace
 from .base import log_once, run_steps, step_is_fused
 
-__all__ = ["Stack", "TIME_BATCHED", "is_cell", "batch_norm_per_step"]
+__all__ = ["Stack", "StackSegmentVJP", "TIME_BATCHED", "is_cell", "batch_norm_per_step"]
 
 #: stateless modules that treat each sample on its own and draw no random numbers: run on a whole
 #: segment at once as [L*B, ...] (the same rank as one step's (B, ...), so a Flatten that would merge
@@ -173,6 +173,37 @@ def batch_norm_per_step(layer, x):
                 rm.copy_(f * mean[t * C:(t + 1) * C] + (1 - f) * rm)
                 rv.copy_(f * var[t * C:(t + 1) * C] + (1 - f) * rv)
     return y.view((B, L, C) + rest).transpose(0, 1)
+
+
+class StackSegmentVJP:
+    """A Stack whose layers are all cells with a segment VJP (e.g. `LIFSegmentVJP`), over a
+    segment without autograd: the layers' forwards in order, their backwards in reverse, each
+    layer's input gradient the previous layer's output gradient (see `LIFSegmentVJP`)."""
+
+    def __init__(self, stack: "Stack", vjps):
+        self.stack, self.vjps = stack, vjps
+        self.offsets = [sum(stack._arity[:k]) for k in range(len(vjps))]
+
+    def forward(self, x_seg, state):
+        out, new, saved = x_seg, [], []
+        for k, (vjp, i) in enumerate(zip(self.vjps, self.offsets)):
+            self.stack._check_cell_input(k, out, 1)
+            out, s, rec = vjp.forward(out, tuple(state[i:i + self.stack._arity[k]]))
+            new.extend(s)
+            saved.append(rec)
+        return out, tuple(new), saved
+
+    def backward(self, saved, dys, dstate, need_x: bool, need_state):
+        dstate_in, grads, dz = [None] * len(dstate), {}, dys
+        for k in reversed(range(len(self.vjps))):
+            i, n = self.offsets[k], self.stack._arity[k]
+            dz, ds, g = self.vjps[k].backward(saved[k], dz, tuple(dstate[i:i + n]), need_x if k == 0 else True,
+                                              tuple(need_state[i:i + n]))
+            saved[k] = None  # this layer's tensors go as soon as its backward is done
+            dstate_in[i:i + n] = ds
+            for key, v in g.items():  # a parameter shared by several layers: the sum
+                grads[key] = v if key not in grads else grads[key] + v
+        return dz, tuple(dstate_in), grads
 
 
 class Stack(nn.Module):
@@ -320,7 +351,10 @@ class Stack(nn.Module):
                          "is not a built-in cell, and running it ahead of the others over a segment could "
                          "draw its random numbers in another order")
                 return None
-        return functools.partial(self._scan_segment, fns=fns)
+        fn = functools.partial(self._scan_segment, fns=fns)
+        if all(self._cell) and all(hasattr(f, "vjp") for f in fns):  # every layer has one: so has the Stack
+            fn.vjp = StackSegmentVJP(self, [f.vjp for f in fns])
+        return fn
 
     def _segment_fns(self) -> list:
         """Each cell's fused ``scan_segment`` (None for a cell without one, and for stateless

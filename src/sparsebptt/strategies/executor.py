@@ -171,6 +171,7 @@ class _Segment:
     ys: "list | torch.Tensor"  # per-step outputs, or one [L, B, H] block from scan_segment
     state_out: tuple
     held_bytes: int = 0
+    saved: object = None  # the cell's segment VJP record (no autograd graph), else None
 
 
 @dataclass
@@ -193,6 +194,7 @@ class _Run:
     digests: dict = field(default_factory=dict)  # step -> `_digest` of the state stored there
     compare_values: bool = True  # whether a recomputed state must equal the stored one in value
     segment_fn: object = None  # the cell's ``scan_segment``, asked once per scan (None: the step path)
+    segment_vjp: object = None  # its ``vjp`` (segments with a backward run through it), else None
 
 
 def _needs_grad(s: torch.Tensor) -> bool:
@@ -288,6 +290,8 @@ def _advance(run: _Run, n0: int, n1: int, state, graph: bool, emit: bool):
     x, cell, segment_fn = run.x, run.cell, run.segment_fn
     if not graph:
         return _advance_without_graph(cell, x, n0, n1, state, run.reducer if emit else None, segment_fn)
+    if run.segment_vjp is not None:
+        return _advance_vjp(run, n0, n1, state, emit)
     state_in = tuple(s.detach().requires_grad_(_needs_grad(s) and (n0 > 0 or g))
                      for s, g in zip(state, run.state0_grad))
     x_in = x.read(n0, n1).detach().requires_grad_(x.requires_grad)
@@ -325,6 +329,28 @@ def _accumulate_grad_type():
             leaf = torch.zeros(1, requires_grad=True)
             _ACCUMULATE_GRAD.append(type((leaf * 1).grad_fn.next_functions[0][0]))
     return _ACCUMULATE_GRAD[0]
+
+
+def _advance_vjp(run: _Run, n0: int, n1: int, state, emit: bool) -> _Segment:
+    """Steps n0..n1 through the cell's segment VJP: its forward keeps what its backward reads, no
+    autograd graph (see `_reverse`)."""
+    with torch.no_grad():
+        ys, state_out, saved = run.segment_vjp.forward(run.x.read(n0, n1), tuple(state))
+    if emit:
+        run.reducer.add_block(n0, ys)
+    seg = _Segment(n0, n1, tuple(state), None, ys, tuple(state_out), saved=saved)
+    if run.trace is not None:  # as the saved-tensor hooks count an autograd graph's: each storage once,
+        held = [ys, *state_out]  # not the caller's x nor the parameters
+        for rec in saved if isinstance(saved, list) else [saved]:
+            held += rec.tensors() if rec is not None else []
+        seen = {t.untyped_storage().data_ptr() for t in [run.x.tensor, *run.params] if t is not None}
+        for t in held:
+            st = t.untyped_storage()
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                seg.held_bytes += st.nbytes()
+        run.trace.add_stored(seg.held_bytes)
+    return seg
 
 
 def _graph_leaves(roots):
@@ -471,7 +497,45 @@ def _forward_action(run: _Run, a: Forward, work, recompute: bool):
     return work
 
 
+def _reverse_vjp(run: _Run, seg: _Segment, dout, dstate, grads):
+    """`_reverse` of a segment run through the cell's segment VJP: its backward with dL/dys and
+    dL/dstate_n1, the parameters' gradients added as `_reverse` adds autograd's."""
+    g = run.reducer.grad_block(dout, seg.n0, seg.n1, seg.ys)
+    need_state = tuple(_needs_grad(s) and (seg.n0 > 0 or g0) for s, g0 in zip(seg.state_in, run.state0_grad))
+    need_x = grads["x"] is not None
+    new_dstate = [None] * len(seg.state_in)
+    if g is not None or any(d is not None for d in dstate):
+        dx, new_dstate, pgrads = run.segment_vjp.backward(seg.saved, g, list(dstate), need_x, need_state)
+        new_dstate = [d if need else None for d, need in zip(new_dstate, need_state)]
+        if need_x and dx is not None:
+            grads["x"][seg.n0:seg.n1] = dx
+        _add_param_grads(grads, [(i, pgrads.get(id(p))) for i, p in enumerate(run.params) if p.requires_grad])
+    seg.saved = None
+    if run.trace is not None:
+        run.trace.add_stored(-seg.held_bytes)
+    return new_dstate
+
+
+def _add_param_grads(grads, pairs) -> None:
+    """Add (index, gradient) pairs into ``grads["params"]``: the first kept as given (not written
+    to), then a sum made here, added to in place."""
+    owned = grads.setdefault("owned", set())
+    for i, g in pairs:
+        if g is None:
+            continue
+        acc = grads["params"][i]
+        if acc is None:
+            grads["params"][i] = g
+        elif i in owned:
+            acc.add_(g)
+        else:
+            grads["params"][i] = acc + g
+            owned.add(i)
+
+
 def _reverse(run: _Run, seg: _Segment, dout, dstate, grads):
+    if seg.saved is not None:
+        return _reverse_vjp(run, seg, dout, dstate, grads)
     outs, gouts = [], []
     if isinstance(seg.ys, torch.Tensor):  # a block of outputs from scan_segment
         g = run.reducer.grad_block(dout, seg.n0, seg.n1, seg.ys)
@@ -509,18 +573,7 @@ def _reverse(run: _Run, seg: _Segment, dout, dstate, grads):
             if got[k] is not None:
                 grads["x"][seg.n0:seg.n1] = got[k]
             k += 1
-        owned = grads.setdefault("owned", set())  # sums made here: added to in place
-        for i, g in zip(param_idx, got[k:k + len(param_idx)]):
-            if g is None:
-                continue
-            acc = grads["params"][i]
-            if acc is None:
-                grads["params"][i] = g  # autograd's tensor: not written to
-            elif i in owned:
-                acc.add_(g)
-            else:
-                grads["params"][i] = acc + g
-                owned.add(i)
+        _add_param_grads(grads, list(zip(param_idx, got[k:k + len(param_idx)])))
         for (key, _), g in zip(extra, got[k + len(param_idx):]):
             if g is not None:
                 grads["extra"][key] = g if key not in grads["extra"] else grads["extra"][key] + g
@@ -668,7 +721,8 @@ def run_schedule(cell, x, state0, plan: Plan, reduce, params, preserve_rng=True)
     run = _Run(cell=cell, x=x, params=list(params), reduce=reduce, plan=plan, actions=iter(plan.actions),
                preserve_rng=preserve_rng, trace=current_trace(), reducer=Reducer(reduce, T),
                state0_grad=tuple(s.requires_grad for s in state0),
-               compare_values=preserve_rng and segment_fn is None, segment_fn=segment_fn)
+               compare_values=preserve_rng and segment_fn is None, segment_fn=segment_fn,
+               segment_vjp=getattr(segment_fn, "vjp", None))
     # the autograd input for dL/dx: the caller's tensor, or a placeholder for a streamed input
     x_node = x.tensor if x.tensor is not None else torch.empty(0, device=x.device)
     outs = _ScheduledScan.apply(run, x_node, *state0, *run.params)

@@ -49,7 +49,8 @@ from .function import (SURROGATE_IDS, LIFConstants, after_decay, recurrence_func
                        surrogate_scale)
 
 __all__ = ["fused_recurrent_lif", "fused_lif_layer", "fused_recurrent_lif_layer", "load_library", "C_SOURCE",
-           "SparseRows", "SparseRoute", "SPARSE_CHUNK", "SPARSE_INPUT_MAX"]
+           "SparseRows", "SparseRoute", "SPARSE_CHUNK", "SPARSE_INPUT_MAX", "LayerSaved", "layer_forward",
+           "layer_backward"]
 
 #: the C source (package data): ``lif.c`` instantiates ``lif_body.h`` for float and double
 C_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lif.c")
@@ -244,8 +245,80 @@ def _project(x2, weight, bias, out2, route: "SparseRoute | None", keep: bool):
     return rows
 
 
+class LayerSaved:
+    """What a feed-forward LIF layer's backward reads (`layer_forward` keeps it, `layer_backward`
+    reads it): u [L, B, H]; the input as its nonzeros (``rows``, a `SparseRows`) or as x [L, B, in]
+    (None when W needs no gradient); the weight; v0 (for dbeta or a reset after the decay); beta
+    (a float or the clamped [H] tensor); the constants; and the trace the forward counted into."""
+
+    __slots__ = ("u", "x", "rows", "weight", "v0", "beta", "p", "need_dbeta", "trace", "macs")
+
+    def __init__(self, u, x, rows, weight, v0, beta, p, need_dbeta, trace, macs):
+        self.u, self.x, self.rows, self.weight, self.v0 = u, x, rows, weight, v0
+        self.beta, self.p, self.need_dbeta, self.trace, self.macs = beta, p, need_dbeta, trace, macs
+
+    def tensors(self):
+        """Every tensor kept (for byte counts)."""
+        rows = self.rows.tensors() if self.rows is not None else ()
+        beta = (self.beta,) if isinstance(self.beta, torch.Tensor) else ()
+        return [t for t in (self.u, self.x, self.v0, *beta, *rows) if t is not None]
+
+
+def layer_forward(x, v0, weight, bias, beta, p: LIFConstants, route=None, keep: bool = True,
+                  need_w: bool | None = None, need_dbeta: bool | None = None):
+    """A feed-forward LIF layer over a segment, outside autograd: ``(z, v_T, saved)``.
+
+    The currents of every step as one product (`_project`: the matmul, or the sparse-input
+    products when ``route`` says so) into a fresh buffer, then the recurrence, which overwrites
+    the currents with u. ``keep``: return the `LayerSaved` its backward reads (else None);
+    ``need_w`` / ``need_dbeta``: whether dW / dbeta will be asked (default: the tensors' flags).
+    The forward MACs (``L*B*in*H``) go to an active `sb.trace`, as the per-step `linear` counts them.
+    """
+    L, B, n_in = x.shape
+    H = weight.shape[0]
+    need_w = weight.requires_grad if need_w is None else need_w
+    i = empty((L, B, H), x.dtype)
+    rows = _project(x.reshape(L * B, n_in), weight, bias, i.view(L * B, H), route, keep=keep and need_w)
+    z, u, vT = _lif_fwd(i, v0, beta, p, save_u=keep, u_into_i=True)
+    macs = L * B * n_in * H
+    t = current_trace()
+    if t is not None:
+        t.add_forward_macs(macs)
+    if not keep:
+        return z, vT, None
+    if need_dbeta is None:
+        need_dbeta = isinstance(beta, torch.Tensor) and beta.requires_grad
+    # a sparse input is kept as its nonzeros (int32 column each, and the value unless 1), not as x
+    rows = rows if need_w else None
+    x_kept = x if need_w and rows is None else None
+    return z, vT, LayerSaved(u, x_kept, rows, weight, v0 if need_dbeta or after_decay(p) else None, beta, p,
+                             need_dbeta, t, macs)
+
+
+def layer_backward(s: LayerSaved, dz, dvT, need_x: bool, need_w: bool, need_b: bool):
+    """The backward of `layer_forward`: ``(dx, dv0, dW, db, dbeta)`` (None where not asked). The
+    recurrence backward gives di; then dx = di W, dW = di^T x (from the nonzeros when the input
+    was kept as them), db = sum di. Backward MACs (``L*B*in*H`` for each of dx and dW) go to the
+    trace the forward counted into."""
+    di, dv0, dbeta = _lif_bwd(s.u, dz, dvT, s.v0, s.beta, s.p, s.need_dbeta, scratch=True)
+    L, B, H = di.shape
+    di2 = di.view(L * B, H)
+    dx = dw = db = None
+    if need_x:
+        dx = empty((L, B, s.weight.shape[1]), di.dtype)
+        torch.mm(di2, s.weight, out=dx.view(L * B, -1))
+    if need_w:
+        dw = s.rows.weight_grad(di2) if s.rows is not None else di2.t().mm(s.x.reshape(L * B, -1))
+    if need_b:
+        db = di2.sum(0)
+    if s.trace is not None and (need_x or need_w):
+        s.trace.add_backward_macs(s.macs * (int(need_x) + int(need_w)))
+    return dx, dv0, dw, db, dbeta
+
+
 class FusedLIFLayerFunction(torch.autograd.Function):
-    """A whole feed-forward LIF layer over a segment: (x, v0, W, b, beta) -> (z, v_T).
+    """A whole feed-forward LIF layer over a segment: (x, v0, W, b, beta) -> (z, v_T), as one
+    autograd node around `layer_forward` / `layer_backward`.
 
     Forward: the currents of every step as one matmul into a fresh buffer, then the recurrence,
     which overwrites the currents with u (the one [L, B, H] tensor saved). Backward: the
@@ -256,49 +329,24 @@ class FusedLIFLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, v0, weight, bias, beta, p: LIFConstants, route=None):
-        L, B, n_in = x.shape
-        H = weight.shape[0]
-        x2 = x.reshape(L * B, n_in)
-        i = empty((L, B, H), x.dtype)
-        rows = _project(x2, weight, bias, i.view(L * B, H), route, keep=weight.requires_grad)
-        z, u, vT = _lif_fwd(i, v0, beta, p, save_u=True, u_into_i=True)
-        macs = L * B * n_in * H
-        t = current_trace()
-        if t is not None:
-            t.add_forward_macs(macs)
-        beta_t = beta if isinstance(beta, torch.Tensor) else None
-        ctx.p, ctx.trace = p, t
-        ctx.beta_s = None if beta_t is not None else beta
-        ctx.need_dbeta = beta_t is not None and beta_t.requires_grad
-        ctx.bwd_macs = macs * (int(x.requires_grad) + int(weight.requires_grad))
-        # a sparse input is kept as its nonzeros (int32 column each, and the value unless 1), not as x
-        rows = rows if rows is not None and weight.requires_grad else None
-        ctx.shape_x = (L * B, n_in)
-        ctx.save_for_backward(u, x if rows is None else None, weight,
-                              v0 if ctx.need_dbeta or after_decay(p) else None, beta_t,
-                              *(rows.tensors() if rows is not None else (None, None, None)))
+        z, vT, s = layer_forward(x, v0, weight, bias, beta, p, route, keep=True)
+        ctx.p, ctx.need_dbeta, ctx.trace, ctx.macs = s.p, s.need_dbeta, s.trace, s.macs
+        ctx.beta_s = None if isinstance(beta, torch.Tensor) else beta
+        ctx.rows_shape = None if s.rows is None else (s.rows.R, s.rows.K)
+        # every tensor through save_for_backward (autograd's checks, sb.trace's counts, user hooks)
+        ctx.save_for_backward(s.u, s.x, weight, s.v0, beta if ctx.beta_s is None else None,
+                              *(s.rows.tensors() if s.rows is not None else (None, None, None)))
         ctx.set_materialize_grads(False)
         return z, vT
 
     @staticmethod
     def backward(ctx, dz, dvT):
         u, x, weight, v0, beta_t, ptr, col, val = ctx.saved_tensors
-        rows = None if ptr is None else SparseRows(ptr, col, val, *ctx.shape_x)
-        beta = beta_t if beta_t is not None else ctx.beta_s
-        di, dv0, dbeta = _lif_bwd(u, dz, dvT, v0, beta, ctx.p, ctx.need_dbeta, scratch=True)
-        L, B, H = di.shape
-        di2 = di.view(L * B, H)
+        rows = None if ptr is None else SparseRows(ptr, col, val, *ctx.rows_shape)
+        s = LayerSaved(u, x, rows, weight, v0, beta_t if beta_t is not None else ctx.beta_s, ctx.p, ctx.need_dbeta,
+                       ctx.trace, ctx.macs)
         need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
-        dx = dw = db = None
-        if need_x:
-            dx = empty((L, B, weight.shape[1]), di.dtype)
-            torch.mm(di2, weight, out=dx.view(L * B, -1))
-        if need_w:
-            dw = rows.weight_grad(di2) if rows is not None else di2.t().mm(x.reshape(L * B, -1))
-        if need_b:
-            db = di2.sum(0)
-        if ctx.trace is not None and ctx.bwd_macs:
-            ctx.trace.add_backward_macs(ctx.bwd_macs)
+        dx, dv0, dw, db, dbeta = layer_backward(s, dz, dvT, need_x, need_w, need_b)
         return dx, dv0, dw, db, dbeta, None, None
 
 
@@ -380,20 +428,13 @@ def fused_lif_layer(x: torch.Tensor, v0: torch.Tensor, weight: torch.Tensor, bia
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise TypeError(f"fused_lif_layer: x is {x.dtype} but weight/bias are {weight.dtype}/"
                         f"{None if bias is None else bias.dtype}; they must match")
-    L, B, _ = x.shape
-    H = weight.shape[0]
     x, v0, weight = x.contiguous(), v0.contiguous(), weight.contiguous()
     if isinstance(beta, torch.Tensor):
         beta = beta.contiguous()
     tensors = [t for t in (x, v0, weight, bias, beta) if isinstance(t, torch.Tensor)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return FusedLIFLayerFunction.apply(x, v0, weight, bias, beta, p, route)
-    i = empty((L, B, H), x.dtype)
-    _project(x.reshape(L * B, -1), weight, bias, i.view(L * B, H), route, keep=False)
-    t = current_trace()
-    if t is not None:
-        t.add_forward_macs(L * B * x.shape[2] * H)
-    z, _, vT = _lif_fwd(i, v0, beta, p, save_u=False)
+    z, vT, _ = layer_forward(x, v0, weight, bias, beta, p, route, keep=False)
     return z, vT
 
 
