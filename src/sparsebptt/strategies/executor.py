@@ -27,6 +27,13 @@ float64 sum and sum of |values| kept per checkpoint: a fused segment kernel may 
 order, so there only the metadata), or `RecomputationError` names the cell, the state component
 and the step.
 
+A cell whose ``scan_segment`` carries a ``vjp`` (fused feed-forward LIF layers, alone or stacked:
+`sparsebptt.cells.lif.LIFSegmentVJP`) runs its graph segments through it instead of autograd:
+``vjp.forward`` keeps what ``vjp.backward`` reads, and `_reverse` calls the backward with dL/dys
+and dL/dstate (one Python call per segment, no graph, no ``torch.autograd.grad``). Such a cell's
+kernels read only its registered parameters, so there is no graph to walk; the recomputed state is
+still checked against the stored checkpoint.
+
 Every loop over time steps here is `sparsebptt.cells.base.run_steps`, and every output over time
 is collected by one `Reducer`.
 """
