@@ -484,15 +484,15 @@ class SegmentFunction(torch.autograd.Function):
         w_hh = weight_hh.detach()
         dense_macs = 0
         n_in = xd.shape[2]
+        rest = (c0_.data_ptr(), y0_.data_ptr(), ys.data_ptr(), s.data_ptr(), cts.data_ptr(), ctx.whT.data_ptr(),
+                thr.data_ptr(), gamma, epsilon, gys.data_ptr(), gc.data_ptr(), gy.data_ptr(), _p(gn), int(need_y0),
+                dense.data_ptr(), int(axpy), blk, R, dgi.data_ptr(), dghs.data_ptr(), _p(gwhT), gbh.data_ptr(),
+                gthr.data_ptr(), ap.data_ptr(), bs.data_ptr(), out.data_ptr(), cnt.data_ptr(), _p(idx), _p(val),
+                macs.data_ptr())  # fixed for the segment: only the step range changes between calls
         for t0, t1 in reversed(chunks):
             k = t1 - 1
             while k >= t0:
-                k = run(L, B, H, k, t0, c0_.data_ptr(), y0_.data_ptr(), ys.data_ptr(), s.data_ptr(),
-                        cts.data_ptr(), ctx.whT.data_ptr(), thr.data_ptr(), gamma, epsilon, gys.data_ptr(),
-                        gc.data_ptr(), gy.data_ptr(), _p(gn), int(need_y0), dense.data_ptr(), int(axpy), blk, R,
-                        dgi.data_ptr(), dghs.data_ptr(), _p(gwhT), gbh.data_ptr(), gthr.data_ptr(), ap.data_ptr(),
-                        bs.data_ptr(), out.data_ptr(), cnt.data_ptr(), _p(idx), _p(val),
-                        macs.data_ptr())
+                k = run(L, B, H, k, t0, *rest)
                 if k >= t0:  # dL/dy_{k-1} = dgh_k W_hh, one GEMM
                     torch.mm(dghs[k % R], w_hh, out=gy)
                     dense_macs += B * O * H
