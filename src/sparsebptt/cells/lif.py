@@ -212,7 +212,7 @@ class LIF(FusedCell):
 
 class LIFSegmentVJP:
     """A feed-forward `LIF` layer (backend "cpu") over a segment without autograd: ``forward(x_seg,
-    state) -> (z, state_T, saved)`` and ``backward(saved, dz, dstate_T, need_x, need_state) ->
+    state) -> (z, state_T, saved)`` and ``backward(saved, dz, dstate_T, need_x, need_state, acc) ->
     (dx, dstate_0, {id(parameter): gradient})``. The executor runs its recomputed segments through
     it (one Python call per segment instead of an autograd graph and ``torch.autograd.grad``); the
     same kernels as the layer's autograd node (`sparsebptt.kernels.lif.cpu.layer_forward` /
@@ -234,16 +234,20 @@ class LIFSegmentVJP:
         cell._count_activity(z)
         return z, (vT,), saved
 
-    def backward(self, saved, dz, dstate, need_x: bool, need_state):
+    def backward(self, saved, dz, dstate, need_x: bool, need_state, acc=None):
+        """``acc``: {id(parameter): gradient of earlier segments the caller owns}; what is added
+        into those in place is left out of the returned gradients (every returned one is fresh)."""
         from ..kernels.lif.cpu import layer_backward
         cell = self.cell
+        acc = acc or {}
         need_w = cell.weight.requires_grad
         need_b = cell.bias is not None and cell.bias.requires_grad
-        dx, dv0, dw, db, dbeta = layer_backward(saved, dz, dstate[0], need_x, need_w, need_b)
+        dx, dv0, dw, db, dbeta = layer_backward(saved, dz, dstate[0], need_x, need_w, need_b,
+                                                acc.get(id(cell.weight)), acc.get(id(cell.bias)) if need_b else None)
         grads = {}
-        if need_w:
+        if dw is not None:
             grads[id(cell.weight)] = dw
-        if need_b:
+        if db is not None:
             grads[id(cell.bias)] = db
         if saved.need_dbeta and dbeta is not None:  # clamp(0, 1)'s backward, as autograd's
             b = cell.beta.detach()

@@ -193,12 +193,12 @@ class StackSegmentVJP:
             saved.append(rec)
         return out, tuple(new), saved
 
-    def backward(self, saved, dys, dstate, need_x: bool, need_state):
+    def backward(self, saved, dys, dstate, need_x: bool, need_state, acc=None):
         dstate_in, grads, dz = [None] * len(dstate), {}, dys
         for k in reversed(range(len(self.vjps))):
             i, n = self.offsets[k], self.stack._arity[k]
             dz, ds, g = self.vjps[k].backward(saved[k], dz, tuple(dstate[i:i + n]), need_x if k == 0 else True,
-                                              tuple(need_state[i:i + n]))
+                                              tuple(need_state[i:i + n]), acc)
             saved[k] = None  # this layer's tensors go as soon as its backward is done
             dstate_in[i:i + n] = ds
             for key, v in g.items():  # a parameter shared by several layers: the sum

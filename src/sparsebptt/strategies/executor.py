@@ -512,20 +512,23 @@ def _reverse_vjp(run: _Run, seg: _Segment, dout, dstate, grads):
     need_x = grads["x"] is not None
     new_dstate = [None] * len(seg.state_in)
     if g is not None or any(d is not None for d in dstate):
-        dx, new_dstate, pgrads = run.segment_vjp.backward(seg.saved, g, list(dstate), need_x, need_state)
+        owned = grads.setdefault("owned", set())  # sums made here (or fresh from the VJP): added into in place
+        acc = {id(p): grads["params"][i] for i, p in enumerate(run.params) if i in owned}
+        dx, new_dstate, pgrads = run.segment_vjp.backward(seg.saved, g, list(dstate), need_x, need_state, acc)
         new_dstate = [d if need else None for d, need in zip(new_dstate, need_state)]
         if need_x and dx is not None:
             grads["x"][seg.n0:seg.n1] = dx
-        _add_param_grads(grads, [(i, pgrads.get(id(p))) for i, p in enumerate(run.params) if p.requires_grad])
+        _add_param_grads(grads, [(i, pgrads.get(id(p))) for i, p in enumerate(run.params) if p.requires_grad],
+                         fresh=True)
     seg.saved = None
     if run.trace is not None:
         run.trace.add_stored(-seg.held_bytes)
     return new_dstate
 
 
-def _add_param_grads(grads, pairs) -> None:
+def _add_param_grads(grads, pairs, fresh: bool = False) -> None:
     """Add (index, gradient) pairs into ``grads["params"]``: the first kept as given (not written
-    to), then a sum made here, added to in place."""
+    to, unless ``fresh``: a segment VJP's own new tensor), then a sum made here, added to in place."""
     owned = grads.setdefault("owned", set())
     for i, g in pairs:
         if g is None:
@@ -533,6 +536,8 @@ def _add_param_grads(grads, pairs) -> None:
         acc = grads["params"][i]
         if acc is None:
             grads["params"][i] = g
+            if fresh:
+                owned.add(i)
         elif i in owned:
             acc.add_(g)
         else:

@@ -190,13 +190,14 @@ class SparseRows:
         fn(self.ptr.data_ptr(), self.col.data_ptr(), _ptr(self.val), transposed(weight).data_ptr(), _ptr(bias),
            self.R, H, out2.data_ptr())
 
-    def weight_grad(self, d2):
+    def weight_grad(self, d2, into=None):
         """``d2^T x`` [H, K] (dL/dW of ``x W^T``) from ``d2`` = dL/dout [R, H] (contiguous), as the
         transpose of a contiguous [K, H]: per input column the rows of d2 at its nonzeros are
         summed (in chunks of `SPARSE_CHUNK` rows); the copy into W's layout is left to whoever
-        accumulates the gradient (once per scan, not once per segment)."""
+        accumulates the gradient (once per scan, not once per segment). ``into``: such a transpose
+        (an earlier result) to add into in place, and return."""
         H = d2.shape[1]
-        dwt = torch.zeros(self.K, H, dtype=d2.dtype)
+        dwt = torch.zeros(self.K, H, dtype=d2.dtype) if into is None else into.t()
         cnt = _scratch((self.K + 1,), torch.int32, "cnt")
         n = max(1, min(self.R, SPARSE_CHUNK) * self.K)
         rows = _scratch((n,), torch.int32, "rows")
@@ -295,11 +296,13 @@ def layer_forward(x, v0, weight, bias, beta, p: LIFConstants, route=None, keep: 
                              need_dbeta, t, macs)
 
 
-def layer_backward(s: LayerSaved, dz, dvT, need_x: bool, need_w: bool, need_b: bool):
+def layer_backward(s: LayerSaved, dz, dvT, need_x: bool, need_w: bool, need_b: bool, acc_w=None, acc_b=None):
     """The backward of `layer_forward`: ``(dx, dv0, dW, db, dbeta)`` (None where not asked). The
     recurrence backward gives di; then dx = di W, dW = di^T x (from the nonzeros when the input
     was kept as them), db = sum di. Backward MACs (``L*B*in*H`` for each of dx and dW) go to the
-    trace the forward counted into."""
+    trace the forward counted into. ``acc_w`` / ``acc_b``: gradients of earlier segments that the
+    caller owns; dW / db are added into them in place where their layout allows (then returned
+    as None: nothing left to add), saving a fresh [H, in] buffer and its sum per segment."""
     di, dv0, dbeta = _lif_bwd(s.u, dz, dvT, s.v0, s.beta, s.p, s.need_dbeta, scratch=True)
     L, B, H = di.shape
     di2 = di.view(L * B, H)
@@ -308,9 +311,19 @@ def layer_backward(s: LayerSaved, dz, dvT, need_x: bool, need_w: bool, need_b: b
         dx = empty((L, B, s.weight.shape[1]), di.dtype)
         torch.mm(di2, s.weight, out=dx.view(L * B, -1))
     if need_w:
-        dw = s.rows.weight_grad(di2) if s.rows is not None else di2.t().mm(s.x.reshape(L * B, -1))
+        if acc_w is not None and s.rows is not None and acc_w.t().is_contiguous():
+            s.rows.weight_grad(di2, into=acc_w)
+        elif acc_w is not None and s.rows is None and acc_w.t().is_contiguous():
+            acc_w.t().addmm_(s.x.reshape(L * B, -1).t(), di2)
+        elif acc_w is not None and s.rows is None and acc_w.is_contiguous():
+            acc_w.addmm_(di2.t(), s.x.reshape(L * B, -1))
+        else:
+            dw = s.rows.weight_grad(di2) if s.rows is not None else di2.t().mm(s.x.reshape(L * B, -1))
     if need_b:
-        db = di2.sum(0)
+        if acc_b is not None:
+            acc_b.add_(di2.sum(0))
+        else:
+            db = di2.sum(0)
     if s.trace is not None and (need_x or need_w):
         s.trace.add_backward_macs(s.macs * (int(need_x) + int(need_w)))
     return dx, dv0, dw, db, dbeta
