@@ -223,14 +223,15 @@ class LIFSegmentVJP:
     def __init__(self, cell: "LIF", route):
         self.cell, self.route = cell, route
 
-    def forward(self, x_seg, state):
+    def forward(self, x_seg, state, keep: bool = True):
+        """``keep``: keep what the backward reads (else ``saved`` is None: a forward alone)."""
         from ..kernels.lif.cpu import layer_forward
         cell = self.cell
         (v,) = state
         learn = cell.beta is not None
         beta = cell.beta.clamp(0.0, 1.0).contiguous() if learn else cell.params.beta
         z, vT, saved = layer_forward(x_seg.contiguous(), v.contiguous(), cell.weight, cell.bias, beta, cell.params,
-                                     self.route, keep=True, need_dbeta=learn and cell.beta.requires_grad)
+                                     self.route, keep=keep, need_dbeta=learn and cell.beta.requires_grad)
         cell._count_activity(z)
         return z, (vT,), saved
 

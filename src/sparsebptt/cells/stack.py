@@ -184,11 +184,11 @@ class StackSegmentVJP:
         self.stack, self.vjps = stack, vjps
         self.offsets = [sum(stack._arity[:k]) for k in range(len(vjps))]
 
-    def forward(self, x_seg, state):
+    def forward(self, x_seg, state, keep: bool = True):
         out, new, saved = x_seg, [], []
         for k, (vjp, i) in enumerate(zip(self.vjps, self.offsets)):
             self.stack._check_cell_input(k, out, 1)
-            out, s, rec = vjp.forward(out, tuple(state[i:i + self.stack._arity[k]]))
+            out, s, rec = vjp.forward(out, tuple(state[i:i + self.stack._arity[k]]), keep)
             new.extend(s)
             saved.append(rec)
         return out, tuple(new), saved

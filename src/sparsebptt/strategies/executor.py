@@ -256,11 +256,15 @@ def _advance_without_graph(cell, x, n0: int, n1: int, state, reducer: "Reducer |
     """Steps n0..n1 from ``state`` without a graph; their outputs go to ``reducer`` (None: nowhere).
     ``segment_fn``: the cell's ``scan_segment`` as the scan resolved it (None: step by step); it
     gets at most `NO_GRAD_CHUNK` steps at a time. Returns the new state."""
+    vjp = getattr(segment_fn, "vjp", None)  # its forward alone: the same kernels, fewer layers of calls
     with torch.no_grad():
         if segment_fn is not None:
             for c0 in range(n0, n1, NO_GRAD_CHUNK):
                 c1 = min(c0 + NO_GRAD_CHUNK, n1)
-                ys, state = segment_fn(x.read(c0, c1), state)
+                if vjp is not None:
+                    ys, state, _ = vjp.forward(x.read(c0, c1), state, keep=False)
+                else:
+                    ys, state = segment_fn(x.read(c0, c1), state)
                 if reducer is not None:
                     reducer.add_block(c0, ys)
             return state
