@@ -119,13 +119,16 @@ def test_register_blocked_paths(dtype, isa, dots_below, dw_bytes, isa_cap, monke
     assert 0.05 < tg.activity["EGRU"] < full_above(B)  # the weight gradient over events runs (not a GEMM)
 
 
+@pytest.mark.parametrize("group_b", [8, 64], ids=["per_unit", "grouped"])
 @pytest.mark.parametrize("isa", [2, 1], ids=["avx512", "avx2"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_dots_over_sample_blocks(dtype, isa, isa_cap, monkeypatch):
-    """dL/dy as dots for B = 11: units grouped by the samples that want them within blocks of 8
-    samples (a block of 8 and one of 3), tiles of 4, 2 and 1 units."""
+def test_dots_over_sample_blocks(dtype, isa, group_b, isa_cap, monkeypatch):
+    """dL/dy as dots for B = 11: per unit over all its samples (B > DOTS_GROUP_B), or units
+    grouped by the samples that want them within blocks of 8 samples (a block of 8 and one of 3),
+    tiles of 4, 2 and 1 units."""
     isa_cap(isa)
     monkeypatch.setattr(egru_cpu, "DOTS_BELOW", 2.0)
+    monkeypatch.setattr(egru_cpu, "DOTS_GROUP_B", group_b)
     Hb, T, B = 40, 7, 11
     ref, got = pair(dtype, H=Hb, epsilon=0.4)
     x = seeded(7, T, B, N_IN, dtype=dtype)

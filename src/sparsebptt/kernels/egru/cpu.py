@@ -6,8 +6,8 @@ For CPU float32/float64 tensors a segment runs as one GEMM for the input project
 only for steps whose ``dL/dy`` it takes as a GEMM): per step the rows of ``W_hh^T`` of each
 sample's events added in registers forward; backward the pointwise part fused in one pass,
 ``dL/dy`` of the step before only at its events and near-threshold units (register-blocked
-dots: units grouped by the samples that want them, tiles of up to 4 units x 4 samples; nothing
-for the others), and
+dots: per unit over the samples that want it, or for batches up to `DOTS_GROUP_B` units
+grouped by those samples in tiles of up to 4 units x 4 samples; nothing for the others), and
 ``dW_hh^T`` rows accumulated over its events in blocks of steps (each row held in registers
 while its events' rows are added). The products (``egru_mm.h``) run in AVX-512 or AVX2 (the
 best the CPU has, `kernel_isa`) or plain C. It does the same products as the path below,
@@ -92,7 +92,7 @@ def load_library():
             fwd.argtypes = [_L] * 3 + [_P] * 4 + [ctypes.c_double] + [_P] * 10
             bwd = getattr(lib, f"egru_bwd_{suf}")
             bwd.restype = _L
-            bwd.argtypes = [_L] * 5 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L, _P, _L, _L, _L] + [_P] * 12
+            bwd.argtypes = [_L] * 5 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L, _P, _L, _L, _L, _L] + [_P] * 12
         lib.egru_simd.restype = ctypes.c_int
         lib.egru_isa.restype, lib.egru_isa.argtypes = ctypes.c_int, [ctypes.c_int]
         _lib = lib
@@ -383,6 +383,12 @@ DW_BLOCK_BYTES = 1 << 20
 #: once for the samples that want it) below this share of wanted entries, as one GEMM from it on
 DOTS_BELOW = 0.6
 
+#: up to this batch size the dots group units by the set of samples that want them (tiles of
+#: units x samples); above it each unit's row runs once for all its samples. Measured on the
+#: trained char LM (H = 512, one thread): the same time at B = 8, grouping 1.2x slower at B = 16
+#: and 1.05x at B = 32 (it reads a row once per block of 8 samples)
+DOTS_GROUP_B = 8
+
 
 class SegmentFunction(torch.autograd.Function):
     """A whole segment's recurrence in two C calls (``egru_fwd`` / ``egru_bwd``): inputs the input
@@ -486,7 +492,7 @@ class SegmentFunction(torch.autograd.Function):
         n_in = xd.shape[2]
         rest = (c0_.data_ptr(), y0_.data_ptr(), ys.data_ptr(), s.data_ptr(), cts.data_ptr(), ctx.whT.data_ptr(),
                 thr.data_ptr(), gamma, epsilon, gys.data_ptr(), gc.data_ptr(), gy.data_ptr(), _p(gn), int(need_y0),
-                dense.data_ptr(), int(axpy), blk, R, dgi.data_ptr(), dghs.data_ptr(), _p(gwhT), gbh.data_ptr(),
+                dense.data_ptr(), int(B <= DOTS_GROUP_B), int(axpy), blk, R, dgi.data_ptr(), dghs.data_ptr(), _p(gwhT), gbh.data_ptr(),
                 gthr.data_ptr(), ap.data_ptr(), bs.data_ptr(), out.data_ptr(), cnt.data_ptr(), _p(idx), _p(val),
                 macs.data_ptr())  # fixed for the segment: only the step range changes between calls
         for t0, t1 in reversed(chunks):

@@ -388,17 +388,46 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
 
 /* dL/dy_{t-1}[b, j] = dgh_t[b] . W_hh^T[j] where wanted: at the step before's events and units
    within epsilon of the threshold (ctp: its c~; every entry when ctp is NULL); zero elsewhere
-   (into gy [B, H]). Per block of 8 samples the units are sorted by the set of samples that want
-   them (a counting sort on that 8-bit mask); each set's units run in tiles of 4 (or 2) units x
+   (into gy [B, H]). group = 0: per unit, a dot for each sample that wants it (multi_dot, groups
+   of 4 samples per pass over the row). group = 1: per block of 8 samples the units are sorted by
+   the set of samples that want them (a counting sort on that 8-bit mask); each set's units run in tiles of 4 (or 2) units x
    up to 4 samples (unit_tile: a loaded chunk of a dgh row serves 4 units, one of a W_hh^T row
    4 samples), a last unit alone (multi_dot). Rows wanted by no sample are not read. (Chunking the
    columns so dgh stays in L1, or reversing the order every other step so W_hh^T's last rows are
    still in L2, measured no faster at H = 512, B = 8.) ap [B], out [B], wl [2 H]: scratch. Returns the dots done (of 3H). */
 static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T* ctp, const T* thr,
-                            T ep, T* gy, const T** ap, T* out, long* wl) {
+                            T ep, int group, T* gy, const T** ap, T* out, long* wl) {
     const long O = 3 * H;
     long nd = 0;
     memset(gy, 0, sizeof(T) * B * H);
+    if (!group) {  /* per unit, every sample that wants it (blocks of 64 samples) */
+        uint64_t* restrict m64 = (uint64_t*)wl;  /* [H] */
+        for (long b0 = 0; b0 < B; b0 += 64) {
+            const long nb = B - b0 < 64 ? B - b0 : 64;
+            memset(m64, 0, sizeof(uint64_t) * H);
+            for (long q = 0; q < nb; ++q) {
+                const T* restrict cb = ctp ? ctp + (b0 + q) * H : NULL;
+                if (cb)
+                    for (long j = 0; j < H; ++j) {
+                        const T v = cb[j] - thr[j];
+                        m64[j] |= (uint64_t)((v > (T)0) | ((v < (T)0 ? -v : v) < ep)) << q;
+                    }
+                else
+                    for (long j = 0; j < H; ++j) m64[j] |= (uint64_t)1 << q;
+            }
+            for (long j = 0; j < H; ++j) {
+                uint64_t m = m64[j];
+                long bl[64], k = 0;
+                while (m) { bl[k++] = b0 + __builtin_ctzll(m); m &= m - 1; }
+                if (!k) continue;
+                for (long q = 0; q < k; ++q) ap[q] = dgh + bl[q] * O;
+                FN(multi_dot)(whT + j * O, ap, k, O, out);
+                for (long q = 0; q < k; ++q) gy[bl[q] * H + j] = out[q];
+                nd += k;
+            }
+        }
+        return nd;
+    }
     int* restrict mask = (int*)wl;  /* [H]: a unit's wanted samples in the block of 8, as bits */
     long* order = wl + H;           /* [H]: the units sorted by that mask */
     for (long b0 = 0; b0 < B; b0 += 8) {
@@ -461,7 +490,8 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
    none); gc, gy [B, H]: in the gradients of c_t and y_t, out those of c_{t-1} and y_{t-1}; gcnt
    [B, H] or NULL: the gradient of the final counts (constant along the segment). Per step: the
    pointwise backward (bwd_pointwise), then dL/dy_{t-1} where the step before needs it
-   (masked_dots; every entry of y0 at t = 0 when need_y0; nothing at t = 0 otherwise); when axpy,
+   (masked_dots, grouped when group; every entry of y0 at t = 0 when need_y0; nothing at t = 0
+   otherwise); when axpy,
    dW_hh^T over the events (dw_block) each time t reaches a multiple of blk (blocks [t, t + blk)).
    Out: dgis [.., B, 3H] (step t at t - t_lo), dghs: dL/d(W_hh y + b_hh) of the steps, a ring of
    R steps (dgh_t at t mod R; R >= blk when axpy, R = L when the caller takes dW_hh as one GEMM
@@ -471,7 +501,7 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
 CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* c0, const T* y0, const T* ys,
                          const T* s, const T* cts, const T* whT, const T* thr, double gamma,
                          double epsilon, const T* gys, T* gc, T* gy, const T* gcnt, long need_y0,
-                         const unsigned char* dense, long axpy, long blk, long R, T* dgis, T* dghs,
+                         const unsigned char* dense, long group, long axpy, long blk, long R, T* dgis, T* dghs,
                          T* gwhT, T* gbh, T* gthr, const T** ap, long* wl, T* out, long* cnt, long* idx,
                          T* val, long* macs) {
     const unsigned int csr = ftz_on();
@@ -487,7 +517,7 @@ CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* 
         const int want_dy = t || need_y0;
         if (want_dy && !dense[t])
             macs[0] += FN(masked_dots)(B, H, dgh, whT, t ? cts + (t - 1) * B * H : NULL, thr, ep,
-                                       gy, ap, out, wl);
+                                       group, gy, ap, out, wl);
         EGRU_TICK(2);
         if (axpy && t % blk == 0)
             macs[1] += FN(dw_block)(B, H, t, t + blk < L ? t + blk : L, y0, ys, dghs, R, gwhT, cnt, idx, val, wl, out);
