@@ -50,7 +50,7 @@ INL void FN(fwd_loop)(const T* i, const T* beta, const T bs, const T th, const l
         FN(fwd_loop)(i, beta, bs, th, L, B, H, z, u, vT, rz, ad, hb, su); break;
 #define FWD_CASES(ad) FWD_CASE(ad, 0, 0, 0) FWD_CASE(ad, 0, 0, 1) FWD_CASE(ad, 0, 1, 0) FWD_CASE(ad, 0, 1, 1) \
     FWD_CASE(ad, 1, 0, 0) FWD_CASE(ad, 1, 0, 1) FWD_CASE(ad, 1, 1, 0) FWD_CASE(ad, 1, 1, 1)
-void FN(lif_fwd)(const T* i, const T* v0, const T* beta, double beta_s, double th_d,
+CLONES void FN(lif_fwd)(const T* i, const T* v0, const T* beta, double beta_s, double th_d,
                  int reset_zero, int after, long L, long B, long H, T* z, T* u, T* vT) {
     const T th = (T)th_d; const T bs = (T)beta_s;
     memcpy(vT, v0, sizeof(T) * B * H);
@@ -136,7 +136,7 @@ INL void FN(bwd_loop)(const T* u, const T* dz, const long dz_st, const T* v0, co
 /* u [L,B,H], dz [L,B,H] (time stride dz_st: B*H, or 0 for one [B,H] slice repeated), dvT [B,H] */
 /* or NULL, v0 [B,H] (read for dbeta and for after) -> di [L,B,H],                              */
 /* dv0 [B,H], dbeta [H] (float64, accumulated) or NULL. beta: [H] or NULL (then beta_s).         */
-void FN(lif_bwd)(const T* u, const T* dz, long dz_st, const T* dvT, const T* v0, const T* beta,
+CLONES void FN(lif_bwd)(const T* u, const T* dz, long dz_st, const T* dvT, const T* v0, const T* beta,
                  double beta_s, double th_d, int reset_zero, int detach, int after, int kind, double scale,
                  long L, long B, long H, T* di, T* dv0, double* dbeta) {
     const T th = (T)th_d; const T bs = (T)beta_s; const T c_scale = (T)scale;
