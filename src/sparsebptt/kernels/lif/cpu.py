@@ -90,6 +90,17 @@ def load_library():
     return _lib
 
 
+_FNS: dict = {}  # (name, dtype) -> the loaded C function
+
+
+def _fn(name: str, dtype):
+    """The C function ``name`` for ``dtype`` (``lif_fwd`` -> ``lif_fwd_f32``), looked up once."""
+    fn = _FNS.get((name, dtype))
+    if fn is None:
+        fn = _FNS[(name, dtype)] = getattr(load_library(), f"{name}_{SUFFIX[dtype]}")
+    return fn
+
+
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
@@ -102,7 +113,7 @@ def _beta_args(beta):
 def _lif_fwd(i, v0, beta, p: LIFConstants, save_u: bool, u_into_i: bool = False):
     """Run the forward kernel; ``u_into_i`` writes u over the currents (the caller's buffer)."""
     L, B, H = i.shape
-    fn = getattr(load_library(), f"lif_fwd_{SUFFIX[i.dtype]}")
+    fn = _fn("lif_fwd", i.dtype)
     z = empty(i.shape, i.dtype)
     u = (i if u_into_i else empty(i.shape, i.dtype)) if save_u else None
     vT = torch.empty_like(v0)
@@ -133,7 +144,7 @@ def _lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: bool, scratch: b
     """Run the backward kernel; ``scratch``: di goes to the per-thread buffer (caller consumes it
     before the next call)."""
     L, B, H = u.shape
-    fn = getattr(load_library(), f"lif_bwd_{SUFFIX[u.dtype]}")
+    fn = _fn("lif_bwd", u.dtype)
     di = _scratch(u.shape, u.dtype) if scratch else empty(u.shape, u.dtype)
     dv0 = torch.empty(B, H, dtype=u.dtype)
     if dz is None:  # no gradient reaches the spikes: one zero slice for every step
@@ -175,7 +186,7 @@ class SparseRows:
         col = _scratch((max_nnz + K + 1,), torch.int32, "col")
         val = _scratch((max_nnz + K + 1,), x2.dtype, "val")
         binary = ctypes.c_int(0)
-        n = getattr(load_library(), f"lif_csr_{SUFFIX[x2.dtype]}")(
+        n = _fn("lif_csr", x2.dtype)(
             x2.data_ptr(), R, K, max_nnz, ptr.data_ptr(), col.data_ptr(), val.data_ptr(), ctypes.byref(binary))
         if n < 0:
             return None
@@ -186,7 +197,7 @@ class SparseRows:
         """``out2 = x W^T + b`` [R, H]: per row, the rows of W^T at its nonzeros, times their
         values, added in ascending column order."""
         H = weight.shape[0]
-        fn = getattr(load_library(), f"lif_spmm_{SUFFIX[out2.dtype]}")
+        fn = _fn("lif_spmm", out2.dtype)
         fn(self.ptr.data_ptr(), self.col.data_ptr(), _ptr(self.val), transposed(weight).data_ptr(), _ptr(bias),
            self.R, H, out2.data_ptr())
 
@@ -202,7 +213,7 @@ class SparseRows:
         n = max(1, min(self.R, SPARSE_CHUNK) * self.K)
         rows = _scratch((n,), torch.int32, "rows")
         vals = _scratch((n if self.val is not None else 1,), d2.dtype, "vals")
-        getattr(load_library(), f"lif_spmm_t_{SUFFIX[d2.dtype]}")(
+        _fn("lif_spmm_t", d2.dtype)(
             self.ptr.data_ptr(), self.col.data_ptr(), _ptr(self.val), d2.data_ptr(), self.R, self.K, H,
             dwt.data_ptr(), cnt.data_ptr(), rows.data_ptr(), vals.data_ptr())
         return dwt.t()
@@ -455,7 +466,7 @@ def _step_fwd(i_t, v_in, beta, p: LIFConstants, z_t, v_out):
     """One step of the forward kernel from the currents i_t [B, H]; u_t is written over i_t."""
     B, H = i_t.shape
     beta_t, beta_s = _beta_args(beta)
-    getattr(load_library(), f"lif_fwd_{SUFFIX[i_t.dtype]}")(
+    _fn("lif_fwd", i_t.dtype)(
         _ptr(i_t), _ptr(v_in), _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"),
         int(after_decay(p)), 1, B, H, _ptr(z_t), _ptr(i_t), _ptr(v_out))
 
@@ -467,7 +478,7 @@ def _step_bwd(u_t, dz_t, g_in, beta, p: LIFConstants, du_t, g_out, v_prev):
     beta_t, beta_s = _beta_args(beta)
     flags = (int(p.reset == "zero"), int(p.detach_reset), int(after_decay(p)), SURROGATE_IDS[p.surrogate],
              surrogate_scale(p))
-    getattr(load_library(), f"lif_bwd_{SUFFIX[u_t.dtype]}")(
+    _fn("lif_bwd", u_t.dtype)(
         _ptr(u_t), _ptr(dz_t), B * H, _ptr(g_in), _ptr(v_prev.contiguous()), _ptr(beta_t), beta_s,
         float(p.threshold), *flags, 1, B, H, _ptr(du_t), _ptr(g_out), None)
 
