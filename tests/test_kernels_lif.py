@@ -894,3 +894,27 @@ def test_segment_vjp_gradients_in_the_corner_cases(case, monkeypatch):
         res.append(scan_grads(net, x, state0, st, x_grad=case != "x-without-grad")[0])
     compare(*res, torch.float64)
     assert used
+
+
+def test_segment_vjp_only_where_it_computes_what_the_layer_does():
+    """No VJP for a subclass overriding _scan_segment, nor for a weight that is not the layer's
+    registered parameter (a parametrization: its gradient must flow through autograd)."""
+    class Noisy(sb.cells.LIF):
+        def _scan_segment(self, x_seg, state, **kw):
+            return super()._scan_segment(x_seg, state, **kw)
+
+    assert hasattr(sb.cells.LIF(4, 5, backend="cpu").scan_segment, "vjp")
+    assert not hasattr(Noisy(4, 5, backend="cpu").scan_segment, "vjp")
+    cell = sb.cells.LIF(4, 5, backend="cpu")
+    torch.nn.utils.parametrize.register_parametrization(cell, "weight", torch.nn.Identity())
+    assert not hasattr(cell.scan_segment, "vjp")
+    ref = sb.cells.LIF(4, 5, backend="torch").double()
+    cell = cell.double()
+    with torch.no_grad():
+        ref.weight.copy_(cell.weight)
+        ref.bias.copy_(cell.bias)
+    x = seeded(5, 23, 2, 4, kind="spikes", p=0.4)
+    v0 = (0.3 * seeded(6, 2, 5),)
+    a, _ = scan_grads(ref, x, v0, sb.FullBPTT())
+    b, _ = scan_grads(cell, x, v0, sb.Checkpoint(every=4))
+    assert_close("dweight", a["dweight"], b["dparametrizations.weight.original"], torch.float64)

@@ -165,8 +165,18 @@ class LIF(FusedCell):
         from ..kernels.lif.cpu import SparseRoute
         route = SparseRoute()
         fn = functools.partial(fn, route=route)
-        fn.vjp = LIFSegmentVJP(self, route)  # the executor's recomputed segments: see LIFSegmentVJP
+        if self._vjp_applies():
+            fn.vjp = LIFSegmentVJP(self, route)  # the executor's recomputed segments: see LIFSegmentVJP
         return fn
+
+    def _vjp_applies(self) -> bool:
+        """Whether `LIFSegmentVJP` computes what ``_scan_segment`` does: not overridden (on the class
+        or the instance), and weight, bias and beta the layer's own registered parameters (not a
+        parametrization or a property computing them, whose gradient must flow through autograd)."""
+        if type(self)._scan_segment is not LIF._scan_segment or "_scan_segment" in vars(self):
+            return False
+        own = self._parameters
+        return all(getattr(self, n) is None or own.get(n) is getattr(self, n) for n in ("weight", "bias", "beta"))
 
     def _scan_segment(self, x_seg, state, *, backend=None, route=None):
         """A segment through the fused kernels. ``backend``: "cpu" or "triton", as

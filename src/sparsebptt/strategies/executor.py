@@ -522,8 +522,12 @@ def _reverse_vjp(run: _Run, seg: _Segment, dout, dstate, grads):
         new_dstate = [d if need else None for d, need in zip(new_dstate, need_state)]
         if need_x and dx is not None:
             grads["x"][seg.n0:seg.n1] = dx
-        _add_param_grads(grads, [(i, pgrads.get(id(p))) for i, p in enumerate(run.params) if p.requires_grad],
-                         fresh=True)
+        index = {id(p): i for i, p in enumerate(run.params)}
+        lost = [k for k in pgrads if k not in index]
+        if lost:  # pragma: no cover - a VJP only returns the cell's registered parameters
+            raise RuntimeError(f"sb.scan of {type(run.cell).__name__}: the segment VJP gave gradients of "
+                               f"{len(lost)} tensor(s) that are not among the scan's parameters")
+        _add_param_grads(grads, [(index[k], g) for k, g in pgrads.items()], fresh=True)
     seg.saved = None
     if run.trace is not None:
         run.trace.add_stored(-seg.held_bytes)
