@@ -16,6 +16,7 @@ times are not comparable across runs. One intra-op thread.
     python benchmarks/egru.py --preset full       # grid B in {1, 16}, H in {512, 1024}: CSV + PNG + JSON
     python benchmarks/egru.py --check             # T=500, B=8, H=512: the issue-7 check, PASS/FAIL
     python benchmarks/egru.py --check --from-run runs/lm512   # the same with a trained EGRU and its text
+    python benchmarks/egru.py --check --from-run runs/lm512 --batch 32   # ... at another batch size
     python benchmarks/egru.py --accuracy          # language model: bits/char vs activity (regulariser sweep)
     python benchmarks/egru.py --preset ci         # small shapes, seconds
 
@@ -169,6 +170,8 @@ def _run_input(run: Path, T: int, B: int):
 
 def run_check(args):
     c = dict(CHECK)
+    if args.batch is not None:
+        c["B"] = args.batch
     if args.from_run:
         state, x = _run_input(Path(args.from_run), c["T"], c["B"])
         cases = make_cells(x.shape[2], state["weight_hh"].shape[1], 1.0, None, c["epsilons"], state=state,
@@ -261,6 +264,7 @@ def main(argv=None):
     ap.add_argument("--preset", choices=sorted(PRESETS), default="ci")
     ap.add_argument("--check", action="store_true", help="the issue-7 check at T=500, B=8, H=512")
     ap.add_argument("--from-run", default=None, metavar="DIR", help="--check with a trained EGRU run")
+    ap.add_argument("--batch", type=int, default=None, help="--check at this batch size (default 8)")
     ap.add_argument("--threshold-shifts", type=float, nargs="+", default=[0.0, 0.1, 0.2])
     ap.add_argument("--gain", type=float, default=1.0, help="scale of the initial weights (default 1)")
     ap.add_argument("--accuracy", action="store_true", help="language model bits/char vs activity")

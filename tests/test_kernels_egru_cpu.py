@@ -10,7 +10,6 @@ import torch
 
 import sparsebptt as sb
 import sparsebptt.kernels.egru.cpu as egru_cpu
-from sparsebptt.kernels.sparse import full_above
 from sparsebptt.testing import assert_close, scan_grads, seeded
 
 N_IN, H = 5, 12
@@ -116,7 +115,7 @@ def test_register_blocked_paths(dtype, isa, dots_below, dw_bytes, isa_cap, monke
     r, tr = run(ref, x, s0)
     g, tg = run(got, x, s0)
     compare(r, g, dtype, T, Hb)
-    assert 0.05 < tg.activity["EGRU"] < full_above(B)  # the weight gradient over events runs (not a GEMM)
+    assert 0.05 < tg.activity["EGRU"] < egru_cpu.DW_SPARSE_BELOW  # the weight gradient over events runs
 
 
 @pytest.mark.parametrize("group_b", [8, 64], ids=["per_unit", "grouped"])
@@ -165,7 +164,8 @@ def test_backward_macs_are_the_sparse_products(epsilon):
     """Backward MACs: dW_ih (a GEMM, dense), dL/dy of each step before (dots at its events and
     units within epsilon of the threshold, or one dense GEMM when at least `DOTS_BELOW` of them
     are needed (issue 17: was `full_above(B)`); y0 needs every unit: a GEMM) and the dW_hh axpys
-    (the previous step's non-zero y; one GEMM when `full_above(B)` of them are non-zero), each
+    (the previous step's non-zero y; one GEMM when `DW_SPARSE_BELOW` of them are non-zero; issue 17:
+    was `full_above(B)`), each
     row 3H long."""
     _, got = pair(torch.float64, epsilon=epsilon)
     T, B = 8, 3
@@ -174,7 +174,7 @@ def test_backward_macs_are_the_sparse_products(epsilon):
     _, t = run(got, x, s0)
     with torch.no_grad():  # count what the backward needs from a plain reference run
         c, y = s0
-        full = full_above(B) * B * H
+        full = egru_cpu.DW_SPARSE_BELOW * B * H
         dots_below = egru_cpu.DOTS_BELOW * B * H
         dy_macs = B * H  # y0 needs a gradient: every entry, as a GEMM
         events = int((y != 0).sum())

@@ -24,8 +24,8 @@ Backends (``backend=``, as every cell with kernels, see `FusedCell`; None, the d
 - ``"cpu"``: the event-sparse path of `sparsebptt.kernels.egru.cpu`: ``W_hh y`` reads only the
   columns of units with an event, and its backward computes ``dL/dy`` only at events and within
   ``epsilon`` of the threshold, and the weight gradient only over the events (C kernels, or one
-  dense GEMM once `sparsebptt.kernels.egru.cpu.DOTS_BELOW` (dL/dy) or
-  `sparsebptt.kernels.sparse.full_above` (weight gradient) of the entries are needed). A whole
+  dense GEMM once `sparsebptt.kernels.egru.cpu.DOTS_BELOW` (dL/dy) or `DW_SPARSE_BELOW` (weight
+  gradient) of the entries are needed). A whole
   segment runs in its `fused_recurrent_egru` (the cell's ``scan_segment``, used by every
   strategy): one GEMM for the input projection and one transposed copy of ``W_hh``. Needs the
   C kernels (`require_backend("cpu")`); formerly called "sparse" (still accepted, with a
