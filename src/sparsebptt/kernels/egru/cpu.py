@@ -490,7 +490,7 @@ class SegmentFunction(torch.autograd.Function):
         R = blk if axpy else L  # dL/d(W_hh y) of the steps: a ring of one block unless a GEMM takes dW_hh
         dghs = ys.new_empty(R, B, O)
         ap, bs, out = torch.empty(B, dtype=torch.long), torch.empty(H * (B + 1), dtype=torch.long), ys.new_empty(max(B, H))
-        cnt = torch.empty(H, dtype=torch.long)
+        cnt = torch.empty(2 * H, dtype=torch.long)
         nev = blk * B * H  # a block's events sorted by unit
         idx, val = (torch.empty(nev, dtype=torch.long), ys.new_empty(nev)) if axpy else (None, None)
         run = getattr(load_library(), f"egru_bwd_{SUFFIX[ys.dtype]}")

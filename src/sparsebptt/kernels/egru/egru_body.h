@@ -496,7 +496,9 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
    Out: dgis [.., B, 3H] (step t at t - t_lo), dghs: dL/d(W_hh y + b_hh) of the steps, a ring of
    R steps (dgh_t at t mod R; R >= blk when axpy, R = L when the caller takes dW_hh as one GEMM
    over the segment); accumulated: gbh [3H], gthr [H], gwhT [H, 3H] (when axpy). Scratch: ap [B],
-   out [max(B, H)]; wl [H (B + 1)]; cnt [H], idx, val [blk B H]. macs [2]: the dots and the
+   out [max(B, H)]; wl [H (B + 1)] (masked_dots only); cnt [2 H] (dw_block's counts and
+   non-zero lists: no buffer is read through another type than it was written with); idx, val
+   [blk B H]. macs [2]: the dots and the
    axpys done are added (times 3H). */
 CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* c0, const T* y0, const T* ys,
                          const T* s, const T* cts, const T* whT, const T* thr, double gamma,
@@ -520,7 +522,7 @@ CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* 
                                        group, gy, ap, out, wl);
         EGRU_TICK(2);
         if (axpy && t % blk == 0)
-            macs[1] += FN(dw_block)(B, H, t, t + blk < L ? t + blk : L, y0, ys, dghs, R, gwhT, cnt, idx, val, wl, out);
+            macs[1] += FN(dw_block)(B, H, t, t + blk < L ? t + blk : L, y0, ys, dghs, R, gwhT, cnt, idx, val, cnt + H, out);
         EGRU_TICK(3);
         if (want_dy && dense[t]) { stop = t; break; }
     }
