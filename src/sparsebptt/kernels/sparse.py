@@ -34,8 +34,10 @@ How a batch shares the active set (``active_set``), chosen by measurement (BENCH
   the union is ~90 % of the columns at 15 % activity and never pays; the per-sample path
   beats the dense GEMM below ~15 % activity at B = 16 and below ~70 % at B = 1.
 
-`full_above` is the package's one dense switch: EGRU's sparse backward
-(`sparsebptt.kernels.egru.cpu`) uses it too for its masked C products.
+`full_above` is the dense switch of these per-sample products; EGRU's step-wise sparse
+backward (`sparsebptt.kernels.egru.cpu`, dtypes and devices without its C segment scan) uses it
+too. EGRU's C segment scan has its own switches, measured for its register-blocked products
+(`DOTS_BELOW`, `DW_SPARSE_BELOW` there).
 
 Whatever the choice, when every column is active in some sample the product runs as one dense
 GEMM on the masked input (no gather): threshold 0 costs what the dense cell costs.
