@@ -918,3 +918,25 @@ def test_segment_vjp_only_where_it_computes_what_the_layer_does():
     a, _ = scan_grads(ref, x, v0, sb.FullBPTT())
     b, _ = scan_grads(cell, x, v0, sb.Checkpoint(every=4))
     assert_close("dweight", a["dweight"], b["dparametrizations.weight.original"], torch.float64)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph")
+def test_segment_vjp_under_a_backward_in_grad_mode(monkeypatch):
+    """backward(create_graph=True) runs the executor's backward in grad mode: the segment VJP
+    still gives the first-order gradients (a checkpointed scan has no second order)."""
+    used = _spy_vjp(monkeypatch)
+    ref, fast = _stacks(torch.float64, mixed=False)
+    x = seeded(3, 19, 2, N_IN, kind="spikes", p=0.4)
+    res = []
+    for net, st in ((ref, sb.FullBPTT()), (fast, sb.Checkpoint(every=5))):
+        net.zero_grad()
+        out, _ = sb.scan(net, x, strategy=st)
+        (out * seeded(100, *out.shape)).sum().backward(create_graph=True)
+        res.append({n: p.grad.detach().clone() for n, p in net.named_parameters()})
+    fast.zero_grad()  # the fused layers' own autograd node (FullBPTT) too: first order, once differentiable
+    out, _ = sb.scan(fast, x)
+    (out * seeded(100, *out.shape)).sum().backward(create_graph=True)
+    res.append({n: p.grad.detach().clone() for n, p in fast.named_parameters()})
+    compare(res[0], res[1], torch.float64)
+    compare(res[0], res[2], torch.float64)
+    assert used

@@ -518,7 +518,8 @@ def _reverse_vjp(run: _Run, seg: _Segment, dout, dstate, grads):
     if g is not None or any(d is not None for d in dstate):
         owned = grads.setdefault("owned", set())  # sums made here (or fresh from the VJP): added into in place
         acc = {id(p): grads["params"][i] for i, p in enumerate(run.params) if i in owned}
-        dx, new_dstate, pgrads = run.segment_vjp.backward(seg.saved, g, list(dstate), need_x, need_state, acc)
+        with torch.no_grad():  # (a backward with create_graph=True runs in grad mode: no graph here either)
+            dx, new_dstate, pgrads = run.segment_vjp.backward(seg.saved, g, list(dstate), need_x, need_state, acc)
         new_dstate = [d if need else None for d, need in zip(new_dstate, need_state)]
         if need_x and dx is not None:
             grads["x"][seg.n0:seg.n1] = dx

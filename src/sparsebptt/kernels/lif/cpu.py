@@ -41,6 +41,7 @@ import os
 import threading
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ...trace import current_trace
 from ..cbuild import build_file
@@ -364,6 +365,7 @@ class FusedLIFLayerFunction(torch.autograd.Function):
         return z, vT
 
     @staticmethod
+    @once_differentiable  # (a backward with create_graph=True gets first-order gradients; a second order raises)
     def backward(ctx, dz, dvT):
         u, x, weight, v0, beta_t, ptr, col, val = ctx.saved_tensors
         rows = None if ptr is None else SparseRows(ptr, col, val, *ctx.rows_shape)
