@@ -940,3 +940,81 @@ def test_segment_vjp_under_a_backward_in_grad_mode(monkeypatch):
     compare(res[0], res[1], torch.float64)
     compare(res[0], res[2], torch.float64)
     assert used
+
+
+# ---- the forward sweep's no-graph segments in one pass (issue 17) ------------------------------
+def _nets(kind, dtype, backend="cpu"):
+    torch.manual_seed(3)
+    if kind == "lif":
+        return sb.cells.LIF(N_IN, 24, threshold=0.3, backend=backend).to(dtype)
+    inner = [sb.cells.LIF(24, 24, threshold=0.25, backend=backend),
+             sb.cells.LIF(24, 17, threshold=0.2, reset="zero", learn_beta=True, backend=backend)]
+    if kind == "nested":
+        inner = [sb.cells.Stack(inner)]
+    return sb.cells.Stack([sb.cells.LIF(N_IN, 24, threshold=0.3, backend=backend)] + inner).to(dtype)
+
+
+def _spy_stops(monkeypatch, fuse=True):
+    from sparsebptt.strategies import executor as ex
+    used = []
+    orig = ex._forward_fused
+    monkeypatch.setattr(ex, "_forward_fused", lambda run, acts, work: used.append(len(acts)) or orig(run, acts, work))
+    if not fuse:
+        monkeypatch.setattr(ex, "_fusable", lambda run, a: False)
+    return used
+
+
+@pytest.mark.parametrize("reduce", [None, "sum", "last"])
+@pytest.mark.parametrize("kind", ["lif", "stack", "nested"])
+@pytest.mark.parametrize("strategy", [sb.Checkpoint(every=6), sb.Revolve(slots=3), sb.DoubleCheckpoint(outer=12, inner=4)],
+                         ids=lambda s: s.to_string())
+def test_forward_sweep_runs_its_segments_in_one_pass(strategy, kind, reduce, monkeypatch):
+    """The forward sweep's consecutive no-graph segments of fused LIF layers run as one pass per
+    layer (`forward_stops`): with a sparse input the outputs, the stored checkpoints (checked by
+    the recomputation) and every gradient equal segment-by-segment advances bit for bit."""
+    x = seeded(8, 61, 3, N_IN, kind="spikes", p=0.1).float()
+    res = []
+    for fuse in (True, False):
+        with monkeypatch.context() as m:
+            used = _spy_stops(m, fuse)
+            net = _nets(kind, torch.float32)
+            state0 = tuple(0.3 * seeded(7 + k, *s.shape).float() for k, s in enumerate(net.initial_state(3)))
+            res.append(scan_grads(net, x, state0, strategy, reduce=reduce)[0])
+            assert (max(used, default=0) > 1) == fuse  # several segments in one pass only where fused
+    for k in res[0]:
+        assert torch.equal(res[0][k], res[1][k]), k
+
+
+@pytest.mark.parametrize("kind", ["stack", "nested"])
+def test_forward_sweep_in_one_pass_equals_the_reference(kind, monkeypatch):
+    """A dense input (its products one matmul over several segments) and float64: outputs and
+    gradients equal the torch step reference under FullBPTT."""
+    used = _spy_stops(monkeypatch)
+    x = seeded(9, 45, 2, N_IN, kind="spikes", p=0.6)
+    res = []
+    for backend, st in (("torch", sb.FullBPTT()), ("cpu", sb.Checkpoint(every=5))):
+        net = _nets(kind, torch.float64, backend)
+        state0 = tuple(0.3 * seeded(7 + k, *s.shape, dtype=torch.float64)
+                       for k, s in enumerate(net.initial_state(2, dtype=torch.float64)))
+        res.append(scan_grads(net, x, state0, st, reduce="mean")[0])
+    compare(*res, torch.float64)
+    assert max(used) > 1
+
+
+def test_forward_stops_of_a_layer():
+    """`layer_forward_stops` gives what `layer_forward` gives segment by segment; stops that do not
+    end at L are refused."""
+    from sparsebptt.kernels.lif.cpu import SparseRoute, layer_forward, layer_forward_stops
+    cell = _nets("lif", torch.float32)
+    x = seeded(10, 23, 3, N_IN, kind="spikes", p=0.1).float()
+    v0 = 0.3 * seeded(11, 3, 24).float()
+    with torch.no_grad():
+        z, vs = layer_forward_stops(x, v0, cell.weight, cell.bias, 0.9, cell.params, SparseRoute(), [5, 11, 23])
+        route, v, zs = SparseRoute(), v0, []
+        for t0, t1, want in ((0, 5, vs[0]), (5, 11, vs[1]), (11, 23, vs[2])):
+            zt, v, _ = layer_forward(x[t0:t1].contiguous(), v, cell.weight, cell.bias, 0.9, cell.params, route, keep=False)
+            assert torch.equal(v, want)
+            zs.append(zt)
+        assert torch.equal(z, torch.cat(zs))
+        with pytest.raises(ValueError, match="the stops must end at L=23"):
+            layer_forward_stops(x, v0, cell.weight, cell.bias, 0.9, cell.params, None, [5, 11])

@@ -245,6 +245,21 @@ class LIFSegmentVJP:
         cell._count_activity(z)
         return z, (vT,), saved
 
+    def forward_stops(self, x_seg, state, stops, transient: bool = False, out: str | None = None):
+        """The forward alone over consecutive segments ending at ``stops`` (offsets into ``x_seg``,
+        the last its length), in one pass: ``(z, [state at each stop])``, what `forward` with
+        ``keep=False`` gives segment by segment (`sparsebptt.kernels.lif.cpu.layer_forward_stops`).
+        ``out``: the name of the per-thread buffer z goes to (valid until its next use); else with
+        ``transient`` one of those, else a fresh tensor."""
+        from ..kernels.lif.cpu import layer_forward_stops
+        cell = self.cell
+        (v,) = state
+        beta = cell.beta.detach().clamp(0.0, 1.0).contiguous() if cell.beta is not None else cell.params.beta
+        z, vs = layer_forward_stops(x_seg.contiguous(), v.contiguous(), cell.weight, cell.bias, beta, cell.params,
+                                    self.route, stops, out or ("stops_z0" if transient else None))
+        cell._count_activity(z)
+        return z, [(v,) for v in vs]
+
     def backward(self, saved, dz, dstate, need_x: bool, need_state, acc=None):
         """``acc``: {id(parameter): gradient of earlier segments the caller owns}; what is added
         into those in place is left out of the returned gradients (every returned one is fresh)."""

@@ -193,6 +193,25 @@ class StackSegmentVJP:
             saved.append(rec)
         return out, tuple(new), saved
 
+    def forward_stops(self, x_seg, state, stops, transient: bool = False, out: str | None = None,
+                      prefix: str = "stops"):
+        """The forward alone over consecutive segments ending at ``stops`` (see
+        `LIFSegmentVJP.forward_stops`): each layer over all of them, then the next layer;
+        ``(ys, [state at each stop])``. The layers between write their outputs to two per-thread
+        buffers in turn (``prefix`` + ``_z0`` / ``_z1``: a fresh [L, B, H] buffer costs its page
+        faults at every call); the last layer to the buffer named ``out``, else with ``transient``
+        to one of those two (``ys`` is then valid until the next such call), else to a fresh one."""
+        per_stop, last = [[] for _ in stops], len(self.vjps) - 1
+        h = x_seg
+        for k, (vjp, i) in enumerate(zip(self.vjps, self.offsets)):
+            self.stack._check_cell_input(k, h, 1)
+            buf = f"{prefix}_z{k % 2}" if k < last or (transient and out is None) else out
+            kw = {"prefix": f"{prefix}_{k}"} if isinstance(vjp, StackSegmentVJP) else {}  # a Stack inside
+            h, states = vjp.forward_stops(h, tuple(state[i:i + self.stack._arity[k]]), stops, out=buf, **kw)
+            for acc, s in zip(per_stop, states):
+                acc.extend(s)
+        return h, [tuple(s) for s in per_stop]
+
     def backward(self, saved, dys, dstate, need_x: bool, need_state, acc=None):
         dstate_in, grads, dz = [None] * len(dstate), {}, dys
         for k in reversed(range(len(self.vjps))):

@@ -32,7 +32,9 @@ A cell whose ``scan_segment`` carries a ``vjp`` (fused feed-forward LIF layers, 
 ``vjp.forward`` keeps what ``vjp.backward`` reads, and `_reverse` calls the backward with dL/dys
 and dL/dstate (one Python call per segment, no graph, no ``torch.autograd.grad``). Such a cell's
 kernels read only its registered parameters, so there is no graph to walk; the recomputed state is
-still checked against the stored checkpoint.
+still checked against the stored checkpoint. When that VJP also has ``forward_stops``, the forward
+sweep's consecutive no-graph advances (up to `NO_GRAD_CHUNK` steps) run in one pass per layer
+(`_forward_fused`), storing the same restart states.
 
 Every loop over time steps here is `sparsebptt.cells.base.run_steps`, and every output over time
 is collected by one `Reducer`.
@@ -342,6 +344,16 @@ def _accumulate_grad_type():
     return _ACCUMULATE_GRAD[0]
 
 
+def _records(saved):
+    """The records with ``tensors()`` in a segment VJP's ``saved`` (a Stack's: a list per layer,
+    nested for a Stack inside a Stack; None for a layer that kept nothing)."""
+    if isinstance(saved, list):
+        for rec in saved:
+            yield from _records(rec)
+    elif saved is not None:
+        yield saved
+
+
 def _advance_vjp(run: _Run, n0: int, n1: int, state, emit: bool) -> _Segment:
     """Steps n0..n1 through the cell's segment VJP: its forward keeps what its backward reads, no
     autograd graph (see `_reverse`)."""
@@ -352,8 +364,8 @@ def _advance_vjp(run: _Run, n0: int, n1: int, state, emit: bool) -> _Segment:
     seg = _Segment(n0, n1, tuple(state), None, ys, tuple(state_out), saved=saved)
     if run.trace is not None:  # as the saved-tensor hooks count an autograd graph's: each storage once,
         held = [ys, *state_out]  # not the caller's x nor the parameters
-        for rec in saved if isinstance(saved, list) else [saved]:
-            held += rec.tensors() if rec is not None else []
+        for rec in _records(saved):
+            held += rec.tensors()
         seen = {t.untyped_storage().data_ptr() for t in [run.x.tensor, *run.params] if t is not None}
         for t in held:
             st = t.untyped_storage()
@@ -479,10 +491,9 @@ class _Buffers:
                     b.data.copy_(v)
 
 
-def _forward_action(run: _Run, a: Forward, work, recompute: bool):
-    n, state = work
-    if n != a.n0:
-        raise RuntimeError(f"schedule advances from step {a.n0} but the working state is at step {n}")
+def _store_ics(run: _Run, a: Forward, state, recompute: bool) -> None:
+    """A Forward action's bookkeeping before it advances: the restart state it stores (with its
+    digest and RNG state) and the trace's step counts."""
     if a.write_ics:
         if a.storage == StorageType.WORK:
             raise NotImplementedError("schedules that store a restart state in WORK are not supported")
@@ -497,6 +508,44 @@ def _forward_action(run: _Run, a: Forward, work, recompute: bool):
             trace.recomputed_steps += a.n1 - a.n0
         else:
             trace.forward_steps += a.n1 - a.n0
+
+
+def _fusable(run: _Run, a) -> bool:
+    """Whether the forward sweep's action ``a`` may join a `_forward_fused` run: an advance without
+    graph, of a cell whose segment VJP runs several segments in one pass (``forward_stops``)."""
+    return (isinstance(a, Forward) and not a.write_adj_deps and run.segment_vjp is not None
+            and hasattr(run.segment_vjp, "forward_stops"))
+
+
+def _forward_fused(run: _Run, actions: list, work):
+    """Consecutive no-graph Forward actions of the forward sweep (each maybe storing the state it
+    starts from) in one pass of the cell's ``segment_vjp.forward_stops``: every layer runs all of
+    them at once (one input product, one call per segment for the recurrence), and the states at
+    the segments' ends are what segment-by-segment advances reach (the same kernels), so each
+    restart state is stored as `_forward_action` would store it. Such a cell draws no random
+    numbers, so the RNG state stored with each is the same."""
+    if len(actions) == 1:
+        return _forward_action(run, actions[0], work, recompute=False)
+    n, state = work
+    a0, a1 = actions[0], actions[-1]
+    if n != a0.n0:
+        raise RuntimeError(f"schedule advances from step {a0.n0} but the working state is at step {n}")
+    with torch.no_grad():
+        # the outputs are consumed at once (summed or copied) unless reduce="last" keeps a view
+        ys, states = run.segment_vjp.forward_stops(run.x.read(a0.n0, a1.n1), tuple(state),
+                                                   [a.n1 - a0.n0 for a in actions],
+                                                   transient=run.reducer.reduce != "last")
+    run.reducer.add_block(a0.n0, ys)
+    for a, s in zip(actions, [tuple(state)] + states[:-1]):
+        _store_ics(run, a, s, recompute=False)
+    return (a1.n1, tuple(states[-1]))
+
+
+def _forward_action(run: _Run, a: Forward, work, recompute: bool):
+    n, state = work
+    if n != a.n0:
+        raise RuntimeError(f"schedule advances from step {a.n0} but the working state is at step {n}")
+    _store_ics(run, a, state, recompute)
     if a.write_adj_deps:
         seg = _advance(run, a.n0, a.n1, state, graph=True, emit=not recompute)
         run.segments[a.n0] = seg
@@ -639,13 +688,25 @@ class _ScheduledScan(torch.autograd.Function):
             for store in run.stores.values():
                 store.owner = f"sb.scan of {type(run.cell).__name__}"
             work = (0, state0)
+            pending = []  # consecutive no-graph advances, run together by `_forward_fused`
             for a in run.actions:
+                if _fusable(run, a):
+                    if pending and (pending[-1].n1 != a.n0 or a.n1 - pending[0].n0 > NO_GRAD_CHUNK):
+                        work = _forward_fused(run, pending, work)
+                        pending = []
+                    pending.append(a)
+                    continue
+                if pending:
+                    work = _forward_fused(run, pending, work)
+                    pending = []
                 if isinstance(a, Forward):
                     work = _forward_action(run, a, work, recompute=False)
                 elif isinstance(a, EndForward):
                     break
                 else:
                     raise RuntimeError(f"unexpected action {a!r} in the forward part of the schedule")
+            if pending:  # (a schedule ends its forward with EndForward; this is for one that does not)
+                work = _forward_fused(run, pending, work)
         except BaseException:
             _close(run)
             raise

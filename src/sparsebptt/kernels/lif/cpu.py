@@ -51,7 +51,7 @@ from .function import (SURROGATE_IDS, LIFConstants, after_decay, recurrence_func
 
 __all__ = ["fused_recurrent_lif", "fused_lif_layer", "fused_recurrent_lif_layer", "load_library", "C_SOURCE",
            "SparseRows", "SparseRoute", "SPARSE_CHUNK", "SPARSE_INPUT_MAX", "LayerSaved", "layer_forward",
-           "layer_backward"]
+           "layer_forward_stops", "layer_backward"]
 
 #: the C source (package data): ``lif.c`` instantiates ``lif_body.h`` for float and double
 C_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lif.c")
@@ -306,6 +306,38 @@ def layer_forward(x, v0, weight, bias, beta, p: LIFConstants, route=None, keep: 
     x_kept = x if need_w and rows is None else None
     return z, vT, LayerSaved(u, x_kept, rows, weight, v0 if need_dbeta or after_decay(p) else None, beta, p,
                              need_dbeta, t, macs)
+
+
+def layer_forward_stops(x, v0, weight, bias, beta, p: LIFConstants, route, stops, out: str | None = None):
+    """`layer_forward` without saving, over several consecutive segments at once: ``x`` [L, B, in]
+    holds them all, ``stops`` (increasing, the last = L) ends each. Returns ``(z [L, B, H], [v at
+    each stop])``. The currents of all L steps are one product (the sparse-input rows do not depend
+    on the rows computed with them, so each segment's currents are what a call per segment gives),
+    then the recurrence runs segment by segment, each one C call from the previous one's v: the
+    membranes at the stops are what separate calls reach (the same kernel, the same order).
+    The currents go to a per-thread buffer; ``out``: the name of the per-thread buffer z goes to
+    (valid until that name's next use), else a fresh one."""
+    L, B, n_in = x.shape
+    H = weight.shape[0]
+    i = _scratch((L, B, H), x.dtype, "stops_i")
+    _project(x.reshape(L * B, n_in), weight, bias, i.view(L * B, H), route, keep=False)
+    z = empty((L, B, H), x.dtype) if out is None else _scratch((L, B, H), x.dtype, out)
+    fn = _fn("lif_fwd", x.dtype)
+    beta_t, beta_s = _beta_args(beta)
+    th, rz, ad = float(p.threshold), int(p.reset == "zero"), int(after_decay(p))
+    pi, pz, pb, step = i.data_ptr(), z.data_ptr(), _ptr(beta_t), B * H * x.element_size()
+    vs, v, t0 = [], v0, 0
+    for t1 in stops:
+        vT = torch.empty_like(v0)
+        fn(pi + t0 * step, v.data_ptr(), pb, beta_s, th, rz, ad, t1 - t0, B, H, pz + t0 * step, None, vT.data_ptr())
+        vs.append(vT)
+        v, t0 = vT, t1
+    if t0 != L:
+        raise ValueError(f"layer_forward_stops: the stops must end at L={L}, got {list(stops)}")
+    t = current_trace()
+    if t is not None:
+        t.add_forward_macs(L * B * n_in * H)
+    return z, vs
 
 
 def layer_backward(s: LayerSaved, dz, dvT, need_x: bool, need_w: bool, need_b: bool, acc_w=None, acc_b=None):
