@@ -814,6 +814,8 @@ def test_a_sparse_input_layer_equals_the_reference_under_every_strategy(strategy
     routes = []
     orig = lif_cpu.SparseRoute.rows
     monkeypatch.setattr(lif_cpu.SparseRoute, "rows", lambda self, *a, **k: routes.append(self) or orig(self, *a, **k))
+    one_call = lif_cpu._sparse_layer_forward  # the route's forward in one C call
+    monkeypatch.setattr(lif_cpu, "_sparse_layer_forward", lambda *a: routes.append(a[6]) or one_call(*a))
     got = _run_stack(fast, x, strategy)
     assert routes and all(r.sparse for r in routes)
     compare(_run_stack(ref, x, sb.FullBPTT()), got, torch.float64)
@@ -1018,3 +1020,52 @@ def test_forward_stops_of_a_layer():
         assert torch.equal(z, torch.cat(zs))
         with pytest.raises(ValueError, match="the stops must end at L=23"):
             layer_forward_stops(x, v0, cell.weight, cell.bias, 0.9, cell.params, None, [5, 11])
+
+
+@pytest.mark.parametrize("values", ["spikes", "graded"])
+def test_sparse_layer_forward_in_one_call_equals_the_kernels_one_by_one(values):
+    """`lif_layer_fwd` (nonzeros, currents, recurrence in one C call) gives bit for bit what
+    `SparseRows.of`, `SparseRows.project` and the recurrence give one after the other; a first
+    segment above `SPARSE_INPUT_MAX` runs nothing and turns the route dense."""
+    from sparsebptt.kernels.lif import cpu as lif_cpu
+    cell = _nets("lif", torch.float32)
+    x = seeded(12, 13, 3, N_IN, kind="spikes", p=0.1).float()
+    if values == "graded":
+        x = x * seeded(13, *x.shape).float()
+    v0 = 0.3 * seeded(14, 3, 24).float()
+    W, b = cell.weight.detach(), cell.bias.detach()
+    route = lif_cpu.SparseRoute()
+    i = torch.empty(13, 3, 24)
+    z, u, vT, rows = lif_cpu._sparse_layer_forward(x, v0, W, b, 0.9, cell.params, route, True, i, True)
+    assert route.sparse and (rows.val is None) == (values == "spikes")
+    ref_rows = lif_cpu.SparseRows.of(x.reshape(-1, N_IN), keep=True)
+    i2 = torch.empty(39, 24)
+    ref_rows.project(W, b, i2)
+    z2, u2, vT2 = lif_cpu._lif_fwd(i2.view(13, 3, 24), v0, 0.9, cell.params, save_u=True)
+    for a, c in ((z, z2), (u, u2), (vT, vT2), (rows.ptr, ref_rows.ptr), (rows.col, ref_rows.col)):
+        assert torch.equal(a, c)
+    dense = lif_cpu.SparseRoute()
+    assert lif_cpu._sparse_layer_forward(torch.ones(13, 3, N_IN), v0, W, b, 0.9, cell.params, dense, True, i,
+                                         True) is None
+    assert dense.sparse is False
+
+
+def test_layer_backward_adds_into_the_sums_in_one_call():
+    """With the caller's sums (W^T's layout) and a sparse input, dW and db are added by the
+    recurrence's own C call (`lif_layer_bwd`): equal to the fresh gradients added afterwards."""
+    from sparsebptt.kernels.lif import cpu as lif_cpu
+    cell = _nets("lif", torch.float64)
+    x = seeded(15, 21, 3, N_IN, kind="spikes", p=0.1)
+    v0 = 0.3 * seeded(16, 3, 24)
+    W, b = cell.weight.detach(), cell.bias.detach()
+    _, _, saved = lif_cpu.layer_forward(x, v0, W, b, 0.9, cell.params, lif_cpu.SparseRoute(), need_w=True)
+    assert saved.rows is not None
+    dz, dvT = seeded(17, 21, 3, 24), seeded(18, 3, 24)
+    acc_w0, acc_b0 = seeded(19, 24, N_IN), seeded(20, 24)
+    dx, dv0, dw, db, _ = lif_cpu.layer_backward(saved, dz, dvT, True, True, True)
+    acc_w, acc_b = acc_w0.t().contiguous().t(), acc_b0.clone()
+    dx2, dv02, dw2, db2, _ = lif_cpu.layer_backward(saved, dz, dvT, True, True, True, acc_w, acc_b)
+    assert dw2 is None and db2 is None
+    assert_close("dW", acc_w0 + dw, acc_w, torch.float64)
+    assert_close("db", acc_b0 + db, acc_b, torch.float64)
+    assert torch.equal(dx, dx2) and torch.equal(dv0, dv02)

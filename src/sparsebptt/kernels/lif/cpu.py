@@ -65,7 +65,13 @@ _BWD_ARGS = [_P, _P, ctypes.c_long, _P, _P, _P, ctypes.c_double, ctypes.c_double
 
 _SPARSE_FNS = {"lif_csr": (ctypes.c_long, [_P, ctypes.c_long, ctypes.c_long, ctypes.c_long, _P, _P, _P, _P]),
                "lif_spmm": (None, [_P, _P, _P, _P, _P, ctypes.c_long, ctypes.c_long, _P]),
-               "lif_spmm_t": (None, [_P, _P, _P, _P, ctypes.c_long, ctypes.c_long, ctypes.c_long, _P, _P, _P, _P])}
+               "lif_spmm_t": (None, [_P, _P, _P, _P, ctypes.c_long, ctypes.c_long, ctypes.c_long, _P, _P, _P, _P]),
+               # lif_csr's, then wt, bias, H, i, and lif_fwd's from v0 (L, B, z, u, vT)
+               "lif_layer_fwd": (ctypes.c_long, [_P, ctypes.c_long, ctypes.c_long, ctypes.c_long, _P, _P, _P, _P,
+                                                 _P, _P, ctypes.c_long, _P, _P, _P, ctypes.c_double, ctypes.c_double,
+                                                 ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long, _P, _P, _P]),
+               # lif_bwd's arguments, then db_acc, the CSR (ptr, col, val, K) and dwt, cnt, rows, vals
+               "lif_layer_bwd": (None, _BWD_ARGS + [_P, _P, _P, _P, ctypes.c_long, _P, _P, _P, _P])}
 #: rows per chunk of `lif_spmm_t` (``SP_CHUNK`` in lif_body.h)
 SPARSE_CHUNK = 256
 #: the largest fraction of nonzero inputs at which a layer takes the sparse-input products: on
@@ -141,11 +147,15 @@ def _scratch(shape, dtype, name: str = "di") -> torch.Tensor:
     return buf[:n].view(shape)
 
 
-def _lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: bool, scratch: bool = False):
+def _lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: bool, scratch: bool = False,
+             db_acc=None, rows: "SparseRows | None" = None, dwt=None):
     """Run the backward kernel; ``scratch``: di goes to the per-thread buffer (caller consumes it
-    before the next call)."""
+    before the next call). ``rows`` with ``dwt`` (a contiguous [K, H], W^T's layout) and/or
+    ``db_acc`` [H]: the same call adds dW^T (from the input's nonzeros) and db of this segment into
+    them in place (C ``lif_layer_bwd``: one call instead of three and their Python)."""
     L, B, H = u.shape
-    fn = _fn("lif_bwd", u.dtype)
+    fused = db_acc is not None or dwt is not None
+    fn = _fn("lif_layer_bwd" if fused else "lif_bwd", u.dtype)
     di = _scratch(u.shape, u.dtype) if scratch else empty(u.shape, u.dtype)
     dv0 = torch.empty(B, H, dtype=u.dtype)
     if dz is None:  # no gradient reaches the spikes: one zero slice for every step
@@ -157,9 +167,22 @@ def _lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: bool, scratch: b
     dvT = None if dvT is None else dvT.contiguous()
     beta_t, beta_s = _beta_args(beta)
     dbeta = torch.zeros(H, dtype=torch.float64) if need_dbeta else None
-    fn(_ptr(u), _ptr(dz), dz_st, _ptr(dvT), _ptr(v0),
-       _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"), int(p.detach_reset), int(after_decay(p)),
-       SURROGATE_IDS[p.surrogate], surrogate_scale(p), L, B, H, _ptr(di), _ptr(dv0), _ptr(dbeta))
+    args = (_ptr(u), _ptr(dz), dz_st, _ptr(dvT), _ptr(v0),
+            _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"), int(p.detach_reset), int(after_decay(p)),
+            SURROGATE_IDS[p.surrogate], surrogate_scale(p), L, B, H, _ptr(di), _ptr(dv0), _ptr(dbeta))
+    if fused:
+        if dwt is not None:
+            K = rows.K
+            cnt = _scratch((K + 1,), torch.int32, "cnt")
+            n = max(1, min(rows.R, SPARSE_CHUNK) * K)
+            rws = _scratch((n,), torch.int32, "rows")
+            vals = _scratch((n if rows.val is not None else 1,), u.dtype, "vals")
+            fn(*args, _ptr(db_acc), rows.ptr.data_ptr(), rows.col.data_ptr(), _ptr(rows.val), K, dwt.data_ptr(),
+               cnt.data_ptr(), rws.data_ptr(), vals.data_ptr())
+        else:
+            fn(*args, _ptr(db_acc), None, None, None, 0, None, None, None, None)
+    else:
+        fn(*args)
     return di, dv0, (None if dbeta is None else dbeta.to(u.dtype))
 
 
@@ -277,6 +300,39 @@ class LayerSaved:
         return [t for t in (self.u, self.x, self.v0, *beta, *rows) if t is not None]
 
 
+def _sparse_layer_forward(x, v0, weight, bias, beta, p: LIFConstants, route: SparseRoute, keep_rows: bool, i,
+                          save_u: bool):
+    """`layer_forward`'s sparse route in one C call (``lif_layer_fwd``: the nonzeros, the currents
+    from them, the recurrence; the same kernels as `SparseRows.of`, `SparseRows.project` and
+    `_lif_fwd` one after the other). Returns ``(z, u, v_T, rows)`` (``rows``: the `SparseRows`
+    kept when ``keep_rows``, else None), or None when the route's first segment finds the input
+    too dense (the route then says dense: the caller runs the matmul)."""
+    L, B, K = x.shape
+    H = weight.shape[0]
+    R = L * B
+    max_nnz = int((SPARSE_INPUT_MAX if route.sparse is None else 1.0) * R * K)
+    ptr = torch.empty(R + 1, dtype=torch.int64) if keep_rows else _scratch((R + 1,), torch.int64, "ptr")
+    col = _scratch((max_nnz + K + 1,), torch.int32, "col")
+    val = _scratch((max_nnz + K + 1,), x.dtype, "val")
+    binary = ctypes.c_int(0)
+    z = empty(i.shape, i.dtype)
+    vT = torch.empty_like(v0)
+    beta_t, beta_s = _beta_args(beta)
+    n = _fn("lif_layer_fwd", x.dtype)(
+        x.data_ptr(), R, K, max_nnz, ptr.data_ptr(), col.data_ptr(), val.data_ptr(), ctypes.byref(binary),
+        transposed(weight).data_ptr(), _ptr(bias), H, i.data_ptr(), v0.data_ptr(), _ptr(beta_t), beta_s,
+        float(p.threshold), int(p.reset == "zero"), int(after_decay(p)), L, B, z.data_ptr(),
+        i.data_ptr() if save_u else None, vT.data_ptr())
+    if route.sparse is None:
+        route.sparse = n >= 0
+    if n < 0:
+        return None
+    rows = None
+    if keep_rows:
+        rows = SparseRows(ptr, col[:n].clone(), None if binary.value else val[:n].clone(), R, K)
+    return z, (i if save_u else None), vT, rows
+
+
 def layer_forward(x, v0, weight, bias, beta, p: LIFConstants, route=None, keep: bool = True,
                   need_w: bool | None = None, need_dbeta: bool | None = None):
     """A feed-forward LIF layer over a segment, outside autograd: ``(z, v_T, saved)``.
@@ -291,8 +347,13 @@ def layer_forward(x, v0, weight, bias, beta, p: LIFConstants, route=None, keep: 
     H = weight.shape[0]
     need_w = weight.requires_grad if need_w is None else need_w
     i = empty((L, B, H), x.dtype)
-    rows = _project(x.reshape(L * B, n_in), weight, bias, i.view(L * B, H), route, keep=keep and need_w)
-    z, u, vT = _lif_fwd(i, v0, beta, p, save_u=keep, u_into_i=True)
+    fused = _sparse_layer_forward(x, v0, weight, bias, beta, p, route, keep and need_w, i, keep) \
+        if route is not None and route.sparse is not False else None
+    if fused is not None:
+        z, u, vT, rows = fused
+    else:
+        rows = _project(x.reshape(L * B, n_in), weight, bias, i.view(L * B, H), route, keep=keep and need_w)
+        z, u, vT = _lif_fwd(i, v0, beta, p, save_u=keep, u_into_i=True)
     macs = L * B * n_in * H
     t = current_trace()
     if t is not None:
@@ -347,23 +408,26 @@ def layer_backward(s: LayerSaved, dz, dvT, need_x: bool, need_w: bool, need_b: b
     trace the forward counted into. ``acc_w`` / ``acc_b``: gradients of earlier segments that the
     caller owns; dW / db are added into them in place where their layout allows (then returned
     as None: nothing left to add), saving a fresh [H, in] buffer and its sum per segment."""
-    di, dv0, dbeta = _lif_bwd(s.u, dz, dvT, s.v0, s.beta, s.p, s.need_dbeta, scratch=True)
+    # dW (from the nonzeros) and db added into the caller's sums by the recurrence's own C call
+    fuse_w = need_w and acc_w is not None and s.rows is not None and acc_w.t().is_contiguous()
+    fuse_b = need_b and acc_b is not None and acc_b.is_contiguous()
+    di, dv0, dbeta = _lif_bwd(s.u, dz, dvT, s.v0, s.beta, s.p, s.need_dbeta, scratch=True,
+                              db_acc=acc_b if fuse_b else None, rows=s.rows if fuse_w else None,
+                              dwt=acc_w.t() if fuse_w else None)
     L, B, H = di.shape
     di2 = di.view(L * B, H)
     dx = dw = db = None
     if need_x:
         dx = empty((L, B, s.weight.shape[1]), di.dtype)
         torch.mm(di2, s.weight, out=dx.view(L * B, -1))
-    if need_w:
-        if acc_w is not None and s.rows is not None and acc_w.t().is_contiguous():
-            s.rows.weight_grad(di2, into=acc_w)
-        elif acc_w is not None and s.rows is None and acc_w.t().is_contiguous():
+    if need_w and not fuse_w:
+        if acc_w is not None and s.rows is None and acc_w.t().is_contiguous():
             acc_w.t().addmm_(s.x.reshape(L * B, -1).t(), di2)
         elif acc_w is not None and s.rows is None and acc_w.is_contiguous():
             acc_w.addmm_(di2.t(), s.x.reshape(L * B, -1))
         else:
             dw = s.rows.weight_grad(di2) if s.rows is not None else di2.t().mm(s.x.reshape(L * B, -1))
-    if need_b:
+    if need_b and not fuse_b:
         if acc_b is not None:
             acc_b.add_(di2.sum(0))
         else:

@@ -287,6 +287,45 @@ CLONES void FN(lif_spmm_t)(const long* ptr, const int* col, const T* val, const 
 #undef VL
 #undef VB
 
+/* A feed-forward layer's forward over a segment from a mostly-zero input x [R = L*B, K], in one
+   call: lif_csr (returns -1, having run nothing else, when x has more than max_nnz nonzeros),
+   the currents i = x W^T + b by lif_spmm (wt = W^T [K, H]), then lif_fwd over them (u may be i:
+   the currents are overwritten with u). Returns the number of nonzeros; *binary as lif_csr's. */
+CLONES long FN(lif_layer_fwd)(const T* x, long R, long K, long max_nnz, long* ptr, int* col, T* val, int* binary,
+                              const T* wt, const T* bias, long H, T* i, const T* v0, const T* beta, double beta_s,
+                              double th_d, int reset_zero, int after, long L, long B, T* z, T* u, T* vT) {
+    const long n = FN(lif_csr)(x, R, K, max_nnz, ptr, col, val, binary);
+    if (n < 0) return n;
+    FN(lif_spmm)(ptr, col, *binary ? NULL : val, wt, bias, R, H, i);
+    FN(lif_fwd)(i, v0, beta, beta_s, th_d, reset_zero, after, L, B, H, z, u, vT);
+    return n;
+}
+
+/* A feed-forward layer's backward over a segment whose input was kept as its nonzeros, in one
+   call: lif_bwd (di [L*B, H] into the caller's buffer, dv0, dbeta), then db_acc[h] += the sum of
+   di[:, h] over the segment's rows (in row order, into a T accumulator first; NULL: no db), then
+   dwt += dW^T from the nonzeros (lif_spmm_t; NULL: no dW). dx = di W stays a matmul. */
+CLONES void FN(lif_layer_bwd)(const T* u, const T* dz, long dz_st, const T* dvT, const T* v0, const T* beta,
+                       double beta_s, double th_d, int reset_zero, int detach, int after, int kind, double scale,
+                       long L, long B, long H, T* di, T* dv0, double* dbeta, T* db_acc,
+                       const long* ptr, const int* col, const T* val, long K, T* dwt, int* cnt, int* rows, T* vals) {
+    FN(lif_bwd)(u, dz, dz_st, dvT, v0, beta, beta_s, th_d, reset_zero, detach, after, kind, scale, L, B, H, di, dv0,
+                dbeta);
+    if (db_acc) {  /* per block of 64 columns: the rows summed in order into registers, then added */
+        for (long h0 = 0; h0 < H; h0 += 64) {
+            const long nh = H - h0 < 64 ? H - h0 : 64;
+            T s[64];
+            for (long j = 0; j < nh; ++j) s[j] = (T)0;
+            for (long r = 0; r < L * B; ++r) {
+                const T* d = di + r * H + h0;
+                for (long j = 0; j < nh; ++j) s[j] += d[j];
+            }
+            for (long j = 0; j < nh; ++j) db_acc[h0 + j] += s[j];
+        }
+    }
+    if (dwt) FN(lif_spmm_t)(ptr, col, val, di, L * B, K, H, dwt, cnt, rows, vals);
+}
+
 /* this body's parameters end here, so the next instantiation can define them anew */
 #undef T
 #undef SUF
