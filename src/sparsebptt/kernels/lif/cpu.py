@@ -137,14 +137,26 @@ def _scratch(shape, dtype, name: str = "di") -> torch.Tensor:
     """A per-thread reusable buffer for temporaries that never leave a call (``name``: di of a
     layer's backward; the nonzeros of a sparse input while they are listed and used): a fresh
     32 MiB buffer costs more in page faults than the kernel that fills it."""
+    views = getattr(_tls, "views", None)
+    if views is None:
+        views = _tls.views = {}
+        _tls.scratch = {}
+    key = (name, dtype, tuple(shape))
+    hit = views.get(key)  # the view of this shape made before, while its buffer is still the one
+    cache = _tls.scratch
+    if hit is not None and hit[0] is cache.get((name, dtype)):
+        return hit[1]
     n = 1
     for d in shape:
         n *= d
-    cache = _tls.__dict__.setdefault("scratch", {})
     buf = cache.get((name, dtype))
     if buf is None or buf.numel() < n:
         buf = cache[(name, dtype)] = empty((n,), dtype)
-    return buf[:n].view(shape)
+    if len(views) >= 256:  # (segments of many lengths: the views are cheap to make again)
+        views.clear()
+    view = buf[:n].view(shape)
+    views[key] = (buf, view)
+    return view
 
 
 def _lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: bool, scratch: bool = False,
