@@ -231,18 +231,20 @@ class LIFSegmentVJP:
     [0, 1]). Only the layer's registered parameters enter: nothing can escape the recomputation."""
 
     def __init__(self, cell: "LIF", route):
+        from ..kernels.lif.cpu import layer_backward, layer_forward
         self.cell, self.route = cell, route
+        self._forward, self._backward = layer_forward, layer_backward
+        # the parameters as the scan found them (one VJP per scan; read once, not per segment)
+        self.weight, self.bias, self.beta, self.params = cell.weight, cell.bias, cell.beta, cell.params
 
     def forward(self, x_seg, state, keep: bool = True):
         """``keep``: keep what the backward reads (else ``saved`` is None: a forward alone)."""
-        from ..kernels.lif.cpu import layer_forward
-        cell = self.cell
         (v,) = state
-        learn = cell.beta is not None
-        beta = cell.beta.clamp(0.0, 1.0).contiguous() if learn else cell.params.beta
-        z, vT, saved = layer_forward(x_seg.contiguous(), v.contiguous(), cell.weight, cell.bias, beta, cell.params,
-                                     self.route, keep=keep, need_dbeta=learn and cell.beta.requires_grad)
-        cell._count_activity(z)
+        learn = self.beta is not None
+        beta = self.beta.clamp(0.0, 1.0).contiguous() if learn else self.params.beta
+        z, vT, saved = self._forward(x_seg.contiguous(), v.contiguous(), self.weight, self.bias, beta, self.params,
+                                     self.route, keep=keep, need_dbeta=learn and self.beta.requires_grad)
+        self.cell._count_activity(z)
         return z, (vT,), saved
 
     def forward_stops(self, x_seg, state, stops, transient: bool = False, out: str | None = None):
@@ -252,32 +254,30 @@ class LIFSegmentVJP:
         ``out``: the name of the per-thread buffer z goes to (valid until its next use); else with
         ``transient`` one of those, else a fresh tensor."""
         from ..kernels.lif.cpu import layer_forward_stops
-        cell = self.cell
         (v,) = state
-        beta = cell.beta.detach().clamp(0.0, 1.0).contiguous() if cell.beta is not None else cell.params.beta
-        z, vs = layer_forward_stops(x_seg.contiguous(), v.contiguous(), cell.weight, cell.bias, beta, cell.params,
+        beta = self.beta.detach().clamp(0.0, 1.0).contiguous() if self.beta is not None else self.params.beta
+        z, vs = layer_forward_stops(x_seg.contiguous(), v.contiguous(), self.weight, self.bias, beta, self.params,
                                     self.route, stops, out or ("stops_z0" if transient else None))
-        cell._count_activity(z)
+        self.cell._count_activity(z)
         return z, [(v,) for v in vs]
 
     def backward(self, saved, dz, dstate, need_x: bool, need_state, acc=None):
         """``acc``: {id(parameter): gradient of earlier segments the caller owns}; what is added
         into those in place is left out of the returned gradients (every returned one is fresh)."""
-        from ..kernels.lif.cpu import layer_backward
-        cell = self.cell
+        weight, bias = self.weight, self.bias
         acc = acc or {}
-        need_w = cell.weight.requires_grad
-        need_b = cell.bias is not None and cell.bias.requires_grad
-        dx, dv0, dw, db, dbeta = layer_backward(saved, dz, dstate[0], need_x, need_w, need_b,
-                                                acc.get(id(cell.weight)), acc.get(id(cell.bias)) if need_b else None)
+        need_w = weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        dx, dv0, dw, db, dbeta = self._backward(saved, dz, dstate[0], need_x, need_w, need_b,
+                                                acc.get(id(weight)), acc.get(id(bias)) if need_b else None)
         grads = {}
         if dw is not None:
-            grads[id(cell.weight)] = dw
+            grads[id(weight)] = dw
         if db is not None:
-            grads[id(cell.bias)] = db
+            grads[id(bias)] = db
         if saved.need_dbeta and dbeta is not None:  # clamp(0, 1)'s backward, as autograd's
-            b = cell.beta.detach()
-            grads[id(cell.beta)] = torch.where((b >= 0.0) & (b <= 1.0), dbeta, torch.zeros_like(dbeta))
+            b = self.beta.detach()
+            grads[id(self.beta)] = torch.where((b >= 0.0) & (b <= 1.0), dbeta, torch.zeros_like(dbeta))
         return dx, (dv0 if need_state[0] else None,), grads
 
 

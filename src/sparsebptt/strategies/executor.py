@@ -204,6 +204,7 @@ class _Run:
     compare_values: bool = True  # whether a recomputed state must equal the stored one in value
     segment_fn: object = None  # the cell's ``scan_segment``, asked once per scan (None: the step path)
     segment_vjp: object = None  # its ``vjp`` (segments with a backward run through it), else None
+    param_index: dict | None = None  # id(parameter) -> its index in params (made on first use)
 
 
 def _needs_grad(s: torch.Tensor) -> bool:
@@ -424,6 +425,8 @@ def _check_graph(run: _Run, seg: _Segment) -> None:
 def _digest(state, values: bool):
     """Shape, dtype, device of each state component and (``values``) its sum and sum of |values|
     in float64, as two Python floats: what a recomputation reaching the same step must reproduce."""
+    if not values:  # the metadata alone (no tensor op, no grad-mode switch)
+        return [(tuple(s.shape), s.dtype, s.device, None) for s in state]
     out = []
     with torch.no_grad():
         for s in state:
@@ -572,7 +575,9 @@ def _reverse_vjp(run: _Run, seg: _Segment, dout, dstate, grads):
         new_dstate = [d if need else None for d, need in zip(new_dstate, need_state)]
         if need_x and dx is not None:
             grads["x"][seg.n0:seg.n1] = dx
-        index = {id(p): i for i, p in enumerate(run.params)}
+        index = run.param_index
+        if index is None:
+            index = run.param_index = {id(p): i for i, p in enumerate(run.params)}
         lost = [k for k in pgrads if k not in index]
         if lost:  # pragma: no cover - a VJP only returns the cell's registered parameters
             raise RuntimeError(f"sb.scan of {type(run.cell).__name__}: the segment VJP gave gradients of "
