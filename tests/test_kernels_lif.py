@@ -1069,3 +1069,22 @@ def test_layer_backward_adds_into_the_sums_in_one_call():
     assert_close("dW", acc_w0 + dw, acc_w, torch.float64)
     assert_close("db", acc_b0 + db, acc_b, torch.float64)
     assert torch.equal(dx, dx2) and torch.equal(dv0, dv02)
+
+
+def test_forward_sweep_fuses_at_most_its_step_limit(monkeypatch):
+    """Fused no-graph runs stay within `FUSED_FORWARD_STEPS` steps (their per-thread buffers with
+    them); a segment longer than that runs alone."""
+    from sparsebptt.strategies import executor as ex
+    spans = []
+    orig = ex._forward_fused
+    monkeypatch.setattr(ex, "_forward_fused",
+                        lambda run, acts, work: spans.append((len(acts), acts[-1].n1 - acts[0].n0)) or orig(run, acts, work))
+    monkeypatch.setattr(ex, "FUSED_FORWARD_STEPS", 20)
+    net = _nets("stack", torch.float32)
+    x = seeded(21, 70, 2, N_IN, kind="spikes", p=0.1).float()
+    for every in (6, 25):
+        spans.clear()
+        out, _ = sb.scan(net, x, strategy=sb.Checkpoint(every=every))
+        out.sum().backward()
+        assert spans and all(n == 1 or steps <= 20 for n, steps in spans)
+        assert any(n > 1 for n, _ in spans) == (every == 6)

@@ -33,7 +33,7 @@ A cell whose ``scan_segment`` carries a ``vjp`` (fused feed-forward LIF layers, 
 and dL/dstate (one Python call per segment, no graph, no ``torch.autograd.grad``). Such a cell's
 kernels read only its registered parameters, so there is no graph to walk; the recomputed state is
 still checked against the stored checkpoint. When that VJP also has ``forward_stops``, the forward
-sweep's consecutive no-graph advances (up to `NO_GRAD_CHUNK` steps) run in one pass per layer
+sweep's consecutive no-graph advances (up to `FUSED_FORWARD_STEPS` steps) run in one pass per layer
 (`_forward_fused`), storing the same restart states.
 
 Every loop over time steps here is `sparsebptt.cells.base.run_steps`, and every output over time
@@ -55,7 +55,7 @@ from ..storage import binary_states_of, make_store
 from ..trace import current_trace, recomputing, saving
 from .base import Plan, SkipReverse
 
-__all__ = ["execute", "run_graph", "run_forward", "run_schedule", "Reducer", "NO_GRAD_CHUNK",
+__all__ = ["execute", "run_graph", "run_forward", "run_schedule", "Reducer", "NO_GRAD_CHUNK", "FUSED_FORWARD_STEPS",
            "RecomputationError", "RECOMPUTE_RTOL"]
 
 
@@ -214,6 +214,12 @@ def _needs_grad(s: torch.Tensor) -> bool:
 #: longest run of steps a cell's ``scan_segment`` gets in a no-grad advance, so that its
 #: per-segment buffers stay small however far a schedule advances
 NO_GRAD_CHUNK = 256
+
+
+#: longest run of steps the forward sweep's no-graph segments are fused into (`_forward_fused`):
+#: its per-thread [steps, B, H] buffers stay as small as a few segments' (T = 100: the 9 segments
+#: of Checkpoint(10) in one pass; T = 2,000: Checkpoint(45)'s in pairs)
+FUSED_FORWARD_STEPS = 128
 
 
 def _discard(t: int, y: torch.Tensor) -> None:
@@ -696,7 +702,7 @@ class _ScheduledScan(torch.autograd.Function):
             pending = []  # consecutive no-graph advances, run together by `_forward_fused`
             for a in run.actions:
                 if _fusable(run, a):
-                    if pending and (pending[-1].n1 != a.n0 or a.n1 - pending[0].n0 > NO_GRAD_CHUNK):
+                    if pending and (pending[-1].n1 != a.n0 or a.n1 - pending[0].n0 > FUSED_FORWARD_STEPS):
                         work = _forward_fused(run, pending, work)
                         pending = []
                     pending.append(a)
