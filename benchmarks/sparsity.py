@@ -18,6 +18,7 @@ is shared, absolute times are not comparable across runs.
     python benchmarks/sparsity.py --preset ci              # small shapes, a few seconds
     python benchmarks/sparsity.py --preset batch --stepped # issue 17: B = 8, 16; C segment scan vs step path
     python benchmarks/sparsity.py --accuracy --seeds 0 1 2 # accuracy vs threshold on digits-seq
+    python benchmarks/sparsity.py --accuracy --acc-cell lstm --seeds 0 1 2   # LSTM vs DeltaLSTM
 """
 from __future__ import annotations
 
@@ -200,7 +201,8 @@ def run_accuracy(args):
     from sparsebptt.train import TrainConfig, train
 
     rows = []
-    for model, th in [("gru", None)] + [("delta-gru", t) for t in args.acc_thresholds]:
+    dense = args.acc_cell  # "gru" or "lstm": the dense cell, then its Delta cell at each threshold
+    for model, th in [(dense, None)] + [(f"delta-{dense}", t) for t in args.acc_thresholds]:
         for seed in args.seeds:
             config = TrainConfig(dataset="digits-seq", model=model, threshold=th, T=args.acc_T,
                                  epochs=args.acc_epochs, hidden=args.acc_hidden, layers=1,
@@ -226,6 +228,8 @@ def main(argv=None):
     ap.add_argument("--accuracy", action="store_true", help="accuracy vs threshold on digits-seq instead")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--acc-thresholds", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2])
+    ap.add_argument("--acc-cell", choices=["gru", "lstm"], default="gru",
+                    help="--accuracy: GRU vs DeltaGRU (default) or LSTM vs DeltaLSTM")
     ap.add_argument("--acc-T", type=int, default=32)
     ap.add_argument("--acc-epochs", type=int, default=15)
     ap.add_argument("--acc-hidden", type=int, default=64)
