@@ -1072,14 +1072,14 @@ def test_layer_backward_adds_into_the_sums_in_one_call():
 
 
 def test_forward_sweep_fuses_at_most_its_step_limit(monkeypatch):
-    """Fused no-graph runs stay within `FUSED_FORWARD_STEPS` steps (their per-thread buffers with
-    them); a segment longer than that runs alone."""
+    """Fused no-graph runs stay within `FUSED_FORWARD_ELEMENTS` state elements (their per-thread
+    buffers with them): here 20 steps; a segment longer than that runs alone."""
     from sparsebptt.strategies import executor as ex
     spans = []
     orig = ex._forward_fused
     monkeypatch.setattr(ex, "_forward_fused",
                         lambda run, acts, work: spans.append((len(acts), acts[-1].n1 - acts[0].n0)) or orig(run, acts, work))
-    monkeypatch.setattr(ex, "FUSED_FORWARD_STEPS", 20)
+    monkeypatch.setattr(ex, "FUSED_FORWARD_ELEMENTS", 20 * 2 * (24 + 24 + 17))  # 20 steps of the state
     net = _nets("stack", torch.float32)
     x = seeded(21, 70, 2, N_IN, kind="spikes", p=0.1).float()
     for every in (6, 25):

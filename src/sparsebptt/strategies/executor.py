@@ -33,7 +33,7 @@ A cell whose ``scan_segment`` carries a ``vjp`` (fused feed-forward LIF layers, 
 and dL/dstate (one Python call per segment, no graph, no ``torch.autograd.grad``). Such a cell's
 kernels read only its registered parameters, so there is no graph to walk; the recomputed state is
 still checked against the stored checkpoint. When that VJP also has ``forward_stops``, the forward
-sweep's consecutive no-graph advances (up to `FUSED_FORWARD_STEPS` steps) run in one pass per layer
+sweep's consecutive no-graph advances (up to `FUSED_FORWARD_ELEMENTS` state elements) run in one pass per layer
 (`_forward_fused`), storing the same restart states.
 
 Every loop over time steps here is `sparsebptt.cells.base.run_steps`, and every output over time
@@ -55,7 +55,7 @@ from ..storage import binary_states_of, make_store
 from ..trace import current_trace, recomputing, saving
 from .base import Plan, SkipReverse
 
-__all__ = ["execute", "run_graph", "run_forward", "run_schedule", "Reducer", "NO_GRAD_CHUNK", "FUSED_FORWARD_STEPS",
+__all__ = ["execute", "run_graph", "run_forward", "run_schedule", "Reducer", "NO_GRAD_CHUNK", "FUSED_FORWARD_ELEMENTS",
            "RecomputationError", "RECOMPUTE_RTOL"]
 
 
@@ -216,10 +216,11 @@ def _needs_grad(s: torch.Tensor) -> bool:
 NO_GRAD_CHUNK = 256
 
 
-#: longest run of steps the forward sweep's no-graph segments are fused into (`_forward_fused`):
-#: its per-thread [steps, B, H] buffers stay as small as a few segments' (T = 100: the 9 segments
-#: of Checkpoint(10) in one pass; T = 2,000: Checkpoint(45)'s in pairs)
-FUSED_FORWARD_STEPS = 128
+#: how many state elements (summed over the steps) a run of the forward sweep's no-graph segments
+#: fused into one pass (`_forward_fused`) may span: its per-thread [steps, B, H] output buffers
+#: (two) stay about this size, so the memory a checkpointed scan saves stays saved (two LIF
+#: layers of 256, B = 16: 32 steps, 1 MiB)
+FUSED_FORWARD_ELEMENTS = 2 ** 18
 
 
 def _discard(t: int, y: torch.Tensor) -> None:
@@ -700,9 +701,11 @@ class _ScheduledScan(torch.autograd.Function):
                 store.owner = f"sb.scan of {type(run.cell).__name__}"
             work = (0, state0)
             pending = []  # consecutive no-graph advances, run together by `_forward_fused`
+            per_step = max(1, sum(s.numel() for s in state0))
+            fuse_steps = min(NO_GRAD_CHUNK, max(1, FUSED_FORWARD_ELEMENTS // per_step))
             for a in run.actions:
                 if _fusable(run, a):
-                    if pending and (pending[-1].n1 != a.n0 or a.n1 - pending[0].n0 > FUSED_FORWARD_STEPS):
+                    if pending and (pending[-1].n1 != a.n0 or a.n1 - pending[0].n0 > fuse_steps):
                         work = _forward_fused(run, pending, work)
                         pending = []
                     pending.append(a)

@@ -388,17 +388,19 @@ def layer_forward_stops(x, v0, weight, bias, beta, p: LIFConstants, route, stops
     on the rows computed with them, so each segment's currents are what a call per segment gives),
     then the recurrence runs segment by segment, each one C call from the previous one's v: the
     membranes at the stops are what separate calls reach (the same kernel, the same order).
-    The currents go to a per-thread buffer; ``out``: the name of the per-thread buffer z goes to
-    (valid until that name's next use), else a fresh one."""
+    ``out``: the name of the per-thread buffer z goes to (valid until that name's next use), else
+    a fresh one; the currents are computed into it first."""
     L, B, n_in = x.shape
     H = weight.shape[0]
-    i = _scratch((L, B, H), x.dtype, "stops_i")
-    _project(x.reshape(L * B, n_in), weight, bias, i.view(L * B, H), route, keep=False)
+    # the currents go where the spikes will: the recurrence reads each current before it writes
+    # that element's spike (as it writes u over i), so one buffer serves both
     z = empty((L, B, H), x.dtype) if out is None else _scratch((L, B, H), x.dtype, out)
+    _project(x.reshape(L * B, n_in), weight, bias, z.view(L * B, H), route, keep=False)
     fn = _fn("lif_fwd", x.dtype)
     beta_t, beta_s = _beta_args(beta)
     th, rz, ad = float(p.threshold), int(p.reset == "zero"), int(after_decay(p))
-    pi, pz, pb, step = i.data_ptr(), z.data_ptr(), _ptr(beta_t), B * H * x.element_size()
+    pi = pz = z.data_ptr()
+    pb, step = _ptr(beta_t), B * H * x.element_size()
     vs, v, t0 = [], v0, 0
     for t1 in stops:
         vT = torch.empty_like(v0)

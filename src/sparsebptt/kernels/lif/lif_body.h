@@ -9,7 +9,8 @@ INL T FN(surrogate)(const T x, const int kind, const T c_scale, const T c_k, con
     if (kind == 3) { const T sg = (T)1 / ((T)1 + EXP(-(c_scale * x))); return ((T)1 - sg) * sg * c_scale; }
     { const T r = (T)1 - FABS(x) / c_scale; return r > (T)0 ? r : (T)0; }
 }
-/* forward over the segment; u may alias i (each u_t is written after i_t is read). after: the
+/* forward over the segment; u or z may alias i (each element of u_t, z_t is written after that
+   element of i_t is read). after: the
    reset of the previous step's spike r = H(v_{t-1} - th) is applied after the decay (the state
    holds the membrane before its reset: v_t = u_t) */
 INL void FN(fwd_loop)(const T* i, const T* beta, const T bs, const T th, const long L,
