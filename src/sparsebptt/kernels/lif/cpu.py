@@ -351,7 +351,9 @@ def layer_forward(x, v0, weight, bias, beta, p: LIFConstants, route=None, keep: 
 
     The currents of every step as one product (`_project`: the matmul, or the sparse-input
     products when ``route`` says so) into a fresh buffer, then the recurrence, which overwrites
-    the currents with u. ``keep``: return the `LayerSaved` its backward reads (else None);
+    the currents with u (on the sparse route all three in one C call: `_sparse_layer_forward`;
+    in `layer_backward`, dW and db of such a layer are added into the caller's sums by the
+    recurrence backward's call). ``keep``: return the `LayerSaved` its backward reads (else None);
     ``need_w`` / ``need_dbeta``: whether dW / dbeta will be asked (default: the tensors' flags).
     The forward MACs (``L*B*in*H``) go to an active `sb.trace`, as the per-step `linear` counts them.
     """
