@@ -529,6 +529,26 @@ def test_build_file_instantiates_a_body_per_type_and_rebuilds_when_any_file_chan
     assert len(list((tmp_path / "cache").glob("probe_k-*.so"))) == 3
 
 
+def test_baseline_build_switch(monkeypatch, tmp_path):
+    """$SPARSEBPTT_KERNEL_BASELINE=1 builds as for a CPU without AVX (a library of its own: CI runs
+    the kernel tests that way too, see scripts/baseline_check.sh); other values are refused."""
+    import ctypes
+    monkeypatch.setenv("SPARSEBPTT_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "k.c").write_text('#include "cbuild.h"\n'
+                                  'int has_avx2(void) { __builtin_cpu_init(); return SB_CPU_HAS("avx2") != 0; }\n'
+                                  'int baseline(void) {\n#ifdef SB_BASELINE_ONLY\nreturn 1;\n#else\nreturn 0;\n#endif\n}\n')
+    monkeypatch.setenv("SPARSEBPTT_KERNEL_BASELINE", "1")
+    lib = cbuild.build_file("probe_isa", str(tmp_path / "k.c"))
+    assert lib.baseline() == 1 and lib.has_avx2() == 0
+    monkeypatch.setenv("SPARSEBPTT_KERNEL_BASELINE", "0")
+    lib2 = cbuild.build_file("probe_isa", str(tmp_path / "k.c"))
+    assert lib2.baseline() == 0
+    assert len(list((tmp_path / "cache").glob("probe_isa-*.so"))) == 2
+    monkeypatch.setenv("SPARSEBPTT_KERNEL_BASELINE", "yes")
+    with pytest.raises(ValueError, match="SPARSEBPTT_KERNEL_BASELINE must be 0 or 1, got 'yes'"):
+        cbuild.build_file("probe_isa", str(tmp_path / "k.c"))
+
+
 def test_the_package_c_sources_are_its_libraries():
     """Every kernels/<cell>/<cell>.c is a library the "cpu" probe builds; their includes resolve."""
     libs = cbuild.libraries()

@@ -14,9 +14,19 @@
 #define FN(name) SB_CAT(name, SUF)
 
 
+/* SB_BASELINE_ONLY (set by $SPARSEBPTT_KERNEL_BASELINE=1, see cbuild.py): build as for an x86-64
+   CPU without AVX: no clones, and SB_CPU_HAS says no to every feature, so the tests can run the
+   baseline code on a machine that has AVX-512 */
+#ifdef SB_BASELINE_ONLY
+#define SB_CPU_HAS(feature) 0
+#define SB_CLONES(...)
+#else
+#define SB_CPU_HAS(feature) __builtin_cpu_supports(feature)
+#endif
+
 /* SB_CLONES("avx2", "default"): a copy of a function per target, picked by the loader (ifunc), on
    x86-64 Linux with a compiler that has target_clones; elsewhere the one baseline function */
-#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
+#if !defined(SB_CLONES) && defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
 #if __has_attribute(target_clones)
 #define SB_CLONES(...) __attribute__((target_clones(__VA_ARGS__)))
 #endif

@@ -38,7 +38,7 @@ import shutil
 import subprocess
 import tempfile
 
-__all__ = ["CBuildError", "CFLAGS", "KERNELS_DIR", "build", "build_all", "build_file", "cache_dir",
+__all__ = ["CBuildError", "CFLAGS", "KERNELS_DIR", "baseline_flags", "build", "build_all", "build_file", "cache_dir",
            "compiler", "libraries", "source"]
 
 log = logging.getLogger("sparsebptt.kernels")
@@ -54,6 +54,16 @@ KERNELS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 _LOADED: dict[str, ctypes.CDLL] = {}  # path of the built library -> loaded library
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', re.MULTILINE)
+
+
+def baseline_flags() -> tuple[str, ...]:
+    """``("-DSB_BASELINE_ONLY",)`` when ``$SPARSEBPTT_KERNEL_BASELINE`` is 1: the kernels built as
+    for an x86-64 CPU without AVX (no AVX-512/AVX2 copies; a library of its own in the cache), so
+    the tests can check the baseline code on any machine. Else ``()``."""
+    v = os.environ.get("SPARSEBPTT_KERNEL_BASELINE", "0")
+    if v not in ("0", "1"):
+        raise ValueError(f"SPARSEBPTT_KERNEL_BASELINE must be 0 or 1, got {v!r}")
+    return ("-DSB_BASELINE_ONLY",) if v == "1" else ()
 
 
 class CBuildError(RuntimeError):
@@ -137,13 +147,13 @@ def build_file(name: str, path: str, defines=()) -> ctypes.CDLL:
     ``defines``: extra ``-D`` flags, e.g. ``("WIDTH=8",)``; they are part of the cache key.
     """
     path = _resolve(path)
-    flags = (*CFLAGS, *(f"-D{d}" for d in defines))
+    flags = (*CFLAGS, *(f"-D{d}" for d in defines), *baseline_flags())
     return _build(name, source(path), flags, path, ("-I", os.path.dirname(path), "-I", KERNELS_DIR))
 
 
 def build(name: str, source: str) -> ctypes.CDLL:
     """Compile the C text ``source`` into a cached shared library (once per source) and load it."""
-    return _build(name, source, CFLAGS, None)
+    return _build(name, source, (*CFLAGS, *baseline_flags()), None)
 
 
 def _build(name: str, text: str, flags, src_path: str | None, includes=()) -> ctypes.CDLL:

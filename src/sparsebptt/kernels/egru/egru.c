@@ -15,7 +15,7 @@ static int use_simd(void) {
     if (simd < 0) {
 #if X86
         __builtin_cpu_init();
-        simd = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        simd = SB_CPU_HAS("avx2") && SB_CPU_HAS("fma");
 #else
         simd = 0;
 #endif
@@ -40,7 +40,7 @@ static int isa_level(void) {
     if (isa < 0) {
 #if X86
         __builtin_cpu_init();
-        isa = __builtin_cpu_supports("avx512f") ? 2 : use_simd();
+        isa = SB_CPU_HAS("avx512f") ? 2 : use_simd();
 #else
         isa = 0;
 #endif

@@ -15,8 +15,8 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define SB_CSR_AVX512 1
-static int csr_avx512_ok_f32(void) { return __builtin_cpu_supports("avx512f"); }
-static int csr_avx512_ok_f64(void) { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"); }
+static int csr_avx512_ok_f32(void) { return SB_CPU_HAS("avx512f"); }
+static int csr_avx512_ok_f64(void) { return SB_CPU_HAS("avx512f") && SB_CPU_HAS("avx512vl"); }
 __attribute__((target("avx512f"))) static long csr_avx512_f32(const float* x, long R, long K, long max_nnz,
                                                              long* ptr, int* col, float* val, int* binary) {
     long n = 0; unsigned other = 0;
