@@ -67,6 +67,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 grads[f"B{batch_size}/{model}/{strategy}"] = {k: p.grad.clone()
                                                               for k, p in core.named_parameters()}
         torch.save(grads, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (aborted a process once)
     finally:
         dist.destroy_process_group()
 

@@ -93,8 +93,14 @@ def _local_device(dev: torch.device) -> torch.device:
     return dev
 
 
-def teardown(d: Dist) -> None:
+def teardown(d: Dist, finished: bool = False) -> None:
+    """Destroy the process group `setup` made. ``finished`` (the run ended normally on this rank):
+    wait for every rank first, so no rank tears gloo down while another still talks to it (that
+    aborted a process: "terminate called without an active exception"); after an error no barrier,
+    since the other ranks may never reach it."""
     if d.owns_group and dist.is_initialized():
+        if finished and d.enabled:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -166,12 +166,15 @@ def train(config: TrainConfig, out: "str | Path | None" = None, *, progress: boo
     d = setup(device)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
+    finished = False
     try:
-        return _train(config, strategy, out, progress and d.is_main, sys.stdout if log is None else log,
-                      resume, d)
+        summary = _train(config, strategy, out, progress and d.is_main, sys.stdout if log is None else log,
+                         resume, d)
+        finished = True
+        return summary
     finally:
         torch.set_num_threads(prev_threads)
-        teardown(d)
+        teardown(d, finished)
 
 
 @dataclass
@@ -628,10 +631,12 @@ def fit(model: nn.Module, train, val=None, *, epochs: int, batch_size: int = 32,
     if resume and out is None:
         raise ValueError("sb.fit: resume=True needs the run folder `out` to continue")
     d = setup(params[0].device)
+    finished = False
     try:
         torch.manual_seed(seed)
         summary = _run(config, None, out, progress and d.is_main, sys.stdout if log is None else log, resume, d,
                        data, model, sequence=False)
+        finished = True
     finally:
-        teardown(d)
+        teardown(d, finished)
     return summary
