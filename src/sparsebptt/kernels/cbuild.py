@@ -39,6 +39,7 @@ import subprocess
 import tempfile
 
 __all__ = ["CBuildError", "CFLAGS", "KERNELS_DIR", "baseline_flags", "build", "build_all", "build_file", "cache_dir",
+           "declare_per_dtype",
            "compiler", "libraries", "source"]
 
 log = logging.getLogger("sparsebptt.kernels")
@@ -138,6 +139,17 @@ def libraries() -> dict[str, str]:
 def build_all() -> dict[str, ctypes.CDLL]:
     """Build (or load from the cache) every library of `libraries`; raises `CBuildError`."""
     return {name: build_file(name, path) for name, path in libraries().items()}
+
+
+def declare_per_dtype(lib: ctypes.CDLL, signatures: dict) -> ctypes.CDLL:
+    """Set ``restype`` and ``argtypes`` of both copies (``<name>_f32``, ``<name>_f64``) of each
+    function of a kernel library: ``signatures`` maps a name to ``(restype, argtypes)``. Returns
+    ``lib``."""
+    for name, (restype, argtypes) in signatures.items():
+        for suf in ("f32", "f64"):
+            fn = getattr(lib, f"{name}_{suf}")
+            fn.restype, fn.argtypes = restype, argtypes
+    return lib
 
 
 def build_file(name: str, path: str, defines=()) -> ctypes.CDLL:

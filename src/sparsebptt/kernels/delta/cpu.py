@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from ..cbuild import build_file
+from ..cbuild import build_file, declare_per_dtype
 from ..common import SUFFIX, NoCtx
 from ..sparse import sparse_linear
 from ...trace import current_trace
@@ -54,13 +54,9 @@ def load_library():
     """Build (once, cached on disk) and load the kernels; raises `CBuildError` if impossible."""
     global _lib
     if _lib is None:
-        lib = build_file("sparsebptt_delta", C_SOURCE)
-        for suf in ("f32", "f64"):
-            fwd, bwd = getattr(lib, f"delta_fwd_{suf}"), getattr(lib, f"delta_bwd_{suf}")
-            fwd.restype = bwd.restype = None
-            fwd.argtypes = [_L] * 5 + [_P] * 11 + [_D, _D] + [_P] * 7 + [_L] + [_P] * 3
-            bwd.argtypes = [_L] * 5 + [_P] * 19 + [_L] + [_P] * 9
-        _lib = lib
+        _lib = declare_per_dtype(build_file("sparsebptt_delta", C_SOURCE), {
+            "delta_fwd": (None, [_L] * 5 + [_P] * 11 + [_D, _D] + [_P] * 7 + [_L] + [_P] * 3),
+            "delta_bwd": (None, [_L] * 5 + [_P] * 19 + [_L] + [_P] * 9)})
     return _lib
 
 

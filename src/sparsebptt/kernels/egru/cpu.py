@@ -61,7 +61,7 @@ import os
 
 import torch
 
-from ..cbuild import build_file
+from ..cbuild import build_file, declare_per_dtype
 from ..common import SUFFIX, NoCtx
 from ..sparse import UNION_OVERLAP, Chain, full_above, sparse_linear, transposed_weight
 from ...trace import current_trace, linear
@@ -81,18 +81,12 @@ def load_library():
     """Build (once, cached on disk) and load the kernels; raises `CBuildError` if impossible."""
     global _lib
     if _lib is None:
-        lib = build_file("sparsebptt_egru", C_SOURCE)
-        for suf in ("f32", "f64"):
-            dot, axpy = getattr(lib, f"masked_rows_dot_{suf}"), getattr(lib, f"masked_rows_axpy_{suf}")
-            dot.restype = axpy.restype = None
-            dot.argtypes = [_P, _P, _P, _P, _L, _L, _L]
-            axpy.argtypes = [_P, _P, _P, _P, _L, _L, _L, _P, _P]
-            fwd = getattr(lib, f"egru_fwd_{suf}")
-            fwd.restype = None
-            fwd.argtypes = [_L] * 3 + [_P] * 4 + [ctypes.c_double] + [_P] * 10
-            bwd = getattr(lib, f"egru_bwd_{suf}")
-            bwd.restype = _L
-            bwd.argtypes = [_L] * 5 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L, _P, _L, _L, _L, _L] + [_P] * 12
+        lib = declare_per_dtype(build_file("sparsebptt_egru", C_SOURCE), {
+            "masked_rows_dot": (None, [_P, _P, _P, _P, _L, _L, _L]),
+            "masked_rows_axpy": (None, [_P, _P, _P, _P, _L, _L, _L, _P, _P]),
+            "egru_fwd": (None, [_L] * 3 + [_P] * 4 + [ctypes.c_double] + [_P] * 10),
+            "egru_bwd": (_L, [_L] * 5 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L, _P, _L, _L, _L, _L]
+                         + [_P] * 12)})
         lib.egru_simd.restype = ctypes.c_int
         lib.egru_isa.restype, lib.egru_isa.argtypes = ctypes.c_int, [ctypes.c_int]
         _lib = lib

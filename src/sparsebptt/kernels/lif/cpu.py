@@ -44,7 +44,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ...trace import current_trace
-from ..cbuild import build_file
+from ..cbuild import build_file, declare_per_dtype
 from ..common import SUFFIX, NoCtx, empty, transposed
 from .function import (SURROGATE_IDS, LIFConstants, after_decay, recurrence_function, recurrent_layer_function,
                        surrogate_scale)
@@ -85,15 +85,8 @@ def load_library():
     """Build (once, cached on disk) and load the C kernels; raises `CBuildError` if impossible."""
     global _lib
     if _lib is None:
-        lib = build_file("sparsebptt_lif", C_SOURCE)
-        for suf in ("f32", "f64"):
-            fwd, bwd = getattr(lib, f"lif_fwd_{suf}"), getattr(lib, f"lif_bwd_{suf}")
-            fwd.restype = bwd.restype = None
-            fwd.argtypes, bwd.argtypes = _FWD_ARGS, _BWD_ARGS
-            for name, (res, args) in _SPARSE_FNS.items():
-                fn = getattr(lib, f"{name}_{suf}")
-                fn.restype, fn.argtypes = res, args
-        _lib = lib
+        _lib = declare_per_dtype(build_file("sparsebptt_lif", C_SOURCE),
+                                 {"lif_fwd": (None, _FWD_ARGS), "lif_bwd": (None, _BWD_ARGS), **_SPARSE_FNS})
     return _lib
 
 

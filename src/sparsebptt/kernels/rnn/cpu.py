@@ -42,7 +42,7 @@ import os
 import torch
 
 from ...trace import current_trace
-from ..cbuild import build_file
+from ..cbuild import build_file, declare_per_dtype
 from ..common import SUFFIX, NoCtx, empty, transposed
 
 __all__ = ["fused_gru_layer", "fused_lstm_layer", "load_library", "C_SOURCE"]
@@ -66,12 +66,8 @@ def load_library():
     """Build (once, cached on disk) and load the C kernels; raises `CBuildError` if impossible."""
     global _lib
     if _lib is None:
-        lib = build_file("sparsebptt_rnn", C_SOURCE)
-        for name, args in _ARGS.items():
-            for suf in ("f32", "f64"):
-                fn = getattr(lib, f"{name}_{suf}")
-                fn.restype, fn.argtypes = None, args
-        _lib = lib
+        _lib = declare_per_dtype(build_file("sparsebptt_rnn", C_SOURCE),
+                                 {name: (None, args) for name, args in _ARGS.items()})
     return _lib
 
 
