@@ -185,6 +185,24 @@ def run_worker(script: str, spec: dict, timeout: float, env: dict | None = None)
     return {"status": "failed", "reason": f"worker exited {p.returncode}: " + " | ".join(tail)}
 
 
+def kernel_variants(module, variants: dict) -> dict:
+    """``{key: library}``: a kernel module's ``load_library()`` once per entry ``key: (library name,
+    extra -D defines)`` of ``variants``, each built as its own cached library (for A/B runs of a
+    compile-time choice; point ``module._lib`` at one to use it). The module's own library is
+    loaded afresh afterwards."""
+    libs = {}
+    real = module.build_file
+    try:
+        for key, (lib_name, defines) in variants.items():
+            module._lib = None
+            module.build_file = lambda name, path, _n=lib_name, _d=tuple(defines): real(_n, path, defines=_d)
+            libs[key] = module.load_library()
+    finally:
+        module.build_file = real
+        module._lib = None
+    return libs
+
+
 def fmt_bytes(n) -> str:
     if n is None:
         return "-"

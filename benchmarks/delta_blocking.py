@@ -20,9 +20,9 @@ import torch
 
 import sparsebptt as sb
 import sparsebptt.kernels.delta.cpu as delta_cpu
-from sparsebptt.kernels.cbuild import build_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 from sparsity import slow_input  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -35,17 +35,8 @@ def main(argv=None):
     ap.add_argument("--T", type=int, default=100)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    libs = {}
-    for c in CHUNKS:
-        delta_cpu._lib = None
-        real = delta_cpu.build_file
-        delta_cpu.build_file = lambda name, path, _c=c: build_file(f"sparsebptt_delta_chunk{_c}", path,
-                                                                   defines=(f"UPD_CHUNK={_c}L",))
-        try:
-            libs[c] = delta_cpu.load_library()
-        finally:
-            delta_cpu.build_file = real
-    delta_cpu._lib = None
+    libs = common.kernel_variants(delta_cpu, {c: (f"sparsebptt_delta_chunk{c}", [f"UPD_CHUNK={c}L"])
+                                              for c in CHUNKS})
     rows = []
     for B, H, th in [(8, 256, 0.1), (16, 256, 0.1), (8, 1024, 0.05), (16, 1024, 0.05)]:
         x = slow_input(args.T, B, 64)

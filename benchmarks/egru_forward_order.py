@@ -26,7 +26,9 @@ import torch
 
 import sparsebptt as sb
 import sparsebptt.kernels.egru.cpu as egru_cpu
-from sparsebptt.kernels.cbuild import build_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,16 +40,8 @@ def main(argv=None):
     ap.add_argument("--tag", default=None, help="file name suffix")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    libs = {}
-    for v in (0, 1):
-        egru_cpu._lib = None
-        real = egru_cpu.build_file
-        egru_cpu.build_file = lambda name, path, _v=v: build_file(f"sparsebptt_egru_v{_v}", path,
-                                                                  defines=(f"EGRU_FWD_BY_SAMPLE={_v}",))
-        try:
-            libs[v] = egru_cpu.load_library()
-        finally:
-            egru_cpu.build_file = real
+    libs = common.kernel_variants(egru_cpu, {v: (f"sparsebptt_egru_v{v}", [f"EGRU_FWD_BY_SAMPLE={v}"])
+                                             for v in (0, 1)})
     T, B, H = 200, 8, 512
     torch.manual_seed(0)
     gru = sb.cells.GRU(64, H, backend="auto")
