@@ -185,6 +185,42 @@ def run_worker(script: str, spec: dict, timeout: float, env: dict | None = None)
     return {"status": "failed", "reason": f"worker exited {p.returncode}: " + " | ".join(tail)}
 
 
+def measure_step(step, params, x, inner: int) -> dict:
+    """One training step ``step()`` measured as every worker measures it: the resident-memory
+    increase over the first step (grads cleared, garbage collected), one more untimed step (the
+    allocator settles: glibc adapts its mmap threshold), ``inner`` timed steps, and a last one under
+    `sb.trace` with saved-tensor hooks (``x`` and ``params`` counted as external). Returns
+    ``times_s``, ``peak_rss_increase`` and ``trace``."""
+    import gc
+    import time
+
+    import sparsebptt as sb
+
+    def clear():
+        for p in params:
+            p.grad = None
+        gc.collect()
+
+    clear()
+    rss0 = current_rss()
+    reset_peak_rss()
+    step()
+    peak = peak_rss()
+    clear()
+    step()
+    times = []
+    for _ in range(inner):
+        clear()
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    clear()
+    with sb.trace() as tr, tr.saving():
+        tr.add_external(x, *params)
+        step()
+    return {"times_s": times, "peak_rss_increase": peak - rss0, "trace": tr}
+
+
 def kernel_variants(module, variants: dict) -> dict:
     """``{key: library}``: a kernel module's ``load_library()`` once per entry ``key: (library name,
     extra -D defines)`` of ``variants``, each built as its own cached library (for A/B runs of a

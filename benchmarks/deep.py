@@ -219,8 +219,6 @@ def worker(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    import sparsebptt as sb
-
     torch.set_num_threads(1)
     method, T, B, widths = spec["method"], spec["T"], spec["B"], tuple(spec["widths"])
     if spec.get("kind") == "train":
@@ -240,31 +238,11 @@ def worker(spec: dict) -> dict:
     def step():
         F.cross_entropy(fwd(x), y).backward()
 
-    def clear():
-        for p in params:
-            p.grad = None
-        gc.collect()
-
-    clear()
-    rss0 = common.current_rss()
-    common.reset_peak_rss()
-    step()
-    peak = common.peak_rss()
-    clear()
-    step()
-    times = []
-    for _ in range(spec["inner"]):
-        clear()
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    clear()
-    with sb.trace() as tr, tr.saving():
-        tr.add_external(x, *params)
-        step()
+    m = common.measure_step(step, params, x, spec["inner"])
+    times, tr = m["times_s"], m["trace"]
     return {"status": "ok", "kind": "step", "method": method, "T": T, "B": B,
             "strategy": strategy_for(method, T) if method.startswith("sb-") else None,
-            "time_s": statistics.median(times), "times_s": times, "peak_rss_increase": peak - rss0,
+            "time_s": statistics.median(times), "times_s": times, "peak_rss_increase": m["peak_rss_increase"],
             "saved_bytes": tr.peak_stored_bytes, "offloaded_bytes": tr.peak_offloaded_bytes}
 
 

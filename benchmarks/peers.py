@@ -49,12 +49,11 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import current_rss, peak_rss, reset_peak_rss, run_worker  # noqa: E402
+from common import measure_step, run_worker  # noqa: E402
 METHODS = ["loop", "loop-ckpt", "sb-torch-full", "sb-torch-ckpt", "sb-cpu-full", "sb-cpu-ckpt",
            "snntorch", "norse", "spikingjelly", "spikingjelly-torch", "gru", "floor"]
 PEER_MODULES = {"snntorch": "snntorch", "norse": "norse", "spikingjelly": "spikingjelly",
@@ -262,39 +261,16 @@ def worker(spec):
 
     import torch
     torch.set_num_threads(1)
-    import sparsebptt as sb
     method, T, B, n_in, H, k = (spec[n] for n in ("method", "T", "B", "n_in", "H", "k"))
     warm, _, _ = build(method, 4, B, n_in, H, 2)  # lazy imports and one-time set-up, tiny heap
     warm()
     del warm
     gc.collect()
     step, params, x = build(method, T, B, n_in, H, k)
-
-    def clear():
-        for p in params:
-            p.grad = None
-        gc.collect()
-
-    clear()
-    rss0 = current_rss()
-    reset_peak_rss()
-    step()
-    peak = peak_rss()
-    clear()
-    step()  # one more untimed step: the allocator settles (glibc adapts its mmap threshold)
-    times = []
-    for _ in range(spec.get("inner", 3)):
-        clear()
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    clear()
-    with sb.trace() as tr, tr.saving():
-        tr.add_external(x, *params)
-        step()
-    return {"status": "ok", "method": method, "time_s": statistics.median(times), "times_s": times,
-            "peak_rss_increase": peak - rss0,
-            "peak_saved_bytes": tr.peak_stored_bytes}
+    m = measure_step(step, params, x, spec.get("inner", 3))
+    return {"status": "ok", "method": method, "time_s": statistics.median(m["times_s"]), "times_s": m["times_s"],
+            "peak_rss_increase": m["peak_rss_increase"],
+            "peak_saved_bytes": m["trace"].peak_stored_bytes}
 
 
 def _version(mod):
