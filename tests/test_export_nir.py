@@ -279,3 +279,40 @@ def test_old_module_name_still_imports_with_a_warning():
     with pytest.warns(DeprecationWarning, match=r"sparsebptt.export is now sparsebptt.nir"):
         old = importlib.import_module("sparsebptt.export")
     assert old.export_nir is sb.export_nir and old.import_nir is sb.import_nir and old.run_nir is run_nir
+
+
+@pytest.mark.parametrize("kind", ["IF", "I", "LIF", "LI"])
+def test_run_nir_neurons_against_a_hand_loop(kind):
+    """run_nir's integrate(-and-fire) and leaky nodes: v += dt/tau (v_leak - v + r i) (leaky) or
+    v += dt r i; spiking ones emit v > v_threshold and reset to v_reset, the others emit v."""
+    n_in, n, T, B, dt = 3, 4, 6, 2, 0.5
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(n, n_in, generator=g, dtype=torch.float64)
+    r = np.linspace(0.5, 2.0, n)
+    tau, leak, thr, reset = np.full(n, 2.0), np.full(n, 0.1), np.full(n, 0.3), np.full(n, -0.2)
+    node = {"IF": lambda: nir.IF(r=r, v_threshold=thr, v_reset=reset), "I": lambda: nir.I(r=r),
+            "LIF": lambda: nir.LIF(tau=tau, r=r, v_leak=leak, v_threshold=thr, v_reset=reset),
+            "LI": lambda: nir.LI(tau=tau, r=r, v_leak=leak)}[kind]()
+    graph = nir.NIRGraph(nodes={"in": nir.Input(input_type={"input": np.array([n_in])}),
+                                "lin": nir.Linear(weight=w.numpy()), "cell": node,
+                                "out": nir.Output(output_type={"output": np.array([n])})},
+                         edges=[("in", "lin"), ("lin", "cell"), ("cell", "out")])
+    x = torch.randn(T, B, n_in, generator=g, dtype=torch.float64)
+    v, ref = torch.zeros(B, n, dtype=torch.float64), []
+    rt = torch.as_tensor(r)
+    for t in range(T):
+        i = x[t] @ w.T
+        if kind in ("LIF", "LI"):
+            v = v + dt / torch.as_tensor(tau) * (torch.as_tensor(leak) - v + rt * i)
+        else:
+            v = v + dt * rt * i
+        if kind in ("IF", "LIF"):
+            z = (v > torch.as_tensor(thr)).double()
+            v = torch.where(z > 0, torch.as_tensor(reset).expand_as(v), v)
+            ref.append(z)
+        else:
+            ref.append(v)
+    got = run_nir(graph, x, dt=dt)
+    assert torch.equal(got, torch.stack(ref))
+    if kind in ("IF", "LIF"):
+        assert 0 < got.sum() < got.numel()  # some spikes, not all

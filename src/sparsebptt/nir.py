@@ -614,19 +614,13 @@ def run_nir(graph, x: torch.Tensor, dt: float = 1.0) -> torch.Tensor:
                 cur[k] = total @ f64(n.weight).T + f64(n.bias)
             elif isinstance(n, nir.Linear):
                 cur[k] = total @ f64(n.weight).T
-            elif isinstance(n, (nir.LIF, nir.LI)):
+            elif isinstance(n, (nir.LIF, nir.LI, nir.IF, nir.I)):
                 v = mem.get(k, torch.zeros_like(total))
-                v = v + dt / f64(n.tau) * (f64(n.v_leak) - v + f64(n.r) * total)
-                if isinstance(n, nir.LIF):
-                    z = (v > f64(n.v_threshold)).to(torch.float64)
-                    v = torch.where(z > 0, f64(n.v_reset).expand_as(v), v)
-                    cur[k] = z
-                else:
-                    cur[k] = v
-                mem[k] = v
-            elif isinstance(n, (nir.IF, nir.I)):
-                v = mem.get(k, torch.zeros_like(total)) + dt * f64(n.r) * total
-                if isinstance(n, nir.IF):
+                if isinstance(n, (nir.LIF, nir.LI)):  # leaky
+                    v = v + dt / f64(n.tau) * (f64(n.v_leak) - v + f64(n.r) * total)
+                else:  # integrate only
+                    v = v + dt * f64(n.r) * total
+                if isinstance(n, (nir.LIF, nir.IF)):  # spike and reset
                     z = (v > f64(n.v_threshold)).to(torch.float64)
                     v = torch.where(z > 0, f64(n.v_reset).expand_as(v), v)
                     cur[k] = z
