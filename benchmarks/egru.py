@@ -172,6 +172,10 @@ def run_check(args):
     c = dict(CHECK)
     if args.batch is not None:
         c["B"] = args.batch
+    if args.epsilons is not None:
+        c["epsilons"] = args.epsilons
+    if args.thresholds is not None:
+        c["thresholds"] = args.thresholds
     if args.from_run:
         state, x = _run_input(Path(args.from_run), c["T"], c["B"])
         cases = make_cells(x.shape[2], state["weight_hh"].shape[1], 1.0, None, c["epsilons"], state=state,
@@ -267,6 +271,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=None, help="--check at this batch size (default 8)")
     ap.add_argument("--threshold-shifts", type=float, nargs="+", default=[0.0, 0.1, 0.2])
     ap.add_argument("--gain", type=float, default=1.0, help="scale of the initial weights (default 1)")
+    ap.add_argument("--epsilons", type=float, nargs="+", default=None,
+                    help="--check at these pseudo-derivative widths (default 0.5 0.2)")
+    ap.add_argument("--thresholds", type=float, nargs="+", default=None,
+                    help="--check (untrained) at these thresholds (default 0.1 0.15 0.2 0.3)")
     ap.add_argument("--accuracy", action="store_true", help="language model bits/char vs activity")
     ap.add_argument("--acc-reg", type=float, nargs="+", default=[0.0, 1.0, 4.0])
     ap.add_argument("--acc-target", type=float, default=0.05)
