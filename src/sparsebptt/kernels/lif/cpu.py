@@ -46,8 +46,8 @@ from torch.autograd.function import once_differentiable
 from ...trace import current_trace
 from ..cbuild import build_file, declare_per_dtype
 from ..common import SUFFIX, NoCtx, empty, transposed
-from .function import (SURROGATE_IDS, LIFConstants, after_decay, recurrence_function, recurrent_layer_function,
-                       surrogate_scale)
+from .function import (SURROGATE_IDS, LIFConstants, after_decay, check_state_and_beta, recurrence_function,
+                       recurrent_layer_function, surrogate_scale)
 
 __all__ = ["fused_recurrent_lif", "fused_lif_layer", "fused_recurrent_lif_layer", "load_library", "C_SOURCE",
            "SparseRows", "SparseRoute", "SPARSE_CHUNK", "SPARSE_INPUT_MAX", "LayerSaved", "layer_forward",
@@ -487,26 +487,14 @@ def _check(i, v0, beta, who="fused_recurrent_lif", what="i", H=None):
     if not isinstance(i, torch.Tensor) or i.dim() != 3:
         raise ValueError(f"{who}: {what} must be a 3-D tensor [L, B, {'H' if H is None else 'in'}], got "
                          f"{tuple(i.shape) if isinstance(i, torch.Tensor) else type(i).__name__}")
-    B, H = i.shape[1], (i.shape[2] if H is None else H)
+    H = i.shape[2] if H is None else H
     if i.dtype not in SUFFIX:
         raise TypeError(f"{who} (cpu): dtype {i.dtype} is not supported; use float32 or "
                         "float64 (or backend='torch')")
     if i.device.type != "cpu":
         raise ValueError(f"{who} (cpu): {what} is on {i.device}; the cpu backend needs CPU "
                          "tensors (use backend='triton' or 'auto' for CUDA)")
-    if not isinstance(v0, torch.Tensor) or v0.shape != (B, H):
-        raise ValueError(f"{who}: v0 must have shape {(B, H)} (B, H), got "
-                         f"{tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__}")
-    if v0.dtype != i.dtype or v0.device != i.device:
-        raise TypeError(f"{who}: v0 is {v0.dtype} on {v0.device} but {what} is {i.dtype} on "
-                        f"{i.device}; they must match")
-    if isinstance(beta, torch.Tensor):
-        if beta.shape != (H,) or beta.dtype != i.dtype or beta.device != i.device:
-            raise ValueError(f"{who}: a tensor beta must have shape ({H},), dtype {i.dtype} "
-                             f"and device {i.device}; got shape {tuple(beta.shape)}, {beta.dtype}, "
-                             f"{beta.device}")
-    elif not isinstance(beta, (int, float)):
-        raise TypeError(f"{who}: beta must be a float or a [H] tensor, got {type(beta).__name__}")
+    check_state_and_beta(who, what, i, v0, beta, H)
 
 
 def fused_recurrent_lif(i: torch.Tensor, v0: torch.Tensor, beta, p: LIFConstants):

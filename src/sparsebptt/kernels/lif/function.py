@@ -13,7 +13,7 @@ import torch
 from ...trace import current_trace
 
 __all__ = ["LIFConstants", "SURROGATE_IDS", "SURROGATE_SCALES", "surrogate_scale", "after_decay",
-           "recurrence_function", "recurrent_layer_function"]
+           "recurrence_function", "recurrent_layer_function", "check_state_and_beta"]
 
 #: the surrogate gradients the kernels implement, by the id their C and Triton code switches on
 SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "triangle": 2, "sigmoid": 3}
@@ -33,6 +33,26 @@ class LIFConstants(Protocol):
     surrogate_scale: float | None
     detach_reset: bool
     reset_timing: str
+
+
+def check_state_and_beta(who: str, what: str, i: torch.Tensor, v0, beta, H: int) -> None:
+    """The checks every backend makes of a segment's initial membrane ``v0`` (a [B, H] tensor of
+    ``i``'s dtype and device, B = ``i.shape[1]``) and ``beta`` (a float or an [H] tensor like
+    ``i``); ``who``: the entry point named in the messages, ``what``: the name of ``i``."""
+    B = i.shape[1]
+    if not isinstance(v0, torch.Tensor) or v0.shape != (B, H):
+        raise ValueError(f"{who}: v0 must have shape {(B, H)} (B, H), got "
+                         f"{tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__}")
+    if v0.dtype != i.dtype or v0.device != i.device:
+        raise TypeError(f"{who}: v0 is {v0.dtype} on {v0.device} but {what} is {i.dtype} on "
+                        f"{i.device}; they must match")
+    if isinstance(beta, torch.Tensor):
+        if beta.shape != (H,) or beta.dtype != i.dtype or beta.device != i.device:
+            raise ValueError(f"{who}: a tensor beta must have shape ({H},), dtype {i.dtype} "
+                             f"and device {i.device}; got shape {tuple(beta.shape)}, {beta.dtype}, "
+                             f"{beta.device}")
+    elif not isinstance(beta, (int, float)):
+        raise TypeError(f"{who}: beta must be a float or a [H] tensor, got {type(beta).__name__}")
 
 
 def surrogate_scale(p: LIFConstants) -> float:

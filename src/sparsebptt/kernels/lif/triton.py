@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from ..common import NoCtx
-from .function import (SURROGATE_IDS, LIFConstants, after_decay, recurrence_function, recurrent_layer_function,
-                       surrogate_scale)
+from .function import (SURROGATE_IDS, LIFConstants, after_decay, check_state_and_beta, recurrence_function,
+                       recurrent_layer_function, surrogate_scale)
 
 __all__ = ["fused_recurrent_lif", "fused_recurrent_lif_layer"]
 
@@ -248,27 +248,13 @@ def _check(i, v0, beta):
     if not isinstance(i, torch.Tensor) or i.dim() != 3:
         raise ValueError(f"fused_recurrent_lif (triton): i must be a 3-D tensor [L, B, H] of input currents, "
                          f"got {tuple(i.shape) if isinstance(i, torch.Tensor) else type(i).__name__}")
-    L, B, H = i.shape
     if i.dtype not in _DTYPES:
         raise TypeError(f"fused_recurrent_lif (triton): dtype {i.dtype} is not supported; use float32 or "
                         "float64 (or backend='torch')")
     if i.device.type != "cuda" and not triton.knobs.runtime.interpret:
         raise ValueError(f"fused_recurrent_lif (triton): i is on {i.device}; the triton backend needs CUDA "
                          "tensors (CPU tensors only under TRITON_INTERPRET=1); use backend='cpu' on CPU")
-    if not isinstance(v0, torch.Tensor) or v0.shape != (B, H):
-        raise ValueError(f"fused_recurrent_lif (triton): v0 must have shape {(B, H)} (B, H) like i[0], got "
-                         f"{tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__}")
-    if v0.dtype != i.dtype or v0.device != i.device:
-        raise TypeError(f"fused_recurrent_lif (triton): v0 is {v0.dtype} on {v0.device} but i is {i.dtype} "
-                        f"on {i.device}; they must match")
-    if isinstance(beta, torch.Tensor):
-        if beta.shape != (H,) or beta.dtype != i.dtype or beta.device != i.device:
-            raise ValueError(f"fused_recurrent_lif (triton): a tensor beta must have shape ({H},), dtype "
-                             f"{i.dtype} and device {i.device}; got shape {tuple(beta.shape)}, {beta.dtype}, "
-                             f"{beta.device}")
-    elif not isinstance(beta, (int, float)):
-        raise TypeError(f"fused_recurrent_lif (triton): beta must be a float or a [H] tensor, got "
-                        f"{type(beta).__name__}")
+    check_state_and_beta("fused_recurrent_lif (triton)", "i", i, v0, beta, i.shape[2])
 
 
 def fused_recurrent_lif(i: torch.Tensor, v0: torch.Tensor, beta, p: LIFConstants):
