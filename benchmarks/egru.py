@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ from pathlib import Path
 import torch
 
 import sparsebptt as sb
+from common import metadata
 from sparsebptt.cells.egru import event_statistics
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -285,10 +285,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python benchmarks/egru.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "torch": torch.__version__, "sparsebptt": sb.__version__, "threads": 1,
-            "python": platform.python_version(), "machine": platform.machine(),
-            "processor": platform.processor()}
+    meta = {**metadata(torch.get_num_threads()),
+            "command": "python benchmarks/egru.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.accuracy:
         rows = run_accuracy(args)
         stem = RESULTS / f"egru_accuracy{'_' + args.tag if args.tag else ''}"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 import sparsebptt as sb
+from common import metadata
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -237,10 +237,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python benchmarks/sparsity.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "torch": torch.__version__, "sparsebptt": sb.__version__, "threads": 1,
-            "python": platform.python_version(), "machine": platform.machine(),
-            "processor": platform.processor()}
+    meta = {**metadata(torch.get_num_threads()),
+            "command": "python benchmarks/sparsity.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.accuracy:
         rows = run_accuracy(args)
         stem = RESULTS / f"sparsity_accuracy{'_' + args.tag if args.tag else ''}"
