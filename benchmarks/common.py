@@ -19,6 +19,7 @@ import re
 import resource
 import subprocess
 import sys
+import time
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 GiB = 1024 ** 3
@@ -92,6 +93,33 @@ def quantile(xs, q: float) -> float:
     pos = (len(s) - 1) * q
     lo, hi = math.floor(pos), math.ceil(pos)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def write_rows_csv(rows, path) -> None:
+    """``rows`` (dicts) as a CSV at ``path``: the columns every row's keys in order of first use,
+    floats to 6 significant digits."""
+    import csv
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def time_scan_step(cell, x) -> tuple[float, float]:
+    """Seconds of ``sb.scan(cell, x)`` and of the backward of its outputs' sum (gradients cleared
+    first): one side-by-side sample of a cell's forward and backward."""
+    import sparsebptt as sb
+    for p in cell.parameters():
+        p.grad = None
+    t0 = time.perf_counter()
+    y, _ = sb.scan(cell, x)
+    loss = y.sum()
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
 
 
 def summarize_times(xs) -> dict:

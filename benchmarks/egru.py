@@ -29,7 +29,6 @@ are shifted by ``--threshold-shifts`` to sweep the activity around it.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 import torch
 
 import sparsebptt as sb
-from common import metadata
+from common import metadata, quantile, time_scan_step, write_rows_csv
 from sparsebptt.cells.egru import event_statistics
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,23 +50,6 @@ PRESETS = {
                  thresholds=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5], epsilons=[0.5, 0.2]),
 }
 CHECK = dict(B=8, H=512, I=64, T=500, reps=5, thresholds=[0.1, 0.15, 0.2, 0.3], epsilons=[0.5, 0.2])
-
-
-def _q(v, q):
-    v = sorted(v)
-    return v[min(len(v) - 1, int(q * len(v)))]
-
-
-def _time_once(cell, x):
-    for p in cell.parameters():
-        p.grad = None
-    t0 = time.perf_counter()
-    y, _ = sb.scan(cell, x)
-    loss = y.sum()
-    t1 = time.perf_counter()
-    loss.backward()
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
 
 
 def make_cells(I, H, gain, thresholds, epsilons, seed=0, state=None, shifts=None):
@@ -109,16 +91,16 @@ def bench_group(cases, x, reps):
             {"activity": 1.0, "backward_activity": 1.0, "union_activity": 1.0}
         rows.append(dict(cell=kind, B=B, H=H, I=I, T=T, threshold=th, epsilon=eps, **st,
                          forward_macs=t.forward_macs, backward_macs=t.backward_macs, fwd=[], bwd=[]))
-        _time_once(cell, x)  # warm-up
+        time_scan_step(cell, x)  # warm-up
     for _ in range(reps):
         for r, (_, _, _, cell) in zip(rows, cases):
-            f, b = _time_once(cell, x)
+            f, b = time_scan_step(cell, x)
             r["fwd"].append(f)
             r["bwd"].append(b)
     for r in rows:
         fwd, bwd = r.pop("fwd"), r.pop("bwd")
-        r.update(fwd_ms=1e3 * statistics.median(fwd), fwd_p20_ms=1e3 * _q(fwd, 0.2), fwd_p80_ms=1e3 * _q(fwd, 0.8),
-                 bwd_ms=1e3 * statistics.median(bwd), bwd_p20_ms=1e3 * _q(bwd, 0.2), bwd_p80_ms=1e3 * _q(bwd, 0.8))
+        r.update(fwd_ms=1e3 * statistics.median(fwd), fwd_p20_ms=1e3 * quantile(fwd, 0.2), fwd_p80_ms=1e3 * quantile(fwd, 0.8),
+                 bwd_ms=1e3 * statistics.median(bwd), bwd_p20_ms=1e3 * quantile(bwd, 0.2), bwd_p80_ms=1e3 * quantile(bwd, 0.8))
     d = rows[0]
     for r in rows:
         r["fwd_macs_vs_gru"] = r["forward_macs"] / d["forward_macs"]
@@ -226,15 +208,6 @@ def run_accuracy(args):
     return rows
 
 
-def write_csv(rows, path):
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-
-
 def plot(rows, path, title):
     import matplotlib
 
@@ -290,16 +263,16 @@ def main(argv=None):
     if args.accuracy:
         rows = run_accuracy(args)
         stem = RESULTS / f"egru_accuracy{'_' + args.tag if args.tag else ''}"
-        write_csv(rows, stem.with_suffix(".csv"))
+        write_rows_csv(rows, stem.with_suffix(".csv"))
     elif args.check:
         rows = run_check(args)
         stem = RESULTS / f"egru_check{'_' + args.tag if args.tag else ''}"
-        write_csv(rows, stem.with_suffix(".csv"))
+        write_rows_csv(rows, stem.with_suffix(".csv"))
         plot(rows, stem.with_suffix(".png"), meta["command"])
     else:
         rows = run_grid(args)
         stem = RESULTS / f"egru_{args.tag or args.preset}"
-        write_csv(rows, stem.with_suffix(".csv"))
+        write_rows_csv(rows, stem.with_suffix(".csv"))
         plot(rows, stem.with_suffix(".png"), meta["command"])
     stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str) + "\n")
     print(f"wrote {stem}.csv/.json", file=sys.stderr)

@@ -23,7 +23,6 @@ is shared, absolute times are not comparable across runs.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 import sparsebptt as sb
-from common import metadata
+from common import metadata, quantile, time_scan_step, write_rows_csv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -69,23 +68,6 @@ def slow_input(T: int, B: int, I: int, seed: int = 0, hold: float = 10.0, noise:
     return x + noise * torch.randn(T, B, I, generator=g)
 
 
-def _time_once(cell, x):
-    for p in cell.parameters():
-        p.grad = None
-    t0 = time.perf_counter()
-    y, _ = sb.scan(cell, x)
-    loss = y.sum()
-    t1 = time.perf_counter()
-    loss.backward()
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
-
-
-def _q(v, q):
-    v = sorted(v)
-    return v[min(len(v) - 1, int(q * len(v)))]
-
-
 def bench_group(kind, B, H, I, T, reps, thresholds, active_sets, stepped=False):
     """All thresholds (and the dense cell: backend "auto", the fused C GRU/LSTM on a CPU) of one
     (cell, B, H), timed round-robin. ``stepped``: also the Delta cell without its segment scan
@@ -115,10 +97,10 @@ def bench_group(kind, B, H, I, T, reps, thresholds, active_sets, stepped=False):
                                 activity=(next(iter(act.values())) if act else 1.0),
                                 forward_macs=t.forward_macs, backward_macs=t.backward_macs,
                                 fwd=[], bwd=[])
-        _time_once(cell, x)
+        time_scan_step(cell, x)
     for _ in range(reps):
         for name, th, cell in cases:
-            f, b = _time_once(cell, x)
+            f, b = time_scan_step(cell, x)
             rows[(name, th)]["fwd"].append(f)
             rows[(name, th)]["bwd"].append(b)
     out = []
@@ -126,8 +108,8 @@ def bench_group(kind, B, H, I, T, reps, thresholds, active_sets, stepped=False):
     d = rows[("dense", None)]
     for (name, th), r in rows.items():
         fwd, bwd = r.pop("fwd"), r.pop("bwd")
-        r.update(fwd_ms=1e3 * statistics.median(fwd), fwd_p20_ms=1e3 * _q(fwd, 0.2), fwd_p80_ms=1e3 * _q(fwd, 0.8),
-                 bwd_ms=1e3 * statistics.median(bwd), bwd_p20_ms=1e3 * _q(bwd, 0.2), bwd_p80_ms=1e3 * _q(bwd, 0.8))
+        r.update(fwd_ms=1e3 * statistics.median(fwd), fwd_p20_ms=1e3 * quantile(fwd, 0.2), fwd_p80_ms=1e3 * quantile(fwd, 0.8),
+                 bwd_ms=1e3 * statistics.median(bwd), bwd_p20_ms=1e3 * quantile(bwd, 0.2), bwd_p80_ms=1e3 * quantile(bwd, 0.8))
         out.append(r)
     for r in out:
         b0 = base.get(r["active_set"])
@@ -159,14 +141,6 @@ def run_timing(args):
                           f"fwd_time x{r['fwd_time_vs_th0']:.3f} bwd vs dense x{r['bwd_time_vs_dense']:.3f} "
                           f"fwd vs dense x{r['fwd_time_vs_dense']:.3f}", file=sys.stderr, flush=True)
     return rows
-
-
-def write_csv(rows, path):
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
 def plot_timing(rows, path):
@@ -247,7 +221,7 @@ def main(argv=None):
     tag = args.tag or args.preset
     rows = run_timing(args)
     stem = RESULTS / f"sparsity_{tag}"
-    write_csv(rows, stem.with_suffix(".csv"))
+    write_rows_csv(rows, stem.with_suffix(".csv"))
     plot_timing(rows, stem.with_suffix(".png"))
     stem.with_suffix(".json").write_text(json.dumps({**meta, "preset": PRESETS[args.preset]}, indent=1) + "\n")
     print(f"wrote {stem}.csv/.png/.json", file=sys.stderr)
