@@ -46,8 +46,8 @@ from torch.autograd.function import once_differentiable
 from ...trace import current_trace
 from ..cbuild import build_file, declare_per_dtype
 from ..common import SUFFIX, NoCtx, empty, transposed
-from .function import (SURROGATE_IDS, LIFConstants, after_decay, check_state_and_beta, recurrence_function,
-                       recurrent_layer_function, surrogate_scale)
+from .function import (SURROGATE_IDS, LIFConstants, after_decay, apply_recurrence, check_state_and_beta,
+                       recurrence_function, recurrent_layer_function, surrogate_scale)
 
 __all__ = ["fused_recurrent_lif", "fused_lif_layer", "fused_recurrent_lif_layer", "load_library", "C_SOURCE",
            "SparseRows", "SparseRoute", "SPARSE_CHUNK", "SPARSE_INPUT_MAX", "LayerSaved", "layer_forward",
@@ -511,15 +511,7 @@ def fused_recurrent_lif(i: torch.Tensor, v0: torch.Tensor, beta, p: LIFConstants
     Outside autograd (no input requires grad, or under ``torch.no_grad``) nothing is saved.
     """
     _check(i, v0, beta)
-    i, v0 = i.contiguous(), v0.contiguous()
-    if isinstance(beta, torch.Tensor):
-        beta = beta.contiguous()
-    needs_grad = torch.is_grad_enabled() and (
-        i.requires_grad or v0.requires_grad or (isinstance(beta, torch.Tensor) and beta.requires_grad))
-    if not needs_grad:
-        z, _, vT = _lif_fwd(i, v0, beta, p, save_u=False)
-        return z, vT
-    return FusedRecurrentLIFFunction.apply(i, v0, beta, p)
+    return apply_recurrence(FusedRecurrentLIFFunction, _lif_fwd, i, v0, beta, p)
 
 
 def fused_lif_layer(x: torch.Tensor, v0: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -13,7 +13,7 @@ import torch
 from ...trace import current_trace
 
 __all__ = ["LIFConstants", "SURROGATE_IDS", "SURROGATE_SCALES", "surrogate_scale", "after_decay",
-           "recurrence_function", "recurrent_layer_function", "check_state_and_beta"]
+           "recurrence_function", "recurrent_layer_function", "check_state_and_beta", "apply_recurrence"]
 
 #: the surrogate gradients the kernels implement, by the id their C and Triton code switches on
 SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "triangle": 2, "sigmoid": 3}
@@ -53,6 +53,21 @@ def check_state_and_beta(who: str, what: str, i: torch.Tensor, v0, beta, H: int)
                              f"{beta.device}")
     elif not isinstance(beta, (int, float)):
         raise TypeError(f"{who}: beta must be a float or a [H] tensor, got {type(beta).__name__}")
+
+
+def apply_recurrence(function, forward, i: torch.Tensor, v0: torch.Tensor, beta, p: LIFConstants):
+    """``(z, v_T)`` of a backend's recurrence over checked inputs, made contiguous: its autograd
+    node ``function`` (from `recurrence_function`) when a gradient is wanted, else its
+    ``forward(i, v0, beta, p, save_u=False)`` alone (nothing saved)."""
+    i, v0 = i.contiguous(), v0.contiguous()
+    if isinstance(beta, torch.Tensor):
+        beta = beta.contiguous()
+    needs_grad = torch.is_grad_enabled() and (
+        i.requires_grad or v0.requires_grad or (isinstance(beta, torch.Tensor) and beta.requires_grad))
+    if not needs_grad:
+        z, _, vT = forward(i, v0, beta, p, save_u=False)
+        return z, vT
+    return function.apply(i, v0, beta, p)
 
 
 def surrogate_scale(p: LIFConstants) -> float:

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from ..common import NoCtx
-from .function import (SURROGATE_IDS, LIFConstants, after_decay, check_state_and_beta, recurrence_function,
-                       recurrent_layer_function, surrogate_scale)
+from .function import (SURROGATE_IDS, LIFConstants, after_decay, apply_recurrence, check_state_and_beta,
+                       recurrence_function, recurrent_layer_function, surrogate_scale)
 
 __all__ = ["fused_recurrent_lif", "fused_recurrent_lif_layer"]
 
@@ -269,15 +269,7 @@ def fused_recurrent_lif(i: torch.Tensor, v0: torch.Tensor, beta, p: LIFConstants
     Differentiable in ``i``, ``v0`` and a tensor ``beta``; saves only ``u`` [L, B, H].
     """
     _check(i, v0, beta)
-    i, v0 = i.contiguous(), v0.contiguous()
-    if isinstance(beta, torch.Tensor):
-        beta = beta.contiguous()
-    needs_grad = torch.is_grad_enabled() and (
-        i.requires_grad or v0.requires_grad or (isinstance(beta, torch.Tensor) and beta.requires_grad))
-    if not needs_grad:
-        z, _, vT = fused_recurrent_lif_fwd(i, v0, beta, p, save_u=False)
-        return z, vT
-    return FusedRecurrentLIFFunction.apply(i, v0, beta, p)
+    return apply_recurrence(FusedRecurrentLIFFunction, fused_recurrent_lif_fwd, i, v0, beta, p)
 
 
 def fused_recurrent_lif_layer(x: torch.Tensor, v0: torch.Tensor, z0: torch.Tensor, weight: torch.Tensor,
