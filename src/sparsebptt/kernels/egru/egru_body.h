@@ -386,6 +386,22 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
     return n;
 }
 
+/* m[j] (j < H): bit q set when sample b0 + q (q < nb <= 64) wants dL/dy at unit j: an event or
+   within ep of the threshold (ctp: c~ [B, H] of the step; NULL: every unit wanted) */
+static void FN(want_masks)(long b0, long nb, long H, const T* ctp, const T* thr, T ep, uint64_t* restrict m) {
+    memset(m, 0, sizeof(uint64_t) * H);
+    for (long q = 0; q < nb; ++q) {
+        const T* restrict cb = ctp ? ctp + (b0 + q) * H : NULL;
+        if (cb)
+            for (long j = 0; j < H; ++j) {
+                const T v = cb[j] - thr[j];
+                m[j] |= (uint64_t)((v > (T)0) | ((v < (T)0 ? -v : v) < ep)) << q;
+            }
+        else
+            for (long j = 0; j < H; ++j) m[j] |= (uint64_t)1 << q;
+    }
+}
+
 /* dL/dy_{t-1}[b, j] = dgh_t[b] . W_hh^T[j] where wanted: at the step before's events and units
    within epsilon of the threshold (ctp: its c~; every entry when ctp is NULL); zero elsewhere
    (into gy [B, H]). group = 0: per unit, a dot for each sample that wants it (multi_dot, groups
@@ -404,17 +420,7 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
         uint64_t* restrict m64 = (uint64_t*)wl;  /* [H] */
         for (long b0 = 0; b0 < B; b0 += 64) {
             const long nb = B - b0 < 64 ? B - b0 : 64;
-            memset(m64, 0, sizeof(uint64_t) * H);
-            for (long q = 0; q < nb; ++q) {
-                const T* restrict cb = ctp ? ctp + (b0 + q) * H : NULL;
-                if (cb)
-                    for (long j = 0; j < H; ++j) {
-                        const T v = cb[j] - thr[j];
-                        m64[j] |= (uint64_t)((v > (T)0) | ((v < (T)0 ? -v : v) < ep)) << q;
-                    }
-                else
-                    for (long j = 0; j < H; ++j) m64[j] |= (uint64_t)1 << q;
-            }
+            FN(want_masks)(b0, nb, H, ctp, thr, ep, m64);
             for (long j = 0; j < H; ++j) {
                 uint64_t m = m64[j];
                 long bl[64], k = 0;
@@ -428,21 +434,11 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
         }
         return nd;
     }
-    int* restrict mask = (int*)wl;  /* [H]: a unit's wanted samples in the block of 8, as bits */
-    long* order = wl + H;           /* [H]: the units sorted by that mask */
+    uint64_t* restrict mask = (uint64_t*)wl;  /* [H]: a unit's wanted samples in the block of 8, as bits */
+    long* order = wl + H;                      /* [H]: the units sorted by that mask */
     for (long b0 = 0; b0 < B; b0 += 8) {
         const long nb = B - b0 < 8 ? B - b0 : 8;
-        memset(mask, 0, sizeof(int) * H);
-        for (long q = 0; q < nb; ++q) {
-            const T* restrict cb = ctp ? ctp + (b0 + q) * H : NULL;
-            if (cb)
-                for (long j = 0; j < H; ++j) {
-                    const T v = cb[j] - thr[j];
-                    mask[j] |= ((v > (T)0) | ((v < (T)0 ? -v : v) < ep)) << q;
-                }
-            else
-                for (long j = 0; j < H; ++j) mask[j] |= 1 << q;
-        }
+        FN(want_masks)(b0, nb, H, ctp, thr, ep, mask);
         long start[257];
         memset(start, 0, sizeof start);
         for (long j = 0; j < H; ++j) ++start[mask[j] + 1];
