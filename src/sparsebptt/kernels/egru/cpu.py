@@ -485,8 +485,11 @@ class SegmentFunction(torch.autograd.Function):
         dghs = ys.new_empty(R, B, O)
         ap, bs, out = torch.empty(B, dtype=torch.long), torch.empty(H * (B + 1), dtype=torch.long), ys.new_empty(max(B, H))
         cnt = torch.empty(2 * H, dtype=torch.long)
-        nev = blk * B * H  # a block's events sorted by unit
-        idx, val = (torch.empty(nev, dtype=torch.long), ys.new_empty(nev)) if axpy else (None, None)
+        # dw_block's scratch: a block's event masks (per 64 rows and unit), their starts and rows;
+        # their y and the block's dgh rows packed by column chunk (of <= 128 entries)
+        N = blk * B
+        idx, val = ((torch.empty(2 * -(-N // 64) * H + N, dtype=torch.long), ys.new_empty(N * H + N * (O + 128)))
+                    if axpy else (None, None))
         run = getattr(load_library(), f"egru_bwd_{SUFFIX[ys.dtype]}")
         w_hh = weight_hh.detach()
         dense_macs = 0

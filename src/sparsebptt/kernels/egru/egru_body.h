@@ -347,42 +347,109 @@ INL void FN(bwd_pointwise)(long B, long H, long t, const T* c0, const T* s, cons
     }
 }
 
+#ifdef DW_PROF
+#ifndef DWP
+unsigned long long dwprof[5], dwt0;
+#define DWP(i) do { unsigned long long n_ = __rdtsc(); if (i) dwprof[(i) - 1] += n_ - dwt0; dwt0 = n_; } while (0)
+#endif
+#else
+#define DWP(i) do { } while (0)
+#endif
+
+/* the width in entries of dw_block's column chunks at instruction set level l: 8 vectors (512
+   bytes for AVX-512, 256 for AVX2 and plain C) */
+static long FN(dw_width)(int l) {
+    return (l >= 2 ? 512L : 256L) / (long)sizeof(T);
+}
+
 /* dW_hh^T[j] += sum_{t0 <= t < t1} sum_b y_{t-1}[b, j] dgh_t[b] over the non-zero y_{t-1}: the
-   weight gradient of a block of steps. The block's events are first sorted by unit (a counting
-   sort into idx (rows (t mod R) B + b of dghs, a ring of R steps) and val [blk B H]; cnt [H]
-   longs, used as ints; js, vs [H]: each row's non-zero entries, from nonzeros), then each row of
-   dW_hh^T is read and written once while its events' dgh rows are added in registers
-   (acc_rows). Returns the events (axpys of 3H). */
+   weight gradient of a block of steps, N = (t1 - t0) B rows (r = (t - t0) B + b) of dgh (dghs: a
+   ring of R steps). Columns in chunks of cw entries (dw_width: 8 vectors), rows in sub-blocks of
+   64. First each unit's events in each sub-block are noted as the bits of a mask (msk [nsub H])
+   and their y gathered in order (vals [N H], unit (s, j)'s from at[s H + j]), and the rows
+   packed chunk by chunk (pk: chunk c's rows at pk + c N cw, cw entries each, so that a
+   sub-block's 64 rows are contiguous: 32 KiB (16 KiB for AVX2), kept in L1 while used); then
+   per chunk (its column of dW_hh^T, H cw entries, stays in L2), per sub-block, each unit's chunk
+   is held in registers while its events' packed rows are added (dw_tile; the last chunk when
+   narrower, and plain C: acc_rows over the mask's rows). Scratch: idx [2 ceil(N / 64) H + N]
+   longs (msk, at, then acc_rows' rows); val [N H + N (3H + 128)] (vals, pk). Returns the
+   events (axpys of 3H). */
 static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T* ys, const T* dghs,
-                         long R, T* gwhT, long* cnt, long* idx, T* val, long* js, T* vs) {
-    const long O = 3 * H;
-    int* restrict pos = (int*)cnt;
-    memset(pos, 0, sizeof(int) * H);
-    for (long t = t0; t < t1; ++t) {
-        const T* restrict yp = t ? ys + (t - 1) * B * H : y0;
-        for (long b = 0; b < B; ++b)
-            for (long j = 0; j < H; ++j) pos[j] += yp[b * H + j] != (T)0;
-    }
+                         long R, T* gwhT, long* cnt, long* idx, T* val, long* js, T* out) {
+    (void)cnt;
+    (void)js;
+    (void)out;
+    const long O = 3 * H, N = (t1 - t0) * B;
+    const int l = isa_level();
+    const long cw = FN(dw_width)(l), nch = (O + cw - 1) / cw, nsub = (N + 63) / 64;
+    uint64_t* restrict msk = (uint64_t*)idx;
+    long* restrict at = idx + nsub * H;
+    long* rows = at + nsub * H;
+    T* restrict vals = val;
+    T* restrict pk = val + N * H;
+    const T* yr[64];  /* a sub-block's y rows */
+    DWP(0);
+    memset(msk, 0, sizeof(uint64_t) * nsub * H);
     long n = 0;
-    for (long j = 0; j < H; ++j) { const long c = pos[j]; pos[j] = (int)n; n += c; }  /* starts */
-    for (long t = t0; t < t1; ++t) {
-        const T* yp = t ? ys + (t - 1) * B * H : y0;
-        for (long b = 0; b < B; ++b) {
-            const long row = (t % R) * B + b;
-            const long k = FN(nonzeros)(yp + b * H, H, js, vs);
-            for (long q = 0; q < k; ++q) {
-                const int p = pos[js[q]]++;
-                idx[p] = row;
-                val[p] = vs[q];
+    for (long s = 0; s < nsub; ++s) {
+        const long rs = N - s * 64 < 64 ? N - s * 64 : 64;
+        uint64_t* ms = msk + s * H;
+        for (long q = 0; q < rs; ++q) {
+            const long r = s * 64 + q, t = t0 + r / B;
+            const T* yp = (t ? ys + (t - 1) * B * H : y0) + (r % B) * H;
+            const uint64_t bit = (uint64_t)1 << q;
+            yr[q] = yp;
+#if X86
+            if (l >= 2) { SB_CAT(FN(dw_bits), 512)(yp, H, ms, bit); continue; }
+            if (l == 1) { SB_CAT(FN(dw_bits), 256)(yp, H, ms, bit); continue; }
+#endif
+            for (long j = 0; j < H; ++j) ms[j] |= yp[j] != (T)0 ? bit : 0;
+        }
+        for (long j = 0; j < H; ++j) {  /* the events' y, unit by unit */
+            uint64_t m = ms[j];
+            at[s * H + j] = n;
+            while (m) {
+                const long q = __builtin_ctzll(m);
+                m &= m - 1;
+                vals[n++] = yr[q][j];
             }
         }
     }
-    long start = 0;  /* pos[j] is now the end of unit j's events */
-    for (long j = 0; j < H; ++j) {
-        const long m = pos[j] - start;
-        if (m) FN(acc_rows)(gwhT + j * O, gwhT + j * O, dghs, O, idx + start, val + start, m, O);
-        start = pos[j];
+    DWP(1);
+    for (long r = 0; r < N; ++r) {  /* pack the rows */
+        const long t = t0 + r / B, b = r % B;
+        const T* g = dghs + ((t % R) * B + b) * O;
+        for (long c = 0; c < nch; ++c)
+            memcpy(pk + (c * N + r) * cw, g + c * cw, sizeof(T) * (O - c * cw < cw ? O - c * cw : cw));
     }
+    DWP(2);
+    DWP(3);
+    for (long c = 0; c < nch; ++c) {
+        const long o0 = c * cw, w = O - o0 < cw ? O - o0 : cw;
+        for (long s = 0; s < nsub; ++s) {
+            const uint64_t* ms = msk + s * H;
+            const long* as = at + s * H;
+            const T* ps = pk + (c * N + s * 64) * cw;
+#if X86
+            const long rs = N - s * 64 < 64 ? N - s * 64 : 64;
+            for (long k = 0; k < (long)sizeof(T) * cw * rs; k += 64) _mm_prefetch((const char*)ps + k, _MM_HINT_T0);
+            const long pf = c + 1 < nch ? cw : 0;  /* the next chunk's column into L2 */
+            if (w == cw && l >= 2) { SB_CAT(FN(dw_tile), 512)(gwhT + o0, O, ps, cw, ms, as, vals, H, pf); continue; }
+            if (w == cw && l == 1) { SB_CAT(FN(dw_tile), 256)(gwhT + o0, O, ps, cw, ms, as, vals, H, pf); continue; }
+#endif
+            for (long j = 0; j < H; ++j) {
+                uint64_t m = ms[j];
+                long k = 0;
+                while (m) {
+                    rows[k++] = __builtin_ctzll(m);
+                    m &= m - 1;
+                }
+                T* g = gwhT + j * O + o0;
+                if (k) FN(acc_rows)(g, g, ps, cw, rows, vals + as[j], k, w);
+            }
+        }
+    }
+    DWP(4);
     return n;
 }
 

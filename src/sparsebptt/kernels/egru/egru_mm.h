@@ -69,6 +69,53 @@ static void FV(acc_rows)(T* out, const T* init, const T* base, long stride, cons
     }
 }
 
+/* The weight gradient's tile (dw_block): for each unit j < H with events in a sub-block of up to
+   64 rows (the bits r of msk[j], their y in order at vals + at[j]), gw[j O + o] += sum_r y_r
+   pk[r cw + o], o < 8 VLN (one column chunk of dW_hh^T's row j): the chunk held in 8 vectors
+   while the packed dgh rows of its events are added (pk: the sub-block's rows of this chunk,
+   contiguous, in L1; the broadcast y times one loaded vector per multiply-add). pf != 0: unit
+   j's next chunk (gw + pf) is prefetched into L2 meanwhile. */
+__attribute__((target(VTGT)))
+static void FV(dw_tile)(T* gw, long O, const T* pk, long cw, const uint64_t* msk, const long* at,
+                        const T* vals, long H, long pf) {
+    for (long j = 0; j < H; ++j) {
+        uint64_t m = msk[j];
+        if (!m) continue;
+        T* g = gw + j * O;
+        if (pf)
+            for (int k = 0; k < 8 * VLN * (int)sizeof(T); k += 64) _mm_prefetch((const char*)(g + pf) + k, _MM_HINT_T1);
+        const T* y = vals + at[j];
+        VEC a0 = VOP(loadu)(g), a1 = VOP(loadu)(g + VLN);
+        VEC a2 = VOP(loadu)(g + 2 * VLN), a3 = VOP(loadu)(g + 3 * VLN);
+        VEC a4 = VOP(loadu)(g + 4 * VLN), a5 = VOP(loadu)(g + 5 * VLN);
+        VEC a6 = VOP(loadu)(g + 6 * VLN), a7 = VOP(loadu)(g + 7 * VLN);
+        do {
+            const long r = __builtin_ctzll(m);
+            m &= m - 1;
+            const VEC v = VOP(set1)(*y++);
+            const T* p = pk + r * cw;
+            a0 = VOP(fmadd)(v, VOP(loadu)(p), a0);
+            a1 = VOP(fmadd)(v, VOP(loadu)(p + VLN), a1);
+            a2 = VOP(fmadd)(v, VOP(loadu)(p + 2 * VLN), a2);
+            a3 = VOP(fmadd)(v, VOP(loadu)(p + 3 * VLN), a3);
+            a4 = VOP(fmadd)(v, VOP(loadu)(p + 4 * VLN), a4);
+            a5 = VOP(fmadd)(v, VOP(loadu)(p + 5 * VLN), a5);
+            a6 = VOP(fmadd)(v, VOP(loadu)(p + 6 * VLN), a6);
+            a7 = VOP(fmadd)(v, VOP(loadu)(p + 7 * VLN), a7);
+        } while (m);
+        VOP(storeu)(g, a0); VOP(storeu)(g + VLN, a1);
+        VOP(storeu)(g + 2 * VLN, a2); VOP(storeu)(g + 3 * VLN, a3);
+        VOP(storeu)(g + 4 * VLN, a4); VOP(storeu)(g + 5 * VLN, a5);
+        VOP(storeu)(g + 6 * VLN, a6); VOP(storeu)(g + 7 * VLN, a7);
+    }
+}
+
+/* msk[j] |= bit where y[j] != 0, j < n (dw_block's event masks: one row's bit) */
+__attribute__((target(VTGT)))
+static void FV(dw_bits)(const T* restrict y, long n, uint64_t* restrict msk, uint64_t bit) {
+    for (long j = 0; j < n; ++j) msk[j] |= y[j] != (T)0 ? bit : 0;
+}
+
 /* out[q] = w . a[q] over n entries for q < K (K = 1..4, a constant after inlining): each chunk
    of w loaded once for the K samples, two vectors per sample in flight (2K accumulators) */
 __attribute__((always_inline, target(VTGT)))
