@@ -405,6 +405,7 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
 #endif
             for (long j = 0; j < H; ++j) ms[j] |= yp[j] != (T)0 ? bit : 0;
         }
+        DWP(3);
         for (long j = 0; j < H; ++j) {  /* the events' y, unit by unit */
             uint64_t m = ms[j];
             at[s * H + j] = n;
@@ -414,28 +415,27 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
                 vals[n++] = yr[q][j];
             }
         }
-    }
-    DWP(1);
-    for (long r = 0; r < N; ++r) {  /* pack the rows */
-        const long t = t0 + r / B, b = r % B;
-        const T* g = dghs + ((t % R) * B + b) * O;
-        for (long c = 0; c < nch; ++c)
-            memcpy(pk + (c * N + r) * cw, g + c * cw, sizeof(T) * (O - c * cw < cw ? O - c * cw : cw));
+        DWP(1);
     }
     DWP(2);
-    DWP(3);
+    DWP(0);
     for (long c = 0; c < nch; ++c) {
         const long o0 = c * cw, w = O - o0 < cw ? O - o0 : cw;
         for (long s = 0; s < nsub; ++s) {
             const uint64_t* ms = msk + s * H;
             const long* as = at + s * H;
-            const T* ps = pk + (c * N + s * 64) * cw;
-#if X86
             const long rs = N - s * 64 < 64 ? N - s * 64 : 64;
-            for (long k = 0; k < (long)sizeof(T) * cw * rs; k += 64) _mm_prefetch((const char*)ps + k, _MM_HINT_T0);
+            DWP(4);
+            for (long q = 0; q < rs; ++q) {  /* pack the sub-block's rows of this chunk */
+                const long r = s * 64 + q, t = t0 + r / B;
+                memcpy(pk + q * cw, dghs + ((t % R) * B + r % B) * O + o0, sizeof(T) * w);
+            }
+            const T* ps = pk;
+            DWP(2);
+#if X86
             const long pf = c + 1 < nch ? cw : 0;  /* the next chunk's column into L2 */
-            if (w == cw && l >= 2) { SB_CAT(FN(dw_tile), 512)(gwhT + o0, O, ps, cw, ms, as, vals, H, pf); continue; }
-            if (w == cw && l == 1) { SB_CAT(FN(dw_tile), 256)(gwhT + o0, O, ps, cw, ms, as, vals, H, pf); continue; }
+            if (w == cw && l >= 2) { SB_CAT(FN(dw_tile), 512)(gwhT + o0, O, ps, ms, as, vals, H, pf); continue; }
+            if (w == cw && l == 1) { SB_CAT(FN(dw_tile), 256)(gwhT + o0, O, ps, ms, as, vals, H, pf); continue; }
 #endif
             for (long j = 0; j < H; ++j) {
                 uint64_t m = ms[j];

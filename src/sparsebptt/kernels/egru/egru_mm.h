@@ -76,7 +76,7 @@ static void FV(acc_rows)(T* out, const T* init, const T* base, long stride, cons
    contiguous, in L1; the broadcast y times one loaded vector per multiply-add). pf != 0: unit
    j's next chunk (gw + pf) is prefetched into L2 meanwhile. */
 __attribute__((target(VTGT)))
-static void FV(dw_tile)(T* gw, long O, const T* pk, long cw, const uint64_t* msk, const long* at,
+static void FV(dw_tile)(T* gw, long O, const T* pk, const uint64_t* msk, const long* at,
                         const T* vals, long H, long pf) {
     for (long j = 0; j < H; ++j) {
         uint64_t m = msk[j];
@@ -85,15 +85,20 @@ static void FV(dw_tile)(T* gw, long O, const T* pk, long cw, const uint64_t* msk
         if (pf)
             for (int k = 0; k < 8 * VLN * (int)sizeof(T); k += 64) _mm_prefetch((const char*)(g + pf) + k, _MM_HINT_T1);
         const T* y = vals + at[j];
+#ifdef DW_ZERO
+        VEC a0 = VOP(setzero)(), a1 = VOP(setzero)(), a2 = VOP(setzero)(), a3 = VOP(setzero)();
+        VEC a4 = VOP(setzero)(), a5 = VOP(setzero)(), a6 = VOP(setzero)(), a7 = VOP(setzero)();
+#else
         VEC a0 = VOP(loadu)(g), a1 = VOP(loadu)(g + VLN);
         VEC a2 = VOP(loadu)(g + 2 * VLN), a3 = VOP(loadu)(g + 3 * VLN);
         VEC a4 = VOP(loadu)(g + 4 * VLN), a5 = VOP(loadu)(g + 5 * VLN);
         VEC a6 = VOP(loadu)(g + 6 * VLN), a7 = VOP(loadu)(g + 7 * VLN);
+#endif
         do {
             const long r = __builtin_ctzll(m);
             m &= m - 1;
             const VEC v = VOP(set1)(*y++);
-            const T* p = pk + r * cw;
+            const T* p = pk + r * 8 * VLN;
             a0 = VOP(fmadd)(v, VOP(loadu)(p), a0);
             a1 = VOP(fmadd)(v, VOP(loadu)(p + VLN), a1);
             a2 = VOP(fmadd)(v, VOP(loadu)(p + 2 * VLN), a2);
@@ -103,6 +108,12 @@ static void FV(dw_tile)(T* gw, long O, const T* pk, long cw, const uint64_t* msk
             a6 = VOP(fmadd)(v, VOP(loadu)(p + 6 * VLN), a6);
             a7 = VOP(fmadd)(v, VOP(loadu)(p + 7 * VLN), a7);
         } while (m);
+#ifdef DW_ZERO
+        a0 = VOP(add)(a0, VOP(loadu)(g)); a1 = VOP(add)(a1, VOP(loadu)(g + VLN));
+        a2 = VOP(add)(a2, VOP(loadu)(g + 2 * VLN)); a3 = VOP(add)(a3, VOP(loadu)(g + 3 * VLN));
+        a4 = VOP(add)(a4, VOP(loadu)(g + 4 * VLN)); a5 = VOP(add)(a5, VOP(loadu)(g + 5 * VLN));
+        a6 = VOP(add)(a6, VOP(loadu)(g + 6 * VLN)); a7 = VOP(add)(a7, VOP(loadu)(g + 7 * VLN));
+#endif
         VOP(storeu)(g, a0); VOP(storeu)(g + VLN, a1);
         VOP(storeu)(g + 2 * VLN, a2); VOP(storeu)(g + 3 * VLN, a3);
         VOP(storeu)(g + 4 * VLN, a4); VOP(storeu)(g + 5 * VLN, a5);
