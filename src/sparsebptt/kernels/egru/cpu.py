@@ -485,10 +485,11 @@ class SegmentFunction(torch.autograd.Function):
         dghs = ys.new_empty(R, B, O)
         ap, bs, out = torch.empty(B, dtype=torch.long), torch.empty(H * (B + 1), dtype=torch.long), ys.new_empty(max(B, H))
         cnt = torch.empty(2 * H, dtype=torch.long)
-        # dw_block's scratch: a block's event masks (per 64 rows and unit), their starts and rows;
-        # their y and the block's dgh rows packed by column chunk (of <= 128 entries)
-        N = blk * B
-        idx, val = ((torch.empty(2 * -(-N // 64) * H + N, dtype=torch.long), ys.new_empty(N * H + N * (O + 128)))
+        # dw_block's scratch (see its comment in egru_body.h): per sub-block of 64 rows the units'
+        # event masks, rows and y, the quads'; one sub-block's dgh rows of a column chunk, packed
+        N, nsub = blk * B, -(-blk * B // 64)
+        idx, val = ((torch.empty(2 * H + nsub * (H + 1) + 2 + 6 * nsub * (H // 4) + 64 + -(-5 * N * H // 32),
+                                 dtype=torch.long), ys.new_empty(2 * N * H + 64 * 128 + 64))
                     if axpy else (None, None))
         run = getattr(load_library(), f"egru_bwd_{SUFFIX[ys.dtype]}")
         w_hh = weight_hh.detach()

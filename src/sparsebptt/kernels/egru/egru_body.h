@@ -359,7 +359,7 @@ unsigned long long dwprof[5], dwt0;
 /* the width in entries of dw_block's column chunks at instruction set level l: 8 vectors (512
    bytes for AVX-512, 256 for AVX2 and plain C) */
 static long FN(dw_width)(int l) {
-    return (l >= 2 ? 512L : 256L) / (long)sizeof(T);
+    return (l >= 2 ? 384L : 256L) / (long)sizeof(T);
 }
 
 /* dW_hh^T[j] += sum_{t0 <= t < t1} sum_b y_{t-1}[b, j] dgh_t[b] over the non-zero y_{t-1}: the
@@ -374,30 +374,44 @@ static long FN(dw_width)(int l) {
    narrower, and plain C: acc_rows over the mask's rows). Scratch: idx [2 ceil(N / 64) H + N]
    longs (msk, at, then acc_rows' rows); val [N H + N (3H + 128)] (vals, pk). Returns the
    events (axpys of 3H). */
+#ifndef DW_NS
+#define DW_NS 64
+#endif
+#ifndef DW_QUAD
+#define DW_QUAD 40  /* percent: 4 units run as a quad when their union's rows < this share of their events */
+#endif
 static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T* ys, const T* dghs,
                          long R, T* gwhT, long* cnt, long* idx, T* val, long* js, T* out) {
-    (void)cnt;
     (void)js;
     (void)out;
-    const long O = 3 * H, N = (t1 - t0) * B;
+    const long O = 3 * H, N = (t1 - t0) * B, NS = DW_NS;
     const int l = isa_level();
-    const long cw = FN(dw_width)(l), nch = (O + cw - 1) / cw, nsub = (N + 63) / 64;
-    uint64_t* restrict msk = (uint64_t*)idx;
-    long* restrict at = idx + nsub * H;
-    long* rows = at + nsub * H;
-    T* restrict vals = val;
-    T* restrict pk = val + N * H;
-    const T* yr[64];  /* a sub-block's y rows */
+    const long cw = FN(dw_width)(l), nch = (O + cw - 1) / cw, nsub = (N + NS - 1) / NS;
+    uint64_t* restrict lo = (uint64_t*)idx;
+    uint64_t* restrict hi = lo + H;
+    long* restrict at = idx + 2 * H;                /* [nsub H + 1] */
+    long* restrict qat = at + nsub * H + 1;         /* [nsub + 1]: each sub-block's quads */
+    long* restrict quads = qat + nsub + 1;          /* [nsub H / 4, 6] */
+    long* lrows = quads + 6 * (nsub * (H / 4));     /* [NS] */
+    unsigned char* restrict rows = (unsigned char*)(lrows + NS);  /* [N H] */
+    unsigned char* restrict qrows = rows + N * H;   /* [N H / 4] */
+    T* restrict vals = val;                         /* [N H] */
+    T* restrict qvals = val + N * H;                /* [N H] */
+    T* restrict pk = qvals + N * H;                 /* [NS cw] */
+    T* lvals = pk + NS * cw;                        /* [NS] */
+    long* restrict cj = cnt;                        /* [H]: a unit's events in the sub-block (-1: in a quad) */
+    long* restrict order = cnt + H;                 /* [H]: units by events, most first */
+    const T* yr[128];  /* a sub-block's y rows */
     DWP(0);
-    memset(msk, 0, sizeof(uint64_t) * nsub * H);
-    long n = 0;
+    long n = 0, nq = 0, kq = 0, events = 0;
     for (long s = 0; s < nsub; ++s) {
-        const long rs = N - s * 64 < 64 ? N - s * 64 : 64;
-        uint64_t* ms = msk + s * H;
+        const long rs = N - s * NS < NS ? N - s * NS : NS;
+        memset(lo, 0, sizeof(uint64_t) * 2 * H);
         for (long q = 0; q < rs; ++q) {
-            const long r = s * 64 + q, t = t0 + r / B;
+            const long r = s * NS + q, t = t0 + r / B;
             const T* yp = (t ? ys + (t - 1) * B * H : y0) + (r % B) * H;
-            const uint64_t bit = (uint64_t)1 << q;
+            const uint64_t bit = (uint64_t)1 << (q & 63);
+            uint64_t* ms = q < 64 ? lo : hi;
             yr[q] = yp;
 #if X86
             if (l >= 2) { SB_CAT(FN(dw_bits), 512)(yp, H, ms, bit); continue; }
@@ -406,51 +420,99 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
             for (long j = 0; j < H; ++j) ms[j] |= yp[j] != (T)0 ? bit : 0;
         }
         DWP(3);
-        for (long j = 0; j < H; ++j) {  /* the events' y, unit by unit */
-            uint64_t m = ms[j];
+        long start[130];
+        memset(start, 0, sizeof start);
+        for (long j = 0; j < H; ++j) {
+            cj[j] = __builtin_popcountll(lo[j]) + __builtin_popcountll(hi[j]);
+            events += cj[j];
+            ++start[NS - cj[j] + 1];
+        }
+        qat[s] = nq;
+        if (l >= 2 && DW_QUAD > 0) {  /* quads of units in order of events, while they pay */
+            for (long m = 0; m < NS + 1; ++m) start[m + 1] += start[m];
+            for (long j = 0; j < H; ++j) order[start[NS - cj[j]]++] = j;
+            for (long g = 0; g + 4 <= H; g += 4) {
+                const long* u = order + g;
+                const long ev = cj[u[0]] + cj[u[1]] + cj[u[2]] + cj[u[3]];
+                const uint64_t ul = lo[u[0]] | lo[u[1]] | lo[u[2]] | lo[u[3]];
+                const uint64_t uh = hi[u[0]] | hi[u[1]] | hi[u[2]] | hi[u[3]];
+                const long un = __builtin_popcountll(ul) + __builtin_popcountll(uh);
+                if (!cj[u[3]] || 100 * un >= DW_QUAD * ev) break;
+                long* qd = quads + 6 * nq++;
+                qd[4] = kq;
+                for (int w = 0; w < 2; ++w) {
+                    uint64_t m = w ? uh : ul;
+                    while (m) {
+                        const long q = 64 * w + __builtin_ctzll(m);
+                        m &= m - 1;
+                        qrows[kq] = (unsigned char)q;
+                        for (int v = 0; v < 4; ++v) qvals[4 * kq + v] = yr[q][u[v]];
+                        ++kq;
+                    }
+                }
+                qd[5] = kq;
+                for (int v = 0; v < 4; ++v) { qd[v] = u[v]; cj[u[v]] = -1; }
+            }
+        }
+        for (long j = 0; j < H; ++j) {  /* the other units' events: rows and y, unit by unit */
             at[s * H + j] = n;
-            while (m) {
-                const long q = __builtin_ctzll(m);
-                m &= m - 1;
-                vals[n++] = yr[q][j];
+            if (cj[j] < 0) continue;
+            for (int w = 0; w < 2; ++w) {
+                uint64_t m = w ? hi[j] : lo[j];
+                while (m) {
+                    const long q = 64 * w + __builtin_ctzll(m);
+                    m &= m - 1;
+                    rows[n] = (unsigned char)q;
+                    vals[n++] = yr[q][j];
+                }
             }
         }
         DWP(1);
     }
+    at[nsub * H] = n;
+    qat[nsub] = nq;
     DWP(2);
     DWP(0);
     for (long c = 0; c < nch; ++c) {
         const long o0 = c * cw, w = O - o0 < cw ? O - o0 : cw;
         for (long s = 0; s < nsub; ++s) {
-            const uint64_t* ms = msk + s * H;
             const long* as = at + s * H;
-            const long rs = N - s * 64 < 64 ? N - s * 64 : 64;
+            const long rs = N - s * NS < NS ? N - s * NS : NS;
             DWP(4);
             for (long q = 0; q < rs; ++q) {  /* pack the sub-block's rows of this chunk */
-                const long r = s * 64 + q, t = t0 + r / B;
+                const long r = s * NS + q, t = t0 + r / B;
                 memcpy(pk + q * cw, dghs + ((t % R) * B + r % B) * O + o0, sizeof(T) * w);
             }
-            const T* ps = pk;
             DWP(2);
 #if X86
             const long pf = c + 1 < nch ? cw : 0;  /* the next chunk's column into L2 */
-            if (w == cw && l >= 2) { SB_CAT(FN(dw_tile), 512)(gwhT + o0, O, ps, ms, as, vals, H, pf); continue; }
-            if (w == cw && l == 1) { SB_CAT(FN(dw_tile), 256)(gwhT + o0, O, ps, ms, as, vals, H, pf); continue; }
+            if (w == cw && l >= 2) {
+                SB_CAT(FN(dw_quad), 512)(gwhT + o0, O, pk, quads + 6 * qat[s], qat[s + 1] - qat[s], qrows, qvals, pf);
+                SB_CAT(FN(dw_tile), 512)(gwhT + o0, O, pk, rows, as, vals, H, pf);
+                continue;
+            }
+            if (w == cw && l == 1) { SB_CAT(FN(dw_tile), 256)(gwhT + o0, O, pk, rows, as, vals, H, pf); continue; }
 #endif
             for (long j = 0; j < H; ++j) {
-                uint64_t m = ms[j];
-                long k = 0;
-                while (m) {
-                    rows[k++] = __builtin_ctzll(m);
-                    m &= m - 1;
-                }
+                const long e0 = as[j], k = as[j + 1] - e0;
+                for (long e = 0; e < k; ++e) lrows[e] = rows[e0 + e];
                 T* g = gwhT + j * O + o0;
-                if (k) FN(acc_rows)(g, g, ps, cw, rows, vals + as[j], k, w);
+                if (k) FN(acc_rows)(g, g, pk, cw, lrows, vals + e0, k, w);
+            }
+            for (long i = qat[s]; i < qat[s + 1]; ++i) {  /* the quads' units one by one */
+                const long* qd = quads + 6 * i;
+                const long k = qd[5] - qd[4];
+                for (long e = 0; e < k; ++e) lrows[e] = qrows[qd[4] + e];
+                for (int v = 0; v < 4; ++v) {
+                    for (long e = 0; e < k; ++e) lvals[e] = qvals[4 * (qd[4] + e) + v];
+                    T* g = gwhT + qd[v] * O + o0;
+                    FN(acc_rows)(g, g, pk, cw, lrows, lvals, k, w);
+                }
             }
         }
     }
     DWP(4);
-    return n;
+    return events;
 }
 
 /* dL/dy_{t-1}[b, j] = dgh_t[b] . W_hh^T[j] where wanted: at the step before's events and units

@@ -69,57 +69,79 @@ static void FV(acc_rows)(T* out, const T* init, const T* base, long stride, cons
     }
 }
 
-/* The weight gradient's tile (dw_block): for each unit j < H with events in a sub-block of up to
-   64 rows (the bits r of msk[j], their y in order at vals + at[j]), gw[j O + o] += sum_r y_r
-   pk[r cw + o], o < 8 VLN (one column chunk of dW_hh^T's row j): the chunk held in 8 vectors
-   while the packed dgh rows of its events are added (pk: the sub-block's rows of this chunk,
-   contiguous, in L1; the broadcast y times one loaded vector per multiply-add). pf != 0: unit
-   j's next chunk (gw + pf) is prefetched into L2 meanwhile. */
+/* dw_block's column chunk: DWN vectors (6 for AVX-512, leaving registers for dw_quad's 4 x 6
+   accumulators; 8 for AVX2) */
+#define DWN (VW == 512 ? 6 : 8)
+
+/* The weight gradient's tile (dw_block): for each unit j < H with events in a sub-block (its
+   rows at rows[at[j] .. at[j + 1]), their y at vals[..]), gw[j O + o] += sum_e vals[e]
+   pk[rows[e] DWN VLN + o], o < DWN VLN (one column chunk of dW_hh^T's row j): the chunk held in
+   registers while the packed dgh rows of its events are added (pk: the sub-block's rows of this
+   chunk, contiguous, in L1; the broadcast y times one loaded vector per multiply-add). pf != 0:
+   unit j's next chunk (gw + pf) is prefetched into L2 meanwhile. */
 __attribute__((target(VTGT)))
-static void FV(dw_tile)(T* gw, long O, const T* pk, const uint64_t* msk, const long* at,
+static void FV(dw_tile)(T* gw, long O, const T* pk, const unsigned char* rows, const long* at,
                         const T* vals, long H, long pf) {
     for (long j = 0; j < H; ++j) {
-        uint64_t m = msk[j];
-        if (!m) continue;
+        long e = at[j];
+        const long e1 = at[j + 1];
+        if (e == e1) continue;
         T* g = gw + j * O;
         if (pf)
-            for (int k = 0; k < 8 * VLN * (int)sizeof(T); k += 64) _mm_prefetch((const char*)(g + pf) + k, _MM_HINT_T1);
-        const T* y = vals + at[j];
-#ifdef DW_ZERO
-        VEC a0 = VOP(setzero)(), a1 = VOP(setzero)(), a2 = VOP(setzero)(), a3 = VOP(setzero)();
-        VEC a4 = VOP(setzero)(), a5 = VOP(setzero)(), a6 = VOP(setzero)(), a7 = VOP(setzero)();
-#else
-        VEC a0 = VOP(loadu)(g), a1 = VOP(loadu)(g + VLN);
-        VEC a2 = VOP(loadu)(g + 2 * VLN), a3 = VOP(loadu)(g + 3 * VLN);
-        VEC a4 = VOP(loadu)(g + 4 * VLN), a5 = VOP(loadu)(g + 5 * VLN);
-        VEC a6 = VOP(loadu)(g + 6 * VLN), a7 = VOP(loadu)(g + 7 * VLN);
-#endif
+            for (int k = 0; k < DWN * VLN * (int)sizeof(T); k += 64) _mm_prefetch((const char*)(g + pf) + k, _MM_HINT_T1);
+        VEC a[DWN];
+#pragma GCC unroll 8
+        for (int i = 0; i < DWN; ++i) a[i] = VOP(loadu)(g + i * VLN);
         do {
-            const long r = __builtin_ctzll(m);
-            m &= m - 1;
-            const VEC v = VOP(set1)(*y++);
-            const T* p = pk + r * 8 * VLN;
-            a0 = VOP(fmadd)(v, VOP(loadu)(p), a0);
-            a1 = VOP(fmadd)(v, VOP(loadu)(p + VLN), a1);
-            a2 = VOP(fmadd)(v, VOP(loadu)(p + 2 * VLN), a2);
-            a3 = VOP(fmadd)(v, VOP(loadu)(p + 3 * VLN), a3);
-            a4 = VOP(fmadd)(v, VOP(loadu)(p + 4 * VLN), a4);
-            a5 = VOP(fmadd)(v, VOP(loadu)(p + 5 * VLN), a5);
-            a6 = VOP(fmadd)(v, VOP(loadu)(p + 6 * VLN), a6);
-            a7 = VOP(fmadd)(v, VOP(loadu)(p + 7 * VLN), a7);
-        } while (m);
-#ifdef DW_ZERO
-        a0 = VOP(add)(a0, VOP(loadu)(g)); a1 = VOP(add)(a1, VOP(loadu)(g + VLN));
-        a2 = VOP(add)(a2, VOP(loadu)(g + 2 * VLN)); a3 = VOP(add)(a3, VOP(loadu)(g + 3 * VLN));
-        a4 = VOP(add)(a4, VOP(loadu)(g + 4 * VLN)); a5 = VOP(add)(a5, VOP(loadu)(g + 5 * VLN));
-        a6 = VOP(add)(a6, VOP(loadu)(g + 6 * VLN)); a7 = VOP(add)(a7, VOP(loadu)(g + 7 * VLN));
-#endif
-        VOP(storeu)(g, a0); VOP(storeu)(g + VLN, a1);
-        VOP(storeu)(g + 2 * VLN, a2); VOP(storeu)(g + 3 * VLN, a3);
-        VOP(storeu)(g + 4 * VLN, a4); VOP(storeu)(g + 5 * VLN, a5);
-        VOP(storeu)(g + 6 * VLN, a6); VOP(storeu)(g + 7 * VLN, a7);
+            const VEC v = VOP(set1)(vals[e]);
+            const T* p = pk + (long)rows[e] * DWN * VLN;
+#pragma GCC unroll 8
+            for (int i = 0; i < DWN; ++i) a[i] = VOP(fmadd)(v, VOP(loadu)(p + i * VLN), a[i]);
+        } while (++e < e1);
+#pragma GCC unroll 8
+        for (int i = 0; i < DWN; ++i) VOP(storeu)(g + i * VLN, a[i]);
     }
 }
+
+#if VW == 512
+/* dw_tile for groups of 4 units that fire at most of the same rows (quads [nq, 6]: the units,
+   then the range [k0, k1) of their union's rows qrows and y qvals [k, 4], zero where a unit has
+   no event): each loaded vector of a packed row serves the 4 units (4 x DWN accumulators), a
+   multiply by zero where one does not fire. */
+__attribute__((target(VTGT)))
+static void FV(dw_quad)(T* gw, long O, const T* pk, const long* quads, long nq,
+                        const unsigned char* qrows, const T* qvals, long pf) {
+    for (long i = 0; i < nq; ++i) {
+        const long* qd = quads + 6 * i;
+        T* g[4] = {gw + qd[0] * O, gw + qd[1] * O, gw + qd[2] * O, gw + qd[3] * O};
+        if (pf)
+            for (int u = 0; u < 4; ++u)
+                for (int k = 0; k < DWN * VLN * (int)sizeof(T); k += 64) _mm_prefetch((const char*)(g[u] + pf) + k, _MM_HINT_T1);
+        VEC a[4][DWN];
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u)
+#pragma GCC unroll 8
+            for (int v = 0; v < DWN; ++v) a[u][v] = VOP(loadu)(g[u] + v * VLN);
+        for (long k = qd[4]; k < qd[5]; ++k) {
+            const T* p = pk + (long)qrows[k] * DWN * VLN;
+            const VEC y0 = VOP(set1)(qvals[4 * k]), y1 = VOP(set1)(qvals[4 * k + 1]);
+            const VEC y2 = VOP(set1)(qvals[4 * k + 2]), y3 = VOP(set1)(qvals[4 * k + 3]);
+#pragma GCC unroll 8
+            for (int v = 0; v < DWN; ++v) {
+                const VEC x = VOP(loadu)(p + v * VLN);
+                a[0][v] = VOP(fmadd)(y0, x, a[0][v]);
+                a[1][v] = VOP(fmadd)(y1, x, a[1][v]);
+                a[2][v] = VOP(fmadd)(y2, x, a[2][v]);
+                a[3][v] = VOP(fmadd)(y3, x, a[3][v]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u)
+#pragma GCC unroll 8
+            for (int v = 0; v < DWN; ++v) VOP(storeu)(g[u] + v * VLN, a[u][v]);
+    }
+}
+#endif
 
 /* msk[j] |= bit where y[j] != 0, j < n (dw_block's event masks: one row's bit) */
 __attribute__((target(VTGT)))
@@ -256,6 +278,7 @@ static long FV(nonzeros)(const T* y, long n, long* js, T* vs) {
     return k;
 }
 
+#undef DWN
 #undef FV
 #undef VOP
 #undef SB_MMV
