@@ -488,8 +488,8 @@ class SegmentFunction(torch.autograd.Function):
         # dw_block's scratch (see its comment in egru_body.h): per sub-block of 64 rows the units'
         # event masks, rows and y, the quads'; one sub-block's dgh rows of a column chunk, packed
         N, nsub = blk * B, -(-blk * B // 64)
-        idx, val = ((torch.empty(2 * H + nsub * (H + 1) + 2 + 6 * nsub * (H // 4) + 64 + -(-5 * N * H // 32),
-                                 dtype=torch.long), ys.new_empty(2 * N * H + 64 * 128 + 64))
+        idx, val = ((torch.empty(2 * H + nsub * (H + 1) + 2 + 6 * nsub * (H // 4) + 128 + -(-5 * N * H // 32),
+                                 dtype=torch.long), ys.new_empty(2 * N * H + 128 * 129))
                     if axpy else (None, None))
         run = getattr(load_library(), f"egru_bwd_{SUFFIX[ys.dtype]}")
         w_hh = weight_hh.detach()

@@ -375,7 +375,7 @@ static long FN(dw_width)(int l) {
    longs (msk, at, then acc_rows' rows); val [N H + N (3H + 128)] (vals, pk). Returns the
    events (axpys of 3H). */
 #ifndef DW_NS
-#define DW_NS 64
+#define DW_NS 96  /* rows of a sub-block at most (<= 128) */
 #endif
 #ifndef DW_QUAD
 #define DW_QUAD 40  /* percent: 4 units run as a quad when their union's rows < this share of their events */
@@ -384,9 +384,10 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
                          long R, T* gwhT, long* cnt, long* idx, T* val, long* js, T* out) {
     (void)js;
     (void)out;
-    const long O = 3 * H, N = (t1 - t0) * B, NS = DW_NS;
+    const long O = 3 * H, N = (t1 - t0) * B;
     const int l = isa_level();
-    const long cw = FN(dw_width)(l), nch = (O + cw - 1) / cw, nsub = (N + NS - 1) / NS;
+    const long cw = FN(dw_width)(l), nch = (O + cw - 1) / cw, nsub = (N + DW_NS - 1) / DW_NS;
+    const long NS = (N + nsub - 1) / nsub;  /* rows of a sub-block (the last may have fewer) */
     uint64_t* restrict lo = (uint64_t*)idx;
     uint64_t* restrict hi = lo + H;
     long* restrict at = idx + 2 * H;                /* [nsub H + 1] */
