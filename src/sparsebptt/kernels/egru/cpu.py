@@ -485,8 +485,9 @@ class SegmentFunction(torch.autograd.Function):
         dghs = ys.new_empty(R, B, O)
         ap, bs, out = torch.empty(B, dtype=torch.long), torch.empty(H * (B + 1), dtype=torch.long), ys.new_empty(max(B, H))
         cnt = torch.empty(2 * H, dtype=torch.long)
-        # dw_block's scratch (see its comment in egru_body.h): per sub-block of 64 rows the units'
-        # event masks, rows and y, the quads'; one sub-block's dgh rows of a column chunk, packed
+        # dw_block's scratch (sizes in its comment in egru_body.h): per sub-block of rows (at most
+        # ceil(N / 64) of them) the units' event masks, rows and y, the quads'; one sub-block's dgh
+        # rows of a column chunk, packed
         N, nsub = blk * B, -(-blk * B // 64)
         idx, val = ((torch.empty(2 * H + nsub * (H + 1) + 2 + 6 * nsub * (H // 4) + 128 + -(-5 * N * H // 32),
                                  dtype=torch.long), ys.new_empty(2 * N * H + 128 * 129))

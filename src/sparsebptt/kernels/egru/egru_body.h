@@ -347,39 +347,39 @@ INL void FN(bwd_pointwise)(long B, long H, long t, const T* c0, const T* s, cons
     }
 }
 
-#ifdef DW_PROF
-#ifndef DWP
-unsigned long long dwprof[5], dwt0;
-#define DWP(i) do { unsigned long long n_ = __rdtsc(); if (i) dwprof[(i) - 1] += n_ - dwt0; dwt0 = n_; } while (0)
-#endif
-#else
-#define DWP(i) do { } while (0)
-#endif
-
-/* the width in entries of dw_block's column chunks at instruction set level l: 8 vectors (512
-   bytes for AVX-512, 256 for AVX2 and plain C) */
+/* the width in entries of dw_block's column chunks at instruction set level l: 6 vectors for
+   AVX-512 (384 bytes: dw_quad's 4 x 6 accumulators fit the 32 registers), 8 for AVX2 (256 bytes,
+   as plain C) */
 static long FN(dw_width)(int l) {
     return (l >= 2 ? 384L : 256L) / (long)sizeof(T);
 }
 
-/* dW_hh^T[j] += sum_{t0 <= t < t1} sum_b y_{t-1}[b, j] dgh_t[b] over the non-zero y_{t-1}: the
-   weight gradient of a block of steps, N = (t1 - t0) B rows (r = (t - t0) B + b) of dgh (dghs: a
-   ring of R steps). Columns in chunks of cw entries (dw_width: 8 vectors), rows in sub-blocks of
-   64. First each unit's events in each sub-block are noted as the bits of a mask (msk [nsub H])
-   and their y gathered in order (vals [N H], unit (s, j)'s from at[s H + j]), and the rows
-   packed chunk by chunk (pk: chunk c's rows at pk + c N cw, cw entries each, so that a
-   sub-block's 64 rows are contiguous: 32 KiB (16 KiB for AVX2), kept in L1 while used); then
-   per chunk (its column of dW_hh^T, H cw entries, stays in L2), per sub-block, each unit's chunk
-   is held in registers while its events' packed rows are added (dw_tile; the last chunk when
-   narrower, and plain C: acc_rows over the mask's rows). Scratch: idx [2 ceil(N / 64) H + N]
-   longs (msk, at, then acc_rows' rows); val [N H + N (3H + 128)] (vals, pk). Returns the
-   events (axpys of 3H). */
 #ifndef DW_NS
 #define DW_NS 96  /* rows of a sub-block at most (<= 128) */
 #endif
 #ifndef DW_QUAD
-#define DW_QUAD 40  /* percent: 4 units run as a quad when their union's rows < this share of their events */
+#define DW_QUAD 40  /* percent: 4 units run as a quad while their union's rows < this share of their events */
 #endif
+
+/* dW_hh^T[j] += sum_{t0 <= t < t1} sum_b y_{t-1}[b, j] dgh_t[b] over the non-zero y_{t-1}: the
+   weight gradient of a block of steps, N = (t1 - t0) B rows (r = (t - t0) B + b) of dgh (dghs: a
+   ring of R steps). Rows in sub-blocks of NS <= DW_NS (equal sizes but the last), columns in
+   chunks of cw entries (dw_width). Per sub-block first each unit's events (bit masks lo, hi of
+   its rows, then their count cj) are listed: rows (bytes) and y (vals), unit j's from at[s H + j];
+   with AVX-512, units taken in order of events (most first) 4 at a time form quads while the
+   union of their rows is below DW_QUAD % of their events (quads [.., 6]: the units and their
+   range of qrows, the union's rows, and qvals [.., 4], each unit's y there, zero where it has no
+   event; a quad's units have no list of their own). Then per chunk (its column of dW_hh^T, H cw
+   entries, stays in L2; the next chunk's prefetched into L2 meanwhile), per sub-block, the
+   sub-block's rows of the chunk are packed (pk, NS cw entries: <= 36 KiB, in L1 while used) and
+   each unit's chunk is held in registers while its events' packed rows are added (dw_tile),
+   each quad's 4 chunks while the union's rows are (dw_quad: a loaded row serves 4 units); the
+   last chunk when narrower and plain C through acc_rows. (A quad multiplies the zero y of a unit
+   without an event by that row: the same sum unless the row has an infinite or NaN entry.)
+   Scratch: cnt [2 H] longs (cj, the units' order); idx [2 H + nsub (H + 1) + 2 + 6 nsub (H / 4)
+   + 128 + 5 N H / 32] longs, nsub <= ceil(N / 64) (lo, hi, at, quads' starts per sub-block,
+   quads, acc_rows' rows, then rows and qrows as bytes); val [2 N H + 128 129] (vals, qvals, pk,
+   acc_rows' values). Returns the events (axpys of 3H). */
 static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T* ys, const T* dghs,
                          long R, T* gwhT, long* cnt, long* idx, T* val, long* js, T* out) {
     (void)js;
@@ -403,7 +403,6 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
     long* restrict cj = cnt;                        /* [H]: a unit's events in the sub-block (-1: in a quad) */
     long* restrict order = cnt + H;                 /* [H]: units by events, most first */
     const T* yr[128];  /* a sub-block's y rows */
-    DWP(0);
     long n = 0, nq = 0, kq = 0, events = 0;
     for (long s = 0; s < nsub; ++s) {
         const long rs = N - s * NS < NS ? N - s * NS : NS;
@@ -420,7 +419,6 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
 #endif
             for (long j = 0; j < H; ++j) ms[j] |= yp[j] != (T)0 ? bit : 0;
         }
-        DWP(3);
         long start[130];
         memset(start, 0, sizeof start);
         for (long j = 0; j < H; ++j) {
@@ -468,23 +466,18 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
                 }
             }
         }
-        DWP(1);
     }
     at[nsub * H] = n;
     qat[nsub] = nq;
-    DWP(2);
-    DWP(0);
     for (long c = 0; c < nch; ++c) {
         const long o0 = c * cw, w = O - o0 < cw ? O - o0 : cw;
         for (long s = 0; s < nsub; ++s) {
             const long* as = at + s * H;
             const long rs = N - s * NS < NS ? N - s * NS : NS;
-            DWP(4);
             for (long q = 0; q < rs; ++q) {  /* pack the sub-block's rows of this chunk */
                 const long r = s * NS + q, t = t0 + r / B;
                 memcpy(pk + q * cw, dghs + ((t % R) * B + r % B) * O + o0, sizeof(T) * w);
             }
-            DWP(2);
 #if X86
             const long pf = c + 1 < nch ? cw : 0;  /* the next chunk's column into L2 */
             if (w == cw && l >= 2) {
@@ -512,7 +505,6 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
             }
         }
     }
-    DWP(4);
     return events;
 }
 
@@ -626,9 +618,9 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
    Out: dgis [.., B, 3H] (step t at t - t_lo), dghs: dL/d(W_hh y + b_hh) of the steps, a ring of
    R steps (dgh_t at t mod R; R >= blk when axpy, R = L when the caller takes dW_hh as one GEMM
    over the segment); accumulated: gbh [3H], gthr [H], gwhT [H, 3H] (when axpy). Scratch: ap [B],
-   out [max(B, H)]; wl [H (B + 1)] (masked_dots only); cnt [2 H] (dw_block's counts and
-   non-zero lists: no buffer is read through another type than it was written with); idx, val
-   [blk B H]. macs [2]: the dots and the
+   out [max(B, H)]; wl [H (B + 1)] (masked_dots only); cnt [2 H], idx, val: dw_block's (sizes
+   in its comment, for N = blk B; no buffer is read through another type than it was written
+   with). macs [2]: the dots and the
    axpys done are added (times 3H). */
 CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* c0, const T* y0, const T* ys,
                          const T* s, const T* cts, const T* whT, const T* thr, double gamma,
