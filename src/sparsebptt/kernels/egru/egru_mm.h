@@ -77,7 +77,8 @@ static void FV(acc_rows)(T* out, const T* init, const T* base, long stride, cons
    rows at rows[at[j] .. at[j + 1]), their y at vals[..]), gw[j O + o] += sum_e vals[e]
    pk[rows[e] DWN VLN + o], o < DWN VLN (one column chunk of dW_hh^T's row j): the chunk held in
    registers while the packed dgh rows of its events are added (pk: the sub-block's rows of this
-   chunk, contiguous, in L1; the broadcast y times one loaded vector per multiply-add). pf != 0:
+   chunk, contiguous, in L1; the broadcast y times one loaded vector per multiply-add; with
+   AVX-512 two events at a time into two sets of accumulators, summed at the end). pf != 0:
    unit j's next chunk (gw + pf) is prefetched into L2 meanwhile. */
 __attribute__((target(VTGT)))
 static void FV(dw_tile)(T* gw, long O, const T* pk, const unsigned char* rows, const long* at,
@@ -89,17 +90,29 @@ static void FV(dw_tile)(T* gw, long O, const T* pk, const unsigned char* rows, c
         T* g = gw + j * O;
         if (pf)
             for (int k = 0; k < DWN * VLN * (int)sizeof(T); k += 64) _mm_prefetch((const char*)(g + pf) + k, _MM_HINT_T1);
-        VEC a[DWN];
+        VEC a[DWN], b[DWN];
 #pragma GCC unroll 8
-        for (int i = 0; i < DWN; ++i) a[i] = VOP(loadu)(g + i * VLN);
-        do {
+        for (int i = 0; i < DWN; ++i) { a[i] = VOP(loadu)(g + i * VLN); b[i] = VOP(setzero)(); }
+#if VW == 512
+        for (; e + 2 <= e1; e += 2) {  /* two events at a time, into two sets of accumulators */
+            const VEC v = VOP(set1)(vals[e]), u = VOP(set1)(vals[e + 1]);
+            const T* p = pk + (long)rows[e] * DWN * VLN;
+            const T* q = pk + (long)rows[e + 1] * DWN * VLN;
+#pragma GCC unroll 8
+            for (int i = 0; i < DWN; ++i) {
+                a[i] = VOP(fmadd)(v, VOP(loadu)(p + i * VLN), a[i]);
+                b[i] = VOP(fmadd)(u, VOP(loadu)(q + i * VLN), b[i]);
+            }
+        }
+#endif
+        for (; e < e1; ++e) {
             const VEC v = VOP(set1)(vals[e]);
             const T* p = pk + (long)rows[e] * DWN * VLN;
 #pragma GCC unroll 8
             for (int i = 0; i < DWN; ++i) a[i] = VOP(fmadd)(v, VOP(loadu)(p + i * VLN), a[i]);
-        } while (++e < e1);
+        }
 #pragma GCC unroll 8
-        for (int i = 0; i < DWN; ++i) VOP(storeu)(g + i * VLN, a[i]);
+        for (int i = 0; i < DWN; ++i) VOP(storeu)(g + i * VLN, VOP(add)(a[i], b[i]));
     }
 }
 
