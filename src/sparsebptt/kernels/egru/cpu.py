@@ -489,7 +489,7 @@ class SegmentFunction(torch.autograd.Function):
         # ceil(N / 64) of them) the units' event masks, rows and y, the quads'; one sub-block's dgh
         # rows of a column chunk, packed
         N, nsub = blk * B, -(-blk * B // 64)
-        idx, val = ((torch.empty(2 * H + nsub * (H + 1) + 2 + 6 * nsub * (H // 4) + 128 + -(-5 * N * H // 32),
+        idx, val = ((torch.empty(2 * H + nsub * (H + 2) + 2 + 6 * nsub * (H // 4) + 128 + -(-5 * N * H // 32),
                                  dtype=torch.long), ys.new_empty(2 * N * H + 128 * 129))
                     if axpy else (None, None))
         run = getattr(load_library(), f"egru_bwd_{SUFFIX[ys.dtype]}")

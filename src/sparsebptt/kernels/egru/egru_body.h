@@ -357,6 +357,9 @@ static long FN(dw_width)(int l) {
 #ifndef DW_NS
 #define DW_NS 96  /* rows of a sub-block at most (<= 128) */
 #endif
+#ifndef DW_PACK_MIN
+#define DW_PACK_MIN 4  /* events per row (of a sub-block) from which its rows are packed */
+#endif
 #ifndef DW_QUAD
 #define DW_QUAD 40  /* percent: 4 units run as a quad while their union's rows < this share of their events */
 #endif
@@ -376,9 +379,11 @@ static long FN(dw_width)(int l) {
    each quad's 4 chunks while the union's rows are (dw_quad: a loaded row serves 4 units); the
    last chunk when narrower and plain C through acc_rows. (A quad multiplies the zero y of a unit
    without an event by that row: the same sum unless the row has an infinite or NaN entry.)
-   Scratch: cnt [2 H] longs (cj, the units' order); idx [2 H + nsub (H + 1) + 2 + 6 nsub (H / 4)
-   + 128 + 5 N H / 32] longs, nsub <= ceil(N / 64) (lo, hi, at, quads' starts per sub-block,
-   quads, acc_rows' rows, then rows and qrows as bytes); val [2 N H + 128 129] (vals, qvals, pk,
+   A sub-block with fewer than DW_PACK_MIN events per row is not packed: each unit's events add
+   whole dgh rows from the ring (acc_rows). Scratch: cnt [2 H] longs (cj, the units' order); idx
+   [2 H + nsub (H + 2) + 2 + 6 nsub (H / 4) + 128 + 5 N H / 32] longs, nsub <= ceil(N / 64) (lo,
+   hi, at, quads' starts per sub-block, direct, quads, acc_rows' rows, then rows and qrows as
+   bytes); val [2 N H + 128 129] (vals, qvals, pk,
    acc_rows' values). Returns the events (axpys of 3H). */
 static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T* ys, const T* dghs,
                          long R, T* gwhT, long* cnt, long* idx, T* val, long* js, T* out) {
@@ -392,7 +397,8 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
     uint64_t* restrict hi = lo + H;
     long* restrict at = idx + 2 * H;                /* [nsub H + 1] */
     long* restrict qat = at + nsub * H + 1;         /* [nsub + 1]: each sub-block's quads */
-    long* restrict quads = qat + nsub + 1;          /* [nsub H / 4, 6] */
+    long* restrict direct = qat + nsub + 1;         /* [nsub]: too few events to pack its rows */
+    long* restrict quads = direct + nsub;           /* [nsub H / 4, 6] */
     long* lrows = quads + 6 * (nsub * (H / 4));     /* [NS] */
     unsigned char* restrict rows = (unsigned char*)(lrows + NS);  /* [N H] */
     unsigned char* restrict qrows = rows + N * H;   /* [N H / 4] */
@@ -419,15 +425,17 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
 #endif
             for (long j = 0; j < H; ++j) ms[j] |= yp[j] != (T)0 ? bit : 0;
         }
-        long start[130];
+        long start[130], es = 0;
         memset(start, 0, sizeof start);
         for (long j = 0; j < H; ++j) {
             cj[j] = __builtin_popcountll(lo[j]) + __builtin_popcountll(hi[j]);
-            events += cj[j];
+            es += cj[j];
             ++start[NS - cj[j] + 1];
         }
+        events += es;
+        direct[s] = es < DW_PACK_MIN * rs;
         qat[s] = nq;
-        if (l >= 2 && DW_QUAD > 0) {  /* quads of units in order of events, while they pay */
+        if (l >= 2 && DW_QUAD > 0 && !direct[s]) {  /* quads of units in order of events, while they pay */
             for (long m = 0; m < NS + 1; ++m) start[m + 1] += start[m];
             for (long j = 0; j < H; ++j) order[start[NS - cj[j]]++] = j;
             for (long g = 0; g + 4 <= H; g += 4) {
@@ -469,9 +477,22 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
     }
     at[nsub * H] = n;
     qat[nsub] = nq;
+    for (long s = 0; s < nsub; ++s) {  /* sub-blocks with few events: each unit's whole rows, unpacked */
+        if (!direct[s]) continue;
+        const long* as = at + s * H;
+        for (long j = 0; j < H; ++j) {
+            const long e0 = as[j], k = as[j + 1] - e0;
+            for (long e = 0; e < k; ++e) {
+                const long r = s * NS + rows[e0 + e], t = t0 + r / B;
+                lrows[e] = (t % R) * B + r % B;
+            }
+            if (k) FN(acc_rows)(gwhT + j * O, gwhT + j * O, dghs, O, lrows, vals + e0, k, O);
+        }
+    }
     for (long c = 0; c < nch; ++c) {
         const long o0 = c * cw, w = O - o0 < cw ? O - o0 : cw;
         for (long s = 0; s < nsub; ++s) {
+            if (direct[s]) continue;
             const long* as = at + s * H;
             const long rs = N - s * NS < NS ? N - s * NS : NS;
             for (long q = 0; q < rs; ++q) {  /* pack the sub-block's rows of this chunk */
