@@ -118,6 +118,39 @@ def test_register_blocked_paths(dtype, isa, dots_below, dw_bytes, isa_cap, monke
     assert 0.05 < tg.activity["EGRU"] < egru_cpu.DW_SPARSE_BELOW  # the weight gradient over events runs
 
 
+@pytest.mark.parametrize("fire", ["quads", "rare", "none"])
+@pytest.mark.parametrize("dw_bytes", [1, 1 << 24], ids=["dw_block1", "dw_block_all"])
+@pytest.mark.parametrize("isa", [2, 1, 0], ids=["avx512", "avx2", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_weight_gradient_sub_blocks_and_quads(dtype, isa, dw_bytes, fire, isa_cap, monkeypatch):
+    """dW_hh over events (dw_block), T = 30, B = 5: 150 rows, in sub-blocks of 64, 64 and 22 (one
+    block) or blocks of one step (5 rows); 3H = 210 (H = 70): full column chunks and a narrower last
+    one. "quads": 20 units fire at every step (thresholds below any c~: with AVX-512 they run in
+    quads, 4 units sharing each loaded row), the others rarely; "rare": ~4 % of the units fire
+    (sub-blocks with fewer than 4 events per row add whole rows unpacked); "none": no unit fires
+    after the initial state's events (blocks without events)."""
+    isa_cap(isa)
+    monkeypatch.setattr(egru_cpu, "DW_BLOCK_BYTES", dw_bytes)
+    Hb, T, B = 70, 30, 5
+    ref, got = pair(dtype, H=Hb, epsilon=0.4)
+    with torch.no_grad():
+        if fire == "quads":
+            ref.threshold[:20] = -1.0
+            ref.threshold[20:] += 0.5
+        elif fire == "rare":
+            ref.threshold += 0.1
+        else:
+            ref.threshold.fill_(5.0)
+    got.load_state_dict(ref.state_dict())
+    x = seeded(8, T, B, N_IN, dtype=dtype)
+    s0 = state0_of(ref, B, dtype)
+    r, tr = run(ref, x, s0)
+    g, tg = run(got, x, s0)
+    compare(r, g, dtype, T, Hb)
+    low, high = {"quads": (20 / Hb, egru_cpu.DW_SPARSE_BELOW), "rare": (0.0, 4 / Hb), "none": (-1.0, 0.5 / Hb)}[fire]
+    assert low < tg.activity["EGRU"] < high  # the weight gradient over events runs
+
+
 @pytest.mark.parametrize("group_b", [8, 64], ids=["per_unit", "grouped"])
 @pytest.mark.parametrize("isa", [2, 1], ids=["avx512", "avx2"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

@@ -485,8 +485,13 @@ class SegmentFunction(torch.autograd.Function):
         dghs = ys.new_empty(R, B, O)
         ap, bs, out = torch.empty(B, dtype=torch.long), torch.empty(H * (B + 1), dtype=torch.long), ys.new_empty(max(B, H))
         cnt = torch.empty(2 * H, dtype=torch.long)
-        nev = blk * B * H  # a block's events sorted by unit
-        idx, val = (torch.empty(nev, dtype=torch.long), ys.new_empty(nev)) if axpy else (None, None)
+        # dw_block's scratch (sizes in its comment in egru_body.h): per sub-block of rows (at most
+        # ceil(N / 64) of them) the units' event masks, rows and y, the quads'; one sub-block's dgh
+        # rows of a column chunk, packed
+        N, nsub = blk * B, -(-blk * B // 64)
+        idx, val = ((torch.empty(2 * H + nsub * (H + 2) + 2 + 6 * nsub * (H // 4) + 128 + -(-5 * N * H // 32),
+                                 dtype=torch.long), ys.new_empty(2 * N * H + 128 * 129))
+                    if axpy else (None, None))
         run = getattr(load_library(), f"egru_bwd_{SUFFIX[ys.dtype]}")
         w_hh = weight_hh.detach()
         dense_macs = 0

@@ -347,43 +347,186 @@ INL void FN(bwd_pointwise)(long B, long H, long t, const T* c0, const T* s, cons
     }
 }
 
+/* the width in entries of dw_block's column chunks at instruction set level l: 6 vectors for
+   AVX-512 (384 bytes: dw_quad's 4 x 6 accumulators fit the 32 registers), 8 for AVX2 (256 bytes,
+   as plain C) */
+static long FN(dw_width)(int l) {
+    return (l >= 2 ? 384L : 256L) / (long)sizeof(T);
+}
+
+#ifndef DW_NS
+#define DW_NS 96  /* rows of a sub-block at most (<= 128) */
+#endif
+#ifndef DW_PACK_MIN
+#define DW_PACK_MIN 4  /* events per row (of a sub-block) from which its rows are packed */
+#endif
+#ifndef DW_QUAD
+#define DW_QUAD 40  /* percent: 4 units run as a quad while their union's rows < this share of their events */
+#endif
+
 /* dW_hh^T[j] += sum_{t0 <= t < t1} sum_b y_{t-1}[b, j] dgh_t[b] over the non-zero y_{t-1}: the
-   weight gradient of a block of steps. The block's events are first sorted by unit (a counting
-   sort into idx (rows (t mod R) B + b of dghs, a ring of R steps) and val [blk B H]; cnt [H]
-   longs, used as ints; js, vs [H]: each row's non-zero entries, from nonzeros), then each row of
-   dW_hh^T is read and written once while its events' dgh rows are added in registers
-   (acc_rows). Returns the events (axpys of 3H). */
+   weight gradient of a block of steps, N = (t1 - t0) B rows (r = (t - t0) B + b) of dgh (dghs: a
+   ring of R steps). Rows in sub-blocks of NS <= DW_NS (equal sizes but the last), columns in
+   chunks of cw entries (dw_width). Per sub-block first each unit's events (bit masks lo, hi of
+   its rows, then their count cj) are listed: rows (bytes) and y (vals), unit j's from at[s H + j];
+   with AVX-512, units taken in order of events (most first) 4 at a time form quads while the
+   union of their rows is below DW_QUAD % of their events (quads [.., 6]: the units and their
+   range of qrows, the union's rows, and qvals [.., 4], each unit's y there, zero where it has no
+   event; a quad's units have no list of their own). Then per chunk (its column of dW_hh^T, H cw
+   entries, stays in L2; the next chunk's prefetched into L2 meanwhile), per sub-block, the
+   sub-block's rows of the chunk are packed (pk, NS cw entries: <= 36 KiB, in L1 while used) and
+   each unit's chunk is held in registers while its events' packed rows are added (dw_tile),
+   each quad's 4 chunks while the union's rows are (dw_quad: a loaded row serves 4 units); the
+   last chunk when narrower and plain C through acc_rows. (A quad multiplies the zero y of a unit
+   without an event by that row: the same sum unless the row has an infinite or NaN entry.)
+   A sub-block with fewer than DW_PACK_MIN events per row is not packed: each unit's events add
+   whole dgh rows from the ring (acc_rows). Scratch: cnt [2 H] longs (cj, the units' order); idx
+   [2 H + nsub (H + 2) + 2 + 6 nsub (H / 4) + 128 + 5 N H / 32] longs, nsub <= ceil(N / 64) (lo,
+   hi, at, quads' starts per sub-block, direct, quads, acc_rows' rows, then rows and qrows as
+   bytes); val [2 N H + 128 129] (vals, qvals, pk,
+   acc_rows' values). Returns the events (axpys of 3H). */
 static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T* ys, const T* dghs,
-                         long R, T* gwhT, long* cnt, long* idx, T* val, long* js, T* vs) {
-    const long O = 3 * H;
-    int* restrict pos = (int*)cnt;
-    memset(pos, 0, sizeof(int) * H);
-    for (long t = t0; t < t1; ++t) {
-        const T* restrict yp = t ? ys + (t - 1) * B * H : y0;
-        for (long b = 0; b < B; ++b)
-            for (long j = 0; j < H; ++j) pos[j] += yp[b * H + j] != (T)0;
-    }
-    long n = 0;
-    for (long j = 0; j < H; ++j) { const long c = pos[j]; pos[j] = (int)n; n += c; }  /* starts */
-    for (long t = t0; t < t1; ++t) {
-        const T* yp = t ? ys + (t - 1) * B * H : y0;
-        for (long b = 0; b < B; ++b) {
-            const long row = (t % R) * B + b;
-            const long k = FN(nonzeros)(yp + b * H, H, js, vs);
-            for (long q = 0; q < k; ++q) {
-                const int p = pos[js[q]]++;
-                idx[p] = row;
-                val[p] = vs[q];
+                         long R, T* gwhT, long* cnt, long* idx, T* val, long* js, T* out) {
+    (void)js;
+    (void)out;
+    const long O = 3 * H, N = (t1 - t0) * B;
+    const int l = isa_level();
+    const long cw = FN(dw_width)(l), nch = (O + cw - 1) / cw, nsub = (N + DW_NS - 1) / DW_NS;
+    const long NS = (N + nsub - 1) / nsub;  /* rows of a sub-block (the last may have fewer) */
+    uint64_t* restrict lo = (uint64_t*)idx;
+    uint64_t* restrict hi = lo + H;
+    long* restrict at = idx + 2 * H;                /* [nsub H + 1] */
+    long* restrict qat = at + nsub * H + 1;         /* [nsub + 1]: each sub-block's quads */
+    long* restrict direct = qat + nsub + 1;         /* [nsub]: too few events to pack its rows */
+    long* restrict quads = direct + nsub;           /* [nsub H / 4, 6] */
+    long* lrows = quads + 6 * (nsub * (H / 4));     /* [NS] */
+    unsigned char* restrict rows = (unsigned char*)(lrows + NS);  /* [N H] */
+    unsigned char* restrict qrows = rows + N * H;   /* [N H / 4] */
+    T* restrict vals = val;                         /* [N H] */
+    T* restrict qvals = val + N * H;                /* [N H] */
+    T* restrict pk = qvals + N * H;                 /* [NS cw] */
+    T* lvals = pk + NS * cw;                        /* [NS] */
+    long* restrict cj = cnt;                        /* [H]: a unit's events in the sub-block (-1: in a quad) */
+    long* restrict order = cnt + H;                 /* [H]: units by events, most first */
+    const T* yr[128];  /* a sub-block's y rows */
+    long n = 0, nq = 0, kq = 0, events = 0;
+    for (long s = 0; s < nsub; ++s) {
+        const long rs = N - s * NS < NS ? N - s * NS : NS;
+        memset(lo, 0, sizeof(uint64_t) * 2 * H);
+        for (long q = 0; q < rs; ++q) {
+            const long r = s * NS + q, t = t0 + r / B;
+            const T* yp = (t ? ys + (t - 1) * B * H : y0) + (r % B) * H;
+            const uint64_t bit = (uint64_t)1 << (q & 63);
+            uint64_t* ms = q < 64 ? lo : hi;
+            yr[q] = yp;
+#if X86
+            if (l >= 2) { SB_CAT(FN(dw_bits), 512)(yp, H, ms, bit); continue; }
+            if (l == 1) { SB_CAT(FN(dw_bits), 256)(yp, H, ms, bit); continue; }
+#endif
+            for (long j = 0; j < H; ++j) ms[j] |= yp[j] != (T)0 ? bit : 0;
+        }
+        long start[130], es = 0;
+        memset(start, 0, sizeof start);
+        for (long j = 0; j < H; ++j) {
+            cj[j] = __builtin_popcountll(lo[j]) + __builtin_popcountll(hi[j]);
+            es += cj[j];
+            ++start[NS - cj[j] + 1];
+        }
+        events += es;
+        direct[s] = es < DW_PACK_MIN * rs;
+        qat[s] = nq;
+        if (l >= 2 && DW_QUAD > 0 && !direct[s]) {  /* quads of units in order of events, while they pay */
+            for (long m = 0; m < NS + 1; ++m) start[m + 1] += start[m];
+            for (long j = 0; j < H; ++j) order[start[NS - cj[j]]++] = j;
+            for (long g = 0; g + 4 <= H; g += 4) {
+                const long* u = order + g;
+                const long ev = cj[u[0]] + cj[u[1]] + cj[u[2]] + cj[u[3]];
+                const uint64_t ul = lo[u[0]] | lo[u[1]] | lo[u[2]] | lo[u[3]];
+                const uint64_t uh = hi[u[0]] | hi[u[1]] | hi[u[2]] | hi[u[3]];
+                const long un = __builtin_popcountll(ul) + __builtin_popcountll(uh);
+                if (!cj[u[3]] || 100 * un >= DW_QUAD * ev) break;
+                long* qd = quads + 6 * nq++;
+                qd[4] = kq;
+                for (int w = 0; w < 2; ++w) {
+                    uint64_t m = w ? uh : ul;
+                    while (m) {
+                        const long q = 64 * w + __builtin_ctzll(m);
+                        m &= m - 1;
+                        qrows[kq] = (unsigned char)q;
+                        for (int v = 0; v < 4; ++v) qvals[4 * kq + v] = yr[q][u[v]];
+                        ++kq;
+                    }
+                }
+                qd[5] = kq;
+                for (int v = 0; v < 4; ++v) { qd[v] = u[v]; cj[u[v]] = -1; }
+            }
+        }
+        for (long j = 0; j < H; ++j) {  /* the other units' events: rows and y, unit by unit */
+            at[s * H + j] = n;
+            if (cj[j] < 0) continue;
+            for (int w = 0; w < 2; ++w) {
+                uint64_t m = w ? hi[j] : lo[j];
+                while (m) {
+                    const long q = 64 * w + __builtin_ctzll(m);
+                    m &= m - 1;
+                    rows[n] = (unsigned char)q;
+                    vals[n++] = yr[q][j];
+                }
             }
         }
     }
-    long start = 0;  /* pos[j] is now the end of unit j's events */
-    for (long j = 0; j < H; ++j) {
-        const long m = pos[j] - start;
-        if (m) FN(acc_rows)(gwhT + j * O, gwhT + j * O, dghs, O, idx + start, val + start, m, O);
-        start = pos[j];
+    at[nsub * H] = n;
+    qat[nsub] = nq;
+    for (long s = 0; s < nsub; ++s) {  /* sub-blocks with few events: each unit's whole rows, unpacked */
+        if (!direct[s]) continue;
+        const long* as = at + s * H;
+        for (long j = 0; j < H; ++j) {
+            const long e0 = as[j], k = as[j + 1] - e0;
+            for (long e = 0; e < k; ++e) {
+                const long r = s * NS + rows[e0 + e], t = t0 + r / B;
+                lrows[e] = (t % R) * B + r % B;
+            }
+            if (k) FN(acc_rows)(gwhT + j * O, gwhT + j * O, dghs, O, lrows, vals + e0, k, O);
+        }
     }
-    return n;
+    for (long c = 0; c < nch; ++c) {
+        const long o0 = c * cw, w = O - o0 < cw ? O - o0 : cw;
+        for (long s = 0; s < nsub; ++s) {
+            if (direct[s]) continue;
+            const long* as = at + s * H;
+            const long rs = N - s * NS < NS ? N - s * NS : NS;
+            for (long q = 0; q < rs; ++q) {  /* pack the sub-block's rows of this chunk */
+                const long r = s * NS + q, t = t0 + r / B;
+                memcpy(pk + q * cw, dghs + ((t % R) * B + r % B) * O + o0, sizeof(T) * w);
+            }
+#if X86
+            const long pf = c + 1 < nch ? cw : 0;  /* the next chunk's column into L2 */
+            if (w == cw && l >= 2) {
+                SB_CAT(FN(dw_quad), 512)(gwhT + o0, O, pk, quads + 6 * qat[s], qat[s + 1] - qat[s], qrows, qvals, pf);
+                SB_CAT(FN(dw_tile), 512)(gwhT + o0, O, pk, rows, as, vals, H, pf);
+                continue;
+            }
+            if (w == cw && l == 1) { SB_CAT(FN(dw_tile), 256)(gwhT + o0, O, pk, rows, as, vals, H, pf); continue; }
+#endif
+            for (long j = 0; j < H; ++j) {
+                const long e0 = as[j], k = as[j + 1] - e0;
+                for (long e = 0; e < k; ++e) lrows[e] = rows[e0 + e];
+                T* g = gwhT + j * O + o0;
+                if (k) FN(acc_rows)(g, g, pk, cw, lrows, vals + e0, k, w);
+            }
+            for (long i = qat[s]; i < qat[s + 1]; ++i) {  /* the quads' units one by one */
+                const long* qd = quads + 6 * i;
+                const long k = qd[5] - qd[4];
+                for (long e = 0; e < k; ++e) lrows[e] = qrows[qd[4] + e];
+                for (int v = 0; v < 4; ++v) {
+                    for (long e = 0; e < k; ++e) lvals[e] = qvals[4 * (qd[4] + e) + v];
+                    T* g = gwhT + qd[v] * O + o0;
+                    FN(acc_rows)(g, g, pk, cw, lrows, lvals, k, w);
+                }
+            }
+        }
+    }
+    return events;
 }
 
 /* m[j] (j < H): bit q set when sample b0 + q (q < nb <= 64) wants dL/dy at unit j: an event or
@@ -492,9 +635,9 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
    Out: dgis [.., B, 3H] (step t at t - t_lo), dghs: dL/d(W_hh y + b_hh) of the steps, a ring of
    R steps (dgh_t at t mod R; R >= blk when axpy, R = L when the caller takes dW_hh as one GEMM
    over the segment); accumulated: gbh [3H], gthr [H], gwhT [H, 3H] (when axpy). Scratch: ap [B],
-   out [max(B, H)]; wl [H (B + 1)] (masked_dots only); cnt [2 H] (dw_block's counts and
-   non-zero lists: no buffer is read through another type than it was written with); idx, val
-   [blk B H]. macs [2]: the dots and the
+   out [max(B, H)]; wl [H (B + 1)] (masked_dots only); cnt [2 H], idx, val: dw_block's (sizes
+   in its comment, for N = blk B; no buffer is read through another type than it was written
+   with). macs [2]: the dots and the
    axpys done are added (times 3H). */
 CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* c0, const T* y0, const T* ys,
                          const T* s, const T* cts, const T* whT, const T* thr, double gamma,

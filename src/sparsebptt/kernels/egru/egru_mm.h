@@ -69,6 +69,99 @@ static void FV(acc_rows)(T* out, const T* init, const T* base, long stride, cons
     }
 }
 
+/* dw_block's column chunk: DWN vectors (6 for AVX-512, leaving registers for dw_quad's 4 x 6
+   accumulators; 8 for AVX2) */
+#define DWN (VW == 512 ? 6 : 8)
+
+/* The weight gradient's tile (dw_block): for each unit j < H with events in a sub-block (its
+   rows at rows[at[j] .. at[j + 1]), their y at vals[..]), gw[j O + o] += sum_e vals[e]
+   pk[rows[e] DWN VLN + o], o < DWN VLN (one column chunk of dW_hh^T's row j): the chunk held in
+   registers while the packed dgh rows of its events are added (pk: the sub-block's rows of this
+   chunk, contiguous, in L1; the broadcast y times one loaded vector per multiply-add; with
+   AVX-512 two events at a time into two sets of accumulators, summed at the end). pf != 0:
+   unit j's next chunk (gw + pf) is prefetched into L2 meanwhile. */
+__attribute__((target(VTGT)))
+static void FV(dw_tile)(T* gw, long O, const T* pk, const unsigned char* rows, const long* at,
+                        const T* vals, long H, long pf) {
+    for (long j = 0; j < H; ++j) {
+        long e = at[j];
+        const long e1 = at[j + 1];
+        if (e == e1) continue;
+        T* g = gw + j * O;
+        if (pf)
+            for (int k = 0; k < DWN * VLN * (int)sizeof(T); k += 64) _mm_prefetch((const char*)(g + pf) + k, _MM_HINT_T1);
+        VEC a[DWN], b[DWN];
+#pragma GCC unroll 8
+        for (int i = 0; i < DWN; ++i) { a[i] = VOP(loadu)(g + i * VLN); b[i] = VOP(setzero)(); }
+#if VW == 512
+        for (; e + 2 <= e1; e += 2) {  /* two events at a time, into two sets of accumulators */
+            const VEC v = VOP(set1)(vals[e]), u = VOP(set1)(vals[e + 1]);
+            const T* p = pk + (long)rows[e] * DWN * VLN;
+            const T* q = pk + (long)rows[e + 1] * DWN * VLN;
+#pragma GCC unroll 8
+            for (int i = 0; i < DWN; ++i) {
+                a[i] = VOP(fmadd)(v, VOP(loadu)(p + i * VLN), a[i]);
+                b[i] = VOP(fmadd)(u, VOP(loadu)(q + i * VLN), b[i]);
+            }
+        }
+#endif
+        for (; e < e1; ++e) {
+            const VEC v = VOP(set1)(vals[e]);
+            const T* p = pk + (long)rows[e] * DWN * VLN;
+#pragma GCC unroll 8
+            for (int i = 0; i < DWN; ++i) a[i] = VOP(fmadd)(v, VOP(loadu)(p + i * VLN), a[i]);
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < DWN; ++i) VOP(storeu)(g + i * VLN, VOP(add)(a[i], b[i]));
+    }
+}
+
+#if VW == 512
+/* dw_tile for groups of 4 units that fire at most of the same rows (quads [nq, 6]: the units,
+   then the range [k0, k1) of their union's rows qrows and y qvals [k, 4], zero where a unit has
+   no event): each loaded vector of a packed row serves the 4 units (4 x DWN accumulators), a
+   multiply by zero where one does not fire. */
+__attribute__((target(VTGT)))
+static void FV(dw_quad)(T* gw, long O, const T* pk, const long* quads, long nq,
+                        const unsigned char* qrows, const T* qvals, long pf) {
+    for (long i = 0; i < nq; ++i) {
+        const long* qd = quads + 6 * i;
+        T* g[4] = {gw + qd[0] * O, gw + qd[1] * O, gw + qd[2] * O, gw + qd[3] * O};
+        if (pf)
+            for (int u = 0; u < 4; ++u)
+                for (int k = 0; k < DWN * VLN * (int)sizeof(T); k += 64) _mm_prefetch((const char*)(g[u] + pf) + k, _MM_HINT_T1);
+        VEC a[4][DWN];
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u)
+#pragma GCC unroll 8
+            for (int v = 0; v < DWN; ++v) a[u][v] = VOP(loadu)(g[u] + v * VLN);
+        for (long k = qd[4]; k < qd[5]; ++k) {
+            const T* p = pk + (long)qrows[k] * DWN * VLN;
+            const VEC y0 = VOP(set1)(qvals[4 * k]), y1 = VOP(set1)(qvals[4 * k + 1]);
+            const VEC y2 = VOP(set1)(qvals[4 * k + 2]), y3 = VOP(set1)(qvals[4 * k + 3]);
+#pragma GCC unroll 8
+            for (int v = 0; v < DWN; ++v) {
+                const VEC x = VOP(loadu)(p + v * VLN);
+                a[0][v] = VOP(fmadd)(y0, x, a[0][v]);
+                a[1][v] = VOP(fmadd)(y1, x, a[1][v]);
+                a[2][v] = VOP(fmadd)(y2, x, a[2][v]);
+                a[3][v] = VOP(fmadd)(y3, x, a[3][v]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u)
+#pragma GCC unroll 8
+            for (int v = 0; v < DWN; ++v) VOP(storeu)(g[u] + v * VLN, a[u][v]);
+    }
+}
+#endif
+
+/* msk[j] |= bit where y[j] != 0, j < n (dw_block's event masks: one row's bit) */
+__attribute__((target(VTGT)))
+static void FV(dw_bits)(const T* restrict y, long n, uint64_t* restrict msk, uint64_t bit) {
+    for (long j = 0; j < n; ++j) msk[j] |= y[j] != (T)0 ? bit : 0;
+}
+
 /* out[q] = w . a[q] over n entries for q < K (K = 1..4, a constant after inlining): each chunk
    of w loaded once for the K samples, two vectors per sample in flight (2K accumulators) */
 __attribute__((always_inline, target(VTGT)))
@@ -198,6 +291,7 @@ static long FV(nonzeros)(const T* y, long n, long* js, T* vs) {
     return k;
 }
 
+#undef DWN
 #undef FV
 #undef VOP
 #undef SB_MMV
