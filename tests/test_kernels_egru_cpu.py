@@ -231,3 +231,50 @@ def test_backward_macs_are_the_sparse_products(epsilon):
     dw_hh = events if events < full * T else T * B * H
     assert t.backward_macs == dense_ih + (dy_macs + dw_hh) * G3
     assert dy_macs < T * B * H or epsilon > 0.1  # the narrow support skips some dL/dy
+
+
+@pytest.mark.parametrize("group_b", [8, 64], ids=["per_unit", "grouped"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_threads_give_the_same_gradients(dtype, group_b, monkeypatch):
+    """With OpenMP the dots (either path) and the dW_hh blocks run on torch's intra-op threads;
+    each entry is still summed by one thread in one order: 1 and 3 threads give bitwise the same
+    gradients. B = 11, H = 150 (pieces of 16 units, several column chunks), dW blocks of 2 steps."""
+    if not egru_cpu.kernel_openmp():
+        pytest.skip("the EGRU kernels were built without OpenMP")
+    monkeypatch.setattr(egru_cpu, "DOTS_BELOW", 2.0)
+    monkeypatch.setattr(egru_cpu, "DOTS_GROUP_B", group_b)
+    monkeypatch.setattr(egru_cpu, "DW_BLOCK_BYTES", 2 * 11 * 450 * 8)
+    Hb, T, B = 150, 9, 11
+    _, got = pair(dtype, H=Hb, epsilon=0.4)
+    x = seeded(3, T, B, N_IN, dtype=dtype)
+    s0 = state0_of(got, B, dtype)
+    one, t1 = run(got, x, s0)
+    torch.set_num_threads(3)
+    three, t3 = run(got, x, s0)
+    assert 0.05 < t1.activity["EGRU"] < egru_cpu.DW_SPARSE_BELOW  # the weight gradient over events runs
+    for name in one:
+        assert torch.equal(one[name], three[name]), name
+
+
+def test_built_without_openmp_when_the_compiler_cannot(tmp_path):
+    """A compiler that rejects -fopenmp: the kernels build without it (a warning; their parallel
+    loops then run on one thread, as test_threads_give_the_same_gradients's one-thread run);
+    $SPARSEBPTT_KERNEL_OPENMP=0 does the same on purpose, without a warning."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        pytest.skip("no C compiler")
+    cc = tmp_path / "cc"
+    cc.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {gcc} "$@"\n')
+    cc.chmod(0o755)
+    code = ("import logging, torch; import sparsebptt.kernels.egru.cpu as k; "
+            "logging.basicConfig(level=logging.WARNING); print('openmp', k.kernel_openmp())")
+    for env in ({"CC": str(cc)}, {"SPARSEBPTT_KERNEL_OPENMP": "0"}):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "SPARSEBPTT_CACHE_DIR": str(tmp_path / "cache"), **env})
+        assert r.returncode == 0, r.stderr
+        assert "openmp False" in r.stdout
+        assert ("built without OpenMP" in r.stderr) == ("CC" in env), r.stderr

@@ -54,6 +54,7 @@ CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "
 KERNELS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 _LOADED: dict[str, ctypes.CDLL] = {}  # path of the built library -> loaded library
+_NO_OPENMP: set[str] = set()  # libraries whose -fopenmp build failed (warned once)
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', re.MULTILINE)
 
 
@@ -156,11 +157,23 @@ def build_file(name: str, path: str, defines=()) -> ctypes.CDLL:
     """Compile the package C file ``path`` (relative to `KERNELS_DIR` or absolute) into the cached
     shared library ``name`` (once per source text, flags and compiler) and load it.
 
-    ``defines``: extra ``-D`` flags, e.g. ``("WIDTH=8",)``; they are part of the cache key.
+    ``defines``: extra ``-D`` flags, e.g. ``("WIDTH=8",)``; they are part of the cache key. A
+    source with ``#pragma omp`` is built with ``-fopenmp -DSB_OMP=1`` (unless
+    ``$SPARSEBPTT_KERNEL_OPENMP`` is 0); where the compiler cannot, without (a warning, once).
     """
     path = _resolve(path)
     flags = (*CFLAGS, *(f"-D{d}" for d in defines), *baseline_flags())
-    return _build(name, source(path), flags, path, ("-I", os.path.dirname(path), "-I", KERNELS_DIR))
+    text = source(path)
+    includes = ("-I", os.path.dirname(path), "-I", KERNELS_DIR)
+    if "#pragma omp" in text and os.environ.get("SPARSEBPTT_KERNEL_OPENMP", "1") != "0":
+        try:  # the pragmas take effect with -fopenmp; the library then binds to torch's libgomp
+            return _build(name, text, (*flags, "-fopenmp", "-DSB_OMP=1"), path, includes)
+        except CBuildError as e:
+            if name not in _NO_OPENMP:
+                _NO_OPENMP.add(name)
+                log.warning("sparsebptt: %s built without OpenMP (its parallel loops run on one thread): %s",
+                            name, str(e).splitlines()[0])
+    return _build(name, text, flags, path, includes)
 
 
 def build(name: str, source: str) -> ctypes.CDLL:

@@ -66,7 +66,7 @@ from ..common import SUFFIX, NoCtx
 from ..sparse import UNION_OVERLAP, Chain, full_above, sparse_linear, transposed_weight
 from ...trace import current_trace, linear
 
-__all__ = ["load_library", "kernel_isa", "masked_rows_dot", "masked_rows_axpy_", "C_SOURCE", "FusedPointwiseFunction",
+__all__ = ["load_library", "kernel_isa", "kernel_openmp", "masked_rows_dot", "masked_rows_axpy_", "C_SOURCE", "FusedPointwiseFunction",
            "RecurrentGradFunction", "SegmentFunction", "fused_recurrent_egru"]
 
 #: the C source (package data): `egru.c` instantiates `egru_body.h` for float and double
@@ -86,11 +86,20 @@ def load_library():
             "masked_rows_axpy": (None, [_P, _P, _P, _P, _L, _L, _L, _P, _P]),
             "egru_fwd": (None, [_L] * 3 + [_P] * 4 + [ctypes.c_double] + [_P] * 10),
             "egru_bwd": (_L, [_L] * 5 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L, _P, _L, _L, _L, _L]
-                         + [_P] * 12)})
+                         + [_P] * 11)})
+        lib.egru_set_threads.restype, lib.egru_set_threads.argtypes = None, [ctypes.c_int]
+        lib.egru_openmp.restype = ctypes.c_int
         lib.egru_simd.restype = ctypes.c_int
         lib.egru_isa.restype, lib.egru_isa.argtypes = ctypes.c_int, [ctypes.c_int]
         _lib = lib
     return _lib
+
+
+def kernel_openmp() -> bool:
+    """Whether the kernels were built with OpenMP: the segment scan's forward (per sample and
+    chunk of outputs) and the backward's ``dL/dy`` dots and ``dW_hh`` blocks then run on
+    ``torch.get_num_threads()`` threads (the backward's pointwise part on one)."""
+    return bool(load_library().egru_openmp())
 
 
 def kernel_isa(cap: int = -1) -> int:
@@ -432,7 +441,9 @@ class SegmentFunction(torch.autograd.Function):
         gh = x.new_empty(B, O)
         bs, vs = torch.empty(B * (H + 1), dtype=torch.long), x.new_empty(B * H)
         counts = torch.empty(L, 3, dtype=torch.long)
-        fwd = getattr(load_library(), f"egru_fwd_{SUFFIX[dt]}")
+        lib = load_library()
+        fwd = getattr(lib, f"egru_fwd_{SUFFIX[dt]}")
+        lib.egru_set_threads(torch.get_num_threads())  # its OpenMP threads (1 without OpenMP)
         chunks = _chunks(L, B)
         gi = x.new_empty(chunks[0][1], B, O)  # one chunk's input projection
         for t0, t1 in chunks:
@@ -483,23 +494,25 @@ class SegmentFunction(torch.autograd.Function):
         blk = min(L, max(1, DW_BLOCK_BYTES // (B * O * ys.element_size())))
         R = blk if axpy else L  # dL/d(W_hh y) of the steps: a ring of one block unless a GEMM takes dW_hh
         dghs = ys.new_empty(R, B, O)
-        ap, bs, out = torch.empty(B, dtype=torch.long), torch.empty(H * (B + 1), dtype=torch.long), ys.new_empty(max(B, H))
+        bs, out = torch.empty(max(H * (B + 1), 3 * H + 256), dtype=torch.long), ys.new_empty(max(B, H))
         cnt = torch.empty(2 * H, dtype=torch.long)
         # dw_block's scratch (sizes in its comment in egru_body.h): per sub-block of rows (at most
         # ceil(N / 64) of them) the units' event masks, rows and y, the quads'; one sub-block's dgh
         # rows of a column chunk, packed
         N, nsub = blk * B, -(-blk * B // 64)
         idx, val = ((torch.empty(2 * H + nsub * (H + 2) + 2 + 6 * nsub * (H // 4) + 128 + -(-5 * N * H // 32),
-                                 dtype=torch.long), ys.new_empty(2 * N * H + 128 * 129))
+                                 dtype=torch.long), ys.new_empty(2 * N * H))
                     if axpy else (None, None))
-        run = getattr(load_library(), f"egru_bwd_{SUFFIX[ys.dtype]}")
+        lib = load_library()
+        run = getattr(lib, f"egru_bwd_{SUFFIX[ys.dtype]}")
+        lib.egru_set_threads(torch.get_num_threads())  # the dots' and dW's OpenMP threads (1 without OpenMP)
         w_hh = weight_hh.detach()
         dense_macs = 0
         n_in = xd.shape[2]
         rest = (c0_.data_ptr(), y0_.data_ptr(), ys.data_ptr(), s.data_ptr(), cts.data_ptr(), ctx.whT.data_ptr(),
                 thr.data_ptr(), gamma, epsilon, gys.data_ptr(), gc.data_ptr(), gy.data_ptr(), _p(gn), int(need_y0),
                 dense.data_ptr(), int(B <= DOTS_GROUP_B), int(axpy), blk, R, dgi.data_ptr(), dghs.data_ptr(), _p(gwhT), gbh.data_ptr(),
-                gthr.data_ptr(), ap.data_ptr(), bs.data_ptr(), out.data_ptr(), cnt.data_ptr(), _p(idx), _p(val),
+                gthr.data_ptr(), bs.data_ptr(), out.data_ptr(), cnt.data_ptr(), _p(idx), _p(val),
                 macs.data_ptr())  # fixed for the segment: only the step range changes between calls
         for t0, t1 in reversed(chunks):
             k = t1 - 1

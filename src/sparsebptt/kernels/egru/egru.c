@@ -24,6 +24,15 @@ static int use_simd(void) {
 }
 int egru_simd(void) { return use_simd(); }
 
+#ifndef SB_OMP
+#define SB_OMP 0  /* 1: built with -fopenmp (cbuild, for a source with OpenMP pragmas, when the compiler can) */
+#endif
+/* the threads the dL/dy dots are shared out among (OpenMP; torch's own runtime: the library binds
+   to the libgomp torch has loaded); the caller sets it to torch.get_num_threads() */
+static int egru_nt = 1;
+void egru_set_threads(int n) { egru_nt = SB_OMP && n > 1 ? n : 1; }
+int egru_openmp(void) { return SB_OMP; }
+
 #if EGRU_TIMING && X86
 /* -DEGRU_TIMING=1 (benchmarks only): the backward's time stamp counter ticks per part, summed in
    egru_tsc: pointwise, dL/dy dots, dW_hh blocks */

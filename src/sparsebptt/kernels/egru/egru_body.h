@@ -224,6 +224,34 @@ INL void FN(fwd_point)(long H, const T* restrict gi, const T* restrict hh, const
     *wanted = w;
 }
 
+/* gh[b, chunk ci] = bh + sum of the rows of W_hh^T at sample b's events (bs, vs, mb: from
+   nonzeros) over the chunk's FCH outputs, for every b (each output in registers, acc_rows) */
+INL void FN(fwd_chunk)(long ci, long B, long H, T* gh, const T* whT, const T* bh, const long* bs,
+                       const T* vs, const long* mb) {
+    const long O = 3 * H, o0 = ci * FCH, n = O - o0 < FCH ? O - o0 : FCH;
+    for (long b = 0; b < B; ++b)
+        FN(acc_rows)(gh + b * O + o0, bh + o0, whT + o0, O, bs + b * H, vs + b * H, mb[b], n);
+}
+
+/* The pointwise forward of sample b at step t (fwd_point with its saves chosen): fired and
+   wanted get the sample's events and wanted units added */
+INL void FN(fwd_sample)(long t, long b, long B, long H, const T* gis, const T* gh, const T* thr, T ep,
+                        T* c, T* y, T* s, T* cts, T* cnt, long* fired, long* wanted) {
+    const long O = 3 * H;
+    const T* gi = gis + (t * B + b) * O;
+    const T* hh = gh + b * O;
+    T* sb = s ? s + (t * B + b) * 4 * H : NULL;
+    T* ctb = cts ? cts + (t * B + b) * H : NULL;
+    T* cb_ = cnt ? cnt + b * H : NULL;
+    int f = 0, w = 0;
+    if (sb && cb_) FN(fwd_point)(H, gi, hh, thr, ep, c + b * H, y + b * H, sb, ctb, cb_, &f, &w, 1, 1);
+    else if (sb) FN(fwd_point)(H, gi, hh, thr, ep, c + b * H, y + b * H, sb, ctb, cb_, &f, &w, 1, 0);
+    else if (cb_) FN(fwd_point)(H, gi, hh, thr, ep, c + b * H, y + b * H, sb, ctb, cb_, &f, &w, 0, 1);
+    else FN(fwd_point)(H, gi, hh, thr, ep, c + b * H, y + b * H, sb, ctb, cb_, &f, &w, 0, 0);
+    *fired += f;
+    *wanted += w;
+}
+
 /* Forward of L steps. gis [L, B, 3H] (x W_ih^T + b_ih), whT [H, 3H] (W_hh^T), bh [3H] (zeros for
    none), thr [H]; c, y [B, H] (and cnt, the event counts, when not NULL) updated in place;
    ys [L, B, H]; s [L, B, 4H] (r, u, n, W_hn y + b_hn) and cts [L, B, H] (c~) when not NULL;
@@ -236,22 +264,31 @@ CLONES void FN(egru_fwd)(long L, long B, long H, const T* gis, const T* whT, con
     const unsigned int csr = ftz_on();
     const long O = 3 * H;
     for (long t = 0; t < L; ++t) {
-        long nz = 0;
+        long nz = 0, fired = 0, wanted = 0;
 #if EGRU_FWD_BY_SAMPLE
         /* per sample the units with an event (bs) and their y (vs); then per chunk of FCH outputs
            (W_hh^T's columns of it stay in L2 for all samples) each sample's rows added in
-           registers (acc_rows) */
+           registers (acc_rows); then the pointwise part per sample. Samples and chunks shared out
+           among egru_nt OpenMP threads (each output computed by one thread, in one order) */
         long* mb = bs + B * H;
-        for (long b = 0; b < B; ++b) {
-            mb[b] = FN(nonzeros)(y + b * H, H, bs + b * H, vs + b * H);
-            nz += mb[b];
-        }
         const long nch = (O + FCH - 1) / FCH;
-        for (long ci = 0; ci < nch; ++ci) {  /* chunks in alternating order (see masked_dots) */
-            const long o0 = ((t & 1 & EGRU_ALTERNATE) ? nch - 1 - ci : ci) * FCH;
-            const long n = O - o0 < FCH ? O - o0 : FCH;
-            for (long b = 0; b < B; ++b)
-                FN(acc_rows)(gh + b * O + o0, bh + o0, whT + o0, O, bs + b * H, vs + b * H, mb[b], n);
+        const int rev = (int)(t & 1 & EGRU_ALTERNATE);  /* chunks in alternating order (see masked_dots) */
+        if (egru_nt > 1) {  /* (a region only here: its outlined loops run ~2 % slower on one thread) */
+#pragma omp parallel reduction(+ : nz, fired, wanted) num_threads(egru_nt)
+            {
+            const unsigned int csr_t = ftz_on();
+#pragma omp for schedule(static)
+            for (long b = 0; b < B; ++b) nz += mb[b] = FN(nonzeros)(y + b * H, H, bs + b * H, vs + b * H);
+#pragma omp for schedule(static)
+            for (long ci = 0; ci < nch; ++ci) FN(fwd_chunk)(rev ? nch - 1 - ci : ci, B, H, gh, whT, bh, bs, vs, mb);
+#pragma omp for schedule(static)
+            for (long b = 0; b < B; ++b) FN(fwd_sample)(t, b, B, H, gis, gh, thr, ep, c, y, s, cts, cnt, &fired, &wanted);
+            ftz_off(csr_t);
+            }
+        } else {
+            for (long b = 0; b < B; ++b) nz += mb[b] = FN(nonzeros)(y + b * H, H, bs + b * H, vs + b * H);
+            for (long ci = 0; ci < nch; ++ci) FN(fwd_chunk)(rev ? nch - 1 - ci : ci, B, H, gh, whT, bh, bs, vs, mb);
+            for (long b = 0; b < B; ++b) FN(fwd_sample)(t, b, B, H, gis, gh, thr, ep, c, y, s, cts, cnt, &fired, &wanted);
         }
 #else
         for (long b = 0; b < B; ++b) memcpy(gh + b * O, bh, sizeof(T) * O);
@@ -263,22 +300,8 @@ CLONES void FN(egru_fwd)(long L, long B, long H, const T* gis, const T* whT, con
             for (long q = 0; q < k; ++q) FN(axpy)(gh + bs[q] * O, vs[q], w, O);
             nz += k;
         }
+        for (long b = 0; b < B; ++b) FN(fwd_sample)(t, b, B, H, gis, gh, thr, ep, c, y, s, cts, cnt, &fired, &wanted);
 #endif
-        long fired = 0, wanted = 0;
-        for (long b = 0; b < B; ++b) {
-            const T* gi = gis + (t * B + b) * O;
-            const T* hh = gh + b * O;
-            T* sb = s ? s + (t * B + b) * 4 * H : NULL;
-            T* ctb = cts ? cts + (t * B + b) * H : NULL;
-            T* cb_ = cnt ? cnt + b * H : NULL;
-            int f = 0, w = 0;
-            if (sb && cb_) FN(fwd_point)(H, gi, hh, thr, ep, c + b * H, y + b * H, sb, ctb, cb_, &f, &w, 1, 1);
-            else if (sb) FN(fwd_point)(H, gi, hh, thr, ep, c + b * H, y + b * H, sb, ctb, cb_, &f, &w, 1, 0);
-            else if (cb_) FN(fwd_point)(H, gi, hh, thr, ep, c + b * H, y + b * H, sb, ctb, cb_, &f, &w, 0, 1);
-            else FN(fwd_point)(H, gi, hh, thr, ep, c + b * H, y + b * H, sb, ctb, cb_, &f, &w, 0, 0);
-            fired += f;
-            wanted += w;
-        }
         memcpy(ys + t * B * H, y, sizeof(T) * B * H);
         counts[3 * t] = fired;
         counts[3 * t + 1] = nz;
@@ -364,6 +387,67 @@ static long FN(dw_width)(int l) {
 #define DW_QUAD 40  /* percent: 4 units run as a quad while their union's rows < this share of their events */
 #endif
 
+/* dw_block's column chunk c for every sub-block (what one thread does: see dw_block) */
+struct FN(dw_args) {
+    long B, H, N, NS, nsub, t0, R, cw, nch;
+    int l;
+    const T* dghs;
+    T* gwhT;
+    const long *at, *qat, *direct, *quads;
+    const unsigned char *rows, *qrows;
+    const T *vals, *qvals;
+};
+static void FN(dw_chunk)(long c, const struct FN(dw_args)* a) {
+    const long B = a->B, H = a->H, O = 3 * H, N = a->N, NS = a->NS, nsub = a->nsub, t0 = a->t0, R = a->R;
+    const long cw = a->cw, nch = a->nch;
+    const int l = a->l;
+    const T* dghs = a->dghs;
+    T* gwhT = a->gwhT;
+    const long *at = a->at, *qat = a->qat, *direct = a->direct, *quads = a->quads;
+    const unsigned char *rows = a->rows, *qrows = a->qrows;
+    const T *vals = a->vals, *qvals = a->qvals;
+    (void)l;
+    (void)nch;
+    T pkt[DW_NS * (384 / sizeof(T))] __attribute__((aligned(64)));  /* this chunk's packed rows */
+    long lrt[DW_NS];
+    T lvt[DW_NS];
+    const long o0 = c * cw, w = O - o0 < cw ? O - o0 : cw;
+    for (long s = 0; s < nsub; ++s) {
+        if (direct[s]) continue;
+        const long* as = at + s * H;
+        const long rs = N - s * NS < NS ? N - s * NS : NS;
+        for (long q = 0; q < rs; ++q) {  /* pack the sub-block's rows of this chunk */
+            const long r = s * NS + q, t = t0 + r / B;
+            memcpy(pkt + q * cw, dghs + ((t % R) * B + r % B) * O + o0, sizeof(T) * w);
+        }
+#if X86
+        const long pf = c + 1 < nch ? cw : 0;  /* the next chunk's column into L2 */
+        if (w == cw && l >= 2) {
+            SB_CAT(FN(dw_quad), 512)(gwhT + o0, O, pkt, quads + 6 * qat[s], qat[s + 1] - qat[s], qrows, qvals, pf);
+            SB_CAT(FN(dw_tile), 512)(gwhT + o0, O, pkt, rows, as, vals, H, pf);
+            continue;
+        }
+        if (w == cw && l == 1) { SB_CAT(FN(dw_tile), 256)(gwhT + o0, O, pkt, rows, as, vals, H, pf); continue; }
+#endif
+        for (long j = 0; j < H; ++j) {
+            const long e0 = as[j], k = as[j + 1] - e0;
+            for (long e = 0; e < k; ++e) lrt[e] = rows[e0 + e];
+            T* g = gwhT + j * O + o0;
+            if (k) FN(acc_rows)(g, g, pkt, cw, lrt, vals + e0, k, w);
+        }
+        for (long i = qat[s]; i < qat[s + 1]; ++i) {  /* the quads' units one by one */
+            const long* qd = quads + 6 * i;
+            const long k = qd[5] - qd[4];
+            for (long e = 0; e < k; ++e) lrt[e] = qrows[qd[4] + e];
+            for (int v = 0; v < 4; ++v) {
+                for (long e = 0; e < k; ++e) lvt[e] = qvals[4 * (qd[4] + e) + v];
+                T* g = gwhT + qd[v] * O + o0;
+                FN(acc_rows)(g, g, pkt, cw, lrt, lvt, k, w);
+            }
+        }
+    }
+}
+
 /* dW_hh^T[j] += sum_{t0 <= t < t1} sum_b y_{t-1}[b, j] dgh_t[b] over the non-zero y_{t-1}: the
    weight gradient of a block of steps, N = (t1 - t0) B rows (r = (t - t0) B + b) of dgh (dghs: a
    ring of R steps). Rows in sub-blocks of NS <= DW_NS (equal sizes but the last), columns in
@@ -373,8 +457,9 @@ static long FN(dw_width)(int l) {
    union of their rows is below DW_QUAD % of their events (quads [.., 6]: the units and their
    range of qrows, the union's rows, and qvals [.., 4], each unit's y there, zero where it has no
    event; a quad's units have no list of their own). Then per chunk (its column of dW_hh^T, H cw
-   entries, stays in L2; the next chunk's prefetched into L2 meanwhile), per sub-block, the
-   sub-block's rows of the chunk are packed (pk, NS cw entries: <= 36 KiB, in L1 while used) and
+   entries, stays in L2; the next chunk's prefetched into L2 meanwhile; the chunks shared out
+   among egru_nt OpenMP threads, each owning its columns), per sub-block, the sub-block's rows of
+   the chunk are packed (a thread's pkt on its stack, NS cw entries: <= 36 KiB, in L1 while used) and
    each unit's chunk is held in registers while its events' packed rows are added (dw_tile),
    each quad's 4 chunks while the union's rows are (dw_quad: a loaded row serves 4 units); the
    last chunk when narrower and plain C through acc_rows. (A quad multiplies the zero y of a unit
@@ -383,8 +468,7 @@ static long FN(dw_width)(int l) {
    whole dgh rows from the ring (acc_rows). Scratch: cnt [2 H] longs (cj, the units' order); idx
    [2 H + nsub (H + 2) + 2 + 6 nsub (H / 4) + 128 + 5 N H / 32] longs, nsub <= ceil(N / 64) (lo,
    hi, at, quads' starts per sub-block, direct, quads, acc_rows' rows, then rows and qrows as
-   bytes); val [2 N H + 128 129] (vals, qvals, pk,
-   acc_rows' values). Returns the events (axpys of 3H). */
+   bytes); val [2 N H] (vals, qvals). Returns the events (axpys of 3H). */
 static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T* ys, const T* dghs,
                          long R, T* gwhT, long* cnt, long* idx, T* val, long* js, T* out) {
     (void)js;
@@ -404,8 +488,6 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
     unsigned char* restrict qrows = rows + N * H;   /* [N H / 4] */
     T* restrict vals = val;                         /* [N H] */
     T* restrict qvals = val + N * H;                /* [N H] */
-    T* restrict pk = qvals + N * H;                 /* [NS cw] */
-    T* lvals = pk + NS * cw;                        /* [NS] */
     long* restrict cj = cnt;                        /* [H]: a unit's events in the sub-block (-1: in a quad) */
     long* restrict order = cnt + H;                 /* [H]: units by events, most first */
     const T* yr[128];  /* a sub-block's y rows */
@@ -489,43 +571,20 @@ static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T*
             if (k) FN(acc_rows)(gwhT + j * O, gwhT + j * O, dghs, O, lrows, vals + e0, k, O);
         }
     }
-    for (long c = 0; c < nch; ++c) {
-        const long o0 = c * cw, w = O - o0 < cw ? O - o0 : cw;
-        for (long s = 0; s < nsub; ++s) {
-            if (direct[s]) continue;
-            const long* as = at + s * H;
-            const long rs = N - s * NS < NS ? N - s * NS : NS;
-            for (long q = 0; q < rs; ++q) {  /* pack the sub-block's rows of this chunk */
-                const long r = s * NS + q, t = t0 + r / B;
-                memcpy(pk + q * cw, dghs + ((t % R) * B + r % B) * O + o0, sizeof(T) * w);
-            }
-#if X86
-            const long pf = c + 1 < nch ? cw : 0;  /* the next chunk's column into L2 */
-            if (w == cw && l >= 2) {
-                SB_CAT(FN(dw_quad), 512)(gwhT + o0, O, pk, quads + 6 * qat[s], qat[s + 1] - qat[s], qrows, qvals, pf);
-                SB_CAT(FN(dw_tile), 512)(gwhT + o0, O, pk, rows, as, vals, H, pf);
-                continue;
-            }
-            if (w == cw && l == 1) { SB_CAT(FN(dw_tile), 256)(gwhT + o0, O, pk, rows, as, vals, H, pf); continue; }
-#endif
-            for (long j = 0; j < H; ++j) {
-                const long e0 = as[j], k = as[j + 1] - e0;
-                for (long e = 0; e < k; ++e) lrows[e] = rows[e0 + e];
-                T* g = gwhT + j * O + o0;
-                if (k) FN(acc_rows)(g, g, pk, cw, lrows, vals + e0, k, w);
-            }
-            for (long i = qat[s]; i < qat[s + 1]; ++i) {  /* the quads' units one by one */
-                const long* qd = quads + 6 * i;
-                const long k = qd[5] - qd[4];
-                for (long e = 0; e < k; ++e) lrows[e] = qrows[qd[4] + e];
-                for (int v = 0; v < 4; ++v) {
-                    for (long e = 0; e < k; ++e) lvals[e] = qvals[4 * (qd[4] + e) + v];
-                    T* g = gwhT + qd[v] * O + o0;
-                    FN(acc_rows)(g, g, pk, cw, lrows, lvals, k, w);
-                }
-            }
+    /* the chunks of columns shared out among egru_nt OpenMP threads (each owns its columns of
+       gwhT; packed rows and lists on its stack) */
+    const struct FN(dw_args) a = {B, H, N, NS, nsub, t0, R, cw, nch, l, dghs, gwhT, at, qat, direct, quads, rows,
+                                  qrows, vals, qvals};
+    if (egru_nt > 1) {
+#pragma omp parallel num_threads(egru_nt)
+        {
+        const unsigned int csr = ftz_on();
+#pragma omp for schedule(static)
+        for (long c = 0; c < nch; ++c) FN(dw_chunk)(c, &a);
+        ftz_off(csr);
         }
-    }
+    } else
+        for (long c = 0; c < nch; ++c) FN(dw_chunk)(c, &a);
     return events;
 }
 
@@ -545,6 +604,58 @@ static void FN(want_masks)(long b0, long nb, long H, const T* ctp, const T* thr,
     }
 }
 
+/* masked_dots' work items. dots_unit: unit j's dots for the samples b0 + q of its mask
+   m64[j] (blocks of up to 64 samples); returns their number. */
+INL long FN(dots_unit)(long j, long b0, long H, const uint64_t* m64, const T* dgh, const T* whT, T* gy) {
+    const long O = 3 * H;
+    uint64_t m = m64[j];
+    long bl[64], k = 0;
+    while (m) { bl[k++] = b0 + __builtin_ctzll(m); m &= m - 1; }
+    if (!k) return 0;
+    const T* ap[64];
+    T out[64];
+    for (long q = 0; q < k; ++q) ap[q] = dgh + bl[q] * O;
+    FN(multi_dot)(whT + j * O, ap, k, O, out);
+    for (long q = 0; q < k; ++q) gy[bl[q] * H + j] = out[q];
+    return k;
+}
+
+/* dots_piece: piece p of a set of units (in order, from piece[p] to the next piece or the set's
+   end) that exactly the samples of its mask want, in tiles of 4, 2 then 1 units x up to 4
+   samples; returns the dots done. */
+INL long FN(dots_piece)(long p, const long* piece, const long* start, const uint64_t* mask, const long* order,
+                        long nb, long b0, long H, const T* dgh, const T* whT, T* gy) {
+    const long O = 3 * H;
+    const long u0 = piece[p], m = (long)mask[order[u0]];
+    const long u1 = piece[p + 1] < start[m + 1] ? piece[p + 1] : start[m + 1];
+    long bl[8], k = 0;
+    for (long q = 0; q < nb; ++q)
+        if (m >> q & 1) bl[k++] = b0 + q;
+    for (long g = 0; g < k; g += 4) {  /* samples in groups of up to 4 */
+        const int kk = (int)(k - g < 4 ? k - g : 4);
+        const T* ap[4];
+        T out[4];
+        for (int q = 0; q < kk; ++q) ap[q] = dgh + bl[g + q] * O;
+        long u = u0;
+        while (u < u1) {  /* units in tiles of 4, 2, then 1 */
+            const int ju = u1 - u >= 4 ? 4 : (u1 - u >= 2 ? 2 : 1);
+            const T* w[4];
+            for (int r = 0; r < ju; ++r) w[r] = whT + order[u + r] * O;
+            if (ju == 1) {
+                FN(multi_dot)(w[0], ap, kk, O, out);
+                for (int q = 0; q < kk; ++q) gy[bl[g + q] * H + order[u]] = out[q];
+            } else {
+                T o16[16];
+                FN(unit_tile)(w, ju, ap, kk, O, o16);
+                for (int r = 0; r < ju; ++r)
+                    for (int q = 0; q < kk; ++q) gy[bl[g + q] * H + order[u + r]] = o16[r * 4 + q];
+            }
+            u += ju;
+        }
+    }
+    return k * (u1 - u0);
+}
+
 /* dL/dy_{t-1}[b, j] = dgh_t[b] . W_hh^T[j] where wanted: at the step before's events and units
    within epsilon of the threshold (ctp: its c~; every entry when ctp is NULL); zero elsewhere
    (into gy [B, H]). group = 0: per unit, a dot for each sample that wants it (multi_dot, groups
@@ -553,9 +664,14 @@ static void FN(want_masks)(long b0, long nb, long H, const T* ctp, const T* thr,
    up to 4 samples (unit_tile: a loaded chunk of a dgh row serves 4 units, one of a W_hh^T row
    4 samples), a last unit alone (multi_dot). Rows wanted by no sample are not read. (Chunking the
    columns so dgh stays in L1, or reversing the order every other step so W_hh^T's last rows are
-   still in L2, measured no faster at H = 512, B = 8.) ap [B], out [B], wl [2 H]: scratch. Returns the dots done (of 3H). */
+   still in L2, measured no faster at H = 512, B = 8.) The units (group = 0) or the sets of units
+   (group = 1) are shared out among egru_nt OpenMP threads (each writes its own entries of gy:
+   the result does not depend on the threads). wl [3 H + 256]: scratch. Returns the dots done (of 3H). */
+#ifndef DOTS_PIECE
+#define DOTS_PIECE 16  /* units per piece of work of the grouped dots */
+#endif
 static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T* ctp, const T* thr,
-                            T ep, int group, T* gy, const T** ap, T* out, long* wl) {
+                            T ep, int group, T* gy, long* wl) {
     const long O = 3 * H;
     long nd = 0;
     memset(gy, 0, sizeof(T) * B * H);
@@ -564,21 +680,22 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
         for (long b0 = 0; b0 < B; b0 += 64) {
             const long nb = B - b0 < 64 ? B - b0 : 64;
             FN(want_masks)(b0, nb, H, ctp, thr, ep, m64);
-            for (long j = 0; j < H; ++j) {
-                uint64_t m = m64[j];
-                long bl[64], k = 0;
-                while (m) { bl[k++] = b0 + __builtin_ctzll(m); m &= m - 1; }
-                if (!k) continue;
-                for (long q = 0; q < k; ++q) ap[q] = dgh + bl[q] * O;
-                FN(multi_dot)(whT + j * O, ap, k, O, out);
-                for (long q = 0; q < k; ++q) gy[bl[q] * H + j] = out[q];
-                nd += k;
-            }
+            if (egru_nt > 1) {  /* (a region only here: its outlined loop runs slower on one thread) */
+#pragma omp parallel reduction(+ : nd) num_threads(egru_nt)
+                {
+                const unsigned int csr = ftz_on();  /* each thread as the caller's (egru_bwd) */
+#pragma omp for schedule(dynamic, 8)
+                for (long j = 0; j < H; ++j) nd += FN(dots_unit)(j, b0, H, m64, dgh, whT, gy);
+                ftz_off(csr);
+                }
+            } else
+                for (long j = 0; j < H; ++j) nd += FN(dots_unit)(j, b0, H, m64, dgh, whT, gy);
         }
         return nd;
     }
     uint64_t* restrict mask = (uint64_t*)wl;  /* [H]: a unit's wanted samples in the block of 8, as bits */
     long* order = wl + H;                      /* [H]: the units sorted by that mask */
+    long* piece = wl + 2 * H;                  /* [H + 256]: where each piece of a set starts */
     for (long b0 = 0; b0 < B; b0 += 8) {
         const long nb = B - b0 < 8 ? B - b0 : 8;
         FN(want_masks)(b0, nb, H, ctp, thr, ep, mask);
@@ -589,34 +706,23 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
         long pos[256];
         memcpy(pos, start, sizeof pos);
         for (long j = 0; j < H; ++j) order[pos[mask[j]]++] = j;
-        for (long m = 1; m < 256; ++m) {  /* the units wanted by exactly the samples of m */
-            const long u0 = start[m], u1 = start[m + 1];
-            if (u0 == u1) continue;
-            long bl[8], k = 0;
-            for (long q = 0; q < nb; ++q)
-                if (m >> q & 1) bl[k++] = b0 + q;
-            nd += k * (u1 - u0);
-            for (long g = 0; g < k; g += 4) {  /* samples in groups of up to 4 */
-                const int kk = (int)(k - g < 4 ? k - g : 4);
-                for (int q = 0; q < kk; ++q) ap[q] = dgh + bl[g + q] * O;
-                long u = u0;
-                while (u < u1) {  /* units in tiles of 4, 2, then 1 */
-                    const int ju = u1 - u >= 4 ? 4 : (u1 - u >= 2 ? 2 : 1);
-                    const T* w[4];
-                    for (int r = 0; r < ju; ++r) w[r] = whT + order[u + r] * O;
-                    if (ju == 1) {
-                        FN(multi_dot)(w[0], ap, kk, O, out);
-                        for (int q = 0; q < kk; ++q) gy[bl[g + q] * H + order[u]] = out[q];
-                    } else {
-                        T o16[16];
-                        FN(unit_tile)(w, ju, ap, kk, O, o16);
-                        for (int r = 0; r < ju; ++r)
-                            for (int q = 0; q < kk; ++q) gy[bl[g + q] * H + order[u + r]] = o16[r * 4 + q];
-                    }
-                    u += ju;
-                }
+        /* the work: with threads, each set's units in pieces of up to DOTS_PIECE (a set can hold
+           most of the units: one piece per set would leave the other threads idle) */
+        const long per = egru_nt > 1 ? DOTS_PIECE : H;  /* one thread: one piece per set */
+        long np = 0;
+        for (long m = 1; m < 256; ++m)
+            for (long u = start[m]; u < start[m + 1]; u += per) piece[np++] = u;
+        piece[np] = start[256];
+        if (egru_nt > 1) {
+#pragma omp parallel reduction(+ : nd) num_threads(egru_nt)
+            {
+            const unsigned int csr = ftz_on();
+#pragma omp for schedule(dynamic, 1)
+            for (long p = 0; p < np; ++p) nd += FN(dots_piece)(p, piece, start, mask, order, nb, b0, H, dgh, whT, gy);
+            ftz_off(csr);
             }
-        }
+        } else
+            for (long p = 0; p < np; ++p) nd += FN(dots_piece)(p, piece, start, mask, order, nb, b0, H, dgh, whT, gy);
     }
     return nd;
 }
@@ -634,8 +740,8 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
    dW_hh^T over the events (dw_block) each time t reaches a multiple of blk (blocks [t, t + blk)).
    Out: dgis [.., B, 3H] (step t at t - t_lo), dghs: dL/d(W_hh y + b_hh) of the steps, a ring of
    R steps (dgh_t at t mod R; R >= blk when axpy, R = L when the caller takes dW_hh as one GEMM
-   over the segment); accumulated: gbh [3H], gthr [H], gwhT [H, 3H] (when axpy). Scratch: ap [B],
-   out [max(B, H)]; wl [H (B + 1)] (masked_dots only); cnt [2 H], idx, val: dw_block's (sizes
+   over the segment); accumulated: gbh [3H], gthr [H], gwhT [H, 3H] (when axpy). Scratch:
+   out [max(B, H)]; wl [max(H (B + 1), 3 H + 256)] (masked_dots only); cnt [2 H], idx, val: dw_block's (sizes
    in its comment, for N = blk B; no buffer is read through another type than it was written
    with). macs [2]: the dots and the
    axpys done are added (times 3H). */
@@ -643,7 +749,7 @@ CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* 
                          const T* s, const T* cts, const T* whT, const T* thr, double gamma,
                          double epsilon, const T* gys, T* gc, T* gy, const T* gcnt, long need_y0,
                          const unsigned char* dense, long group, long axpy, long blk, long R, T* dgis, T* dghs,
-                         T* gwhT, T* gbh, T* gthr, const T** ap, long* wl, T* out, long* cnt, long* idx,
+                         T* gwhT, T* gbh, T* gthr, long* wl, T* out, long* cnt, long* idx,
                          T* val, long* macs) {
     const unsigned int csr = ftz_on();
     const long O = 3 * H;
@@ -658,7 +764,7 @@ CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* 
         const int want_dy = t || need_y0;
         if (want_dy && !dense[t])
             macs[0] += FN(masked_dots)(B, H, dgh, whT, t ? cts + (t - 1) * B * H : NULL, thr, ep,
-                                       group, gy, ap, out, wl);
+                                       group, gy, wl);
         EGRU_TICK(2);
         if (axpy && t % blk == 0)
             macs[1] += FN(dw_block)(B, H, t, t + blk < L ? t + blk : L, y0, ys, dghs, R, gwhT, cnt, idx, val, cnt + H, out);
