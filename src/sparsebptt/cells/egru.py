@@ -27,8 +27,10 @@ Backends (``backend=``, as every cell with kernels, see `FusedCell`; None, the d
   dense GEMM once `sparsebptt.kernels.egru.cpu.DOTS_BELOW` (dL/dy) or `DW_SPARSE_BELOW` (weight
   gradient) of the entries are needed). A whole
   segment runs in its `fused_recurrent_egru` (the cell's ``scan_segment``, used by every
-  strategy): one GEMM for the input projection and one transposed copy of ``W_hh``. Needs the
-  C kernels (`require_backend("cpu")`); formerly called "sparse" (still accepted, with a
+  strategy): one GEMM for the input projection and one transposed copy of ``W_hh``. Its
+  forward and its backward's sparse products run on ``torch.get_num_threads()`` threads where
+  the kernels were built with OpenMP (the same result at any thread count). Needs the C kernels
+  (`require_backend("cpu")`); formerly called "sparse" (still accepted, with a
   DeprecationWarning).
 - ``"torch"``: the reference, `egru_step` with dense matmuls and plain autograd, the same
   pseudo-derivative; the "cpu" path equals it up to rounding.
