@@ -66,8 +66,8 @@ from ..common import SUFFIX, NoCtx
 from ..sparse import UNION_OVERLAP, Chain, full_above, sparse_linear, transposed_weight
 from ...trace import current_trace, linear
 
-__all__ = ["load_library", "kernel_isa", "kernel_openmp", "masked_rows_dot", "masked_rows_axpy_", "C_SOURCE", "FusedPointwiseFunction",
-           "RecurrentGradFunction", "SegmentFunction", "fused_recurrent_egru"]
+__all__ = ["load_library", "kernel_isa", "kernel_openmp", "masked_rows_dot", "masked_rows_axpy_", "C_SOURCE",
+           "FusedPointwiseFunction", "RecurrentGradFunction", "SegmentFunction", "fused_recurrent_egru"]
 
 #: the C source (package data): `egru.c` instantiates `egru_body.h` for float and double
 C_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "egru.c")
@@ -497,8 +497,8 @@ class SegmentFunction(torch.autograd.Function):
         bs, out = torch.empty(max(H * (B + 1), 3 * H + 256), dtype=torch.long), ys.new_empty(max(B, H))
         cnt = torch.empty(2 * H, dtype=torch.long)
         # dw_block's scratch (sizes in its comment in egru_body.h): per sub-block of rows (at most
-        # ceil(N / 64) of them) the units' event masks, rows and y, the quads'; one sub-block's dgh
-        # rows of a column chunk, packed
+        # ceil(N / 64) of them) the units' event masks, rows and y, the quads' (the packed rows of a
+        # column chunk are on each thread's stack)
         N, nsub = blk * B, -(-blk * B // 64)
         idx, val = ((torch.empty(2 * H + nsub * (H + 2) + 2 + 6 * nsub * (H // 4) + 128 + -(-5 * N * H // 32),
                                  dtype=torch.long), ys.new_empty(2 * N * H))

@@ -27,8 +27,9 @@ int egru_simd(void) { return use_simd(); }
 #ifndef SB_OMP
 #define SB_OMP 0  /* 1: built with -fopenmp (cbuild, for a source with OpenMP pragmas, when the compiler can) */
 #endif
-/* the threads the dL/dy dots are shared out among (OpenMP; torch's own runtime: the library binds
-   to the libgomp torch has loaded); the caller sets it to torch.get_num_threads() */
+/* the threads the segment scan's parallel loops (forward; the backward's dots and dW_hh blocks)
+   are shared out among (OpenMP: torch's own runtime, the library binds to the libgomp torch has
+   loaded); the caller sets it to torch.get_num_threads() before each call */
 static int egru_nt = 1;
 void egru_set_threads(int n) { egru_nt = SB_OMP && n > 1 ? n : 1; }
 int egru_openmp(void) { return SB_OMP; }

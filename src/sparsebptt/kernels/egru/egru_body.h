@@ -282,13 +282,15 @@ CLONES void FN(egru_fwd)(long L, long B, long H, const T* gis, const T* whT, con
 #pragma omp for schedule(static)
             for (long ci = 0; ci < nch; ++ci) FN(fwd_chunk)(rev ? nch - 1 - ci : ci, B, H, gh, whT, bh, bs, vs, mb);
 #pragma omp for schedule(static)
-            for (long b = 0; b < B; ++b) FN(fwd_sample)(t, b, B, H, gis, gh, thr, ep, c, y, s, cts, cnt, &fired, &wanted);
+            for (long b = 0; b < B; ++b)
+                FN(fwd_sample)(t, b, B, H, gis, gh, thr, ep, c, y, s, cts, cnt, &fired, &wanted);
             ftz_off(csr_t);
             }
         } else {
             for (long b = 0; b < B; ++b) nz += mb[b] = FN(nonzeros)(y + b * H, H, bs + b * H, vs + b * H);
             for (long ci = 0; ci < nch; ++ci) FN(fwd_chunk)(rev ? nch - 1 - ci : ci, B, H, gh, whT, bh, bs, vs, mb);
-            for (long b = 0; b < B; ++b) FN(fwd_sample)(t, b, B, H, gis, gh, thr, ep, c, y, s, cts, cnt, &fired, &wanted);
+            for (long b = 0; b < B; ++b)
+                FN(fwd_sample)(t, b, B, H, gis, gh, thr, ep, c, y, s, cts, cnt, &fired, &wanted);
         }
 #else
         for (long b = 0; b < B; ++b) memcpy(gh + b * O, bh, sizeof(T) * O);
