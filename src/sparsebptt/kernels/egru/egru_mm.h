@@ -11,57 +11,36 @@
 #define VOP(op) SB_CAT(SB_CAT(SB_MMV(VW), op), PS)
 #define FV(name) SB_CAT(FN(name), VW)
 
+/* acc_rows' block of NV vectors at o (NV a constant after inlining: its accumulators stay in
+   registers while the m rows are added, one load per multiply-add) */
+__attribute__((always_inline, target(VTGT)))
+static inline void FV(acc_block)(T* out, const T* init, const T* base, long stride, const long* idx,
+                                 const T* vals, long m, long o, const int NV) {
+    VEC a[8];
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) a[k] = VOP(loadu)(init + o + k * VLN);
+    for (long q = 0; q < m; ++q) {
+        const VEC v = VOP(set1)(vals[q]);
+        const T* p = base + idx[q] * stride + o;
+#pragma GCC unroll 8
+        for (int k = 0; k < NV; ++k) a[k] = VOP(fmadd)(v, VOP(loadu)(p + k * VLN), a[k]);
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) VOP(storeu)(out + o + k * VLN, a[k]);
+}
+
 /* out[o] = init[o] + sum_{q < m} vals[q] base[idx[q] stride + o] for o < n (out may be init):
-   8 vectors of out held in registers while the m rows are added (one load per multiply-add),
-   then 4, then single vectors, then scalars. The forward's W_hh y over a sample's events (base =
-   W_hh^T, idx = its units) and the weight gradient's dW_hh^T[j] over the events of unit j in a
-   block of steps (base = dL/d(W_hh y) rows, idx = their (t, b)). */
+   blocks of 8 vectors of out held in registers while the m rows are added, then 4, then single
+   vectors, then scalars. The forward's W_hh y over a sample's events (base = W_hh^T, idx = its
+   units) and the weight gradient's dW_hh^T[j] over the events of unit j in a block of steps
+   (base = dL/d(W_hh y) rows, idx = their (t, b)). */
 __attribute__((target(VTGT)))
 static void FV(acc_rows)(T* out, const T* init, const T* base, long stride, const long* idx,
                          const T* vals, long m, long n) {
     long o = 0;
-    for (; o + 8 * VLN <= n; o += 8 * VLN) {
-        VEC a0 = VOP(loadu)(init + o), a1 = VOP(loadu)(init + o + VLN);
-        VEC a2 = VOP(loadu)(init + o + 2 * VLN), a3 = VOP(loadu)(init + o + 3 * VLN);
-        VEC a4 = VOP(loadu)(init + o + 4 * VLN), a5 = VOP(loadu)(init + o + 5 * VLN);
-        VEC a6 = VOP(loadu)(init + o + 6 * VLN), a7 = VOP(loadu)(init + o + 7 * VLN);
-        for (long q = 0; q < m; ++q) {
-            const VEC v = VOP(set1)(vals[q]);
-            const T* p = base + idx[q] * stride + o;
-            a0 = VOP(fmadd)(v, VOP(loadu)(p), a0);
-            a1 = VOP(fmadd)(v, VOP(loadu)(p + VLN), a1);
-            a2 = VOP(fmadd)(v, VOP(loadu)(p + 2 * VLN), a2);
-            a3 = VOP(fmadd)(v, VOP(loadu)(p + 3 * VLN), a3);
-            a4 = VOP(fmadd)(v, VOP(loadu)(p + 4 * VLN), a4);
-            a5 = VOP(fmadd)(v, VOP(loadu)(p + 5 * VLN), a5);
-            a6 = VOP(fmadd)(v, VOP(loadu)(p + 6 * VLN), a6);
-            a7 = VOP(fmadd)(v, VOP(loadu)(p + 7 * VLN), a7);
-        }
-        VOP(storeu)(out + o, a0); VOP(storeu)(out + o + VLN, a1);
-        VOP(storeu)(out + o + 2 * VLN, a2); VOP(storeu)(out + o + 3 * VLN, a3);
-        VOP(storeu)(out + o + 4 * VLN, a4); VOP(storeu)(out + o + 5 * VLN, a5);
-        VOP(storeu)(out + o + 6 * VLN, a6); VOP(storeu)(out + o + 7 * VLN, a7);
-    }
-    for (; o + 4 * VLN <= n; o += 4 * VLN) {
-        VEC a0 = VOP(loadu)(init + o), a1 = VOP(loadu)(init + o + VLN);
-        VEC a2 = VOP(loadu)(init + o + 2 * VLN), a3 = VOP(loadu)(init + o + 3 * VLN);
-        for (long q = 0; q < m; ++q) {
-            const VEC v = VOP(set1)(vals[q]);
-            const T* p = base + idx[q] * stride + o;
-            a0 = VOP(fmadd)(v, VOP(loadu)(p), a0);
-            a1 = VOP(fmadd)(v, VOP(loadu)(p + VLN), a1);
-            a2 = VOP(fmadd)(v, VOP(loadu)(p + 2 * VLN), a2);
-            a3 = VOP(fmadd)(v, VOP(loadu)(p + 3 * VLN), a3);
-        }
-        VOP(storeu)(out + o, a0); VOP(storeu)(out + o + VLN, a1);
-        VOP(storeu)(out + o + 2 * VLN, a2); VOP(storeu)(out + o + 3 * VLN, a3);
-    }
-    for (; o + VLN <= n; o += VLN) {
-        VEC a = VOP(loadu)(init + o);
-        for (long q = 0; q < m; ++q)
-            a = VOP(fmadd)(VOP(set1)(vals[q]), VOP(loadu)(base + idx[q] * stride + o), a);
-        VOP(storeu)(out + o, a);
-    }
+    for (; o + 8 * VLN <= n; o += 8 * VLN) FV(acc_block)(out, init, base, stride, idx, vals, m, o, 8);
+    for (; o + 4 * VLN <= n; o += 4 * VLN) FV(acc_block)(out, init, base, stride, idx, vals, m, o, 4);
+    for (; o + VLN <= n; o += VLN) FV(acc_block)(out, init, base, stride, idx, vals, m, o, 1);
     for (; o < n; ++o) {
         T a = init[o];
         for (long q = 0; q < m; ++q) a += vals[q] * base[idx[q] * stride + o];
