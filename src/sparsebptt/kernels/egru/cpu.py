@@ -86,7 +86,7 @@ def load_library():
             "masked_rows_axpy": (None, [_P, _P, _P, _P, _L, _L, _L, _P, _P]),
             "egru_fwd": (None, [_L] * 3 + [_P] * 4 + [ctypes.c_double] + [_P] * 10),
             "egru_bwd": (_L, [_L] * 5 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L, _P, _L, _L, _L, _L]
-                         + [_P] * 11)})
+                         + [_P] * 10)})
         lib.egru_set_threads.restype, lib.egru_set_threads.argtypes = None, [ctypes.c_int]
         lib.egru_openmp.restype = ctypes.c_int
         lib.egru_simd.restype = ctypes.c_int
@@ -494,7 +494,7 @@ class SegmentFunction(torch.autograd.Function):
         blk = min(L, max(1, DW_BLOCK_BYTES // (B * O * ys.element_size())))
         R = blk if axpy else L  # dL/d(W_hh y) of the steps: a ring of one block unless a GEMM takes dW_hh
         dghs = ys.new_empty(R, B, O)
-        bs, out = torch.empty(max(H * (B + 1), 3 * H + 256), dtype=torch.long), ys.new_empty(max(B, H))
+        wl = torch.empty(3 * H + 256, dtype=torch.long)  # masked_dots' scratch
         cnt = torch.empty(2 * H, dtype=torch.long)
         # dw_block's scratch (sizes in its comment in egru_body.h): per sub-block of rows (at most
         # ceil(N / 64) of them) the units' event masks, rows and y, the quads' (the packed rows of a
@@ -512,7 +512,7 @@ class SegmentFunction(torch.autograd.Function):
         rest = (c0_.data_ptr(), y0_.data_ptr(), ys.data_ptr(), s.data_ptr(), cts.data_ptr(), ctx.whT.data_ptr(),
                 thr.data_ptr(), gamma, epsilon, gys.data_ptr(), gc.data_ptr(), gy.data_ptr(), _p(gn), int(need_y0),
                 dense.data_ptr(), int(B <= DOTS_GROUP_B), int(axpy), blk, R, dgi.data_ptr(), dghs.data_ptr(), _p(gwhT), gbh.data_ptr(),
-                gthr.data_ptr(), bs.data_ptr(), out.data_ptr(), cnt.data_ptr(), _p(idx), _p(val),
+                gthr.data_ptr(), wl.data_ptr(), cnt.data_ptr(), _p(idx), _p(val),
                 macs.data_ptr())  # fixed for the segment: only the step range changes between calls
         for t0, t1 in reversed(chunks):
             k = t1 - 1

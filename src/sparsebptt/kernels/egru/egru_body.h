@@ -472,9 +472,7 @@ static void FN(dw_chunk)(long c, const struct FN(dw_args)* a) {
    hi, at, quads' starts per sub-block, direct, quads, acc_rows' rows, then rows and qrows as
    bytes); val [2 N H] (vals, qvals). Returns the events (axpys of 3H). */
 static long FN(dw_block)(long B, long H, long t0, long t1, const T* y0, const T* ys, const T* dghs,
-                         long R, T* gwhT, long* cnt, long* idx, T* val, long* js, T* out) {
-    (void)js;
-    (void)out;
+                         long R, T* gwhT, long* cnt, long* idx, T* val) {
     const long O = 3 * H, N = (t1 - t0) * B;
     const int l = isa_level();
     const long cw = FN(dw_width)(l), nch = (O + cw - 1) / cw, nsub = (N + DW_NS - 1) / DW_NS;
@@ -674,7 +672,6 @@ INL long FN(dots_piece)(long p, const long* piece, const long* start, const uint
 #endif
 static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T* ctp, const T* thr,
                             T ep, int group, T* gy, long* wl) {
-    const long O = 3 * H;
     long nd = 0;
     memset(gy, 0, sizeof(T) * B * H);
     if (!group) {  /* per unit, every sample that wants it (blocks of 64 samples) */
@@ -743,7 +740,7 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
    Out: dgis [.., B, 3H] (step t at t - t_lo), dghs: dL/d(W_hh y + b_hh) of the steps, a ring of
    R steps (dgh_t at t mod R; R >= blk when axpy, R = L when the caller takes dW_hh as one GEMM
    over the segment); accumulated: gbh [3H], gthr [H], gwhT [H, 3H] (when axpy). Scratch:
-   out [max(B, H)]; wl [max(H (B + 1), 3 H + 256)] (masked_dots only); cnt [2 H], idx, val: dw_block's (sizes
+   wl [3 H + 256] (masked_dots'); cnt [2 H], idx, val: dw_block's (sizes
    in its comment, for N = blk B; no buffer is read through another type than it was written
    with). macs [2]: the dots and the
    axpys done are added (times 3H). */
@@ -751,7 +748,7 @@ CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* 
                          const T* s, const T* cts, const T* whT, const T* thr, double gamma,
                          double epsilon, const T* gys, T* gc, T* gy, const T* gcnt, long need_y0,
                          const unsigned char* dense, long group, long axpy, long blk, long R, T* dgis, T* dghs,
-                         T* gwhT, T* gbh, T* gthr, long* wl, T* out, long* cnt, long* idx,
+                         T* gwhT, T* gbh, T* gthr, long* wl, long* cnt, long* idx,
                          T* val, long* macs) {
     const unsigned int csr = ftz_on();
     const long O = 3 * H;
@@ -769,7 +766,7 @@ CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* 
                                        group, gy, wl);
         EGRU_TICK(2);
         if (axpy && t % blk == 0)
-            macs[1] += FN(dw_block)(B, H, t, t + blk < L ? t + blk : L, y0, ys, dghs, R, gwhT, cnt, idx, val, cnt + H, out);
+            macs[1] += FN(dw_block)(B, H, t, t + blk < L ? t + blk : L, y0, ys, dghs, R, gwhT, cnt, idx, val);
         EGRU_TICK(3);
         if (want_dy && dense[t]) { stop = t; break; }
     }
