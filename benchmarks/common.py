@@ -122,6 +122,13 @@ def time_scan_step(cell, x) -> tuple[float, float]:
     return t1 - t0, t2 - t1
 
 
+def ms_columns(name: str, xs) -> dict:
+    """``{name}_ms``, ``{name}_p20_ms``, ``{name}_p80_ms``: median and 20th / 80th percentiles of
+    the times ``xs`` (seconds) in milliseconds, a result row's columns."""
+    return {f"{name}_ms": 1e3 * quantile(xs, 0.5), f"{name}_p20_ms": 1e3 * quantile(xs, 0.2),
+            f"{name}_p80_ms": 1e3 * quantile(xs, 0.8)}
+
+
 def summarize_times(xs) -> dict:
     return {"median_s": quantile(xs, 0.5), "p20_s": quantile(xs, 0.2), "p80_s": quantile(xs, 0.8),
             "n": len(xs)}

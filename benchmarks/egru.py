@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 
 import sparsebptt as sb
-from common import metadata, quantile, time_scan_step, write_rows_csv
+from common import metadata, ms_columns, time_scan_step, write_rows_csv
 from sparsebptt.cells.egru import event_statistics
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -99,8 +98,7 @@ def bench_group(cases, x, reps):
             r["bwd"].append(b)
     for r in rows:
         fwd, bwd = r.pop("fwd"), r.pop("bwd")
-        r.update(fwd_ms=1e3 * statistics.median(fwd), fwd_p20_ms=1e3 * quantile(fwd, 0.2), fwd_p80_ms=1e3 * quantile(fwd, 0.8),
-                 bwd_ms=1e3 * statistics.median(bwd), bwd_p20_ms=1e3 * quantile(bwd, 0.2), bwd_p80_ms=1e3 * quantile(bwd, 0.8))
+        r.update(**ms_columns("fwd", fwd), **ms_columns("bwd", bwd))
     d = rows[0]
     for r in rows:
         r["fwd_macs_vs_gru"] = r["forward_macs"] / d["forward_macs"]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 import sparsebptt as sb
-from common import metadata, quantile, time_scan_step, write_rows_csv
+from common import metadata, ms_columns, time_scan_step, write_rows_csv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -108,8 +107,7 @@ def bench_group(kind, B, H, I, T, reps, thresholds, active_sets, stepped=False):
     d = rows[("dense", None)]
     for (name, th), r in rows.items():
         fwd, bwd = r.pop("fwd"), r.pop("bwd")
-        r.update(fwd_ms=1e3 * statistics.median(fwd), fwd_p20_ms=1e3 * quantile(fwd, 0.2), fwd_p80_ms=1e3 * quantile(fwd, 0.8),
-                 bwd_ms=1e3 * statistics.median(bwd), bwd_p20_ms=1e3 * quantile(bwd, 0.2), bwd_p80_ms=1e3 * quantile(bwd, 0.8))
+        r.update(**ms_columns("fwd", fwd), **ms_columns("bwd", bwd))
         out.append(r)
     for r in out:
         b0 = base.get(r["active_set"])
