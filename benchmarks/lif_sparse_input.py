@@ -8,7 +8,7 @@ times, one thread, interleaved repeats (median):
 - ``dW``: ``d^T x`` [H, K]: `SparseRows.weight_grad` against ``d.t() @ x``.
 
 R = 160 is one segment of 10 steps at B = 16 (Checkpoint(10) at T = 100), R = 1600 a whole
-T = 100 scan. The crossover density sets `sparsebptt.kernels.lif.cpu.SPARSE_INPUT_MAX`.
+T = 100 scan. The crossover density sets `sparsebptt.kernels.sparse_input.cpu.SPARSE_INPUT_MAX`.
 
     OMP_NUM_THREADS=1 taskset -c 0 .venv/bin/python benchmarks/lif_sparse_input.py [--tag issue17a]
 
@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import metadata  # noqa: E402
 
-from sparsebptt.kernels.lif.cpu import SparseRows  # noqa: E402
+from sparsebptt.kernels.sparse_input.cpu import SparseRows  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DENSITIES = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.5, 1.0)

@@ -532,7 +532,6 @@ def test_build_file_instantiates_a_body_per_type_and_rebuilds_when_any_file_chan
 def test_baseline_build_switch(monkeypatch, tmp_path):
     """$SPARSEBPTT_KERNEL_BASELINE=1 builds as for a CPU without AVX (a library of its own: CI runs
     the kernel tests that way too, see scripts/baseline_check.sh); other values are refused."""
-    import ctypes
     monkeypatch.setenv("SPARSEBPTT_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "k.c").write_text('#include "cbuild.h"\n'
                                   'int has_avx2(void) { __builtin_cpu_init(); return SB_CPU_HAS("avx2") != 0; }\n'
@@ -552,7 +551,7 @@ def test_baseline_build_switch(monkeypatch, tmp_path):
 def test_the_package_c_sources_are_its_libraries():
     """Every kernels/<cell>/<cell>.c is a library the "cpu" probe builds; their includes resolve."""
     libs = cbuild.libraries()
-    assert {"sparsebptt_lif", "sparsebptt_rnn"} <= set(libs)
+    assert {"sparsebptt_lif", "sparsebptt_rnn", "sparsebptt_sparse_input"} <= set(libs)
     for path in libs.values():
         assert '#include "' not in cbuild.source(path)
     assert "sparsebptt_lif" in kb.backend_available("cpu")[1]
@@ -740,7 +739,7 @@ def test_the_fused_path_says_it_ran(caplog):
 def test_sparse_rows_products_equal_the_matmul(dtype, shape, bias, values):
     """Currents from the rows of W^T at the nonzeros, and dW from the rows of dL/di at them, equal
     the dense products (vector tails: H and K off every block size); spikes (all 1) or values."""
-    from sparsebptt.kernels.lif.cpu import SparseRows
+    from sparsebptt.kernels.sparse_input.cpu import SparseRows
     R, K, H = shape
     x = seeded(1, R, K, dtype=dtype, kind="spikes", p=0.2)
     if values == "events":
@@ -759,7 +758,7 @@ def test_sparse_rows_products_equal_the_matmul(dtype, shape, bias, values):
 def test_sparse_rows_of_a_row_do_not_depend_on_the_others():
     """A row's currents are summed in one fixed order whatever rows come with it, so a recomputed
     segment repeats the forward's currents bit for bit however the scan was cut."""
-    from sparsebptt.kernels.lif.cpu import SparseRows
+    from sparsebptt.kernels.sparse_input.cpu import SparseRows
     x = seeded(5, 96, 70, dtype=torch.float32, kind="spikes", p=0.15)
     W, b = seeded(6, 50, 70, dtype=torch.float32), seeded(7, 50, dtype=torch.float32)
     whole = torch.empty(96, 50)
@@ -775,7 +774,7 @@ def test_sparse_rows_of_a_row_do_not_depend_on_the_others():
 
 
 def test_sparse_rows_stop_counting_above_the_density_asked():
-    from sparsebptt.kernels.lif.cpu import SparseRows
+    from sparsebptt.kernels.sparse_input.cpu import SparseRows
     x = seeded(8, 40, 30, kind="spikes", p=0.5)
     assert SparseRows.of(x, keep=False, max_density=0.25) is None
     assert SparseRows.of(x, keep=False, max_density=0.75) is not None
@@ -787,7 +786,7 @@ def test_sparse_rows_stop_counting_above_the_density_asked():
 
 def test_the_route_is_decided_once_per_scan():
     """The first segment's density decides; later segments follow it whatever their density."""
-    from sparsebptt.kernels.lif.cpu import SPARSE_INPUT_MAX, SparseRoute
+    from sparsebptt.kernels.sparse_input.cpu import SPARSE_INPUT_MAX, SparseRoute
     sparse = seeded(10, 20, 30, kind="spikes", p=SPARSE_INPUT_MAX / 3)
     dense = seeded(11, 20, 30, kind="spikes", p=0.9)
     route = SparseRoute()
@@ -805,7 +804,8 @@ def test_the_route_is_decided_once_per_scan():
 def test_sparse_layer_equals_the_matmul_layer(dtype, values):
     """fused_lif_layer with a sparse route: outputs, state and every gradient as with the matmul;
     the backward keeps the nonzeros instead of x."""
-    from sparsebptt.kernels.lif.cpu import SparseRoute, fused_lif_layer
+    from sparsebptt.kernels.lif.cpu import fused_lif_layer
+    from sparsebptt.kernels.sparse_input.cpu import SparseRoute
     x = seeded(13, 23, 4, 30, dtype=dtype, kind="spikes", p=0.2)
     if values == "events":
         x = x * seeded(12, 23, 4, 30, dtype=dtype)
@@ -829,11 +829,12 @@ def test_a_sparse_input_layer_equals_the_reference_under_every_strategy(strategy
     """A LIF on spike input (and one on the first's spikes) takes the sparse route; float64
     outputs and every gradient equal the torch reference's."""
     from sparsebptt.kernels.lif import cpu as lif_cpu
+    from sparsebptt.kernels.sparse_input.cpu import SparseRoute
     ref, fast = _stacks(torch.float64, mixed=False)
     x = seeded(3, 37, 2, N_IN, kind="spikes", p=0.15)
     routes = []
-    orig = lif_cpu.SparseRoute.rows
-    monkeypatch.setattr(lif_cpu.SparseRoute, "rows", lambda self, *a, **k: routes.append(self) or orig(self, *a, **k))
+    orig = SparseRoute.rows
+    monkeypatch.setattr(SparseRoute, "rows", lambda self, *a, **k: routes.append(self) or orig(self, *a, **k))
     one_call = lif_cpu._sparse_layer_forward  # the route's forward in one C call
     monkeypatch.setattr(lif_cpu, "_sparse_layer_forward", lambda *a: routes.append(a[6]) or one_call(*a))
     got = _run_stack(fast, x, strategy)
@@ -1026,7 +1027,8 @@ def test_forward_sweep_in_one_pass_equals_the_reference(kind, monkeypatch):
 def test_forward_stops_of_a_layer():
     """`layer_forward_stops` gives what `layer_forward` gives segment by segment; stops that do not
     end at L are refused."""
-    from sparsebptt.kernels.lif.cpu import SparseRoute, layer_forward, layer_forward_stops
+    from sparsebptt.kernels.lif.cpu import layer_forward, layer_forward_stops
+    from sparsebptt.kernels.sparse_input.cpu import SparseRoute
     cell = _nets("lif", torch.float32)
     x = seeded(10, 23, 3, N_IN, kind="spikes", p=0.1).float()
     v0 = 0.3 * seeded(11, 3, 24).float()
@@ -1048,23 +1050,24 @@ def test_sparse_layer_forward_in_one_call_equals_the_kernels_one_by_one(values):
     `SparseRows.of`, `SparseRows.project` and the recurrence give one after the other; a first
     segment above `SPARSE_INPUT_MAX` runs nothing and turns the route dense."""
     from sparsebptt.kernels.lif import cpu as lif_cpu
+    from sparsebptt.kernels.sparse_input.cpu import SparseRoute, SparseRows
     cell = _nets("lif", torch.float32)
     x = seeded(12, 13, 3, N_IN, kind="spikes", p=0.1).float()
     if values == "graded":
         x = x * seeded(13, *x.shape).float()
     v0 = 0.3 * seeded(14, 3, 24).float()
     W, b = cell.weight.detach(), cell.bias.detach()
-    route = lif_cpu.SparseRoute()
+    route = SparseRoute()
     i = torch.empty(13, 3, 24)
     z, u, vT, rows = lif_cpu._sparse_layer_forward(x, v0, W, b, 0.9, cell.params, route, True, i, True)
     assert route.sparse and (rows.val is None) == (values == "spikes")
-    ref_rows = lif_cpu.SparseRows.of(x.reshape(-1, N_IN), keep=True)
+    ref_rows = SparseRows.of(x.reshape(-1, N_IN), keep=True)
     i2 = torch.empty(39, 24)
     ref_rows.project(W, b, i2)
     z2, u2, vT2 = lif_cpu._lif_fwd(i2.view(13, 3, 24), v0, 0.9, cell.params, save_u=True)
     for a, c in ((z, z2), (u, u2), (vT, vT2), (rows.ptr, ref_rows.ptr), (rows.col, ref_rows.col)):
         assert torch.equal(a, c)
-    dense = lif_cpu.SparseRoute()
+    dense = SparseRoute()
     assert lif_cpu._sparse_layer_forward(torch.ones(13, 3, N_IN), v0, W, b, 0.9, cell.params, dense, True, i,
                                          True) is None
     assert dense.sparse is False
@@ -1074,11 +1077,12 @@ def test_layer_backward_adds_into_the_sums_in_one_call():
     """With the caller's sums (W^T's layout) and a sparse input, dW and db are added by the
     recurrence's own C call (`lif_layer_bwd`): equal to the fresh gradients added afterwards."""
     from sparsebptt.kernels.lif import cpu as lif_cpu
+    from sparsebptt.kernels.sparse_input.cpu import SparseRoute
     cell = _nets("lif", torch.float64)
     x = seeded(15, 21, 3, N_IN, kind="spikes", p=0.1)
     v0 = 0.3 * seeded(16, 3, 24)
     W, b = cell.weight.detach(), cell.bias.detach()
-    _, _, saved = lif_cpu.layer_forward(x, v0, W, b, 0.9, cell.params, lif_cpu.SparseRoute(), need_w=True)
+    _, _, saved = lif_cpu.layer_forward(x, v0, W, b, 0.9, cell.params, SparseRoute(), need_w=True)
     assert saved.rows is not None
     dz, dvT = seeded(17, 21, 3, 24), seeded(18, 3, 24)
     acc_w0, acc_b0 = seeded(19, 24, N_IN), seeded(20, 24)

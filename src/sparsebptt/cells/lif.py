@@ -162,7 +162,7 @@ class LIF(FusedCell):
         fn = FusedCell.scan_segment.fget(self)
         if fn is None or self.recurrent or fn.keywords.get("backend") != "cpu":
             return fn
-        from ..kernels.lif.cpu import SparseRoute
+        from ..kernels.sparse_input.cpu import SparseRoute
         route = SparseRoute()
         fn = functools.partial(fn, route=route)
         if self._vjp_applies():
@@ -181,7 +181,7 @@ class LIF(FusedCell):
     def _scan_segment(self, x_seg, state, *, backend=None, route=None):
         """A segment through the fused kernels. ``backend``: "cpu" or "triton", as
         `FusedCell.scan_segment` resolved it (None: resolve now). ``route``: the scan's
-        `sparsebptt.kernels.lif.cpu.SparseRoute` (backend "cpu", feed-forward; None: the matmul)."""
+        `sparsebptt.kernels.sparse_input.cpu.SparseRoute` (backend "cpu", feed-forward; None: the matmul)."""
         if backend is None:
             backend = self.active_backend  # "cpu" or "triton": `FusedCell.scan_segment` hands this out
         beta = self.params.beta if self.beta is None else self.beta.clamp(0.0, 1.0)

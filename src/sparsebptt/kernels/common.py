@@ -9,7 +9,7 @@ import weakref
 
 import torch
 
-__all__ = ["NoCtx", "SUFFIX", "empty", "transposed"]
+__all__ = ["NoCtx", "SUFFIX", "empty", "scratch_buffer", "transposed"]
 
 #: the dtypes the C kernels are compiled for, and the suffix of their functions (``lif_fwd_f32``)
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -38,6 +38,36 @@ def empty(shape, dtype) -> torch.Tensor:
         if hi > lo:
             _libc.madvise(lo, hi - lo, _MADV_HUGEPAGE)
     return t
+
+
+_scratch_tls = threading.local()
+
+
+def scratch_buffer(shape, dtype, name: str = "di") -> torch.Tensor:
+    """A per-thread reusable buffer of ``shape`` for temporaries that never leave a call (one buffer
+    per ``name`` and dtype, e.g. di of a LIF layer's backward, the nonzeros of a sparse input
+    while they are listed and used; a later call with the same name reuses it): a fresh 32 MiB
+    buffer costs more in page faults than the kernel that fills it."""
+    views = getattr(_scratch_tls, "views", None)
+    if views is None:
+        views = _scratch_tls.views = {}
+        _scratch_tls.scratch = {}
+    key = (name, dtype, tuple(shape))
+    hit = views.get(key)  # the view of this shape made before, while its buffer is still the one
+    cache = _scratch_tls.scratch
+    if hit is not None and hit[0] is cache.get((name, dtype)):
+        return hit[1]
+    n = 1
+    for d in shape:
+        n *= d
+    buf = cache.get((name, dtype))
+    if buf is None or buf.numel() < n:
+        buf = cache[(name, dtype)] = empty((n,), dtype)
+    if len(views) >= 256:  # (segments of many lengths: the views are cheap to make again)
+        views.clear()
+    view = buf[:n].view(shape)
+    views[key] = (buf, view)
+    return view
 
 
 _transposed_cache = threading.local()

@@ -38,19 +38,19 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from ...trace import current_trace
 from ..cbuild import build_file, declare_per_dtype
-from ..common import SUFFIX, NoCtx, empty, transposed
+from ..common import SUFFIX, NoCtx, empty, scratch_buffer, transposed
+from ..sparse_input.cpu import SPARSE_CHUNK, SPARSE_INPUT_MAX, SparseRoute, SparseRows
 from .function import (SURROGATE_IDS, LIFConstants, after_decay, apply_recurrence, check_state_and_beta,
                        recurrence_function, recurrent_layer_function, surrogate_scale)
 
 __all__ = ["fused_recurrent_lif", "fused_lif_layer", "fused_recurrent_lif_layer", "load_library", "C_SOURCE",
-           "SparseRows", "SparseRoute", "SPARSE_CHUNK", "SPARSE_INPUT_MAX", "LayerSaved", "layer_forward",
+           "LayerSaved", "layer_forward",
            "layer_forward_stops", "layer_backward"]
 
 #: the C source (package data): ``lif.c`` instantiates ``lif_body.h`` for float and double
@@ -63,22 +63,12 @@ _FWD_ARGS = [_P, _P, _P, ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.
 _BWD_ARGS = [_P, _P, ctypes.c_long, _P, _P, _P, ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_int,
              ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_long, ctypes.c_long, ctypes.c_long, _P, _P, _P]
 
-_SPARSE_FNS = {"lif_csr": (ctypes.c_long, [_P, ctypes.c_long, ctypes.c_long, ctypes.c_long, _P, _P, _P, _P]),
-               "lif_spmm": (None, [_P, _P, _P, _P, _P, ctypes.c_long, ctypes.c_long, _P]),
-               "lif_spmm_t": (None, [_P, _P, _P, _P, ctypes.c_long, ctypes.c_long, ctypes.c_long, _P, _P, _P, _P]),
-               # lif_csr's, then wt, bias, H, i, and lif_fwd's from v0 (L, B, z, u, vT)
+_SPARSE_FNS = {# sp_csr's (sparse_input/), then wt, bias, H, i, and lif_fwd's from v0 (L, B, z, u, vT)
                "lif_layer_fwd": (ctypes.c_long, [_P, ctypes.c_long, ctypes.c_long, ctypes.c_long, _P, _P, _P, _P,
                                                  _P, _P, ctypes.c_long, _P, _P, _P, ctypes.c_double, ctypes.c_double,
                                                  ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long, _P, _P, _P]),
                # lif_bwd's arguments, then db_acc, the CSR (ptr, col, val, K) and dwt, cnt, rows, vals
                "lif_layer_bwd": (None, _BWD_ARGS + [_P, _P, _P, _P, ctypes.c_long, _P, _P, _P, _P])}
-#: rows per chunk of `lif_spmm_t` (``SP_CHUNK`` in lif_body.h)
-SPARSE_CHUNK = 256
-#: the largest fraction of nonzero inputs at which a layer takes the sparse-input products: on
-#: the AVX-512 box, one thread, in -> 256 for 160 or 1,600 rows, they equal the matmul near 40-45 %
-#: (forward) and 25-30 % (dW) and take 0.2-0.5x its time at 2-10 % (benchmarks/lif_sparse_input.py,
-#: results/lif_sparse_input_issue17a.csv)
-SPARSE_INPUT_MAX = 0.25
 
 
 def load_library():
@@ -123,35 +113,6 @@ def _lif_fwd(i, v0, beta, p: LIFConstants, save_u: bool, u_into_i: bool = False)
     return z, u, vT
 
 
-_tls = threading.local()
-
-
-def _scratch(shape, dtype, name: str = "di") -> torch.Tensor:
-    """A per-thread reusable buffer for temporaries that never leave a call (``name``: di of a
-    layer's backward; the nonzeros of a sparse input while they are listed and used): a fresh
-    32 MiB buffer costs more in page faults than the kernel that fills it."""
-    views = getattr(_tls, "views", None)
-    if views is None:
-        views = _tls.views = {}
-        _tls.scratch = {}
-    key = (name, dtype, tuple(shape))
-    hit = views.get(key)  # the view of this shape made before, while its buffer is still the one
-    cache = _tls.scratch
-    if hit is not None and hit[0] is cache.get((name, dtype)):
-        return hit[1]
-    n = 1
-    for d in shape:
-        n *= d
-    buf = cache.get((name, dtype))
-    if buf is None or buf.numel() < n:
-        buf = cache[(name, dtype)] = empty((n,), dtype)
-    if len(views) >= 256:  # (segments of many lengths: the views are cheap to make again)
-        views.clear()
-    view = buf[:n].view(shape)
-    views[key] = (buf, view)
-    return view
-
-
 def _lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: bool, scratch: bool = False,
              db_acc=None, rows: "SparseRows | None" = None, dwt=None):
     """Run the backward kernel; ``scratch``: di goes to the per-thread buffer (caller consumes it
@@ -161,7 +122,7 @@ def _lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: bool, scratch: b
     L, B, H = u.shape
     fused = db_acc is not None or dwt is not None
     fn = _fn("lif_layer_bwd" if fused else "lif_bwd", u.dtype)
-    di = _scratch(u.shape, u.dtype) if scratch else empty(u.shape, u.dtype)
+    di = scratch_buffer(u.shape, u.dtype) if scratch else empty(u.shape, u.dtype)
     dv0 = torch.empty(B, H, dtype=u.dtype)
     if dz is None:  # no gradient reaches the spikes: one zero slice for every step
         dz, dz_st = torch.zeros(B, H, dtype=u.dtype), 0
@@ -178,10 +139,10 @@ def _lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: bool, scratch: b
     if fused:
         if dwt is not None:
             K = rows.K
-            cnt = _scratch((K + 1,), torch.int32, "cnt")
+            cnt = scratch_buffer((K + 1,), torch.int32, "cnt")
             n = max(1, min(rows.R, SPARSE_CHUNK) * K)
-            rws = _scratch((n,), torch.int32, "rows")
-            vals = _scratch((n if rows.val is not None else 1,), u.dtype, "vals")
+            rws = scratch_buffer((n,), torch.int32, "rows")
+            vals = scratch_buffer((n if rows.val is not None else 1,), u.dtype, "vals")
             fn(*args, _ptr(db_acc), rows.ptr.data_ptr(), rows.col.data_ptr(), _ptr(rows.val), K, dwt.data_ptr(),
                cnt.data_ptr(), rws.data_ptr(), vals.data_ptr())
         else:
@@ -192,85 +153,6 @@ def _lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: bool, scratch: b
 
 
 FusedRecurrentLIFFunction = recurrence_function("FusedRecurrentLIFFunction", _lif_fwd, _lif_bwd)
-
-
-class SparseRows:
-    """The nonzeros of an input x [R, K] row by row (CSR): what the sparse-input products read
-    instead of x. ``ptr`` int64 [R + 1], ``col`` int32 [nnz], ``val`` [nnz] (None: every nonzero
-    is 1, spikes)."""
-
-    __slots__ = ("ptr", "col", "val", "R", "K")
-
-    def __init__(self, ptr, col, val, R, K):
-        self.ptr, self.col, self.val, self.R, self.K = ptr, col, val, R, K
-
-    @classmethod
-    def of(cls, x2: torch.Tensor, keep: bool, max_density: float = 1.0):
-        """The rows of ``x2`` [R, K] (contiguous), or None when more than ``max_density`` of its
-        entries are nonzero (it stops counting there). ``keep``: trim to the nnz entries (saved)."""
-        R, K = x2.shape
-        max_nnz = int(max_density * R * K)
-        # listed into per-thread buffers; what is kept is copied out at its size
-        ptr = torch.empty(R + 1, dtype=torch.int64) if keep else _scratch((R + 1,), torch.int64, "ptr")
-        col = _scratch((max_nnz + K + 1,), torch.int32, "col")
-        val = _scratch((max_nnz + K + 1,), x2.dtype, "val")
-        binary = ctypes.c_int(0)
-        n = _fn("lif_csr", x2.dtype)(
-            x2.data_ptr(), R, K, max_nnz, ptr.data_ptr(), col.data_ptr(), val.data_ptr(), ctypes.byref(binary))
-        if n < 0:
-            return None
-        val = None if binary.value else (val[:n].clone() if keep else val)
-        return cls(ptr, col[:n].clone() if keep else col, val, R, K)
-
-    def project(self, weight, bias, out2):
-        """``out2 = x W^T + b`` [R, H]: per row, the rows of W^T at its nonzeros, times their
-        values, added in ascending column order."""
-        H = weight.shape[0]
-        fn = _fn("lif_spmm", out2.dtype)
-        fn(self.ptr.data_ptr(), self.col.data_ptr(), _ptr(self.val), transposed(weight).data_ptr(), _ptr(bias),
-           self.R, H, out2.data_ptr())
-
-    def weight_grad(self, d2, into=None):
-        """``d2^T x`` [H, K] (dL/dW of ``x W^T``) from ``d2`` = dL/dout [R, H] (contiguous), as the
-        transpose of a contiguous [K, H]: per input column the rows of d2 at its nonzeros are
-        summed (in chunks of `SPARSE_CHUNK` rows); the copy into W's layout is left to whoever
-        accumulates the gradient (once per scan, not once per segment). ``into``: such a transpose
-        (an earlier result) to add into in place, and return."""
-        H = d2.shape[1]
-        dwt = torch.zeros(self.K, H, dtype=d2.dtype) if into is None else into.t()
-        cnt = _scratch((self.K + 1,), torch.int32, "cnt")
-        n = max(1, min(self.R, SPARSE_CHUNK) * self.K)
-        rows = _scratch((n,), torch.int32, "rows")
-        vals = _scratch((n if self.val is not None else 1,), d2.dtype, "vals")
-        _fn("lif_spmm_t", d2.dtype)(
-            self.ptr.data_ptr(), self.col.data_ptr(), _ptr(self.val), d2.data_ptr(), self.R, self.K, H,
-            dwt.data_ptr(), cnt.data_ptr(), rows.data_ptr(), vals.data_ptr())
-        return dwt.t()
-
-    def tensors(self):
-        """What the backward keeps: (ptr, col, val)."""
-        return self.ptr, self.col, self.val
-
-
-class SparseRoute:
-    """Whether one scan's input products run sparse: decided on the scan's first segment (at most
-    `SPARSE_INPUT_MAX` of its inputs nonzero) and kept for every later segment of that scan,
-    recomputations included, so the forward and its recomputation take the same path (each row's
-    currents then repeat bit for bit). A layer's `scan_segment` makes one per scan."""
-
-    __slots__ = ("sparse",)
-
-    def __init__(self):
-        self.sparse = None
-
-    def rows(self, x2: torch.Tensor, keep: bool):
-        """`SparseRows` of ``x2`` when this scan runs sparse, else None."""
-        if self.sparse is False:
-            return None
-        rows = SparseRows.of(x2, keep, SPARSE_INPUT_MAX if self.sparse is None else 1.0)
-        if self.sparse is None:
-            self.sparse = rows is not None
-        return rows
 
 
 def _project(x2, weight, bias, out2, route: "SparseRoute | None", keep: bool):
@@ -316,9 +198,9 @@ def _sparse_layer_forward(x, v0, weight, bias, beta, p: LIFConstants, route: Spa
     H = weight.shape[0]
     R = L * B
     max_nnz = int((SPARSE_INPUT_MAX if route.sparse is None else 1.0) * R * K)
-    ptr = torch.empty(R + 1, dtype=torch.int64) if keep_rows else _scratch((R + 1,), torch.int64, "ptr")
-    col = _scratch((max_nnz + K + 1,), torch.int32, "col")
-    val = _scratch((max_nnz + K + 1,), x.dtype, "val")
+    ptr = torch.empty(R + 1, dtype=torch.int64) if keep_rows else scratch_buffer((R + 1,), torch.int64, "ptr")
+    col = scratch_buffer((max_nnz + K + 1,), torch.int32, "col")
+    val = scratch_buffer((max_nnz + K + 1,), x.dtype, "val")
     binary = ctypes.c_int(0)
     z = empty(i.shape, i.dtype)
     vT = torch.empty_like(v0)
@@ -389,7 +271,7 @@ def layer_forward_stops(x, v0, weight, bias, beta, p: LIFConstants, route, stops
     H = weight.shape[0]
     # the currents go where the spikes will: the recurrence reads each current before it writes
     # that element's spike (as it writes u over i), so one buffer serves both
-    z = empty((L, B, H), x.dtype) if out is None else _scratch((L, B, H), x.dtype, out)
+    z = empty((L, B, H), x.dtype) if out is None else scratch_buffer((L, B, H), x.dtype, out)
     _project(x.reshape(L * B, n_in), weight, bias, z.view(L * B, H), route, keep=False)
     fn = _fn("lif_fwd", x.dtype)
     beta_t, beta_s = _beta_args(beta)

@@ -155,149 +155,18 @@ CLONES void FN(lif_bwd)(const T* u, const T* dz, long dz_st, const T* dvT, const
 #undef BWD_CASES_AD
 #undef BWD_CASES_RZ
 
-/* ---- sparse-input products (a layer whose input is mostly zeros: spikes, events) ------------
-   x [R, K] -> CSR: row r's nonzero columns, ascending, in col[ptr[r] .. ptr[r+1]], their values in
-   val. Returns the number of nonzeros, or -1 as soon as it exceeds max_nnz (the caller then runs
-   the dense matmul); *binary says whether every nonzero is exactly 1 (the products below then
-   add rows of W^T without multiplying: the same result, as 1 * w == w). col and val must hold
-   max_nnz + K + 1 entries. A NaN counts as a nonzero that is not 1 (it propagates as in a matmul). */
-static long FN(csr_scalar)(const T* x, long R, long K, long max_nnz, long* ptr, int* col, T* val, int* binary) {
-    long n = 0; int other = 0;
-    for (long r = 0; r < R; ++r) {
-        const T* xr = x + r * K;
-        ptr[r] = n;
-        if (n > max_nnz) return -1;
-        for (long j = 0; j < K; ++j) {
-            const T a = xr[j];
-            col[n] = (int)j;
-            val[n] = a;
-            n += a != (T)0;
-            other |= (a != (T)0) & (a != (T)1);
-        }
-    }
-    ptr[R] = n;
-    *binary = !other;
-    return n > max_nnz ? -1 : n;
-}
-long FN(lif_csr)(const T* x, long R, long K, long max_nnz, long* ptr, int* col, T* val, int* binary) {
-#ifdef SB_CSR_AVX512  /* lif.c: a compress-store version, where the CPU has AVX-512 */
-    if (FN(csr_avx512_ok)()) return FN(csr_avx512)(x, R, K, max_nnz, ptr, col, val, binary);
-#endif
-    return FN(csr_scalar)(x, R, K, max_nnz, ptr, col, val, binary);
-}
-
-#define VL (64 / (long)sizeof(T))  /* lanes of a 64-byte vector */
-#define VB 8                       /* vectors per block of output columns (8 accumulators) */
-typedef T FN(vec) __attribute__((vector_size(64), aligned(sizeof(T))));
-
-/* out[r, :] = bias + sum over q in row r of val[q] * wt[col[q], :]  (wt = W^T [K, H]; bias [H] or
-   NULL; val NULL: every value is 1). Blocks of VB*VL output columns; per row the accumulators stay
-   in registers and each nonzero input adds one row block of W^T: the sum runs over the row's
-   nonzeros in ascending column order, so a row's result does not depend on the rows computed with
-   it (a recomputed segment repeats the forward bit for bit, however the scan was cut). */
-#define SPMM_ROW(NB, SCALE) \
-    for (long q = ptr[r]; q < ptr[r + 1]; ++q) { \
-        const T* w = wb + (long)col[q] * H; \
-        for (int k = 0; k < (NB); ++k) acc[k] += SCALE *(const V*)(w + k * VL); \
-    }
-CLONES void FN(lif_spmm)(const long* ptr, const int* col, const T* val, const T* wt, const T* bias, long R, long H,
-                         T* out) {
-    typedef FN(vec) V;
-    const long nv = H / VL;
-    for (long v0 = 0; v0 < nv; v0 += VB) {
-        const int nb = v0 + VB <= nv ? VB : (int)(nv - v0);
-        const T* wb = wt + v0 * VL;
-        for (long r = 0; r < R; ++r) {
-            V acc[VB];
-            for (int k = 0; k < VB; ++k) acc[k] = (V){0};
-            if (bias) for (int k = 0; k < nb; ++k) acc[k] = *(const V*)(bias + (v0 + k) * VL);
-            if (val == NULL && nb == VB) { SPMM_ROW(VB, ) }
-            else if (val == NULL) { SPMM_ROW(nb, ) }
-            else { SPMM_ROW(nb, val[q] *) }
-            T* o = out + r * H + v0 * VL;
-            for (int k = 0; k < nb; ++k) *(V*)(o + k * VL) = acc[k];
-        }
-    }
-    for (long h = nv * VL; h < H; ++h)  /* the columns past the last whole vector */
-        for (long r = 0; r < R; ++r) {
-            T s = bias ? bias[h] : (T)0;
-            for (long q = ptr[r]; q < ptr[r + 1]; ++q) s += (val ? val[q] : (T)1) * wt[(long)col[q] * H + h];
-            out[r * H + h] = s;
-        }
-}
-#undef SPMM_ROW
-
-/* dwt[j, :] += sum of val[q] * d[r, :] over the rows r with a nonzero x[r, j] (dW^T of
-   out = x W^T + b; val NULL: every value is 1). Rows in chunks of SP_CHUNK: within a chunk the
-   nonzeros of each column are listed (a counting sort of the CSR), and each column's sum is
-   accumulated in registers over them, in ascending r, then added to dwt once: no
-   read-modify-write of dwt per nonzero, and the chunk of d stays in cache. cnt: K + 1 ints,
-   rows: SP_CHUNK * K ints (the rows of the chunk's nonzeros, by column), vals: as many T (their
-   values; unused when val is NULL). */
-#ifndef SP_CHUNK
-#define SP_CHUNK 256
-#endif
-CLONES void FN(lif_spmm_t)(const long* ptr, const int* col, const T* val, const T* d, long R, long K, long H,
-                           T* dwt, int* cnt, int* rows, T* vals) {
-    typedef FN(vec) V;
-    const long nv = H / VL;
-    for (long r0 = 0; r0 < R; r0 += SP_CHUNK) {
-        const long r1 = r0 + SP_CHUNK < R ? r0 + SP_CHUNK : R;
-        memset(cnt, 0, sizeof(int) * (K + 1));
-        for (long q = ptr[r0]; q < ptr[r1]; ++q) cnt[col[q] + 1]++;
-        for (long j = 0; j < K; ++j) cnt[j + 1] += cnt[j];
-        /* the row (and value) of each nonzero of column j to rows[cnt[j]...] (cnt[j] moves on: it
-           then ends column j) */
-        for (long r = r0; r < r1; ++r)
-            for (long q = ptr[r]; q < ptr[r + 1]; ++q) {
-                const int e = cnt[col[q]]++;
-                rows[e] = (int)r;
-                if (val) vals[e] = val[q];
-            }
-        for (long v0 = 0; v0 < nv; v0 += VB) {
-            const int nb = v0 + VB <= nv ? VB : (int)(nv - v0);
-            const T* db = d + v0 * VL;
-            for (long j = 0; j < K; ++j) {
-                const int q0 = j ? cnt[j - 1] : 0, q1 = cnt[j];
-                if (q0 == q1) continue;
-                V acc[VB];
-                for (int k = 0; k < VB; ++k) acc[k] = (V){0};
-                if (val)
-                    for (int e = q0; e < q1; ++e) {
-                        const T* dr = db + (long)rows[e] * H; const T a = vals[e];
-                        for (int k = 0; k < nb; ++k) acc[k] += a * *(const V*)(dr + k * VL);
-                    }
-                else
-                    for (int e = q0; e < q1; ++e) {
-                        const T* dr = db + (long)rows[e] * H;
-                        for (int k = 0; k < nb; ++k) acc[k] += *(const V*)(dr + k * VL);
-                    }
-                T* w = dwt + j * H + v0 * VL;
-                for (int k = 0; k < nb; ++k) *(V*)(w + k * VL) += acc[k];
-            }
-        }
-        for (long h = nv * VL; h < H; ++h)
-            for (long j = 0; j < K; ++j) {
-                const int q0 = j ? cnt[j - 1] : 0, q1 = cnt[j];
-                T s = (T)0;
-                for (int e = q0; e < q1; ++e) s += (val ? vals[e] : (T)1) * d[(long)rows[e] * H + h];
-                dwt[j * H + h] += s;
-            }
-    }
-}
-#undef VL
-#undef VB
+#include "sparse_input/sparse_input_body.h"  /* sp_csr, sp_mm, sp_mm_t for this T */
 
 /* A feed-forward layer's forward over a segment from a mostly-zero input x [R = L*B, K], in one
-   call: lif_csr (returns -1, having run nothing else, when x has more than max_nnz nonzeros),
-   the currents i = x W^T + b by lif_spmm (wt = W^T [K, H]), then lif_fwd over them (u may be i:
-   the currents are overwritten with u). Returns the number of nonzeros; *binary as lif_csr's. */
+   call: sp_csr (returns -1, having run nothing else, when x has more than max_nnz nonzeros),
+   the currents i = x W^T + b by sp_mm (wt = W^T [K, H]), then lif_fwd over them (u may be i:
+   the currents are overwritten with u). Returns the number of nonzeros; *binary as sp_csr's. */
 CLONES long FN(lif_layer_fwd)(const T* x, long R, long K, long max_nnz, long* ptr, int* col, T* val, int* binary,
                               const T* wt, const T* bias, long H, T* i, const T* v0, const T* beta, double beta_s,
                               double th_d, int reset_zero, int after, long L, long B, T* z, T* u, T* vT) {
-    const long n = FN(lif_csr)(x, R, K, max_nnz, ptr, col, val, binary);
+    const long n = FN(sp_csr)(x, R, K, max_nnz, ptr, col, val, binary);
     if (n < 0) return n;
-    FN(lif_spmm)(ptr, col, *binary ? NULL : val, wt, bias, R, H, i);
+    FN(sp_mm)(ptr, col, *binary ? NULL : val, wt, bias, R, H, i);
     FN(lif_fwd)(i, v0, beta, beta_s, th_d, reset_zero, after, L, B, H, z, u, vT);
     return n;
 }
@@ -305,7 +174,7 @@ CLONES long FN(lif_layer_fwd)(const T* x, long R, long K, long max_nnz, long* pt
 /* A feed-forward layer's backward over a segment whose input was kept as its nonzeros, in one
    call: lif_bwd (di [L*B, H] into the caller's buffer, dv0, dbeta), then db_acc[h] += the sum of
    di[:, h] over the segment's rows (in row order, into a T accumulator first; NULL: no db), then
-   dwt += dW^T from the nonzeros (lif_spmm_t; NULL: no dW). dx = di W stays a matmul. */
+   dwt += dW^T from the nonzeros (sp_mm_t; NULL: no dW). dx = di W stays a matmul. */
 CLONES void FN(lif_layer_bwd)(const T* u, const T* dz, long dz_st, const T* dvT, const T* v0, const T* beta,
                        double beta_s, double th_d, int reset_zero, int detach, int after, int kind, double scale,
                        long L, long B, long H, T* di, T* dv0, double* dbeta, T* db_acc,
@@ -324,7 +193,7 @@ CLONES void FN(lif_layer_bwd)(const T* u, const T* dz, long dz_st, const T* dvT,
             for (long j = 0; j < nh; ++j) db_acc[h0 + j] += s[j];
         }
     }
-    if (dwt) FN(lif_spmm_t)(ptr, col, val, di, L * B, K, H, dwt, cnt, rows, vals);
+    if (dwt) FN(sp_mm_t)(ptr, col, val, di, L * B, K, H, dwt, cnt, rows, vals);
 }
 
 /* this body's parameters end here, so the next instantiation can define them anew */
