@@ -178,6 +178,12 @@ class FusedCell(Cell):
     #: resolved when the scan asked for it, without resolving it again per segment)
     segment_takes_backend: bool = False
 
+    #: whether ``_scan_segment`` takes a `sparsebptt.kernels.sparse_input.cpu.SparseRoute` as
+    #: ``route=`` on the "cpu" backend: `scan_segment` then binds one per scan, so its first segment
+    #: decides whether the input products run sparse (a mostly-zero input) for every segment of
+    #: that scan, recomputations included (each row's projection then repeats bit for bit)
+    segment_takes_route: bool = False
+
     @property
     def scan_segment(self):
         """The fused segment scan when a fused backend with a segment kernel is active and the
@@ -189,9 +195,11 @@ class FusedCell(Cell):
                 self, "_scan_segment", f"the fused {backend!r} segment kernel"):
             return None
         log_once(f"sparsebptt: {type(self).__name__} scans run the fused {backend!r} backend")
-        if self.segment_takes_backend:
-            return functools.partial(self._scan_segment, backend=backend)
-        return self._scan_segment
+        kwargs = {"backend": backend} if self.segment_takes_backend else {}
+        if self.segment_takes_route and backend == "cpu":
+            from ..kernels.sparse_input.cpu import SparseRoute
+            kwargs["route"] = SparseRoute()
+        return functools.partial(self._scan_segment, **kwargs) if kwargs else self._scan_segment
 
     def extra_repr(self) -> str:
         bias = getattr(self, "bias_ih", None) is not None

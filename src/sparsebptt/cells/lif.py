@@ -27,7 +27,6 @@ with the input projection as one matmul; "auto" picks the fastest available. The
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -155,18 +154,20 @@ class LIF(FusedCell):
         return z, ((v, z) if self.recurrent else (v,))
 
     @property
+    def segment_takes_route(self) -> bool:
+        """A feed-forward layer takes the scan's `SparseRoute` (a recurrent one runs the matmul)."""
+        return not self.recurrent
+
+    @property
     def scan_segment(self):
         """As `FusedCell.scan_segment`; a feed-forward layer's also carries the scan's
         `SparseRoute`: its first segment decides whether the input products run sparse (a mostly
         zero input: spikes, events) for the whole scan, recomputations included."""
         fn = FusedCell.scan_segment.fget(self)
-        if fn is None or self.recurrent or fn.keywords.get("backend") != "cpu":
+        if fn is None or self.recurrent or "route" not in fn.keywords:
             return fn
-        from ..kernels.sparse_input.cpu import SparseRoute
-        route = SparseRoute()
-        fn = functools.partial(fn, route=route)
-        if self._vjp_applies():
-            fn.vjp = LIFSegmentVJP(self, route)  # the executor's recomputed segments: see LIFSegmentVJP
+        if self._vjp_applies():  # the executor's recomputed segments: see LIFSegmentVJP
+            fn.vjp = LIFSegmentVJP(self, fn.keywords["route"])
         return fn
 
     def _vjp_applies(self) -> bool:
