@@ -86,6 +86,10 @@ class SparseRows:
         val = None if binary.value else (val[:n].clone() if keep else val)
         return cls(ptr, col[:n].clone() if keep else col, val, R, K)
 
+    def part(self, r0: int, r1: int) -> "SparseRows":
+        """Rows ``r0 .. r1 - 1`` (their nonzeros are not copied): their products alone."""
+        return SparseRows(self.ptr[r0:r1 + 1], self.col, self.val, r1 - r0, self.K)
+
     def project(self, weight, bias, out2):
         """``out2 = x W^T + b`` [R, H]: per row, the rows of W^T at its nonzeros, times their
         values, added in ascending column order."""
