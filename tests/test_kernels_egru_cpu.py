@@ -278,3 +278,67 @@ def test_built_without_openmp_when_the_compiler_cannot(tmp_path):
         assert r.returncode == 0, r.stderr
         assert "openmp False" in r.stdout
         assert ("built without OpenMP" in r.stderr) == ("CC" in env), r.stderr
+
+
+def _one_hot(seed, T, B, K, dtype):
+    idx = torch.randint(0, K, (T, B), generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.one_hot(idx, K).to(dtype)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.to_string())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", ["one_hot", "events", "sparse_then_dense"])
+def test_a_sparse_input_takes_the_sparse_products(kind, dtype, strategy, monkeypatch):
+    """A mostly-zero input (one-hot tokens, graded events at ~10 %; a scan whose first segment is
+    sparse and later ones dense keeps the first's route) runs the projection and dW_ih from its
+    nonzeros (`SparseRows`): outputs, states and every gradient (dx included) equal the reference
+    under every exact strategy, and the backward counts nnz * 3H MACs for dW_ih, not T B I 3H."""
+    import sparsebptt.kernels.sparse_input.cpu as sparse_input_cpu
+    from sparsebptt.kernels.sparse_input.cpu import SparseRows
+    calls = []
+    orig = SparseRows.project
+    monkeypatch.setattr(SparseRows, "project", lambda self, *a: calls.append(self.R) or orig(self, *a))
+    ref, got = pair(dtype)
+    T, B = 17, 3
+    if kind == "one_hot":
+        x = _one_hot(1, T, B, N_IN, dtype)
+    else:
+        x = seeded(2, T, B, N_IN, dtype=dtype) * (seeded(3, T, B, N_IN, dtype=dtype) > 0.9)
+        if kind == "sparse_then_dense":
+            x[3:] = seeded(4, T - 3, B, N_IN, dtype=dtype)
+    s0 = state0_of(ref, B, dtype)
+    r, _ = run(ref, x, s0, strategy)
+    g, tg = run(got, x, s0, strategy)
+    compare(r, g, dtype, T)
+    if kind != "sparse_then_dense" or strategy.to_string() == STRATEGIES[1].to_string():
+        assert sum(calls) >= T * B  # every step's projection from the nonzeros (first segment: 3 steps)
+    monkeypatch.setattr(sparse_input_cpu, "SPARSE_INPUT_MAX", 0.0)  # every route dense: the GEMMs
+    calls.clear()
+    d, td = run(got, x, s0, strategy)
+    assert not calls
+    compare(r, d, dtype, T)
+    if strategy.to_string() == sb.FullBPTT().to_string() and kind == "one_hot":
+        assert td.backward_macs - tg.backward_macs == (T * B * N_IN - T * B) * 3 * H
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_a_stacked_egru_reads_the_lower_layers_events_sparse(dtype, monkeypatch):
+    """In a Stack the upper EGRU's input is the lower one's y (events, mostly zero): it takes the
+    sparse products, and the stack's gradients equal the reference stack's."""
+    from sparsebptt.kernels.sparse_input.cpu import SparseRows
+    calls = []
+    orig = SparseRows.project
+    monkeypatch.setattr(SparseRows, "project", lambda self, *a: calls.append(self.K) or orig(self, *a))
+    torch.manual_seed(7)
+    ref = sb.cells.Stack([sb.cells.EGRU(N_IN, H, threshold_init=0.3, backend="torch"),
+                    sb.cells.EGRU(H, H, threshold_init=0.3, backend="torch")]).to(dtype)
+    got = sb.cells.Stack([sb.cells.EGRU(N_IN, H, backend="cpu"), sb.cells.EGRU(H, H, backend="cpu")]).to(dtype)
+    got.load_state_dict(ref.state_dict())
+    T, B = 15, 4
+    x = seeded(5, T, B, N_IN, dtype=dtype)
+    s0 = tuple(torch.zeros(B, H, dtype=dtype) for _ in range(4))
+    for strategy in (sb.FullBPTT(), sb.Checkpoint(every=4)):
+        r, _ = scan_grads(ref, x, s0, strategy)
+        g, _ = scan_grads(got, x, s0, strategy)
+        compare(r, g, dtype, T)
+    assert H in calls and N_IN not in calls  # the upper layer sparse, the random input dense

@@ -176,6 +176,7 @@ class EGRU(FusedCell):
     """
 
     kernels = ("cpu", "triton")
+    segment_takes_route = True  # a mostly-zero input (tokens, events, a lower EGRU's y): sparse products
 
     def __init__(self, input_size: int, hidden_size: int, *, threshold_init="beta", gamma: float = 0.7,
                  epsilon: float = 0.5, bias: bool = True, count_events: bool = False,
@@ -217,15 +218,16 @@ class EGRU(FusedCell):
         return egru_step(x_t, tuple(state), *self._params(), gamma=self.gamma, epsilon=self.epsilon,
                          backend=backend, active_set=self.active_set, layer=self)
 
-    def _scan_segment(self, x_seg, state):
+    def _scan_segment(self, x_seg, state, route=None):
         """A segment in the active fused backend: `sparsebptt.kernels.egru.cpu.fused_recurrent_egru`
-        ("cpu") or its Triton version (`sparsebptt.kernels.egru.triton`)."""
+        ("cpu", with the scan's `sparsebptt.kernels.sparse_input.cpu.SparseRoute` as ``route``) or
+        its Triton version (`sparsebptt.kernels.egru.triton`)."""
         if self.active_backend == "triton":
             from ..kernels.egru.triton import fused_recurrent_egru as triton_segment
             return triton_segment(x_seg, tuple(state), *self._params(), gamma=self.gamma,
                                   epsilon=self.epsilon, layer=self)
         return fused_recurrent_egru(x_seg, tuple(state), *self._params(), gamma=self.gamma,
-                                    epsilon=self.epsilon, active_set=self.active_set, layer=self)
+                                    epsilon=self.epsilon, active_set=self.active_set, layer=self, route=route)
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, gamma={self.gamma}, epsilon={self.epsilon}, "

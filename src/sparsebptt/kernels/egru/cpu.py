@@ -63,6 +63,7 @@ import torch
 
 from ..cbuild import build_file, declare_per_dtype
 from ..common import SUFFIX, NoCtx
+from ..sparse_input.cpu import SparseRoute
 from ..sparse import UNION_OVERLAP, Chain, full_above, sparse_linear, transposed_weight
 from ...trace import current_trace, linear
 
@@ -420,7 +421,7 @@ class SegmentFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, x, weight_ih, bias_ih, weight_hh, bias_hh, threshold, c0, y0, n0):
-        gamma, epsilon = meta
+        gamma, epsilon, route = meta
         L, B, n_in = x.shape
         O = weight_ih.shape[0]
         H = O // 3
@@ -446,17 +447,24 @@ class SegmentFunction(torch.autograd.Function):
         lib.egru_set_threads(torch.get_num_threads())  # its OpenMP threads (1 without OpenMP)
         chunks = _chunks(L, B)
         gi = x.new_empty(chunks[0][1], B, O)  # one chunk's input projection
+        # a mostly-zero x (one-hot tokens, events, a lower layer's y): its nonzeros, kept for dW_ih
+        rows = route.rows(xd.view(L * B, n_in), keep=save)
         for t0, t1 in chunks:
             m = t1 - t0
-            _project(xd[t0:t1], w_ih, b_ih, gi[:m])
+            if rows is None:
+                _project(xd[t0:t1], w_ih, b_ih, gi[:m])
+            else:
+                rows.part(t0 * B, t1 * B).project(weight_ih, b_ih, gi[:m].view(m * B, O))
             fwd(m, B, H, gi.data_ptr(), whT.data_ptr(), bh.data_ptr(), thr.data_ptr(), epsilon, c.data_ptr(),
                 y.data_ptr(), _p(n), ys[t0].data_ptr(), None if s is None else s[t0].data_ptr(),
                 None if cts is None else cts[t0].data_ptr(), gh.data_ptr(), bs.data_ptr(), vs.data_ptr(),
                 counts[t0].data_ptr())
         ctx.counts = counts.sum(0)
         ctx.step_counts = counts
+        ctx.input_nnz = L * B * n_in if rows is None else int(rows.ptr[-1])
         if save:
-            ctx.save_for_backward(xd, weight_ih, bias_ih, weight_hh, threshold, c0, y0, ys, s, cts)
+            ctx.rows = rows  # (x is then not kept: dW_ih comes from its nonzeros, dx needs only W_ih)
+            ctx.save_for_backward(None if rows is not None else xd, weight_ih, bias_ih, weight_hh, threshold, c0, y0, ys, s, cts)
             ctx.whT, ctx.meta = whT, meta
             ctx.has_bias, ctx.has_count = bias_hh is not None, n0 is not None
         return (ys, c, y) if n is None else (ys, c, y, n)
@@ -464,7 +472,8 @@ class SegmentFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gys, gcT, gyT, gnT=None):
         xd, weight_ih, bias_ih, weight_hh, threshold, c0, y0, ys, s, cts = ctx.saved_tensors
-        gamma, epsilon = ctx.meta
+        gamma, epsilon, _ = ctx.meta
+        rows = ctx.rows
         L, B, H = ys.shape
         O = 3 * H
         need_x, need_wih, need_bih = ctx.needs_input_grad[1:4]
@@ -476,8 +485,9 @@ class SegmentFunction(torch.autograd.Function):
         chunks = _chunks(L, B)
         dgi = ys.new_empty(chunks[0][1], B, O)  # dL/d(x W_ih^T + b_ih) of one chunk
         w_ih = weight_ih.detach()
-        dx = torch.empty_like(xd) if need_x else None
-        dwih = torch.zeros_like(w_ih) if need_wih else None
+        n_in = w_ih.shape[1]
+        dx = ys.new_empty(L, B, n_in) if need_x else None
+        dwih = torch.zeros_like(w_ih) if (need_wih and rows is None) else None
         dbih = ys.new_zeros(O) if (need_bih and bias_ih is not None) else None
         gbh, gthr = ys.new_zeros(O), ys.new_zeros(H)
         macs = torch.zeros(2, dtype=torch.long)
@@ -508,7 +518,6 @@ class SegmentFunction(torch.autograd.Function):
         lib.egru_set_threads(torch.get_num_threads())  # the dots' and dW's OpenMP threads (1 without OpenMP)
         w_hh = weight_hh.detach()
         dense_macs = 0
-        n_in = xd.shape[2]
         rest = (c0_.data_ptr(), y0_.data_ptr(), ys.data_ptr(), s.data_ptr(), cts.data_ptr(), ctx.whT.data_ptr(),
                 thr.data_ptr(), gamma, epsilon, gys.data_ptr(), gc.data_ptr(), gy.data_ptr(), _p(gn), int(need_y0),
                 dense.data_ptr(), int(B <= DOTS_GROUP_B), int(axpy), blk, R, dgi.data_ptr(), dghs.data_ptr(), _p(gwhT), gbh.data_ptr(),
@@ -525,11 +534,13 @@ class SegmentFunction(torch.autograd.Function):
             g = dgi[:t1 - t0].view((t1 - t0) * B, O)  # the chunk's input-projection gradients
             if need_x:
                 torch.mm(g, w_ih, out=dx[t0:t1].view((t1 - t0) * B, n_in))
-            if need_wih:
+            if need_wih and rows is not None:  # from x's nonzeros: W_ih^T's layout, summed over chunks
+                dwih = rows.part(t0 * B, t1 * B).weight_grad(g, into=dwih)
+            elif need_wih:
                 dwih.addmm_(g.t(), xd[t0:t1].reshape((t1 - t0) * B, n_in))
             if dbih is not None:
                 dbih += g.sum(0)
-        dense_macs += (int(need_x) + int(need_wih)) * L * B * n_in * O
+        dense_macs += (int(need_x) * L * B * n_in + int(need_wih) * ctx.input_nnz) * O
         if need_w and not axpy:  # dW_hh^T = [y0, y_1 .. y_{L-1}]^T @ dgh, one GEMM
             yprev = torch.cat([y0_.unsqueeze(0), ys[:-1]]).reshape(L * B, H)
             gwhT = yprev.t() @ dghs.reshape(L * B, O)
@@ -545,31 +556,31 @@ class SegmentFunction(torch.autograd.Function):
                 gc if need_c0 else None, gy if need_y0 else None, dn0)
 
 
-def _segment_in_c(x, state, weight_ih, bias_ih, weight_hh, bias_hh, threshold, gamma, epsilon, layer):
+def _segment_in_c(x, state, weight_ih, bias_ih, weight_hh, bias_hh, threshold, gamma, epsilon, layer, route):
     c, y = state[0], state[1]
     n = state[2] if len(state) > 2 else None
-    meta = (float(gamma), float(epsilon))
+    meta = (float(gamma), float(epsilon), SparseRoute() if route is None else route)
     args = (x, weight_ih, bias_ih, weight_hh, bias_hh, threshold, c, y, n)
     if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
         out = SegmentFunction.apply(meta, *args)
-        counts = out[0].grad_fn.counts
+        ctx = out[0].grad_fn
     else:
         ctx = NoCtx()
         with torch.no_grad():
             out = SegmentFunction.forward(ctx, meta, *args)
-        counts = ctx.counts
+    counts = ctx.counts
     t = current_trace()
     if t is not None:
         L, B, n_in = x.shape
         O = weight_ih.shape[0]
-        t.add_forward_macs(L * B * n_in * O + int(counts[1]) * O)
+        t.add_forward_macs((ctx.input_nnz + int(counts[1])) * O)
         t.add_activity(layer, counts[0], L * B * (O // 3))
     return out[0], tuple(out[1:])
 
 # ---- the segment ---------------------------------------------------------------------------------
 
 def fused_recurrent_egru(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, *, gamma=0.7,
-                         epsilon=0.5, active_set="auto", layer=None):
+                         epsilon=0.5, active_set="auto", layer=None, route=None):
     """A segment of EGRU steps with the sparse backward: x [L, B, I] -> (ys [L, B, H], state').
 
     ``state`` is ``(c, y)`` or ``(c, y, n)`` (``n``: event counts). Equal to stepping
@@ -582,7 +593,8 @@ def fused_recurrent_egru(x, state, weight_ih, weight_hh, bias_ih, bias_hh, thres
     """
     tensors = [t for t in (x, *state, weight_ih, bias_ih, weight_hh, bias_hh, threshold) if t is not None]
     if _use_kernels(*tensors) and len({t.dtype for t in tensors}) == 1:
-        return _segment_in_c(x, state, weight_ih, bias_ih, weight_hh, bias_hh, threshold, gamma, epsilon, layer)
+        return _segment_in_c(x, state, weight_ih, bias_ih, weight_hh, bias_hh, threshold, gamma, epsilon, layer,
+                             route)
     gis = linear(x, weight_ih, bias_ih)  # [L, B, 3H], one GEMM (one backward node)
     c, y = state[0], state[1]
     count = state[2] if len(state) > 2 else None
