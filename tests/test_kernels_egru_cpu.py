@@ -342,3 +342,17 @@ def test_a_stacked_egru_reads_the_lower_layers_events_sparse(dtype, monkeypatch)
         g, _ = scan_grads(got, x, s0, strategy)
         compare(r, g, dtype, T)
     assert H in calls and N_IN not in calls  # the upper layer sparse, the random input dense
+
+
+@pytest.mark.parametrize("reduce", ["sum", "last", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_reduced_outputs_gradients_equal_the_reference(dtype, reduce):
+    """The outputs' gradient as the scan's reductions hand it over (an expanded block read in place
+    for every step: "sum", "mean"; one step's: "last"): every gradient equals the reference's."""
+    ref, got = pair(dtype)
+    T, B = 13, 3
+    x = seeded(6, T, B, N_IN, dtype=dtype)
+    s0 = state0_of(ref, B, dtype)
+    r, _ = scan_grads(ref, x, s0, sb.Checkpoint(every=4), reduce=reduce)
+    g, _ = scan_grads(got, x, s0, sb.Checkpoint(every=4), reduce=reduce)
+    compare(r, g, dtype, T)

@@ -87,7 +87,7 @@ def load_library():
             "masked_rows_axpy": (None, [_P, _P, _P, _P, _L, _L, _L, _P, _P]),
             "egru_fwd": (None, [_L] * 3 + [_P] * 4 + [ctypes.c_double] + [_P] * 10),
             "egru_bwd": (_L, [_L] * 5 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L, _P, _L, _L, _L, _L]
-                         + [_P] * 10)})
+                         + [_P] * 10 + [_L, _P])})
         lib.egru_set_threads.restype, lib.egru_set_threads.argtypes = None, [ctypes.c_int]
         lib.egru_openmp.restype = ctypes.c_int
         lib.egru_simd.restype = ctypes.c_int
@@ -478,7 +478,14 @@ class SegmentFunction(torch.autograd.Function):
         O = 3 * H
         need_x, need_wih, need_bih = ctx.needs_input_grad[1:4]
         need_w, need_b, need_thr, need_c0, need_y0 = ctx.needs_input_grad[4:9]
-        gys = torch.zeros_like(ys) if gys is None else gys.contiguous()
+        # the outputs' gradient: one [B, H] block for every step where it is the same (none: zeros;
+        # an expanded sum's), else [L, B, H] (gst: entries per step)
+        if gys is None:
+            gys, gst = ys.new_zeros(B, H), 0
+        elif gys.stride(0) == 0 and gys[0].is_contiguous():
+            gys, gst = gys[0], 0
+        else:
+            gys, gst = gys.contiguous(), B * H
         gc = torch.zeros_like(c0) if gcT is None else gcT.detach().clone(memory_format=torch.contiguous_format)
         gy = torch.zeros_like(y0) if gyT is None else gyT.detach().clone(memory_format=torch.contiguous_format)
         gn = None if (gnT is None or not ctx.has_count) else gnT.contiguous()
@@ -488,7 +495,7 @@ class SegmentFunction(torch.autograd.Function):
         n_in = w_ih.shape[1]
         dx = ys.new_empty(L, B, n_in) if need_x else None
         dwih = torch.zeros_like(w_ih) if (need_wih and rows is None) else None
-        dbih = ys.new_zeros(O) if (need_bih and bias_ih is not None) else None
+        gbn = ys.new_zeros(H) if (need_bih and bias_ih is not None) else None  # dL/db_ih's n part
         gbh, gthr = ys.new_zeros(O), ys.new_zeros(H)
         macs = torch.zeros(2, dtype=torch.long)
         c0_, y0_, thr = c0.contiguous(), y0.contiguous(), threshold.detach().contiguous()  # held while C runs
@@ -522,7 +529,7 @@ class SegmentFunction(torch.autograd.Function):
                 thr.data_ptr(), gamma, epsilon, gys.data_ptr(), gc.data_ptr(), gy.data_ptr(), _p(gn), int(need_y0),
                 dense.data_ptr(), int(B <= DOTS_GROUP_B), int(axpy), blk, R, dgi.data_ptr(), dghs.data_ptr(), _p(gwhT), gbh.data_ptr(),
                 gthr.data_ptr(), wl.data_ptr(), cnt.data_ptr(), _p(idx), _p(val),
-                macs.data_ptr())  # fixed for the segment: only the step range changes between calls
+                macs.data_ptr(), gst, _p(gbn))  # fixed for the segment: only the step range changes between calls
         for t0, t1 in reversed(chunks):
             k = t1 - 1
             while k >= t0:
@@ -538,8 +545,6 @@ class SegmentFunction(torch.autograd.Function):
                 dwih = rows.part(t0 * B, t1 * B).weight_grad(g, into=dwih)
             elif need_wih:
                 dwih.addmm_(g.t(), xd[t0:t1].reshape((t1 - t0) * B, n_in))
-            if dbih is not None:
-                dbih += g.sum(0)
         dense_macs += (int(need_x) * L * B * n_in + int(need_wih) * ctx.input_nnz) * O
         if need_w and not axpy:  # dW_hh^T = [y0, y_1 .. y_{L-1}]^T @ dgh, one GEMM
             yprev = torch.cat([y0_.unsqueeze(0), ys[:-1]]).reshape(L * B, H)
@@ -548,6 +553,7 @@ class SegmentFunction(torch.autograd.Function):
         t = current_trace()
         if t is not None:
             t.add_backward_macs(int(macs.sum()) * O + dense_macs)
+        dbih = None if gbn is None else torch.cat([gbh[:2 * H], gbn])  # dgi's r, z parts are dgh's
         dn0 = None
         if ctx.has_count and ctx.needs_input_grad[9]:
             dn0 = torch.zeros_like(y0) if gnT is None else gnT

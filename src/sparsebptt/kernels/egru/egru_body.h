@@ -350,17 +350,19 @@ INL void FN(bwd_point)(long H, const T* restrict sb, const T* restrict ctb, cons
 
 /* The pointwise backward of step t (FusedPointwiseFunction's equations): from gy (dL/dy_t from
    the step after, [B, H]) plus gys[t], gc (dL/dc_t, replaced by dL/dc_{t-1}) and gcnt; writes
-   dgi and dgh [B, 3H] (dL/d(x W_ih^T + b_ih), dL/d(W_hh y + b_hh) of step t); accumulates gbh [3H] and gthr [H]. */
+   dgi and dgh [B, 3H] (dL/d(x W_ih^T + b_ih), dL/d(W_hh y + b_hh) of step t); accumulates gbh [3H],
+   gthr [H] and, unless NULL, gbn [H] (the n gate's dgi: the only part of dL/db_ih not in gbh).
+   gys: step t's output gradient at gys + t * gst (gst = 0: the same [B, H] every step). */
 INL void FN(bwd_pointwise)(long B, long H, long t, const T* c0, const T* s, const T* cts,
-                              const T* thr, T gm, T iep, const T* gys, T* gc, const T* gy,
-                              const T* gcnt, T* dgi, T* dgh, T* gbh, T* gthr) {
+                              const T* thr, T gm, T iep, const T* gys, long gst, T* gc, const T* gy,
+                              const T* gcnt, T* dgi, T* dgh, T* gbh, T* gthr, T* gbn) {
     const long O = 3 * H;
     const T tm = t ? (T)1 : (T)0;
     for (long b = 0; b < B; ++b) {
         const T* sb = s + (t * B + b) * 4 * H;
         const T* ctb = cts + (t * B + b) * H;
         const T* cpb = t ? cts + ((t - 1) * B + b) * H : c0 + b * H;
-        const T* gyb = gys + (t * B + b) * H;
+        const T* gyb = gys + t * gst + b * H;
         T* dg = dgh + b * O;
         if (gcnt)
             FN(bwd_point)(H, sb, ctb, cpb, thr, gyb, gy + b * H, gcnt + b * H, tm, gm, iep, gc + b * H,
@@ -369,6 +371,8 @@ INL void FN(bwd_pointwise)(long B, long H, long t, const T* c0, const T* s, cons
             FN(bwd_point)(H, sb, ctb, cpb, thr, gyb, gy + b * H, NULL, tm, gm, iep, gc + b * H,
                           dgi + b * O, dg, gthr, 0);
         for (long o = 0; o < O; ++o) gbh[o] += dg[o];
+        if (gbn)
+            for (long j = 0; j < H; ++j) gbn[j] += dgi[b * O + 2 * H + j];
     }
 }
 
@@ -730,8 +734,9 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
    projection): one call for all of them, or until a step whose dL/dy_{t-1} the caller takes as
    a GEMM (dense[t] != 0): then it returns t with dgh_t written, and the caller sets gy = dgh_t
    W_hh and calls again with t_hi = t - 1. Returns t_lo - 1 when step t_lo is done. c0, y0
-   [B, H]: the segment's initial state; ys, s, cts: the forward's; gys [L, B, H] (zeros for
-   none); gc, gy [B, H]: in the gradients of c_t and y_t, out those of c_{t-1} and y_{t-1}; gcnt
+   [B, H]: the segment's initial state; ys, s, cts: the forward's; gys: the outputs' gradient,
+   step t's [B, H] at gys + t * gst (gst = 0: one block for every step, e.g. an expanded sum's
+   or zeros); gc, gy [B, H]: in the gradients of c_t and y_t, out those of c_{t-1} and y_{t-1}; gcnt
    [B, H] or NULL: the gradient of the final counts (constant along the segment). Per step: the
    pointwise backward (bwd_pointwise), then dL/dy_{t-1} where the step before needs it
    (masked_dots, grouped when group; every entry of y0 at t = 0 when need_y0; nothing at t = 0
@@ -739,7 +744,8 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
    dW_hh^T over the events (dw_block) each time t reaches a multiple of blk (blocks [t, t + blk)).
    Out: dgis [.., B, 3H] (step t at t - t_lo), dghs: dL/d(W_hh y + b_hh) of the steps, a ring of
    R steps (dgh_t at t mod R; R >= blk when axpy, R = L when the caller takes dW_hh as one GEMM
-   over the segment); accumulated: gbh [3H], gthr [H], gwhT [H, 3H] (when axpy). Scratch:
+   over the segment); accumulated: gbh [3H], gthr [H], gwhT [H, 3H] (when axpy), gbn [H] (the
+   n gate's part of dL/db_ih, unless NULL: the r and z parts equal gbh's). Scratch:
    wl [3 H + 256] (masked_dots'); cnt [2 H], idx, val: dw_block's (sizes
    in its comment, for N = blk B; no buffer is read through another type than it was written
    with). macs [2]: the dots and the
@@ -749,7 +755,7 @@ CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* 
                          double epsilon, const T* gys, T* gc, T* gy, const T* gcnt, long need_y0,
                          const unsigned char* dense, long group, long axpy, long blk, long R, T* dgis, T* dghs,
                          T* gwhT, T* gbh, T* gthr, long* wl, long* cnt, long* idx,
-                         T* val, long* macs) {
+                         T* val, long* macs, long gst, T* gbn) {
     const unsigned int csr = ftz_on();
     const long O = 3 * H;
     const T gm = (T)gamma, ep = (T)epsilon, iep = (T)1 / (T)epsilon;
@@ -757,8 +763,8 @@ CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* 
     for (long t = t_hi; t >= t_lo; --t) {
         T* dgh = dghs + (t % R) * B * O;
         EGRU_TICK(0);
-        FN(bwd_pointwise)(B, H, t, c0, s, cts, thr, gm, iep, gys, gc, gy, gcnt, dgis + (t - t_lo) * B * O,
-                          dgh, gbh, gthr);
+        FN(bwd_pointwise)(B, H, t, c0, s, cts, thr, gm, iep, gys, gst, gc, gy, gcnt, dgis + (t - t_lo) * B * O,
+                          dgh, gbh, gthr, gbn);
         EGRU_TICK(1);
         const int want_dy = t || need_y0;
         if (want_dy && !dense[t])
