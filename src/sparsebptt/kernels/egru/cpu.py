@@ -62,7 +62,7 @@ import os
 import torch
 
 from ..cbuild import build_file, declare_per_dtype
-from ..common import SUFFIX, NoCtx
+from ..common import SUFFIX, NoCtx, empty
 from ..sparse_input.cpu import SparseRoute
 from ..sparse import UNION_OVERLAP, Chain, full_above, sparse_linear, transposed_weight
 from ...trace import current_trace, linear
@@ -436,9 +436,9 @@ class SegmentFunction(torch.autograd.Function):
         y = y0.detach().clone(memory_format=torch.contiguous_format)
         n = None if n0 is None else n0.detach().clone(memory_format=torch.contiguous_format)
         save = not isinstance(ctx, NoCtx)
-        ys = x.new_empty(L, B, H)
-        s = x.new_empty(L, B, 4 * H) if save else None
-        cts = x.new_empty(L, B, H) if save else None
+        ys = empty((L, B, H), dt)  # (huge pages advised: no page fault per 4 KiB, fewer TLB misses)
+        s = empty((L, B, 4 * H), dt) if save else None
+        cts = empty((L, B, H), dt) if save else None
         gh = x.new_empty(B, O)
         bs, vs = torch.empty(B * (H + 1), dtype=torch.long), x.new_empty(B * H)
         counts = torch.empty(L, 3, dtype=torch.long)
