@@ -5,12 +5,13 @@ Entry points: `fused_gru_layer` and `fused_lstm_layer` (what ``GRU(backend="cpu"
 LSTM 4) and a segment of ``L`` steps:
 
 - forward: ``gi = x W_ih^T + b_ih`` as one matmul per chunk of steps (`CHUNK_ROWS` rows,
-  so the buffer stays in cache); then per step one ``addmm`` ``gh = h W_hh^T + b_hh``
-  [B, G*H] and one C call for the fused gate math (nonlinearities, state update, the saved
+  so the buffer stays in cache), or, on a sparse `SparseRoute` (a mostly-zero input: one-hot
+  tokens, events), from the input's nonzeros (`SparseRows`); then per step one ``addmm``
+  ``gh = h W_hh^T + b_hh`` [B, G*H] and one C call for the fused gate math (nonlinearities, state update, the saved
   activations);
 - backward, per step from t = L-1 to 0: one C call for the gate derivatives (``dgi``, ``dgh``
   [B, G*H]) and one ``addmm`` for ``dh_{t-1} = dh_direct + dgh W_hh``; after each chunk, dW_ih,
-  dW_hh, db and dx of its steps as one matmul each.
+  dW_hh, db and dx of its steps as one matmul each (dW_ih from the nonzeros on the sparse route).
 
 GRU (gates r, z, n; as `cells.gru`)::
 
@@ -121,16 +122,20 @@ def _project(x, rows, c0, c1, weight, bias, out):
         torch.addmm(bias, x2, weight.t(), out=o2)
 
 
-def _save(ctx, rows, x, *tensors):
-    """``ctx.save_for_backward(*tensors, x, ptr, col, val)``: the input as its nonzeros when the
-    forward kept them (then not x), else x."""
+def _save(ctx, weight_ih, rows, x, *tensors):
+    """``ctx.save_for_backward(*tensors, W_ih, x, ptr, col, val)``. The input is read only for
+    dW_ih: when W_ih needs a gradient, as its nonzeros ``rows`` (a `SparseRows` kept by the
+    forward) or else as x; otherwise neither is saved."""
+    if not weight_ih.requires_grad:
+        rows = x = None
+    elif rows is not None:
+        x = None
     ctx.rows_shape = None if rows is None else (rows.R, rows.K)
-    ctx.save_for_backward(*tensors, x if rows is None else None,
-                          *(rows.tensors() if rows is not None else (None, None, None)))
+    ctx.save_for_backward(*tensors, weight_ih, x, *(rows.tensors() if rows is not None else (None, None, None)))
 
 
 def _saved(ctx):
-    """What `_save` saved: ``(*tensors, x, rows)`` (x None when rows is a `SparseRows`)."""
+    """What `_save` saved: ``(*tensors, W_ih, x, rows)`` (x or rows None where not saved)."""
     *tensors, x, ptr, col, val = ctx.saved_tensors
     return (*tensors, x, None if ptr is None else SparseRows(ptr, col, val, *ctx.rows_shape))
 
@@ -223,8 +228,9 @@ class FusedGRULayerFunction(torch.autograd.Function):
     """A GRU layer over a segment: (x, h0, W_ih, W_hh, b_ih, b_hh) -> (ys [L, B, H], h_T).
 
     Saved: the gate activations r, z, n and ``gh_n`` [L, B, 4H] (the reference's graph keeps
-    about 6H a step), x and h0; not the outputs: the backward recomputes the hidden states from
-    h0, z and n (bitwise, one elementwise pass). ``h_T`` is a copy of ``ys[-1]``, so the carried
+    about 6H a step), h0 and, when W_ih needs a gradient, x (on the sparse route its nonzeros
+    instead); not the outputs: the backward recomputes the hidden states from h0, z and n
+    (bitwise, one elementwise pass). ``h_T`` is a copy of ``ys[-1]``, so the carried
     state does not hold the output block.
     """
 
@@ -257,13 +263,13 @@ class FusedGRULayerFunction(torch.autograd.Function):
                     None if p_s is None else p_s + t * B * 4 * H * esz)
                 h = h_steps[t]
         _count(ctx, rows, x, h0, weight_ih, weight_hh)
-        _save(ctx, rows if save and weight_ih.requires_grad else None, x, s, h0, weight_ih, weight_hh)
+        _save(ctx, weight_ih, rows, x, s, h0, weight_hh)
         ctx.set_materialize_grads(False)
         return ys, ys[-1].clone()
 
     @staticmethod
     def backward(ctx, dys, dhT):
-        s, h0, weight_ih, weight_hh, x, rows = _saved(ctx)
+        s, h0, weight_hh, weight_ih, x, rows = _saved(ctx)
         L, B, H = s.shape[0], s.shape[1], h0.shape[1]
         bwd = _kernel("gru_bwd", s.dtype)
         esz = s.element_size()
@@ -299,8 +305,8 @@ class FusedLSTMLayerFunction(torch.autograd.Function):
     """An LSTM layer over a segment: (x, h0, c0, W_ih, W_hh, b_ih, b_hh) -> (ys [L, B, H], h_T, c_T).
 
     Saved: the gate activations i, f, g, o [L, B, 4H] and the cell states c [L, B, H] (the
-    reference's graph keeps about 7H a step), x, h0 and c0; the backward recomputes the hidden
-    states ``o tanh(c)`` (bitwise). ``h_T`` and ``c_T`` are copies.
+    reference's graph keeps about 7H a step), h0, c0 and the input as `FusedGRULayerFunction`
+    keeps it; the backward recomputes the hidden states ``o tanh(c)`` (bitwise). ``h_T`` and ``c_T`` are copies.
     """
 
     @staticmethod
@@ -334,13 +340,13 @@ class FusedLSTMLayerFunction(torch.autograd.Function):
                     c_out.data_ptr(), None if p_s is None else p_s + t * B * 4 * H * esz)
                 h, c = h_steps[t], c_out
         _count(ctx, rows, x, h0, weight_ih, weight_hh)
-        _save(ctx, rows if save and weight_ih.requires_grad else None, x, s, cs, h0, c0, weight_ih, weight_hh)
+        _save(ctx, weight_ih, rows, x, s, cs, h0, c0, weight_hh)
         ctx.set_materialize_grads(False)
         return ys, ys[-1].clone(), c.clone()
 
     @staticmethod
     def backward(ctx, dys, dhT, dcT):
-        s, cs, h0, c0, weight_ih, weight_hh, x, rows = _saved(ctx)
+        s, cs, h0, c0, weight_hh, weight_ih, x, rows = _saved(ctx)
         L, B, H = cs.shape
         bwd = _kernel("lstm_bwd", s.dtype)
         esz = s.element_size()
