@@ -7,8 +7,8 @@ LSTM 4) and a segment of ``L`` steps:
 - forward: ``gi = x W_ih^T + b_ih`` as one matmul per chunk of steps (`CHUNK_ROWS` rows,
   so the buffer stays in cache), or, on a sparse `SparseRoute` (a mostly-zero input: one-hot
   tokens, events), from the input's nonzeros (`SparseRows`); then per step one ``addmm``
-  ``gh = h W_hh^T + b_hh`` [B, G*H] and one C call for the fused gate math (nonlinearities, state update, the saved
-  activations);
+  ``gh = h W_hh^T + b_hh`` [B, G*H] and one C call for the fused gate math (nonlinearities,
+  state update, the saved activations);
 - backward, per step from t = L-1 to 0: one C call for the gate derivatives (``dgi``, ``dgh``
   [B, G*H]) and one ``addmm`` for ``dh_{t-1} = dh_direct + dgh W_hh``; after each chunk, dW_ih,
   dW_hh, db and dx of its steps as one matmul each (dW_ih from the nonzeros on the sparse route).
@@ -131,7 +131,8 @@ def _save(ctx, weight_ih, rows, x, *tensors):
     elif rows is not None:
         x = None
     ctx.rows_shape = None if rows is None else (rows.R, rows.K)
-    ctx.save_for_backward(*tensors, weight_ih, x, *(rows.tensors() if rows is not None else (None, None, None)))
+    ctx.save_for_backward(*tensors, weight_ih, x,
+                          *(rows.tensors() if rows is not None else (None, None, None)))
 
 
 def _saved(ctx):
@@ -182,10 +183,9 @@ class _Grads:
         self.x, self.rows, self.weight_ih = x, rows, weight_ih
         dtype = weight_hh.dtype
         self.dx = empty((L, B, weight_ih.shape[1]), dtype) if need[0] else None
-        self.dw_ih = None
-        if need[1] and rows is None:
-            self.dw_ih = torch.zeros_like(weight_ih)
         self.need_dw_ih = need[1]
+        # the sparse route's dW_ih is the first chunk's weight_grad, then added into
+        self.dw_ih = torch.zeros_like(weight_ih) if need[1] and rows is None else None
         self.dw_hh = torch.zeros_like(weight_hh) if need[2] else None
         GH = weight_hh.shape[0]
         self.db_ih = torch.zeros(GH, dtype=dtype) if need[3] else None
@@ -306,7 +306,8 @@ class FusedLSTMLayerFunction(torch.autograd.Function):
 
     Saved: the gate activations i, f, g, o [L, B, 4H] and the cell states c [L, B, H] (the
     reference's graph keeps about 7H a step), h0, c0 and the input as `FusedGRULayerFunction`
-    keeps it; the backward recomputes the hidden states ``o tanh(c)`` (bitwise). ``h_T`` and ``c_T`` are copies.
+    keeps it; the backward recomputes the hidden states ``o tanh(c)`` (bitwise). ``h_T`` and
+    ``c_T`` are copies.
     """
 
     @staticmethod
@@ -382,8 +383,10 @@ class FusedLSTMLayerFunction(torch.autograd.Function):
         return dx, (dh0 if need[1] else None), (dc_in if need[2] else None), dw_ih, dw_hh, db_ih, db_hh, None
 
 
-def _check(who, gates, x, states, weight_ih, weight_hh, bias_ih, bias_hh):
-    """Input checks of the layer functions (shapes, dtypes, device)."""
+def _check(who, gates, x, states, weight_ih, weight_hh, bias_ih, bias_hh, route):
+    """Input checks of the layer functions (shapes, dtypes, device, route)."""
+    if route is not None and not isinstance(route, SparseRoute):
+        raise TypeError(f"{who}: route must be a SparseRoute or None, got {type(route).__name__}")
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"{who}: x must be a 3-D tensor [L, B, in], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -416,8 +419,6 @@ def _check(who, gates, x, states, weight_ih, weight_hh, bias_ih, bias_hh):
 
 
 def _apply(fn, x, states, weight_ih, weight_hh, bias_ih, bias_hh, route):
-    if route is not None and not isinstance(route, SparseRoute):
-        raise TypeError(f"route must be a SparseRoute or None, got {type(route).__name__}")
     args = [t.contiguous() for t in (x, *states, weight_ih, weight_hh)] + [
         None if b is None else b.contiguous() for b in (bias_ih, bias_hh)]
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
@@ -442,7 +443,7 @@ def fused_gru_layer(x: torch.Tensor, h0: torch.Tensor, weight_ih: torch.Tensor, 
     take the sparse-input products: ``x W_ih^T + b_ih`` and dW_ih from its nonzeros, which the
     backward keeps instead of x (dx stays a matmul). None: the matmuls.
     """
-    _check("fused_gru_layer", 3, x, (h0,), weight_ih, weight_hh, bias_ih, bias_hh)
+    _check("fused_gru_layer", 3, x, (h0,), weight_ih, weight_hh, bias_ih, bias_hh, route)
     return _apply(FusedGRULayerFunction, x, (h0,), weight_ih, weight_hh, bias_ih, bias_hh, route)
 
 
@@ -455,5 +456,5 @@ def fused_lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, weight
     ``torch.nn.LSTMCell``'s layout (gates i, f, g, o; ``weight_ih`` [4H, in], ``weight_hh``
     [4H, H]); see `FusedLSTMLayerFunction`.
     """
-    _check("fused_lstm_layer", 4, x, (h0, c0), weight_ih, weight_hh, bias_ih, bias_hh)
+    _check("fused_lstm_layer", 4, x, (h0, c0), weight_ih, weight_hh, bias_ih, bias_hh, route)
     return _apply(FusedLSTMLayerFunction, x, (h0, c0), weight_ih, weight_hh, bias_ih, bias_hh, route)
