@@ -7,7 +7,8 @@
 
 Backends (``GRU(..., backend=...)``, see `sparsebptt.kernels.backend`): "torch" steps this
 reference; "cpu" runs whole segments through `sparsebptt.kernels.rnn.cpu.fused_gru_layer` (input
-projection as one matmul, gate math in C, hand-written backward); "auto" picks "cpu" on CPU and
+projection as matmuls, or from the nonzeros of a mostly-zero input such as one-hot tokens, decided
+once per scan; gate math in C, hand-written backward); "auto" picks "cpu" on CPU and
 "torch" on CUDA (there is no Triton GRU kernel). ``backend=None`` follows `sparsebptt.set_backend`.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ class GRU(FusedCell):
     """
 
     kernels = ("cpu",)
+    segment_takes_route = True  # a mostly-zero input (one-hot tokens, events) runs sparse
     num_states = 1
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *, backend: str | None = None):
@@ -56,8 +58,10 @@ class GRU(FusedCell):
         h = gru_step(x_t, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         return h, (h,)
 
-    def _scan_segment(self, x_seg, state):
+    def _scan_segment(self, x_seg, state, route=None):
+        """A segment through `sparsebptt.kernels.rnn.cpu.fused_gru_layer`; ``route``: the scan's
+        `sparsebptt.kernels.sparse_input.cpu.SparseRoute` (None: the input projection as matmuls)."""
         from ..kernels.rnn.cpu import fused_gru_layer
         (h,) = state
-        ys, h = fused_gru_layer(x_seg, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        ys, h = fused_gru_layer(x_seg, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, route=route)
         return ys, (h,)

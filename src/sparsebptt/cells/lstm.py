@@ -33,6 +33,7 @@ class LSTM(FusedCell):
     """
 
     kernels = ("cpu",)
+    segment_takes_route = True  # a mostly-zero input (one-hot tokens, events) runs sparse
     num_states = 2
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *, backend: str | None = None):
@@ -49,8 +50,11 @@ class LSTM(FusedCell):
         h, c = lstm_step(x_t, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         return h, (h, c)
 
-    def _scan_segment(self, x_seg, state):
+    def _scan_segment(self, x_seg, state, route=None):
+        """A segment through `sparsebptt.kernels.rnn.cpu.fused_lstm_layer`; ``route``: the scan's
+        `sparsebptt.kernels.sparse_input.cpu.SparseRoute` (None: the input projection as matmuls)."""
         from ..kernels.rnn.cpu import fused_lstm_layer
         h, c = state
-        ys, h, c = fused_lstm_layer(x_seg, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        ys, h, c = fused_lstm_layer(x_seg, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                                     route=route)
         return ys, (h, c)

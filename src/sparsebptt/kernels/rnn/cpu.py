@@ -5,12 +5,13 @@ Entry points: `fused_gru_layer` and `fused_lstm_layer` (what ``GRU(backend="cpu"
 LSTM 4) and a segment of ``L`` steps:
 
 - forward: ``gi = x W_ih^T + b_ih`` as one matmul per chunk of steps (`CHUNK_ROWS` rows,
-  so the buffer stays in cache); then per step one ``addmm`` ``gh = h W_hh^T + b_hh``
-  [B, G*H] and one C call for the fused gate math (nonlinearities, state update, the saved
-  activations);
+  so the buffer stays in cache), or, on a sparse `SparseRoute` (a mostly-zero input: one-hot
+  tokens, events), from the input's nonzeros (`SparseRows`); then per step one ``addmm``
+  ``gh = h W_hh^T + b_hh`` [B, G*H] and one C call for the fused gate math (nonlinearities,
+  state update, the saved activations);
 - backward, per step from t = L-1 to 0: one C call for the gate derivatives (``dgi``, ``dgh``
   [B, G*H]) and one ``addmm`` for ``dh_{t-1} = dh_direct + dgh W_hh``; after each chunk, dW_ih,
-  dW_hh, db and dx of its steps as one matmul each.
+  dW_hh, db and dx of its steps as one matmul each (dW_ih from the nonzeros on the sparse route).
 
 GRU (gates r, z, n; as `cells.gru`)::
 
@@ -44,6 +45,7 @@ import torch
 from ...trace import current_trace
 from ..cbuild import build_file, declare_per_dtype
 from ..common import SUFFIX, NoCtx, empty, transposed
+from ..sparse_input.cpu import SparseRoute, SparseRows
 
 __all__ = ["fused_gru_layer", "fused_lstm_layer", "load_library", "C_SOURCE"]
 
@@ -96,14 +98,47 @@ def _transposed(weight_hh, L: int):
     return transposed(weight_hh)
 
 
-def _project(x, weight, bias, out):
-    """``out = x W^T + b`` for a chunk of steps as one matmul; x [n, B, in], out [n, B, G*H]."""
-    n, B, n_in = x.shape
-    x2, o2 = x.reshape(n * B, n_in), out.view(n * B, -1)
+def _input_rows(x, weight_ih, route, save: bool):
+    """The `SparseRows` of x [L, B, in] when ``route`` runs this scan's input products sparse (kept
+    for the backward when ``save`` and W_ih needs a gradient), else None (the matmuls)."""
+    if route is None:
+        return None
+    L, B, n_in = x.shape
+    return route.rows(x.view(L * B, n_in), keep=save and weight_ih.requires_grad)
+
+
+def _project(x, rows, c0, c1, weight, bias, out):
+    """``out = x W^T + b`` for steps c0..c1-1 (x [L, B, in], out [c1-c0, B, G*H]): from their
+    nonzeros when ``rows`` (the `SparseRows` of all of x) is given, else as one matmul."""
+    B = x.shape[1]
+    o2 = out.view((c1 - c0) * B, -1)
+    if rows is not None:
+        rows.part(c0 * B, c1 * B).project(weight, bias, o2)
+        return
+    x2 = x[c0:c1].reshape((c1 - c0) * B, -1)
     if bias is None:
         torch.mm(x2, weight.t(), out=o2)
     else:
         torch.addmm(bias, x2, weight.t(), out=o2)
+
+
+def _save(ctx, weight_ih, rows, x, *tensors):
+    """``ctx.save_for_backward(*tensors, W_ih, x, ptr, col, val)``. The input is read only for
+    dW_ih: when W_ih needs a gradient, as its nonzeros ``rows`` (a `SparseRows` kept by the
+    forward) or else as x; otherwise neither is saved."""
+    if not weight_ih.requires_grad:
+        rows = x = None
+    elif rows is not None:
+        x = None
+    ctx.rows_shape = None if rows is None else (rows.R, rows.K)
+    ctx.save_for_backward(*tensors, weight_ih, x,
+                          *(rows.tensors() if rows is not None else (None, None, None)))
+
+
+def _saved(ctx):
+    """What `_save` saved: ``(*tensors, W_ih, x, rows)`` (x or rows None where not saved)."""
+    *tensors, x, ptr, col, val = ctx.saved_tensors
+    return (*tensors, x, None if ptr is None else SparseRows(ptr, col, val, *ctx.rows_shape))
 
 
 def _step_grads(dys, B, H):
@@ -117,39 +152,53 @@ def _step_grads(dys, B, H):
     return dys, dys.data_ptr(), B * H * dys.element_size()
 
 
-def _count(ctx, macs_x, macs_h, L, x, h0, weight_ih, weight_hh, t_):
+def _count(ctx, rows, x, h0, weight_ih, weight_hh):
     """Forward MACs now; the backward's as the per-step reference `linear` counts them: the
-    input gradient of ``h_{t-1} W_hh^T`` at t >= 1 always, at t = 0 when h0 needs it."""
+    input gradient of ``h_{t-1} W_hh^T`` at t >= 1 always, at t = 0 when h0 needs it. The products
+    with x count ``L*B*in*G*H`` as matmuls, ``nnz*G*H`` on the sparse route (the projection and
+    dW_ih; dx = dgi W_ih stays a matmul)."""
+    L, B, n_in = x.shape
+    GH, H = weight_hh.shape
+    t_ = current_trace()
+    macs_x = L * B * n_in * GH
+    macs_sparse = macs_x if rows is None else int(rows.ptr[-1] - rows.ptr[0]) * GH
+    macs_h = L * B * H * GH
     if t_ is not None:
-        t_.add_forward_macs(macs_x + macs_h)
+        t_.add_forward_macs(macs_sparse + macs_h)
     ctx.trace = t_
-    per_step = macs_h // L
-    ctx.bwd_macs = macs_x * (int(x.requires_grad) + int(weight_ih.requires_grad)) + \
-        per_step * ((L - 1) + int(h0.requires_grad) + L * int(weight_hh.requires_grad))
+    ctx.bwd_macs = macs_x * int(x.requires_grad) + macs_sparse * int(weight_ih.requires_grad) + \
+        B * H * GH * ((L - 1) + int(h0.requires_grad) + L * int(weight_hh.requires_grad))
 
 
 class _Grads:
-    """dx, dW_ih, dW_hh, db_ih, db_hh, accumulated chunk by chunk with one matmul each.
+    """dx, dW_ih, dW_hh, db_ih, db_hh, accumulated chunk by chunk with one product each.
 
-    ``need``: the flags (x, W_ih, W_hh, b_ih, b_hh). `add` takes a chunk's gradients of the two
-    projections, ``dgi`` / ``dgh`` [n, B, G*H] (the same tensor for the LSTM), and the hidden
-    states h_{t-1} ``hs`` [n, B, H] that ``dgh`` multiplies."""
+    ``need``: the flags (x, W_ih, W_hh, b_ih, b_hh). The input is x [L, B, in] or, on the sparse
+    route, ``rows`` (its `SparseRows`: dW_ih then sums the rows of dgi at the nonzeros, as the
+    transpose of a [in, G*H] sum; dx = dgi W_ih is a matmul either way). `add` takes a chunk's
+    gradients of the two projections, ``dgi`` / ``dgh`` [n, B, G*H] (the same tensor for the
+    LSTM), and the hidden states h_{t-1} ``hs`` [n, B, H] that ``dgh`` multiplies."""
 
-    def __init__(self, x, weight_ih, weight_hh, need):
-        self.x, self.weight_ih = x, weight_ih
-        self.dx = empty(x.shape, x.dtype) if need[0] else None
-        self.dw_ih = torch.zeros_like(weight_ih) if need[1] else None
+    def __init__(self, x, rows, L, B, weight_ih, weight_hh, need):
+        self.x, self.rows, self.weight_ih = x, rows, weight_ih
+        dtype = weight_hh.dtype
+        self.dx = empty((L, B, weight_ih.shape[1]), dtype) if need[0] else None
+        self.need_dw_ih = need[1]
+        # the sparse route's dW_ih is the first chunk's weight_grad, then added into
+        self.dw_ih = torch.zeros_like(weight_ih) if need[1] and rows is None else None
         self.dw_hh = torch.zeros_like(weight_hh) if need[2] else None
         GH = weight_hh.shape[0]
-        self.db_ih = torch.zeros(GH, dtype=x.dtype) if need[3] else None
-        self.db_hh = torch.zeros(GH, dtype=x.dtype) if need[4] else None
+        self.db_ih = torch.zeros(GH, dtype=dtype) if need[3] else None
+        self.db_hh = torch.zeros(GH, dtype=dtype) if need[4] else None
 
     def add(self, c0, c1, dgi, dgh, hs):
         n, B, GH = dgi.shape
         dgi2, dgh2 = dgi.view(n * B, GH), dgh.view(n * B, GH)
         if self.dx is not None:
             torch.mm(dgi2, self.weight_ih, out=self.dx[c0:c1].view(n * B, -1))
-        if self.dw_ih is not None:
+        if self.need_dw_ih and self.rows is not None:
+            self.dw_ih = self.rows.part(c0 * B, c1 * B).weight_grad(dgi2, into=self.dw_ih)
+        elif self.need_dw_ih:
             self.dw_ih.addmm_(dgi2.t(), self.x[c0:c1].reshape(n * B, -1))
         if self.dw_hh is not None:
             self.dw_hh.addmm_(dgh2.t(), hs.reshape(n * B, -1))
@@ -179,16 +228,18 @@ class FusedGRULayerFunction(torch.autograd.Function):
     """A GRU layer over a segment: (x, h0, W_ih, W_hh, b_ih, b_hh) -> (ys [L, B, H], h_T).
 
     Saved: the gate activations r, z, n and ``gh_n`` [L, B, 4H] (the reference's graph keeps
-    about 6H a step), x and h0; not the outputs: the backward recomputes the hidden states from
-    h0, z and n (bitwise, one elementwise pass). ``h_T`` is a copy of ``ys[-1]``, so the carried
+    about 6H a step), h0 and, when W_ih needs a gradient, x (on the sparse route its nonzeros
+    instead); not the outputs: the backward recomputes the hidden states from h0, z and n
+    (bitwise, one elementwise pass). ``h_T`` is a copy of ``ys[-1]``, so the carried
     state does not hold the output block.
     """
 
     @staticmethod
-    def forward(ctx, x, h0, weight_ih, weight_hh, bias_ih, bias_hh):
+    def forward(ctx, x, h0, weight_ih, weight_hh, bias_ih, bias_hh, route=None):
         L, B, n_in = x.shape
         H = h0.shape[1]
         save = not isinstance(ctx, NoCtx)
+        rows = _input_rows(x, weight_ih, route, save)
         fwd = _kernel("gru_fwd", x.dtype)
         chunks = _chunks(L, B)
         gi = empty((chunks[0][1], B, 3 * H), x.dtype)  # one chunk's input projection
@@ -202,7 +253,7 @@ class FusedGRULayerFunction(torch.autograd.Function):
         h_steps = ys.unbind(0)
         h = h0
         for c0, c1 in chunks:
-            _project(x[c0:c1], weight_ih, bias_ih, gi[:c1 - c0])
+            _project(x, rows, c0, c1, weight_ih, bias_ih, gi[:c1 - c0])
             for t in range(c0, c1):
                 if bias_hh is None:
                     torch.mm(h, wt, out=gh)
@@ -211,19 +262,19 @@ class FusedGRULayerFunction(torch.autograd.Function):
                 fwd(p_gi + (t - c0) * B * 3 * H * esz, p_gh, h.data_ptr(), B, H, p_ys + t * B * H * esz,
                     None if p_s is None else p_s + t * B * 4 * H * esz)
                 h = h_steps[t]
-        _count(ctx, L * B * n_in * 3 * H, L * B * H * 3 * H, L, x, h0, weight_ih, weight_hh, current_trace())
-        ctx.save_for_backward(s, x, h0, weight_ih, weight_hh)
+        _count(ctx, rows, x, h0, weight_ih, weight_hh)
+        _save(ctx, weight_ih, rows, x, s, h0, weight_hh)
         ctx.set_materialize_grads(False)
         return ys, ys[-1].clone()
 
     @staticmethod
     def backward(ctx, dys, dhT):
-        s, x, h0, weight_ih, weight_hh = ctx.saved_tensors
+        s, h0, weight_hh, weight_ih, x, rows = _saved(ctx)
         L, B, H = s.shape[0], s.shape[1], h0.shape[1]
         bwd = _kernel("gru_bwd", s.dtype)
         esz = s.element_size()
         need = ctx.needs_input_grad
-        grads = _Grads(x, weight_ih, weight_hh, (need[0], need[2], need[3], need[4], need[5]))
+        grads = _Grads(x, rows, L, B, weight_ih, weight_hh, (need[0], need[2], need[3], need[4], need[5]))
         hs = _history("gru_hist", s, None, h0, L, B, H)  # h_{t-1}
         chunks = _chunks(L, B)
         dgi, dgh = empty((chunks[0][1], B, 3 * H), s.dtype), empty((chunks[0][1], B, 3 * H), s.dtype)
@@ -247,22 +298,24 @@ class FusedGRULayerFunction(torch.autograd.Function):
             grads.add(c0, c1, dgi[:c1 - c0], dgh[:c1 - c0], hs[c0:c1])
         del keep
         dx, dw_ih, dw_hh, db_ih, db_hh = grads.result(ctx)
-        return dx, (dh0 if need[1] else None), dw_ih, dw_hh, db_ih, db_hh
+        return dx, (dh0 if need[1] else None), dw_ih, dw_hh, db_ih, db_hh, None
 
 
 class FusedLSTMLayerFunction(torch.autograd.Function):
     """An LSTM layer over a segment: (x, h0, c0, W_ih, W_hh, b_ih, b_hh) -> (ys [L, B, H], h_T, c_T).
 
     Saved: the gate activations i, f, g, o [L, B, 4H] and the cell states c [L, B, H] (the
-    reference's graph keeps about 7H a step), x, h0 and c0; the backward recomputes the hidden
-    states ``o tanh(c)`` (bitwise). ``h_T`` and ``c_T`` are copies.
+    reference's graph keeps about 7H a step), h0, c0 and the input as `FusedGRULayerFunction`
+    keeps it; the backward recomputes the hidden states ``o tanh(c)`` (bitwise). ``h_T`` and
+    ``c_T`` are copies.
     """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
+    def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, route=None):
         L, B, n_in = x.shape
         H = h0.shape[1]
         save = not isinstance(ctx, NoCtx)
+        rows = _input_rows(x, weight_ih, route, save)
         fwd = _kernel("lstm_fwd", x.dtype)
         chunks = _chunks(L, B)
         gi = empty((chunks[0][1], B, 4 * H), x.dtype)  # one chunk's input projection
@@ -277,7 +330,7 @@ class FusedLSTMLayerFunction(torch.autograd.Function):
         h_steps = ys.unbind(0)
         h, c = h0, c0
         for c0_, c1_ in chunks:
-            _project(x[c0_:c1_], weight_ih, bias_ih, gi[:c1_ - c0_])
+            _project(x, rows, c0_, c1_, weight_ih, bias_ih, gi[:c1_ - c0_])
             for t in range(c0_, c1_):
                 if bias_hh is None:
                     torch.mm(h, wt, out=gh)
@@ -287,19 +340,19 @@ class FusedLSTMLayerFunction(torch.autograd.Function):
                 fwd(p_gi + (t - c0_) * B * 4 * H * esz, p_gh, c.data_ptr(), B, H, p_ys + t * B * H * esz,
                     c_out.data_ptr(), None if p_s is None else p_s + t * B * 4 * H * esz)
                 h, c = h_steps[t], c_out
-        _count(ctx, L * B * n_in * 4 * H, L * B * H * 4 * H, L, x, h0, weight_ih, weight_hh, current_trace())
-        ctx.save_for_backward(s, cs, x, h0, c0, weight_ih, weight_hh)
+        _count(ctx, rows, x, h0, weight_ih, weight_hh)
+        _save(ctx, weight_ih, rows, x, s, cs, h0, c0, weight_hh)
         ctx.set_materialize_grads(False)
         return ys, ys[-1].clone(), c.clone()
 
     @staticmethod
     def backward(ctx, dys, dhT, dcT):
-        s, cs, x, h0, c0, weight_ih, weight_hh = ctx.saved_tensors
+        s, cs, h0, c0, weight_hh, weight_ih, x, rows = _saved(ctx)
         L, B, H = cs.shape
         bwd = _kernel("lstm_bwd", s.dtype)
         esz = s.element_size()
         need = ctx.needs_input_grad
-        grads = _Grads(x, weight_ih, weight_hh, (need[0], need[3], need[4], need[5], need[6]))
+        grads = _Grads(x, rows, L, B, weight_ih, weight_hh, (need[0], need[3], need[4], need[5], need[6]))
         hs = _history("lstm_hist", s, cs, h0, L, B, H) if need[4] else None  # h_{t-1}, for dW_hh
         chunks = _chunks(L, B)
         dg = empty((chunks[0][1], B, 4 * H), s.dtype)
@@ -327,11 +380,13 @@ class FusedLSTMLayerFunction(torch.autograd.Function):
             grads.add(c0_, c1_, dg[:c1_ - c0_], dg[:c1_ - c0_], None if hs is None else hs[c0_:c1_])
         del keep
         dx, dw_ih, dw_hh, db_ih, db_hh = grads.result(ctx)
-        return dx, (dh0 if need[1] else None), (dc_in if need[2] else None), dw_ih, dw_hh, db_ih, db_hh
+        return dx, (dh0 if need[1] else None), (dc_in if need[2] else None), dw_ih, dw_hh, db_ih, db_hh, None
 
 
-def _check(who, gates, x, states, weight_ih, weight_hh, bias_ih, bias_hh):
-    """Input checks of the layer functions (shapes, dtypes, device)."""
+def _check(who, gates, x, states, weight_ih, weight_hh, bias_ih, bias_hh, route):
+    """Input checks of the layer functions (shapes, dtypes, device, route)."""
+    if route is not None and not isinstance(route, SparseRoute):
+        raise TypeError(f"{who}: route must be a SparseRoute or None, got {type(route).__name__}")
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"{who}: x must be a 3-D tensor [L, B, in], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -363,17 +418,18 @@ def _check(who, gates, x, states, weight_ih, weight_hh, bias_ih, bias_hh):
                             "they must match")
 
 
-def _apply(fn, x, states, weight_ih, weight_hh, bias_ih, bias_hh):
+def _apply(fn, x, states, weight_ih, weight_hh, bias_ih, bias_hh, route):
     args = [t.contiguous() for t in (x, *states, weight_ih, weight_hh)] + [
         None if b is None else b.contiguous() for b in (bias_ih, bias_hh)]
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
-        return fn.apply(*args)
+        return fn.apply(*args, route)
     with torch.no_grad():
-        return fn.forward(NoCtx(), *args)
+        return fn.forward(NoCtx(), *args, route)
 
 
 def fused_gru_layer(x: torch.Tensor, h0: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
-                    bias_ih: torch.Tensor | None = None, bias_hh: torch.Tensor | None = None):
+                    bias_ih: torch.Tensor | None = None, bias_hh: torch.Tensor | None = None,
+                    route: SparseRoute | None = None):
     """A GRU layer over a segment on CPU: ``(ys [L, B, H], h_T [B, H])``.
 
     ``x`` [L, B, in], ``h0`` [B, H], float32 or float64; the weights in ``torch.nn.GRUCell``'s
@@ -381,18 +437,24 @@ def fused_gru_layer(x: torch.Tensor, h0: torch.Tensor, weight_ih: torch.Tensor, 
     Equal to stepping `sparsebptt.cells.gru.gru_step` (float64 to ~1e-15, float32 to rounding);
     differentiable in every tensor (see `FusedGRULayerFunction`); under no_grad (or when nothing
     requires grad) the same loop runs without saving anything.
+
+    ``route``: a `SparseRoute` (one per scan, as ``GRU.scan_segment`` makes it) lets a mostly-zero
+    input (one-hot tokens, events: at most `SPARSE_INPUT_MAX` nonzero on the scan's first segment)
+    take the sparse-input products: ``x W_ih^T + b_ih`` and dW_ih from its nonzeros, which the
+    backward keeps instead of x (dx stays a matmul). None: the matmuls.
     """
-    _check("fused_gru_layer", 3, x, (h0,), weight_ih, weight_hh, bias_ih, bias_hh)
-    return _apply(FusedGRULayerFunction, x, (h0,), weight_ih, weight_hh, bias_ih, bias_hh)
+    _check("fused_gru_layer", 3, x, (h0,), weight_ih, weight_hh, bias_ih, bias_hh, route)
+    return _apply(FusedGRULayerFunction, x, (h0,), weight_ih, weight_hh, bias_ih, bias_hh, route)
 
 
 def fused_lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, weight_ih: torch.Tensor,
                      weight_hh: torch.Tensor, bias_ih: torch.Tensor | None = None,
-                     bias_hh: torch.Tensor | None = None):
+                     bias_hh: torch.Tensor | None = None, route: SparseRoute | None = None):
     """An LSTM layer over a segment on CPU: ``(ys [L, B, H], h_T [B, H], c_T [B, H])``.
 
-    As `fused_gru_layer`, with the state ``(h0, c0)`` and ``torch.nn.LSTMCell``'s layout (gates
-    i, f, g, o; ``weight_ih`` [4H, in], ``weight_hh`` [4H, H]); see `FusedLSTMLayerFunction`.
+    As `fused_gru_layer` (``route`` included), with the state ``(h0, c0)`` and
+    ``torch.nn.LSTMCell``'s layout (gates i, f, g, o; ``weight_ih`` [4H, in], ``weight_hh``
+    [4H, H]); see `FusedLSTMLayerFunction`.
     """
-    _check("fused_lstm_layer", 4, x, (h0, c0), weight_ih, weight_hh, bias_ih, bias_hh)
-    return _apply(FusedLSTMLayerFunction, x, (h0, c0), weight_ih, weight_hh, bias_ih, bias_hh)
+    _check("fused_lstm_layer", 4, x, (h0, c0), weight_ih, weight_hh, bias_ih, bias_hh, route)
+    return _apply(FusedLSTMLayerFunction, x, (h0, c0), weight_ih, weight_hh, bias_ih, bias_hh, route)
