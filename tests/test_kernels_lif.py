@@ -1006,8 +1006,8 @@ def test_sparse_layer_forward_in_one_call_equals_the_kernels_one_by_one(values):
     W, b = cell.weight.detach(), cell.bias.detach()
     route = SparseRoute()
     i = torch.empty(13, 3, 24)
-    z, u, vT, rows = lif_cpu._sparse_layer_forward(x, v0, W, b, 0.9, cell.params, route, True, i, True)
-    assert route.sparse and (rows.val is None) == (values == "spikes")
+    z, u, vT, rows, nnz = lif_cpu._sparse_layer_forward(x, v0, W, b, 0.9, cell.params, route, True, i, True)
+    assert route.sparse and (rows.val is None) == (values == "spikes") and nnz == int(x.count_nonzero())
     ref_rows = SparseRows.of(x.reshape(-1, N_IN), keep=True)
     i2 = torch.empty(39, 24)
     ref_rows.project(W, b, i2)
@@ -1059,3 +1059,25 @@ def test_forward_sweep_fuses_at_most_its_step_limit(monkeypatch):
         out.sum().backward()
         assert spans and all(n == 1 or steps <= 20 for n, steps in spans)
         assert any(n > 1 for n, _ in spans) == (every == 6)
+
+
+def test_the_sparse_route_counts_the_macs_it_does():
+    """On the sparse-input route the projection and dW count ``nnz * H`` MACs (what they do); dx,
+    a matmul, ``L * B * in * H``; on the matmul route every product counts ``L * B * in * H``."""
+    import sparsebptt.kernels.sparse_input.cpu as sparse_input_cpu
+    torch.manual_seed(3)
+    cell = sb.cells.LIF(N_IN, 24, backend="cpu").double()
+    x = seeded(30, 20, 3, N_IN, kind="spikes", p=0.1).requires_grad_()
+    nnz, dense = int(x.count_nonzero()), 20 * 3 * N_IN
+    counts = []
+    for max_density in (sparse_input_cpu.SPARSE_INPUT_MAX, 0.0):
+        sparse_input_cpu.SPARSE_INPUT_MAX, before = max_density, sparse_input_cpu.SPARSE_INPUT_MAX
+        try:
+            with sb.trace() as t:
+                z, _ = sb.scan(cell, x)
+                (z * seeded(31, *z.shape)).sum().backward()
+        finally:
+            sparse_input_cpu.SPARSE_INPUT_MAX = before
+        counts.append((t.forward_macs, t.backward_macs))
+    assert counts[0] == (nnz * 24, (dense + nnz) * 24)
+    assert counts[1] == (dense * 24, 2 * dense * 24)

@@ -308,3 +308,25 @@ def test_a_stack_takes_a_route_per_layer(kind, monkeypatch):
     assert sorted(map(sorted, routes.values())) == [[False], [True]]
     for name in expect:
         assert_close(name, expect[name], got[name], torch.float64)
+
+
+def test_an_override_with_the_older_signature_runs_without_a_route():
+    """A user's subclass whose ``_scan_segment(x_seg, state)`` takes no ``route`` still scans on the
+    "cpu" backend (called without it: the matmul route) and equals the cell it wraps."""
+    class Logged(sb.cells.GRU):
+        calls = 0
+
+        def _scan_segment(self, x_seg, state):
+            type(self).calls += 1
+            return super()._scan_segment(x_seg, state)
+
+    torch.manual_seed(0)
+    base = sb.cells.GRU(6, 8, backend="cpu").double()
+    cell = Logged(6, 8, backend="cpu").double()
+    cell.load_state_dict(base.state_dict())
+    assert cell.scan_segment == cell._scan_segment and "route" in base.scan_segment.keywords
+    x = torch.nn.functional.one_hot(torch.randint(0, 6, (9, 2), generator=torch.Generator().manual_seed(1)), 6)
+    x = x.double()
+    y, _ = sb.scan(cell, x)
+    assert Logged.calls >= 1
+    assert_close("out", sb.scan(base, x)[0], y)

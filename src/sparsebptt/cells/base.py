@@ -11,6 +11,7 @@ Every exact strategy works with any such module. The reference cells here add ``
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 
@@ -123,6 +124,16 @@ _DEVICE_OF = {"cpu": "CPU", "triton": "CUDA"}
 _KERNEL_KIND = {"cpu": "C", "triton": "Triton"}
 
 
+def _takes_keyword(fn, name: str) -> bool:
+    """Whether ``fn`` accepts the keyword ``name`` (a user's override of ``_scan_segment`` with the
+    older signature does not: it is then called without it)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 class FusedCell(Cell):
     """A reference cell that also has fused kernels: the one place a cell's backend is chosen.
 
@@ -196,7 +207,7 @@ class FusedCell(Cell):
             return None
         log_once(f"sparsebptt: {type(self).__name__} scans run the fused {backend!r} backend")
         kwargs = {"backend": backend} if self.segment_takes_backend else {}
-        if self.segment_takes_route and backend == "cpu":
+        if self.segment_takes_route and backend == "cpu" and _takes_keyword(self._scan_segment, "route"):
             from ..kernels.sparse_input.cpu import SparseRoute
             kwargs["route"] = SparseRoute()
         return functools.partial(self._scan_segment, **kwargs) if kwargs else self._scan_segment

@@ -45,7 +45,8 @@ from torch.autograd.function import once_differentiable
 from ...trace import current_trace
 from ..cbuild import build_file, declare_per_dtype
 from ..common import SUFFIX, NoCtx, empty, scratch_buffer, transposed
-from ..sparse_input.cpu import SPARSE_CHUNK, SPARSE_INPUT_MAX, SparseRoute, SparseRows
+from ..sparse_input import cpu as sparse_input  # (its SPARSE_INPUT_MAX read at each call: one setting)
+from ..sparse_input.cpu import SPARSE_CHUNK, SparseRoute, SparseRows
 from .function import (SURROGATE_IDS, LIFConstants, after_decay, apply_recurrence, check_state_and_beta,
                        recurrence_function, recurrent_layer_function, surrogate_scale)
 
@@ -197,7 +198,7 @@ def _sparse_layer_forward(x, v0, weight, bias, beta, p: LIFConstants, route: Spa
     L, B, K = x.shape
     H = weight.shape[0]
     R = L * B
-    max_nnz = int((SPARSE_INPUT_MAX if route.sparse is None else 1.0) * R * K)
+    max_nnz = int((sparse_input.SPARSE_INPUT_MAX if route.sparse is None else 1.0) * R * K)
     ptr = torch.empty(R + 1, dtype=torch.int64) if keep_rows else scratch_buffer((R + 1,), torch.int64, "ptr")
     col = scratch_buffer((max_nnz + K + 1,), torch.int32, "col")
     val = scratch_buffer((max_nnz + K + 1,), x.dtype, "val")
@@ -217,7 +218,7 @@ def _sparse_layer_forward(x, v0, weight, bias, beta, p: LIFConstants, route: Spa
     rows = None
     if keep_rows:
         rows = SparseRows(ptr, col[:n].clone(), None if binary.value else val[:n].clone(), R, K)
-    return z, (i if save_u else None), vT, rows
+    return z, (i if save_u else None), vT, rows, n
 
 
 def layer_forward(x, v0, weight, bias, beta, p: LIFConstants, route=None, keep: bool = True,
@@ -239,11 +240,12 @@ def layer_forward(x, v0, weight, bias, beta, p: LIFConstants, route=None, keep: 
     fused = _sparse_layer_forward(x, v0, weight, bias, beta, p, route, keep and need_w, i, keep) \
         if route is not None and route.sparse is not False else None
     if fused is not None:
-        z, u, vT, rows = fused
+        z, u, vT, rows, nnz = fused
     else:
         rows = _project(x.reshape(L * B, n_in), weight, bias, i.view(L * B, H), route, keep=keep and need_w)
         z, u, vT = _lif_fwd(i, v0, beta, p, save_u=keep, u_into_i=True)
-    macs = L * B * n_in * H
+        nnz = L * B * n_in if rows is None else int(rows.ptr[-1])
+    macs = nnz * H  # the projection's multiply-adds done (from the nonzeros on the sparse route)
     t = current_trace()
     if t is not None:
         t.add_forward_macs(macs)
@@ -272,7 +274,8 @@ def layer_forward_stops(x, v0, weight, bias, beta, p: LIFConstants, route, stops
     # the currents go where the spikes will: the recurrence reads each current before it writes
     # that element's spike (as it writes u over i), so one buffer serves both
     z = empty((L, B, H), x.dtype) if out is None else scratch_buffer((L, B, H), x.dtype, out)
-    _project(x.reshape(L * B, n_in), weight, bias, z.view(L * B, H), route, keep=False)
+    rows = _project(x.reshape(L * B, n_in), weight, bias, z.view(L * B, H), route, keep=False)
+    macs = (L * B * n_in if rows is None else int(rows.ptr[-1])) * H
     fn = _fn("lif_fwd", x.dtype)
     beta_t, beta_s = _beta_args(beta)
     th, rz, ad = float(p.threshold), int(p.reset == "zero"), int(after_decay(p))
@@ -288,15 +291,15 @@ def layer_forward_stops(x, v0, weight, bias, beta, p: LIFConstants, route, stops
         raise ValueError(f"layer_forward_stops: the stops must end at L={L}, got {list(stops)}")
     t = current_trace()
     if t is not None:
-        t.add_forward_macs(L * B * n_in * H)
+        t.add_forward_macs(macs)
     return z, vs
 
 
 def layer_backward(s: LayerSaved, dz, dvT, need_x: bool, need_w: bool, need_b: bool, acc_w=None, acc_b=None):
     """The backward of `layer_forward`: ``(dx, dv0, dW, db, dbeta)`` (None where not asked). The
     recurrence backward gives di; then dx = di W, dW = di^T x (from the nonzeros when the input
-    was kept as them), db = sum di. Backward MACs (``L*B*in*H`` for each of dx and dW) go to the
-    trace the forward counted into. ``acc_w`` / ``acc_b``: gradients of earlier segments that the
+    was kept as them), db = sum di. Backward MACs (``L*B*in*H`` for dx, the forward's count for dW:
+    ``nnz*H`` from the nonzeros) go to the trace the forward counted into. ``acc_w`` / ``acc_b``: gradients of earlier segments that the
     caller owns; dW / db are added into them in place where their layout allows (then returned
     as None: nothing left to add), saving a fresh [H, in] buffer and its sum per segment."""
     # dW (from the nonzeros) and db added into the caller's sums by the recurrence's own C call
@@ -324,7 +327,8 @@ def layer_backward(s: LayerSaved, dz, dvT, need_x: bool, need_w: bool, need_b: b
         else:
             db = di2.sum(0)
     if s.trace is not None and (need_x or need_w):
-        s.trace.add_backward_macs(s.macs * (int(need_x) + int(need_w)))
+        L, B, H = s.u.shape
+        s.trace.add_backward_macs(int(need_x) * L * B * s.weight.shape[1] * H + int(need_w) * s.macs)
     return dx, dv0, dw, db, dbeta
 
 
@@ -335,8 +339,9 @@ class FusedLIFLayerFunction(torch.autograd.Function):
     Forward: the currents of every step as one matmul into a fresh buffer, then the recurrence,
     which overwrites the currents with u (the one [L, B, H] tensor saved). Backward: the
     recurrence backward gives di; then dW = di^T x, db = sum di, dx = di W, each one matmul.
-    MACs are counted in an active `sb.trace` exactly as the per-step reference `linear` counts
-    them: ``L*B*in*H`` forward (or recomputed), and that once more for each of dx and dW.
+    MACs are counted in an active `sb.trace` as the per-step reference `linear` counts them
+    (``L*B*in*H`` forward or recomputed, and that once more for each of dx and dW) on the matmul
+    route; on the sparse-input route the projection and dW count what they do, ``nnz*H``.
     """
 
     @staticmethod
@@ -404,7 +409,7 @@ def fused_lif_layer(x: torch.Tensor, v0: torch.Tensor, weight: torch.Tensor, bia
     (clamped by the caller); see `FusedLIFLayerFunction`. Differentiable in every tensor.
 
     ``route``: a `SparseRoute` (one per scan, as `LIF.scan_segment` makes it) lets a mostly-zero
-    input (spikes, events: at most `SPARSE_INPUT_MAX` nonzero) take the sparse-input products, C
+    input (spikes, events: at most `sparse_input.SPARSE_INPUT_MAX` nonzero) take the sparse-input products, C
     kernels: the currents summed from the rows of W^T at the nonzeros (per row in ascending input
     order, so a row's currents do not depend on the segment it is computed in), dW from the rows
     of dL/di at them, and the backward keeps the nonzeros (int32 column each, and their values

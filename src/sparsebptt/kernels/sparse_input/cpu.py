@@ -3,8 +3,9 @@ per segment (`SparseRows`, CSR), the projection ``x W^T + b`` and the weight gra
 ``dL/dout^T x`` taken from them in C (``sparse_input.c``), and the per-scan choice between them
 and the matmul (`SparseRoute`). A row's projection adds the rows of ``W^T`` at its nonzeros in
 ascending column order, so it does not depend on the rows computed with it: a recomputed segment
-repeats the forward bit for bit however the scan was cut. Used by the fused "cpu" LIF layers and
-the EGRU segment scan."""
+repeats the forward bit for bit however the scan was cut. Used by the fused "cpu" LIF, GRU and
+LSTM layers and the EGRU segment scan (their cells bind one `SparseRoute` per scan:
+`FusedCell.segment_takes_route`)."""
 from __future__ import annotations
 
 import ctypes
