@@ -17,6 +17,7 @@ times are not comparable across runs. One intra-op thread.
     python benchmarks/egru.py --check             # T=500, B=8, H=512: the issue-7 check, PASS/FAIL
     python benchmarks/egru.py --check --from-run runs/lm512   # the same with a trained EGRU and its text
     python benchmarks/egru.py --check --from-run runs/lm512 --batch 32   # ... at another batch size
+    python benchmarks/egru.py --stack --from-run runs/lm512x2   # every layer of a trained stack vs GRUs
     python benchmarks/egru.py --accuracy          # language model: bits/char vs activity (regulariser sweep)
     python benchmarks/egru.py --preset ci         # small shapes, seconds
 
@@ -131,7 +132,7 @@ def run_grid(args):
     return rows
 
 
-def _run_input(run: Path, T: int, B: int):
+def _run_input(run: Path, T: int, B: int, layer: int = 0):
     """The trained EGRU layer's state and one-hot windows of the run's validation text."""
     from sparsebptt.data import get_dataset
     from sparsebptt.train.runs import load_checkpoint
@@ -141,8 +142,11 @@ def _run_input(run: Path, T: int, B: int):
         raise SystemExit(f"--from-run: {run} trained model {config.get('model')!r}, not egru")
     ckpt = load_checkpoint(run / "checkpoint.pt")
     model = ckpt["model"]  # runs written before sb.Recurrent name the stack cell.*, later ones recurrent.cell.*
-    prefix = "recurrent.cell.layers.0." if any(k.startswith("recurrent.") for k in model) else "cell.layers.0."
+    prefix = ("recurrent.cell.layers." if any(k.startswith("recurrent.") for k in model) else "cell.layers.") \
+        + f"{layer}."
     state = {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
+    if not state:
+        raise SystemExit(f"--from-run: {run} has no EGRU layer {layer}")
     ds = get_dataset(config["dataset"], T, **(config.get("dataset_options") or {}))
     x, _ = next(ds.batches("val", B, seed=0))
     return state, x
@@ -178,6 +182,63 @@ def run_check(args):
         r["check17"] = ("PASS" if ok17 else "FAIL") if 0.10 <= r["activity"] <= 0.25 else "n/a (activity outside 10-25%)"
         print(f"    issue 17: backward MACs {r['bwd_macs_vs_gru']:.3f}x, backward time {r['bwd_time_vs_gru']:.3f}x, "
               f"forward time {r['fwd_time_vs_gru']:.3f}x the fused GRU: {r['check17']}", file=sys.stderr)
+    return rows
+
+
+def run_stack(args):
+    """Every EGRU layer of a trained run as one `Stack` (the upper layers read the lower ones'
+    events: their input projections run sparse) against a Stack of fused GRUs with the same
+    weights, at each epsilon; the run's validation text, T = 500, B = 8 (or --batch)."""
+    B = args.batch or CHECK["B"]
+    states, layer = [], 0
+    while True:
+        try:
+            state, x = _run_input(Path(args.from_run), CHECK["T"], B, layer)
+        except SystemExit:
+            break
+        states.append(state)
+        layer += 1
+    if not states:
+        raise SystemExit(f"--stack: no EGRU layer in {args.from_run}")
+
+    def stack(make):
+        cells = []
+        for st in states:
+            H, n_in = st["weight_hh"].shape[1], st["weight_ih"].shape[1]
+            c = make(n_in, H, st)
+            c.load_state_dict(st if isinstance(c, sb.cells.EGRU) else {k: v for k, v in st.items() if k != "threshold"})
+            cells.append(c)
+        return sb.cells.Stack(cells)
+
+    cases = [("gru", None, stack(lambda i, h, st: sb.cells.GRU(i, h, backend="auto")))]
+    for eps in args.epsilons or CHECK["epsilons"]:
+        cases.append(("egru", eps, stack(lambda i, h, st: sb.cells.EGRU(i, h, threshold_init=st["threshold"],
+                                                                        epsilon=eps))))
+    rows = []
+    for kind, eps, cell in cases:
+        with sb.trace() as t:
+            y, _ = sb.scan(cell, x)
+            y.sum().backward()
+        rows.append(dict(cell=f"{kind} x{len(states)}", epsilon=eps, B=B, T=x.shape[0],
+                         activity={k: round(v, 4) for k, v in t.activity.items()},
+                         forward_macs=t.forward_macs, backward_macs=t.backward_macs, fwd=[], bwd=[]))
+        time_scan_step(cell, x)  # warm-up
+    for _ in range(CHECK["reps"]):
+        for r, (_, _, cell) in zip(rows, cases):
+            f, b = time_scan_step(cell, x)
+            r["fwd"].append(f)
+            r["bwd"].append(b)
+    for r in rows:
+        r.update(**ms_columns("fwd", r.pop("fwd")), **ms_columns("bwd", r.pop("bwd")))
+    d = rows[0]
+    for r in rows:
+        for k in ("fwd", "bwd"):
+            r[f"{k}_time_vs_gru"] = r[f"{k}_ms"] / d[f"{k}_ms"]
+            r[f"{k}_macs_vs_gru"] = r[f"{'forward' if k == 'fwd' else 'backward'}_macs"] / \
+                d[f"{'forward' if k == 'fwd' else 'backward'}_macs"]
+        print(f"  {r['cell']:>7} eps={r['epsilon']!s:>4} activity {r['activity']}: backward MACs "
+              f"x{r['bwd_macs_vs_gru']:.3f} time x{r['bwd_time_vs_gru']:.3f} ({r['bwd_ms']:.0f} ms), forward MACs "
+              f"x{r['fwd_macs_vs_gru']:.3f} time x{r['fwd_time_vs_gru']:.3f}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -246,6 +307,8 @@ def main(argv=None):
                     help="--check at these pseudo-derivative widths (default 0.5 0.2)")
     ap.add_argument("--thresholds", type=float, nargs="+", default=None,
                     help="--check (untrained) at these thresholds (default 0.1 0.15 0.2 0.3)")
+    ap.add_argument("--stack", action="store_true",
+                    help="with --from-run: every layer of the trained run as a Stack vs a Stack of GRUs")
     ap.add_argument("--accuracy", action="store_true", help="language model bits/char vs activity")
     ap.add_argument("--acc-reg", type=float, nargs="+", default=[0.0, 1.0, 4.0])
     ap.add_argument("--acc-target", type=float, default=0.05)
@@ -261,6 +324,12 @@ def main(argv=None):
     if args.accuracy:
         rows = run_accuracy(args)
         stem = RESULTS / f"egru_accuracy{'_' + args.tag if args.tag else ''}"
+        write_rows_csv(rows, stem.with_suffix(".csv"))
+    elif args.stack:
+        if not args.from_run:
+            ap.error("--stack needs --from-run DIR (a trained EGRU run)")
+        rows = run_stack(args)
+        stem = RESULTS / f"egru_stack{'_' + args.tag if args.tag else ''}"
         write_rows_csv(rows, stem.with_suffix(".csv"))
     elif args.check:
         rows = run_check(args)

@@ -44,8 +44,9 @@ def pair(dtype, count_events=False, epsilon=0.3, gamma=0.7, bias=True, H=H):
     return ref, got
 
 
-def run(cell, x, state0, strategy=None, y0_grad=True):
-    return scan_grads(cell, x, state0, strategy, state_grad=[k != 1 or y0_grad for k in range(len(state0))])
+def run(cell, x, state0, strategy=None, y0_grad=True, x_grad=True):
+    return scan_grads(cell, x, state0, strategy, x_grad=x_grad,
+                      state_grad=[k != 1 or y0_grad for k in range(len(state0))])
 
 
 def state0_of(cell, B, dtype):
@@ -287,34 +288,36 @@ def _one_hot(seed, T, B, K, dtype):
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.to_string())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("kind", ["one_hot", "events", "sparse_then_dense"])
+@pytest.mark.parametrize("kind", ["one_hot", "events", "sparse_then_dense", "one_hot_no_dx"])
 def test_a_sparse_input_takes_the_sparse_products(kind, dtype, strategy, monkeypatch):
     """A mostly-zero input (one-hot tokens, graded events at ~10 %; a scan whose first segment is
     sparse and later ones dense keeps the first's route) runs the projection and dW_ih from its
-    nonzeros (`SparseRows`): outputs, states and every gradient (dx included) equal the reference
-    under every exact strategy, and the backward counts nnz * 3H MACs for dW_ih, not T B I 3H."""
+    nonzeros (`SparseRows`; dW_ih in the C pass, per step): outputs, states and every gradient (dx
+    included; "no_dx": x needs none, so no dL/d(x W_ih^T) is written) equal the reference under
+    every exact strategy, and the backward counts nnz * 3H MACs for dW_ih, not T B I 3H."""
     import sparsebptt.kernels.sparse_input.cpu as sparse_input_cpu
     from sparsebptt.kernels.sparse_input.cpu import SparseRows
     calls = []
     orig = SparseRows.project
     monkeypatch.setattr(SparseRows, "project", lambda self, *a: calls.append(self.R) or orig(self, *a))
-    ref, got = pair(dtype)
+    x_grad = kind != "one_hot_no_dx"
+    ref, got = pair(dtype, count_events=not x_grad)  # (event counts: the pointwise pass's other branch)
     T, B = 17, 3
-    if kind == "one_hot":
+    if kind.startswith("one_hot"):
         x = _one_hot(1, T, B, N_IN, dtype)
     else:
         x = seeded(2, T, B, N_IN, dtype=dtype) * (seeded(3, T, B, N_IN, dtype=dtype) > 0.9)
         if kind == "sparse_then_dense":
             x[3:] = seeded(4, T - 3, B, N_IN, dtype=dtype)
     s0 = state0_of(ref, B, dtype)
-    r, _ = run(ref, x, s0, strategy)
-    g, tg = run(got, x, s0, strategy)
+    r, _ = run(ref, x, s0, strategy, x_grad=x_grad)
+    g, tg = run(got, x, s0, strategy, x_grad=x_grad)
     compare(r, g, dtype, T)
     if kind != "sparse_then_dense" or strategy.to_string() == STRATEGIES[1].to_string():
         assert sum(calls) >= T * B  # every step's projection from the nonzeros (first segment: 3 steps)
     monkeypatch.setattr(sparse_input_cpu, "SPARSE_INPUT_MAX", 0.0)  # every route dense: the GEMMs
     calls.clear()
-    d, td = run(got, x, s0, strategy)
+    d, td = run(got, x, s0, strategy, x_grad=x_grad)
     assert not calls
     compare(r, d, dtype, T)
     if strategy.to_string() == sb.FullBPTT().to_string() and kind == "one_hot":

@@ -87,7 +87,7 @@ def load_library():
             "masked_rows_axpy": (None, [_P, _P, _P, _P, _L, _L, _L, _P, _P]),
             "egru_fwd": (None, [_L] * 3 + [_P] * 4 + [ctypes.c_double] + [_P] * 10),
             "egru_bwd": (_L, [_L] * 5 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L, _P, _L, _L, _L, _L]
-                         + [_P] * 10 + [_L, _P])})
+                         + [_P] * 10 + [_L] + [_P] * 6)})
         lib.egru_set_threads.restype, lib.egru_set_threads.argtypes = None, [ctypes.c_int]
         lib.egru_openmp.restype = ctypes.c_int
         lib.egru_simd.restype = ctypes.c_int
@@ -489,12 +489,17 @@ class SegmentFunction(torch.autograd.Function):
         gc = torch.zeros_like(c0) if gcT is None else gcT.detach().clone(memory_format=torch.contiguous_format)
         gy = torch.zeros_like(y0) if gyT is None else gyT.detach().clone(memory_format=torch.contiguous_format)
         gn = None if (gnT is None or not ctx.has_count) else gnT.contiguous()
-        chunks = _chunks(L, B)
-        dgi = ys.new_empty(chunks[0][1], B, O)  # dL/d(x W_ih^T + b_ih) of one chunk
         w_ih = weight_ih.detach()
         n_in = w_ih.shape[1]
+        # dL/dW_ih from x's nonzeros in the C pass, each step's rows while they are in cache ([I, 3H],
+        # W_ih^T's layout); else dgi (dL/d(x W_ih^T + b_ih)) per chunk of steps for the GEMMs (dx, dW_ih)
+        in_c = need_wih and rows is not None
+        need_dgi = need_x or (need_wih and not in_c)
+        chunks = _chunks(L, B) if need_dgi else [(0, L)]
+        dgi = ys.new_empty(chunks[0][1], B, O) if need_dgi else None
+        dgn = ys.new_empty(B, H)  # the C pass's scratch: dgi's n part
         dx = ys.new_empty(L, B, n_in) if need_x else None
-        dwih = torch.zeros_like(w_ih) if (need_wih and rows is None) else None
+        dwih = ys.new_zeros(n_in, O) if in_c else (torch.zeros_like(w_ih) if need_wih else None)
         gbn = ys.new_zeros(H) if (need_bih and bias_ih is not None) else None  # dL/db_ih's n part
         gbh, gthr = ys.new_zeros(O), ys.new_zeros(H)
         macs = torch.zeros(2, dtype=torch.long)
@@ -527,9 +532,11 @@ class SegmentFunction(torch.autograd.Function):
         dense_macs = 0
         rest = (c0_.data_ptr(), y0_.data_ptr(), ys.data_ptr(), s.data_ptr(), cts.data_ptr(), ctx.whT.data_ptr(),
                 thr.data_ptr(), gamma, epsilon, gys.data_ptr(), gc.data_ptr(), gy.data_ptr(), _p(gn), int(need_y0),
-                dense.data_ptr(), int(B <= DOTS_GROUP_B), int(axpy), blk, R, dgi.data_ptr(), dghs.data_ptr(), _p(gwhT), gbh.data_ptr(),
-                gthr.data_ptr(), wl.data_ptr(), cnt.data_ptr(), _p(idx), _p(val),
-                macs.data_ptr(), gst, _p(gbn))  # fixed for the segment: only the step range changes between calls
+                dense.data_ptr(), int(B <= DOTS_GROUP_B), int(axpy), blk, R, _p(dgi), dghs.data_ptr(), _p(gwhT),
+                gbh.data_ptr(), gthr.data_ptr(), wl.data_ptr(), cnt.data_ptr(), _p(idx), _p(val),
+                macs.data_ptr(), gst, _p(gbn), dgn.data_ptr(), *((rows.ptr.data_ptr(), rows.col.data_ptr(),
+                _p(rows.val), dwih.data_ptr()) if in_c else (None,) * 4))  # fixed for the segment
+
         for t0, t1 in reversed(chunks):
             k = t1 - 1
             while k >= t0:
@@ -538,12 +545,12 @@ class SegmentFunction(torch.autograd.Function):
                     torch.mm(dghs[k % R], w_hh, out=gy)
                     dense_macs += B * O * H
                     k -= 1
+            if not need_dgi:
+                continue
             g = dgi[:t1 - t0].view((t1 - t0) * B, O)  # the chunk's input-projection gradients
             if need_x:
                 torch.mm(g, w_ih, out=dx[t0:t1].view((t1 - t0) * B, n_in))
-            if need_wih and rows is not None:  # from x's nonzeros: W_ih^T's layout, summed over chunks
-                dwih = rows.part(t0 * B, t1 * B).weight_grad(g, into=dwih)
-            elif need_wih:
+            if need_wih and not in_c:
                 dwih.addmm_(g.t(), xd[t0:t1].reshape((t1 - t0) * B, n_in))
         dense_macs += (int(need_x) * L * B * n_in + int(need_wih) * ctx.input_nnz) * O
         if need_w and not axpy:  # dW_hh^T = [y0, y_1 .. y_{L-1}]^T @ dgh, one GEMM
@@ -557,6 +564,8 @@ class SegmentFunction(torch.autograd.Function):
         dn0 = None
         if ctx.has_count and ctx.needs_input_grad[9]:
             dn0 = torch.zeros_like(y0) if gnT is None else gnT
+        if in_c:
+            dwih = dwih.t()
         return (None, dx, dwih, dbih, None if gwhT is None else gwhT.t(),
                 gbh if (need_b and ctx.has_bias) else None, gthr if need_thr else None,
                 gc if need_c0 else None, gy if need_y0 else None, dn0)

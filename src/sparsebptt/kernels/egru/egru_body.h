@@ -314,11 +314,12 @@ CLONES void FN(egru_fwd)(long L, long B, long H, const T* gis, const T* whT, con
 
 /* The pointwise backward of one sample (FusedPointwiseFunction's equations); tm = 0 at the
    segment's first step (c_{t-1} = c0 as given), else 1 (c_{t-1} = c~_{t-1} - e threshold,
-   bitwise the forward's); HAS_GN (a constant after inlining): gnb, the counts' gradient, given. */
+   bitwise the forward's); HAS_GN (a constant after inlining): gnb, the counts' gradient, given;
+   HAS_DGI (likewise): dgi [3H] written, else only its n part (the one part not in dg) into dgn [H]. */
 INL void FN(bwd_point)(long H, const T* restrict sb, const T* restrict ctb, const T* restrict cpb,
                        const T* restrict thr, const T* restrict gyb, const T* restrict gy_,
                        const T* restrict gnb, T tm, T gm, T iep, T* restrict gcb, T* restrict dgi,
-                       T* restrict dg, T* restrict gthr, const int HAS_GN) {
+                       T* restrict dgn, T* restrict dg, T* restrict gthr, const int HAS_GN, const int HAS_DGI) {
     for (long j = 0; j < H; ++j) {
         const T ct = ctb[j], th = thr[j];
         const T v = ct - th;
@@ -342,7 +343,8 @@ INL void FN(bwd_point)(long H, const T* restrict sb, const T* restrict ctb, cons
         const T dan = dn * ((T)1 - nn * nn);
         const T dau = du * u * ((T)1 - u);
         const T dar = dan * hn * r * ((T)1 - r);
-        dgi[j] = dar; dgi[H + j] = dau; dgi[2 * H + j] = dan;
+        if (HAS_DGI) { dgi[j] = dar; dgi[H + j] = dau; dgi[2 * H + j] = dan; }
+        else dgn[j] = dan;
         dg[j] = dar; dg[H + j] = dau; dg[2 * H + j] = dan * r;
         gcb[j] = dcp;
     }
@@ -350,12 +352,16 @@ INL void FN(bwd_point)(long H, const T* restrict sb, const T* restrict ctb, cons
 
 /* The pointwise backward of step t (FusedPointwiseFunction's equations): from gy (dL/dy_t from
    the step after, [B, H]) plus gys[t], gc (dL/dc_t, replaced by dL/dc_{t-1}) and gcnt; writes
-   dgi and dgh [B, 3H] (dL/d(x W_ih^T + b_ih), dL/d(W_hh y + b_hh) of step t); accumulates gbh [3H],
-   gthr [H] and, unless NULL, gbn [H] (the n gate's dgi: the only part of dL/db_ih not in gbh).
-   gys: step t's output gradient at gys + t * gst (gst = 0: the same [B, H] every step). */
+   dgi and dgh [B, 3H] (dL/d(x W_ih^T + b_ih), dL/d(W_hh y + b_hh) of step t; dgi NULL: only its n
+   part, into dgn [B, H]); accumulates gbh [3H], gthr [H] and, unless NULL, gbn [H] (the n gate's
+   dgi: the only part of dL/db_ih not in gbh). gys: step t's output gradient at gys + t * gst
+   (gst = 0: the same [B, H] every step). xptr, xcol, xval (NULL: none): the segment's input as
+   its nonzeros (rows t B + b; xval NULL: every value 1): then dwih [K, 3H] (dL/dW_ih^T) gets
+   x[t, b, j] dgi[b] added at each nonzero (dgi's r and z parts are dg's). */
 INL void FN(bwd_pointwise)(long B, long H, long t, const T* c0, const T* s, const T* cts,
                               const T* thr, T gm, T iep, const T* gys, long gst, T* gc, const T* gy,
-                              const T* gcnt, T* dgi, T* dgh, T* gbh, T* gthr, T* gbn) {
+                              const T* gcnt, T* dgi, T* dgh, T* gbh, T* gthr, T* gbn, T* dgn,
+                              const long* xptr, const int* xcol, const T* xval, T* dwih) {
     const long O = 3 * H;
     const T tm = t ? (T)1 : (T)0;
     for (long b = 0; b < B; ++b) {
@@ -364,15 +370,33 @@ INL void FN(bwd_pointwise)(long B, long H, long t, const T* c0, const T* s, cons
         const T* cpb = t ? cts + ((t - 1) * B + b) * H : c0 + b * H;
         const T* gyb = gys + t * gst + b * H;
         T* dg = dgh + b * O;
-        if (gcnt)
+        T* dgib = dgi ? dgi + b * O : NULL;
+        T* dgnb = dgn + b * H;
+        if (gcnt && dgi)
             FN(bwd_point)(H, sb, ctb, cpb, thr, gyb, gy + b * H, gcnt + b * H, tm, gm, iep, gc + b * H,
-                          dgi + b * O, dg, gthr, 1);
+                          dgib, dgnb, dg, gthr, 1, 1);
+        else if (dgi)
+            FN(bwd_point)(H, sb, ctb, cpb, thr, gyb, gy + b * H, NULL, tm, gm, iep, gc + b * H,
+                          dgib, dgnb, dg, gthr, 0, 1);
+        else if (gcnt)
+            FN(bwd_point)(H, sb, ctb, cpb, thr, gyb, gy + b * H, gcnt + b * H, tm, gm, iep, gc + b * H,
+                          dgib, dgnb, dg, gthr, 1, 0);
         else
             FN(bwd_point)(H, sb, ctb, cpb, thr, gyb, gy + b * H, NULL, tm, gm, iep, gc + b * H,
-                          dgi + b * O, dg, gthr, 0);
+                          dgib, dgnb, dg, gthr, 0, 0);
         for (long o = 0; o < O; ++o) gbh[o] += dg[o];
+        const T* dn = dgi ? dgib + 2 * H : dgnb;  /* dgi's n part */
         if (gbn)
-            for (long j = 0; j < H; ++j) gbn[j] += dgi[b * O + 2 * H + j];
+            for (long j = 0; j < H; ++j) gbn[j] += dn[j];
+        if (xptr) {
+            const long r = t * B + b;
+            for (long q = xptr[r]; q < xptr[r + 1]; ++q) {
+                T* w = dwih + (long)xcol[q] * O;
+                const T a = xval ? xval[q] : (T)1;
+                FN(axpy)(w, a, dg, 2 * H);
+                FN(axpy)(w + 2 * H, a, dn, H);
+            }
+        }
     }
 }
 
@@ -745,7 +769,9 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
    Out: dgis [.., B, 3H] (step t at t - t_lo), dghs: dL/d(W_hh y + b_hh) of the steps, a ring of
    R steps (dgh_t at t mod R; R >= blk when axpy, R = L when the caller takes dW_hh as one GEMM
    over the segment); accumulated: gbh [3H], gthr [H], gwhT [H, 3H] (when axpy), gbn [H] (the
-   n gate's part of dL/db_ih, unless NULL: the r and z parts equal gbh's). Scratch:
+   n gate's part of dL/db_ih, unless NULL: the r and z parts equal gbh's), dwih [K, 3H] (dL/dW_ih^T
+   from the input's nonzeros xptr/xcol/xval, unless xptr is NULL). dgis NULL: not written (only
+   its n parts, into dgn [B, H], scratch either way). Scratch:
    wl [3 H + 256] (masked_dots'); cnt [2 H], idx, val: dw_block's (sizes
    in its comment, for N = blk B; no buffer is read through another type than it was written
    with). macs [2]: the dots and the
@@ -755,7 +781,8 @@ CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* 
                          double epsilon, const T* gys, T* gc, T* gy, const T* gcnt, long need_y0,
                          const unsigned char* dense, long group, long axpy, long blk, long R, T* dgis, T* dghs,
                          T* gwhT, T* gbh, T* gthr, long* wl, long* cnt, long* idx,
-                         T* val, long* macs, long gst, T* gbn) {
+                         T* val, long* macs, long gst, T* gbn, T* dgn, const long* xptr, const int* xcol,
+                         const T* xval, T* dwih) {
     const unsigned int csr = ftz_on();
     const long O = 3 * H;
     const T gm = (T)gamma, ep = (T)epsilon, iep = (T)1 / (T)epsilon;
@@ -763,8 +790,8 @@ CLONES long FN(egru_bwd)(long L, long B, long H, long t_hi, long t_lo, const T* 
     for (long t = t_hi; t >= t_lo; --t) {
         T* dgh = dghs + (t % R) * B * O;
         EGRU_TICK(0);
-        FN(bwd_pointwise)(B, H, t, c0, s, cts, thr, gm, iep, gys, gst, gc, gy, gcnt, dgis + (t - t_lo) * B * O,
-                          dgh, gbh, gthr, gbn);
+        FN(bwd_pointwise)(B, H, t, c0, s, cts, thr, gm, iep, gys, gst, gc, gy, gcnt,
+                          dgis ? dgis + (t - t_lo) * B * O : NULL, dgh, gbh, gthr, gbn, dgn, xptr, xcol, xval, dwih);
         EGRU_TICK(1);
         const int want_dy = t || need_y0;
         if (want_dy && !dense[t])
