@@ -210,3 +210,30 @@ def test_executor_knows_no_strategy():
     assert not imported & {"checkpoint", "double", "full", "revolve", "skipper"}, imported
     attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     assert "strategy" not in attrs  # what it needs travels in the plan and its actions
+
+
+@pytest.mark.parametrize("kind", ["lif", "gru", "lstm", "egru"])
+def test_a_plain_sum_of_the_outputs_gives_the_references_gradients(kind):
+    """``y.sum()``: its gradient is expanded along every dimension (one [B, H] block of ones read for
+    every step by the fused "cpu" kernels, `kernels.common.step_blocks`): every gradient equals the
+    torch reference's, under full BPTT and checkpointing."""
+    from sparsebptt.testing import seeded
+    dtype = torch.float64
+    make = {"lif": lambda b: sb.cells.LIF(5, 7, threshold=0.3, backend=b),
+            "gru": lambda b: sb.cells.GRU(5, 6, backend=b), "lstm": lambda b: sb.cells.LSTM(5, 4, backend=b),
+            "egru": lambda b: sb.cells.EGRU(5, 7, threshold_init=0.1, backend=b)}[kind]
+    torch.manual_seed(2)
+    ref = make("torch").to(dtype)
+    got = make("cpu").to(dtype)
+    got.load_state_dict(ref.state_dict())
+    x = seeded(4, 23, 3, 5, dtype=dtype)
+    grads = []
+    for cell, strategy in ((ref, sb.FullBPTT()), (got, sb.FullBPTT()), (got, sb.Checkpoint(every=5))):
+        xg = x.clone().requires_grad_()
+        y, _ = sb.scan(cell, xg, strategy=strategy)
+        y.sum().backward()
+        grads.append({"dx": xg.grad, **{n: p.grad.clone() for n, p in cell.named_parameters()}})
+        cell.zero_grad(set_to_none=True)
+    for g in grads[1:]:
+        for name in grads[0]:
+            assert_close(name, grads[0][name], g[name], dtype)

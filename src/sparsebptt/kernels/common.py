@@ -9,7 +9,7 @@ import weakref
 
 import torch
 
-__all__ = ["NoCtx", "SUFFIX", "empty", "scratch_buffer", "transposed"]
+__all__ = ["NoCtx", "SUFFIX", "empty", "scratch_buffer", "step_blocks", "transposed"]
 
 #: the dtypes the C kernels are compiled for, and the suffix of their functions (``lif_fwd_f32``)
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -68,6 +68,15 @@ def scratch_buffer(shape, dtype, name: str = "di") -> torch.Tensor:
     view = buf[:n].view(shape)
     views[key] = (buf, view)
     return view
+
+
+def step_blocks(g: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """An outputs' gradient ``g`` [L, ...] as the kernels read it: ``(block, True)`` when every step
+    has the same one (``g`` expanded along the steps, as a sum's gradient is: its step-0 block,
+    contiguous, read for every step), else ``(g.contiguous(), False)``."""
+    if g.stride(0) == 0:
+        return g[0].contiguous(), True
+    return g.contiguous(), False
 
 
 _transposed_cache = threading.local()

@@ -62,7 +62,7 @@ import os
 import torch
 
 from ..cbuild import build_file, declare_per_dtype
-from ..common import SUFFIX, NoCtx, empty
+from ..common import SUFFIX, NoCtx, empty, step_blocks
 from ..sparse_input.cpu import SparseRoute
 from ..sparse import UNION_OVERLAP, Chain, full_above, sparse_linear, transposed_weight
 from ...trace import current_trace, linear
@@ -482,10 +482,9 @@ class SegmentFunction(torch.autograd.Function):
         # an expanded sum's), else [L, B, H] (gst: entries per step)
         if gys is None:
             gys, gst = ys.new_zeros(B, H), 0
-        elif gys.stride(0) == 0 and gys[0].is_contiguous():
-            gys, gst = gys[0], 0
         else:
-            gys, gst = gys.contiguous(), B * H
+            gys, same = step_blocks(gys)
+            gst = 0 if same else B * H
         gc = torch.zeros_like(c0) if gcT is None else gcT.detach().clone(memory_format=torch.contiguous_format)
         gy = torch.zeros_like(y0) if gyT is None else gyT.detach().clone(memory_format=torch.contiguous_format)
         gn = None if (gnT is None or not ctx.has_count) else gnT.contiguous()

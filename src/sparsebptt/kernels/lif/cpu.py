@@ -44,7 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from ...trace import current_trace
 from ..cbuild import build_file, declare_per_dtype
-from ..common import SUFFIX, NoCtx, empty, scratch_buffer, transposed
+from ..common import SUFFIX, NoCtx, empty, scratch_buffer, step_blocks, transposed
 from ..sparse_input import cpu as sparse_input  # (its SPARSE_INPUT_MAX read at each call: one setting)
 from ..sparse_input.cpu import SPARSE_CHUNK, SparseRoute, SparseRows
 from .function import (SURROGATE_IDS, LIFConstants, after_decay, apply_recurrence, check_state_and_beta,
@@ -127,10 +127,9 @@ def _lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: bool, scratch: b
     dv0 = torch.empty(B, H, dtype=u.dtype)
     if dz is None:  # no gradient reaches the spikes: one zero slice for every step
         dz, dz_st = torch.zeros(B, H, dtype=u.dtype), 0
-    elif dz.stride(0) == 0 and dz[0].is_contiguous():  # the same slice every step (reduce="sum")
-        dz, dz_st = dz[0], 0
-    else:
-        dz, dz_st = dz.contiguous(), B * H  # kept alive across the call
+    else:  # (kept alive across the call) the same slice every step (a sum's gradient): stride 0
+        dz, same = step_blocks(dz)
+        dz_st = 0 if same else B * H
     dvT = None if dvT is None else dvT.contiguous()
     beta_t, beta_s = _beta_args(beta)
     dbeta = torch.zeros(H, dtype=torch.float64) if need_dbeta else None

@@ -44,7 +44,7 @@ import torch
 
 from ...trace import current_trace
 from ..cbuild import build_file, declare_per_dtype
-from ..common import SUFFIX, NoCtx, empty, transposed
+from ..common import SUFFIX, NoCtx, empty, step_blocks, transposed
 from ..sparse_input.cpu import SparseRoute, SparseRows
 
 __all__ = ["fused_gru_layer", "fused_lstm_layer", "load_library", "C_SOURCE"]
@@ -143,13 +143,12 @@ def _saved(ctx):
 
 def _step_grads(dys, B, H):
     """(keep-alive tensor, pointer of step 0, bytes per step) of the output gradients, or
-    (None, None, 0) when none reach the outputs. An expanded block (reduce="sum") is read in place."""
+    (None, None, 0) when none reach the outputs. One block for every step (a sum's gradient) is
+    read as such (`step_blocks`)."""
     if dys is None:
         return None, None, 0
-    if dys.stride(0) == 0 and dys[0].is_contiguous():
-        return dys, dys[0].data_ptr(), 0
-    dys = dys.contiguous()
-    return dys, dys.data_ptr(), B * H * dys.element_size()
+    dys, same = step_blocks(dys)
+    return dys, dys.data_ptr(), 0 if same else B * H * dys.element_size()
 
 
 def _count(ctx, rows, x, h0, weight_ih, weight_hh):
