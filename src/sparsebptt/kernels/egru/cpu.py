@@ -62,7 +62,7 @@ import os
 import torch
 
 from ..cbuild import build_file, declare_per_dtype
-from ..common import SUFFIX, NoCtx, empty, step_blocks
+from ..common import SUFFIX, NoCtx, empty, scratch_buffer, step_blocks
 from ..sparse_input.cpu import SparseRoute
 from ..sparse import UNION_OVERLAP, Chain, full_above, sparse_linear, transposed_weight
 from ...trace import current_trace, linear
@@ -87,7 +87,8 @@ def load_library():
             "masked_rows_axpy": (None, [_P, _P, _P, _P, _L, _L, _L, _P, _P]),
             "egru_fwd": (None, [_L] * 3 + [_P] * 4 + [ctypes.c_double] + [_P] * 10),
             "egru_bwd": (_L, [_L] * 5 + [_P] * 7 + [ctypes.c_double] * 2 + [_P] * 4 + [_L, _P, _L, _L, _L, _L]
-                         + [_P] * 10 + [_L] + [_P] * 6)})
+                         + [_P] * 10 + [_L] + [_P] * 6),
+            "egru_transpose": (None, [_P, _L, _L, _P])})
         lib.egru_set_threads.restype, lib.egru_set_threads.argtypes = None, [ctypes.c_int]
         lib.egru_openmp.restype = ctypes.c_int
         lib.egru_simd.restype = ctypes.c_int
@@ -506,7 +507,8 @@ class SegmentFunction(torch.autograd.Function):
         # the weight gradient over events (C) unless most y are non-zero: then one GEMM at the end
         counts = ctx.step_counts  # per step: events, non-zero y read, dL/dy entries wanted
         axpy = need_w and int(counts[:, 1].sum()) < DW_SPARSE_BELOW * L * B * H
-        gwhT = ys.new_zeros(H, O) if axpy else None
+        # dW_hh^T [H, 3H], summed in a per-thread buffer (W_hh's layout is written from it at the end)
+        gwhT = scratch_buffer((H, O), ys.dtype, "egru_gwhT").zero_() if axpy else None
         # dL/dy_{t-1} as one GEMM (the caller's) where most of it is wanted, else dots in C
         wanted = torch.cat([torch.tensor([B * H if need_y0 else 0]), counts[:-1, 2]])
         dense = (wanted >= DOTS_BELOW * B * H).to(torch.uint8)
@@ -563,8 +565,17 @@ class SegmentFunction(torch.autograd.Function):
         dn0 = None
         if ctx.has_count and ctx.needs_input_grad[9]:
             dn0 = torch.zeros_like(y0) if gnT is None else gnT
+        # the weight gradients summed in W^T's layout into W's (blocked; autograd would copy the
+        # transposes, slower): dW_hh^T [H, 3H], dW_ih^T [I, 3H] from x's nonzeros
+        transpose = getattr(lib, f"egru_transpose_{SUFFIX[ys.dtype]}")
+        if gwhT is not None:
+            gw = ys.new_empty(O, H)
+            transpose(gwhT.data_ptr(), H, O, gw.data_ptr())
+            gwhT = gw.t()
         if in_c:
-            dwih = dwih.t()
+            gw = ys.new_empty(O, n_in)
+            transpose(dwih.data_ptr(), n_in, O, gw.data_ptr())
+            dwih = gw
         return (None, dx, dwih, dbih, None if gwhT is None else gwhT.t(),
                 gbh if (need_b and ctx.has_bias) else None, gthr if need_thr else None,
                 gc if need_c0 else None, gy if need_y0 else None, dn0)
