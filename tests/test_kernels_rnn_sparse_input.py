@@ -17,7 +17,7 @@ from sparsebptt.kernels import backend as kb
 from sparsebptt.kernels.rnn.cpu import fused_gru_layer, fused_lstm_layer
 from sparsebptt.kernels.rnn.naive import naive_gru, naive_lstm
 from sparsebptt.kernels.sparse_input.cpu import SparseRoute, SparseRows
-from sparsebptt.testing import assert_close, seeded
+from sparsebptt.testing import assert_close, scan_grads, seeded
 
 pytestmark = pytest.mark.skipif(not kb.backend_available("cpu")[0],
                                 reason=f"cpu backend unavailable: {kb.backend_available('cpu')[1]}")
@@ -199,21 +199,10 @@ def make_pair(kind, dtype):
 
 
 def run_scan(cell, x, strategy):
-    x = x.clone().requires_grad_()
-    state0 = tuple((0.5 * seeded(1 + k, *s.shape, dtype=x.dtype)).requires_grad_()
+    """`scan_grads` from seeded (nonzero) initial states: outputs, states and every gradient."""
+    state0 = tuple(0.5 * seeded(1 + k, *s.shape, dtype=x.dtype)
                    for k, s in enumerate(cell.initial_state(x.shape[1], dtype=x.dtype)))
-    for p in cell.parameters():
-        p.grad = None
-    out, state = sb.scan(cell, x, state0, strategy=strategy)
-    loss = (out * seeded(100, *out.shape, dtype=x.dtype)).sum()
-    for k, s in enumerate(state):
-        loss = loss + (s * seeded(200 + k, *s.shape, dtype=x.dtype)).sum()
-    loss.backward()
-    res = {"out": out.detach(), "dx": x.grad}
-    res.update({f"state_T[{k}]": s.detach() for k, s in enumerate(state)})
-    res.update({f"dstate0[{k}]": s.grad for k, s in enumerate(state0)})
-    res.update({f"d{n}": p.grad for n, p in cell.named_parameters()})
-    return res
+    return scan_grads(cell, x, state0, strategy)[0]
 
 
 class RouteSpy:

@@ -9,10 +9,31 @@ import weakref
 
 import torch
 
-__all__ = ["NoCtx", "SUFFIX", "empty", "scratch_buffer", "step_blocks", "transposed"]
+__all__ = ["KernelTable", "NoCtx", "SUFFIX", "data_ptr", "empty", "scratch_buffer", "step_blocks", "transposed"]
 
 #: the dtypes the C kernels are compiled for, and the suffix of their functions (``lif_fwd_f32``)
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+
+def data_ptr(t: "torch.Tensor | None"):
+    """``t.data_ptr()``, or None (a NULL pointer for a C kernel) for None."""
+    return None if t is None else t.data_ptr()
+
+
+class KernelTable:
+    """A C library's functions by name and dtype: ``table("lif_fwd", torch.float32)`` is its
+    ``lif_fwd_f32``, looked up once; ``load()`` builds and loads the library at the first call."""
+
+    def __init__(self, load):
+        self._load, self._fns = load, {}
+
+    def __call__(self, name: str, dtype):
+        fn = self._fns.get((name, dtype))
+        if fn is None:
+            fn = self._fns[(name, dtype)] = getattr(self._load(), f"{name}_{SUFFIX[dtype]}")
+        return fn
+
 
 _HUGE = 2 << 20  # bytes of a transparent huge page (x86-64, aarch64 with 4 KiB pages)
 _MADV_HUGEPAGE = 14

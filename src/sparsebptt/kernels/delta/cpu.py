@@ -37,7 +37,7 @@ import os
 import torch
 
 from ..cbuild import build_file, declare_per_dtype
-from ..common import SUFFIX, NoCtx
+from ..common import SUFFIX, NoCtx, data_ptr
 from ..sparse import sparse_linear
 from ...trace import current_trace
 
@@ -72,9 +72,6 @@ def fused_takes(x: torch.Tensor, *tensors) -> bool:
         x.device.type == "cpu" and x.dtype in SUFFIX)
 
 
-def _ptr(t):
-    return None if t is None else t.data_ptr()
-
 
 class _DeltaSegment(torch.autograd.Function):
     @staticmethod
@@ -108,9 +105,9 @@ class _DeltaSegment(torch.autograd.Function):
         n = max(nI, H)  # scratch: column starts and the active (b, d) pairs of one memory's step
         bs, vs = torch.empty(n + 1 + B * n, dtype=torch.long), x.new_empty(B * n)
         getattr(load_library(), f"delta_fwd_{SUFFIX[dt]}")(
-            int(lstm), L, B, nI, H, x.data_ptr(), h.data_ptr(), _ptr(c), xr.data_ptr(), hr.data_ptr(),
-            mx.data_ptr(), mh.data_ptr(), wiT.data_ptr(), whT.data_ptr(), _ptr(bi), _ptr(bh), thx, thh,
-            ys.data_ptr(), _ptr(sx), _ptr(dxs), _ptr(sh), _ptr(dhs), _ptr(s), _ptr(cs), int(save), bs.data_ptr(),
+            int(lstm), L, B, nI, H, x.data_ptr(), h.data_ptr(), data_ptr(c), xr.data_ptr(), hr.data_ptr(),
+            mx.data_ptr(), mh.data_ptr(), wiT.data_ptr(), whT.data_ptr(), data_ptr(bi), data_ptr(bh), thx, thh,
+            ys.data_ptr(), data_ptr(sx), data_ptr(dxs), data_ptr(sh), data_ptr(dhs), data_ptr(s), data_ptr(cs), int(save), bs.data_ptr(),
             vs.data_ptr(), counts.data_ptr())
         nnz = counts.sum(0)
         ctx.macs = (int(nnz[0]) * G * H, int(nnz[1]) * G * H)
@@ -151,10 +148,10 @@ class _DeltaSegment(torch.autograd.Function):
         h0 = h0.contiguous()  # held while the C call runs
         c0 = None if c0 is None else c0.contiguous()
         getattr(load_library(), f"delta_bwd_{SUFFIX[dt]}")(
-            int(lstm), L, B, nI, H, h0.data_ptr(), _ptr(c0),
-            ys.data_ptr(), _ptr(cs), s.data_ptr(), sx.data_ptr(), dxs.data_ptr(), sh.data_ptr(), dhs.data_ptr(),
-            wiT.data_ptr(), whT.data_ptr(), _ptr(gys), gh.data_ptr(), _ptr(gc), gxr.data_ptr(), ghr.data_ptr(),
-            gmx.data_ptr(), gmh.data_ptr(), _ptr(gx), int(need_xside), _ptr(gwiT), _ptr(gwhT), gbi.data_ptr(),
+            int(lstm), L, B, nI, H, h0.data_ptr(), data_ptr(c0),
+            ys.data_ptr(), data_ptr(cs), s.data_ptr(), sx.data_ptr(), dxs.data_ptr(), sh.data_ptr(), dhs.data_ptr(),
+            wiT.data_ptr(), whT.data_ptr(), data_ptr(gys), gh.data_ptr(), data_ptr(gc), gxr.data_ptr(), ghr.data_ptr(),
+            gmx.data_ptr(), gmh.data_ptr(), data_ptr(gx), int(need_xside), data_ptr(gwiT), data_ptr(gwhT), gbi.data_ptr(),
             gbh.data_ptr(), gA.data_ptr(), gC.data_ptr(), ghn.data_ptr(), bs.data_ptr(), vs.data_ptr())
         t = current_trace()
         if t is not None:

@@ -62,7 +62,7 @@ import os
 import torch
 
 from ..cbuild import build_file, declare_per_dtype
-from ..common import SUFFIX, NoCtx, empty, scratch_buffer, step_blocks
+from ..common import SUFFIX, NoCtx, data_ptr, empty, scratch_buffer, step_blocks
 from ..sparse_input.cpu import SparseRoute
 from ..sparse import UNION_OVERLAP, Chain, full_above, sparse_linear, transposed_weight
 from ...trace import current_trace, linear
@@ -354,9 +354,6 @@ def _record(layer, fired):
 
 # ---- the segment in C ----------------------------------------------------------------------------
 
-def _p(t):
-    return None if t is None else t.data_ptr()
-
 
 #: rows (steps x batch) of a chunk of the input projection: the segment's ``x W_ih^T + b_ih`` and
 #: its gradient run chunk by chunk through one reused [chunk, B, 3H] buffer (a fresh [L, B, 3H]
@@ -457,7 +454,7 @@ class SegmentFunction(torch.autograd.Function):
             else:
                 rows.part(t0 * B, t1 * B).project(weight_ih, b_ih, gi[:m].view(m * B, O))
             fwd(m, B, H, gi.data_ptr(), whT.data_ptr(), bh.data_ptr(), thr.data_ptr(), epsilon, c.data_ptr(),
-                y.data_ptr(), _p(n), ys[t0].data_ptr(), None if s is None else s[t0].data_ptr(),
+                y.data_ptr(), data_ptr(n), ys[t0].data_ptr(), None if s is None else s[t0].data_ptr(),
                 None if cts is None else cts[t0].data_ptr(), gh.data_ptr(), bs.data_ptr(), vs.data_ptr(),
                 counts[t0].data_ptr())
         ctx.counts = counts.sum(0)
@@ -532,11 +529,11 @@ class SegmentFunction(torch.autograd.Function):
         w_hh = weight_hh.detach()
         dense_macs = 0
         rest = (c0_.data_ptr(), y0_.data_ptr(), ys.data_ptr(), s.data_ptr(), cts.data_ptr(), ctx.whT.data_ptr(),
-                thr.data_ptr(), gamma, epsilon, gys.data_ptr(), gc.data_ptr(), gy.data_ptr(), _p(gn), int(need_y0),
-                dense.data_ptr(), int(B <= DOTS_GROUP_B), int(axpy), blk, R, _p(dgi), dghs.data_ptr(), _p(gwhT),
-                gbh.data_ptr(), gthr.data_ptr(), wl.data_ptr(), cnt.data_ptr(), _p(idx), _p(val),
-                macs.data_ptr(), gst, _p(gbn), dgn.data_ptr(), *((rows.ptr.data_ptr(), rows.col.data_ptr(),
-                _p(rows.val), dwih.data_ptr()) if in_c else (None,) * 4))  # fixed for the segment
+                thr.data_ptr(), gamma, epsilon, gys.data_ptr(), gc.data_ptr(), gy.data_ptr(), data_ptr(gn), int(need_y0),
+                dense.data_ptr(), int(B <= DOTS_GROUP_B), int(axpy), blk, R, data_ptr(dgi), dghs.data_ptr(), data_ptr(gwhT),
+                gbh.data_ptr(), gthr.data_ptr(), wl.data_ptr(), cnt.data_ptr(), data_ptr(idx), data_ptr(val),
+                macs.data_ptr(), gst, data_ptr(gbn), dgn.data_ptr(), *((rows.ptr.data_ptr(), rows.col.data_ptr(),
+                data_ptr(rows.val), dwih.data_ptr()) if in_c else (None,) * 4))  # fixed for the segment
 
         for t0, t1 in reversed(chunks):
             k = t1 - 1

@@ -44,7 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from ...trace import current_trace
 from ..cbuild import build_file, declare_per_dtype
-from ..common import SUFFIX, NoCtx, empty, scratch_buffer, step_blocks, transposed
+from ..common import SUFFIX, KernelTable, NoCtx, data_ptr, empty, scratch_buffer, step_blocks, transposed
 from ..sparse_input import cpu as sparse_input  # (its SPARSE_INPUT_MAX read at each call: one setting)
 from ..sparse_input.cpu import SPARSE_CHUNK, SparseRoute, SparseRows
 from .function import (SURROGATE_IDS, LIFConstants, after_decay, apply_recurrence, check_state_and_beta,
@@ -81,19 +81,7 @@ def load_library():
     return _lib
 
 
-_FNS: dict = {}  # (name, dtype) -> the loaded C function
-
-
-def _fn(name: str, dtype):
-    """The C function ``name`` for ``dtype`` (``lif_fwd`` -> ``lif_fwd_f32``), looked up once."""
-    fn = _FNS.get((name, dtype))
-    if fn is None:
-        fn = _FNS[(name, dtype)] = getattr(load_library(), f"{name}_{SUFFIX[dtype]}")
-    return fn
-
-
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else t.data_ptr()
+_fn = KernelTable(load_library)  # (name, dtype) -> the loaded C function
 
 
 def _beta_args(beta):
@@ -109,8 +97,8 @@ def _lif_fwd(i, v0, beta, p: LIFConstants, save_u: bool, u_into_i: bool = False)
     u = (i if u_into_i else empty(i.shape, i.dtype)) if save_u else None
     vT = torch.empty_like(v0)
     beta_t, beta_s = _beta_args(beta)
-    fn(_ptr(i), _ptr(v0), _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"), int(after_decay(p)),
-       L, B, H, _ptr(z), _ptr(u), _ptr(vT))
+    fn(data_ptr(i), data_ptr(v0), data_ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"), int(after_decay(p)),
+       L, B, H, data_ptr(z), data_ptr(u), data_ptr(vT))
     return z, u, vT
 
 
@@ -133,9 +121,9 @@ def _lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: bool, scratch: b
     dvT = None if dvT is None else dvT.contiguous()
     beta_t, beta_s = _beta_args(beta)
     dbeta = torch.zeros(H, dtype=torch.float64) if need_dbeta else None
-    args = (_ptr(u), _ptr(dz), dz_st, _ptr(dvT), _ptr(v0),
-            _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"), int(p.detach_reset), int(after_decay(p)),
-            SURROGATE_IDS[p.surrogate], surrogate_scale(p), L, B, H, _ptr(di), _ptr(dv0), _ptr(dbeta))
+    args = (data_ptr(u), data_ptr(dz), dz_st, data_ptr(dvT), data_ptr(v0),
+            data_ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"), int(p.detach_reset), int(after_decay(p)),
+            SURROGATE_IDS[p.surrogate], surrogate_scale(p), L, B, H, data_ptr(di), data_ptr(dv0), data_ptr(dbeta))
     if fused:
         if dwt is not None:
             K = rows.K
@@ -143,10 +131,10 @@ def _lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: bool, scratch: b
             n = max(1, min(rows.R, SPARSE_CHUNK) * K)
             rws = scratch_buffer((n,), torch.int32, "rows")
             vals = scratch_buffer((n if rows.val is not None else 1,), u.dtype, "vals")
-            fn(*args, _ptr(db_acc), rows.ptr.data_ptr(), rows.col.data_ptr(), _ptr(rows.val), K, dwt.data_ptr(),
+            fn(*args, data_ptr(db_acc), rows.ptr.data_ptr(), rows.col.data_ptr(), data_ptr(rows.val), K, dwt.data_ptr(),
                cnt.data_ptr(), rws.data_ptr(), vals.data_ptr())
         else:
-            fn(*args, _ptr(db_acc), None, None, None, 0, None, None, None, None)
+            fn(*args, data_ptr(db_acc), None, None, None, 0, None, None, None, None)
     else:
         fn(*args)
     return di, dv0, (None if dbeta is None else dbeta.to(u.dtype))
@@ -207,7 +195,7 @@ def _sparse_layer_forward(x, v0, weight, bias, beta, p: LIFConstants, route: Spa
     beta_t, beta_s = _beta_args(beta)
     n = _fn("lif_layer_fwd", x.dtype)(
         x.data_ptr(), R, K, max_nnz, ptr.data_ptr(), col.data_ptr(), val.data_ptr(), ctypes.byref(binary),
-        transposed(weight).data_ptr(), _ptr(bias), H, i.data_ptr(), v0.data_ptr(), _ptr(beta_t), beta_s,
+        transposed(weight).data_ptr(), data_ptr(bias), H, i.data_ptr(), v0.data_ptr(), data_ptr(beta_t), beta_s,
         float(p.threshold), int(p.reset == "zero"), int(after_decay(p)), L, B, z.data_ptr(),
         i.data_ptr() if save_u else None, vT.data_ptr())
     if route.sparse is None:
@@ -279,7 +267,7 @@ def layer_forward_stops(x, v0, weight, bias, beta, p: LIFConstants, route, stops
     beta_t, beta_s = _beta_args(beta)
     th, rz, ad = float(p.threshold), int(p.reset == "zero"), int(after_decay(p))
     pi = pz = z.data_ptr()
-    pb, step = _ptr(beta_t), B * H * x.element_size()
+    pb, step = data_ptr(beta_t), B * H * x.element_size()
     vs, v, t0 = [], v0, 0
     for t1 in stops:
         vT = torch.empty_like(v0)
@@ -440,8 +428,8 @@ def _step_fwd(i_t, v_in, beta, p: LIFConstants, z_t, v_out):
     B, H = i_t.shape
     beta_t, beta_s = _beta_args(beta)
     _fn("lif_fwd", i_t.dtype)(
-        _ptr(i_t), _ptr(v_in), _ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"),
-        int(after_decay(p)), 1, B, H, _ptr(z_t), _ptr(i_t), _ptr(v_out))
+        data_ptr(i_t), data_ptr(v_in), data_ptr(beta_t), beta_s, float(p.threshold), int(p.reset == "zero"),
+        int(after_decay(p)), 1, B, H, data_ptr(z_t), data_ptr(i_t), data_ptr(v_out))
 
 
 def _step_bwd(u_t, dz_t, g_in, beta, p: LIFConstants, du_t, g_out, v_prev):
@@ -452,8 +440,8 @@ def _step_bwd(u_t, dz_t, g_in, beta, p: LIFConstants, du_t, g_out, v_prev):
     flags = (int(p.reset == "zero"), int(p.detach_reset), int(after_decay(p)), SURROGATE_IDS[p.surrogate],
              surrogate_scale(p))
     _fn("lif_bwd", u_t.dtype)(
-        _ptr(u_t), _ptr(dz_t), B * H, _ptr(g_in), _ptr(v_prev.contiguous()), _ptr(beta_t), beta_s,
-        float(p.threshold), *flags, 1, B, H, _ptr(du_t), _ptr(g_out), None)
+        data_ptr(u_t), data_ptr(dz_t), B * H, data_ptr(g_in), data_ptr(v_prev.contiguous()), data_ptr(beta_t), beta_s,
+        float(p.threshold), *flags, 1, B, H, data_ptr(du_t), data_ptr(g_out), None)
 
 
 #: ``i_t = W x_t + b + V z_{t-1}``: one matmul for the inputs, per step one ``addmm`` and one C

@@ -44,7 +44,7 @@ import torch
 
 from ...trace import current_trace
 from ..cbuild import build_file, declare_per_dtype
-from ..common import SUFFIX, NoCtx, empty, step_blocks, transposed
+from ..common import SUFFIX, KernelTable, NoCtx, empty, step_blocks, transposed
 from ..sparse_input.cpu import SparseRoute, SparseRows
 
 __all__ = ["fused_gru_layer", "fused_lstm_layer", "load_library", "C_SOURCE"]
@@ -73,8 +73,7 @@ def load_library():
     return _lib
 
 
-def _kernel(name: str, dtype):
-    return getattr(load_library(), f"{name}_{SUFFIX[dtype]}")
+_kernel = KernelTable(load_library)  # (name, dtype) -> the loaded C function
 
 
 #: rows (steps x batch) of a chunk: the input projection and the batched gradients run over

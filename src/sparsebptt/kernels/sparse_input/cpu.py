@@ -14,7 +14,7 @@ import os
 import torch
 
 from ..cbuild import build_file, declare_per_dtype
-from ..common import SUFFIX, scratch_buffer, transposed
+from ..common import KernelTable, data_ptr, scratch_buffer, transposed
 
 __all__ = ["SparseRows", "SparseRoute", "SPARSE_CHUNK", "SPARSE_INPUT_MAX", "load_library", "C_SOURCE"]
 
@@ -29,11 +29,8 @@ SPARSE_CHUNK = 256
 #: results/lif_sparse_input_issue17a.csv)
 SPARSE_INPUT_MAX = 0.25
 
-
-
 _P, _L = ctypes.c_void_p, ctypes.c_long
 _lib = None
-_FNS: dict = {}
 
 
 def load_library():
@@ -47,16 +44,7 @@ def load_library():
     return _lib
 
 
-def _fn(name: str, dtype):
-    """The C function ``name`` for ``dtype`` (``sp_mm`` -> ``sp_mm_f32``), looked up once."""
-    fn = _FNS.get((name, dtype))
-    if fn is None:
-        fn = _FNS[(name, dtype)] = getattr(load_library(), f"{name}_{SUFFIX[dtype]}")
-    return fn
-
-
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else t.data_ptr()
+_fn = KernelTable(load_library)  # (name, dtype) -> the loaded C function
 
 
 class SparseRows:
@@ -96,7 +84,7 @@ class SparseRows:
         values, added in ascending column order."""
         H = weight.shape[0]
         fn = _fn("sp_mm", out2.dtype)
-        fn(self.ptr.data_ptr(), self.col.data_ptr(), _ptr(self.val), transposed(weight).data_ptr(), _ptr(bias),
+        fn(self.ptr.data_ptr(), self.col.data_ptr(), data_ptr(self.val), transposed(weight).data_ptr(), data_ptr(bias),
            self.R, H, out2.data_ptr())
 
     def weight_grad(self, d2, into=None):
@@ -112,7 +100,7 @@ class SparseRows:
         rows = scratch_buffer((n,), torch.int32, "rows")
         vals = scratch_buffer((n if self.val is not None else 1,), d2.dtype, "vals")
         _fn("sp_mm_t", d2.dtype)(
-            self.ptr.data_ptr(), self.col.data_ptr(), _ptr(self.val), d2.data_ptr(), self.R, self.K, H,
+            self.ptr.data_ptr(), self.col.data_ptr(), data_ptr(self.val), d2.data_ptr(), self.R, self.K, H,
             dwt.data_ptr(), cnt.data_ptr(), rows.data_ptr(), vals.data_ptr())
         return dwt.t()
 
