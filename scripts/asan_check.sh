@@ -1,6 +1,6 @@
 #!/bin/sh
 # Runs the C kernels' tests with the kernels built under AddressSanitizer (out-of-bounds reads and
-# writes, use after free in lif/rnn/delta/egru .c files): the kernels are compiled by a gcc wrapper
+# writes, use after free in lif/rnn/delta/egru/sparse_input .c files): the kernels are compiled by a gcc wrapper
 # that adds -fsanitize=address into their own cache folder, and libasan is preloaded into Python
 # (libstdc++ after it, so C++ exceptions thrown by torch's autograd pass through ASan's interceptor).
 # A report goes to $ASAN_LOG.<pid> and fails the run. Usage: scripts/asan_check.sh [pytest args]
@@ -18,7 +18,8 @@ cd "$here"
 set +e
 if [ $# -eq 0 ]; then
     set -- tests/test_kernels_lif.py tests/test_kernels_rnn.py tests/test_kernels_delta_cpu.py \
-        tests/test_kernels_egru_cpu.py tests/test_scan_exact.py tests/test_recompute_checks.py
+        tests/test_kernels_egru_cpu.py tests/test_scan_exact.py tests/test_recompute_checks.py \
+        tests/test_sparse_input.py tests/test_kernels_rnn_sparse_input.py
 fi
 .venv/bin/python -m pytest -o addopts="" -q -p no:cacheprovider "$@"
 rc=$?

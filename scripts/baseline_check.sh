@@ -7,6 +7,7 @@ set -eu
 cd "$(dirname "$0")/.."
 if [ $# -eq 0 ]; then
     set -- tests/test_kernels_lif.py tests/test_kernels_rnn.py tests/test_kernels_delta_cpu.py \
-        tests/test_kernels_egru_cpu.py tests/test_scan_exact.py tests/test_backends.py
+        tests/test_kernels_egru_cpu.py tests/test_scan_exact.py tests/test_backends.py \
+        tests/test_sparse_input.py tests/test_kernels_rnn_sparse_input.py
 fi
 SPARSEBPTT_KERNEL_BASELINE=1 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
