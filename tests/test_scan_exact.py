@@ -212,7 +212,7 @@ def test_executor_knows_no_strategy():
     assert "strategy" not in attrs  # what it needs travels in the plan and its actions
 
 
-@pytest.mark.parametrize("kind", ["lif", "gru", "lstm", "egru"])
+@pytest.mark.parametrize("kind", ["lif", "gru", "lstm", "egru", "deltagru", "deltalstm"])
 def test_a_plain_sum_of_the_outputs_gives_the_references_gradients(kind):
     """``y.sum()``: its gradient is expanded along every dimension (one [B, H] block of ones read for
     every step by the fused "cpu" kernels, `kernels.common.step_blocks`): every gradient equals the
@@ -221,7 +221,9 @@ def test_a_plain_sum_of_the_outputs_gives_the_references_gradients(kind):
     dtype = torch.float64
     make = {"lif": lambda b: sb.cells.LIF(5, 7, threshold=0.3, backend=b),
             "gru": lambda b: sb.cells.GRU(5, 6, backend=b), "lstm": lambda b: sb.cells.LSTM(5, 4, backend=b),
-            "egru": lambda b: sb.cells.EGRU(5, 7, threshold_init=0.1, backend=b)}[kind]
+            "egru": lambda b: sb.cells.EGRU(5, 7, threshold_init=0.1, backend=b),
+            "deltagru": lambda b: sb.cells.DeltaGRU(5, 6, threshold=0.1, backend=b),
+            "deltalstm": lambda b: sb.cells.DeltaLSTM(5, 4, threshold=0.1, backend=b)}[kind]
     torch.manual_seed(2)
     ref = make("torch").to(dtype)
     got = make("cpu").to(dtype)

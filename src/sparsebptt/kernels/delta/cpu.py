@@ -37,7 +37,7 @@ import os
 import torch
 
 from ..cbuild import build_file, declare_per_dtype
-from ..common import SUFFIX, NoCtx, data_ptr
+from ..common import SUFFIX, NoCtx, data_ptr, step_blocks
 from ..sparse import sparse_linear
 from ...trace import current_trace
 
@@ -56,7 +56,7 @@ def load_library():
     if _lib is None:
         _lib = declare_per_dtype(build_file("sparsebptt_delta", C_SOURCE), {
             "delta_fwd": (None, [_L] * 5 + [_P] * 11 + [_D, _D] + [_P] * 7 + [_L] + [_P] * 3),
-            "delta_bwd": (None, [_L] * 5 + [_P] * 19 + [_L] + [_P] * 9)})
+            "delta_bwd": (None, [_L] * 5 + [_P] * 19 + [_L] + [_P] * 9 + [_L])})
     return _lib
 
 
@@ -142,7 +142,11 @@ class _DeltaSegment(torch.autograd.Function):
         gwiT = ys.new_zeros(nI, G * H) if need_wi else None
         gwhT = ys.new_zeros(H, G * H) if need_wh else None
         gbi, gbh = ys.new_zeros(G * H), ys.new_zeros(G * H)
-        gys = torch.zeros_like(ys) if gys is None else gys.contiguous()
+        if gys is None:  # one [B, H] block for every step (gst 0) where it is the same: none, a sum's
+            gys, gst = ys.new_zeros(B, H), 0
+        else:
+            gys, same = step_blocks(gys)
+            gst = 0 if same else B * H
         gA, gC, ghn = ys.new_empty(B, G * H), ys.new_empty(B, G * H), ys.new_empty(B, H)
         bs, vs = torch.empty(B, dtype=torch.long), ys.new_empty(B)
         h0 = h0.contiguous()  # held while the C call runs
@@ -152,7 +156,7 @@ class _DeltaSegment(torch.autograd.Function):
             ys.data_ptr(), data_ptr(cs), s.data_ptr(), sx.data_ptr(), dxs.data_ptr(), sh.data_ptr(), dhs.data_ptr(),
             wiT.data_ptr(), whT.data_ptr(), data_ptr(gys), gh.data_ptr(), data_ptr(gc), gxr.data_ptr(), ghr.data_ptr(),
             gmx.data_ptr(), gmh.data_ptr(), data_ptr(gx), int(need_xside), data_ptr(gwiT), data_ptr(gwhT), gbi.data_ptr(),
-            gbh.data_ptr(), gA.data_ptr(), gC.data_ptr(), ghn.data_ptr(), bs.data_ptr(), vs.data_ptr())
+            gbh.data_ptr(), gA.data_ptr(), gC.data_ptr(), ghn.data_ptr(), bs.data_ptr(), vs.data_ptr(), gst)
         t = current_trace()
         if t is not None:
             mx_, mh_ = ctx.macs

@@ -139,7 +139,8 @@ CLONES void FN(delta_fwd)(long lstm, long L, long B, long nI, long H, const T* x
     ftz_off(csr);
 }
 
-/* The backward of a segment. In: gys [L, B, H] (zeros for none); gh, gc, gxr, ghr, gmx, gmh: the gradients
+/* The backward of a segment. In: gys, step t's output gradient [B, H] at gys + t * gst (gst = 0:
+   one block for every step: none (zeros) or a sum's); gh, gc, gxr, ghr, gmx, gmh: the gradients
    of the final state (gc unused for the GRU); out: the same arrays hold the gradients of the
    initial state. gx [L, B, nI] (zeros in) or NULL; need_x: take the input side's deltas'
    gradients (for gx or the initial x_ref); gwiT [nI, G*H], gwhT [H, G*H], gbi, gbh [G*H]:
@@ -148,7 +149,7 @@ CLONES void FN(delta_bwd)(long lstm, long L, long B, long nI, long H, const T* h
                           const T* ys, const T* cs, const T* s, const unsigned char* sx, const T* dxs,
                           const unsigned char* sh, const T* dhs, const T* wiT, const T* whT, const T* gys,
                           T* gh, T* gc, T* gxr, T* ghr, T* gmx, T* gmh, T* gx, long need_x, T* gwiT,
-                          T* gwhT, T* gbi, T* gbh, T* gA, T* gC, T* ghn, long* bs, T* vs) {
+                          T* gwhT, T* gbi, T* gbh, T* gA, T* gC, T* ghn, long* bs, T* vs, long gst) {
     const unsigned int csr = ftz_on();
     const long G = lstm ? 4 : 3, O = G * H;
     for (long t = L - 1; t >= 0; --t) {
@@ -156,7 +157,7 @@ CLONES void FN(delta_bwd)(long lstm, long L, long B, long nI, long H, const T* h
         const T* restrict cp = lstm ? (t ? cs + (t - 1) * B * H : c0) : NULL;
         for (long b = 0; b < B; ++b) {
             const T* restrict sb = s + (t * B + b) * 4 * H;
-            const T* restrict gy = gys + (t * B + b) * H;
+            const T* restrict gy = gys + t * gst + b * H;
             T* restrict ga = gA + b * O;
             T* restrict gcc = gC + b * O;
             T* restrict ghb = gh + b * H;
