@@ -359,3 +359,16 @@ def test_reduced_outputs_gradients_equal_the_reference(dtype, reduce):
     r, _ = scan_grads(ref, x, s0, sb.Checkpoint(every=4), reduce=reduce)
     g, _ = scan_grads(got, x, s0, sb.Checkpoint(every=4), reduce=reduce)
     compare(r, g, dtype, T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_the_weight_gradient_as_one_gemm_equals_the_reference(dtype, monkeypatch):
+    """With most y non-zero (`DW_SPARSE_BELOW` set to 0 here) dW_hh is one GEMM over the segment,
+    in W_hh's layout: every gradient still equals the reference's."""
+    monkeypatch.setattr(egru_cpu, "DW_SPARSE_BELOW", 0.0)
+    ref, got = pair(dtype)
+    T, B = 15, 3
+    x = seeded(7, T, B, N_IN, dtype=dtype)
+    s0 = state0_of(ref, B, dtype)
+    for strategy in (sb.FullBPTT(), sb.Checkpoint(every=4)):
+        compare(run(ref, x, s0, strategy)[0], run(got, x, s0, strategy)[0], dtype, T)

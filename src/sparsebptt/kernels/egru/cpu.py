@@ -400,9 +400,13 @@ DOTS_GROUP_B = 8
 
 
 class SegmentFunction(torch.autograd.Function):
-    """A whole segment's recurrence in two C calls (``egru_fwd`` / ``egru_bwd``): inputs the input
-    projections ``gis = x W_ih^T + b_ih`` [L, B, 3H] (a GEMM outside, whose backward torch runs),
-    ``W_hh``, ``b_hh``, the thresholds and the initial state; outputs ``(ys, c', y'[, n'])``.
+    """A whole segment's recurrence in two C calls (``egru_fwd`` / ``egru_bwd``): inputs
+    ``meta = (gamma, epsilon, route)``, x, the weights, the thresholds and the initial state;
+    outputs ``(ys, c', y'[, n'])``. The input projection ``x W_ih^T + b_ih`` runs per chunk of
+    steps, a GEMM or, on the scan's sparse `SparseRoute` (a mostly-zero x), from x's nonzeros,
+    which are then kept instead of x; its backward: ``dx`` a GEMM when x needs it, ``dW_ih`` a
+    GEMM or, on the sparse route, added at x's nonzeros in the C pass (``dL/d(x W_ih^T)`` then
+    written only when dx needs it), ``db_ih`` summed in the C pass.
 
     Forward per step: ``gh = b_hh + sum_j y[b, j] W_hh^T[j]`` over the non-zero ``y`` (per
     chunk of 1 KiB of outputs, each sample's event rows added in registers; the chunk's columns
@@ -534,7 +538,6 @@ class SegmentFunction(torch.autograd.Function):
                 gbh.data_ptr(), gthr.data_ptr(), wl.data_ptr(), cnt.data_ptr(), data_ptr(idx), data_ptr(val),
                 macs.data_ptr(), gst, data_ptr(gbn), dgn.data_ptr(), *((rows.ptr.data_ptr(), rows.col.data_ptr(),
                 data_ptr(rows.val), dwih.data_ptr()) if in_c else (None,) * 4))  # fixed for the segment
-
         for t0, t1 in reversed(chunks):
             k = t1 - 1
             while k >= t0:
@@ -551,10 +554,19 @@ class SegmentFunction(torch.autograd.Function):
             if need_wih and not in_c:
                 dwih.addmm_(g.t(), xd[t0:t1].reshape((t1 - t0) * B, n_in))
         dense_macs += (int(need_x) * L * B * n_in + int(need_wih) * ctx.input_nnz) * O
-        if need_w and not axpy:  # dW_hh^T = [y0, y_1 .. y_{L-1}]^T @ dgh, one GEMM
+        transpose = getattr(lib, f"egru_transpose_{SUFFIX[ys.dtype]}")  # (blocked; autograd's copy is slower)
+        gw_hh = None
+        if need_w and not axpy:  # dW_hh = dgh^T [y0, y_1 .. y_{L-1}], one GEMM
             yprev = torch.cat([y0_.unsqueeze(0), ys[:-1]]).reshape(L * B, H)
-            gwhT = yprev.t() @ dghs.reshape(L * B, O)
+            gw_hh = dghs.reshape(L * B, O).t() @ yprev
             dense_macs += L * B * H * O
+        elif axpy:  # summed over events in W_hh^T's layout [H, 3H]: into W_hh's
+            gw_hh = ys.new_empty(O, H)
+            transpose(gwhT.data_ptr(), H, O, gw_hh.data_ptr())
+        if in_c:  # dW_ih^T [I, 3H] from x's nonzeros: into W_ih's layout
+            gw = ys.new_empty(O, n_in)
+            transpose(dwih.data_ptr(), n_in, O, gw.data_ptr())
+            dwih = gw
         t = current_trace()
         if t is not None:
             t.add_backward_macs(int(macs.sum()) * O + dense_macs)
@@ -562,18 +574,7 @@ class SegmentFunction(torch.autograd.Function):
         dn0 = None
         if ctx.has_count and ctx.needs_input_grad[9]:
             dn0 = torch.zeros_like(y0) if gnT is None else gnT
-        # the weight gradients summed in W^T's layout into W's (blocked; autograd would copy the
-        # transposes, slower): dW_hh^T [H, 3H], dW_ih^T [I, 3H] from x's nonzeros
-        transpose = getattr(lib, f"egru_transpose_{SUFFIX[ys.dtype]}")
-        if gwhT is not None:
-            gw = ys.new_empty(O, H)
-            transpose(gwhT.data_ptr(), H, O, gw.data_ptr())
-            gwhT = gw.t()
-        if in_c:
-            gw = ys.new_empty(O, n_in)
-            transpose(dwih.data_ptr(), n_in, O, gw.data_ptr())
-            dwih = gw
-        return (None, dx, dwih, dbih, None if gwhT is None else gwhT.t(),
+        return (None, dx, dwih, dbih, gw_hh,
                 gbh if (need_b and ctx.has_bias) else None, gthr if need_thr else None,
                 gc if need_c0 else None, gy if need_y0 else None, dn0)
 
