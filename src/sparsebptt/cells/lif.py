@@ -164,7 +164,7 @@ class LIF(FusedCell):
         `SparseRoute`: its first segment decides whether the input products run sparse (a mostly
         zero input: spikes, events) for the whole scan, recomputations included."""
         fn = FusedCell.scan_segment.fget(self)
-        if fn is None or self.recurrent or "route" not in fn.keywords:
+        if fn is None or "route" not in fn.keywords:  # (a recurrent layer takes no route)
             return fn
         if self._vjp_applies():  # the executor's recomputed segments: see LIFSegmentVJP
             fn.vjp = LIFSegmentVJP(self, fn.keywords["route"])

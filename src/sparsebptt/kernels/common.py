@@ -15,7 +15,6 @@ __all__ = ["KernelTable", "NoCtx", "SUFFIX", "data_ptr", "empty", "scratch_buffe
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
-
 def data_ptr(t: "torch.Tensor | None"):
     """``t.data_ptr()``, or None (a NULL pointer for a C kernel) for None."""
     return None if t is None else t.data_ptr()
@@ -64,7 +63,7 @@ def empty(shape, dtype) -> torch.Tensor:
 _scratch_tls = threading.local()
 
 
-def scratch_buffer(shape, dtype, name: str = "di") -> torch.Tensor:
+def scratch_buffer(shape, dtype, name: str) -> torch.Tensor:
     """A per-thread reusable buffer of ``shape`` for temporaries that never leave a call (one buffer
     per ``name`` and dtype, e.g. di of a LIF layer's backward, the nonzeros of a sparse input
     while they are listed and used; a later call with the same name reuses it): a fresh 32 MiB
@@ -91,13 +90,15 @@ def scratch_buffer(shape, dtype, name: str = "di") -> torch.Tensor:
     return view
 
 
-def step_blocks(g: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """An outputs' gradient ``g`` [L, ...] as the kernels read it: ``(block, True)`` when every step
-    has the same one (``g`` expanded along the steps, as a sum's gradient is: its step-0 block,
-    contiguous, read for every step), else ``(g.contiguous(), False)``."""
+def step_blocks(g: "torch.Tensor | None", B: int, H: int, dtype) -> tuple[torch.Tensor, int]:
+    """An outputs' gradient ``g`` [L, B, H] as the kernels read it: ``(tensor, entries per step)``.
+    One contiguous [B, H] block with step 0 when every step has the same one (``g`` None: zeros;
+    ``g`` expanded along the steps, as a sum's gradient is), else ``(g.contiguous(), B * H)``."""
+    if g is None:
+        return torch.zeros(B, H, dtype=dtype), 0
     if g.stride(0) == 0:
-        return g[0].contiguous(), True
-    return g.contiguous(), False
+        return g[0].contiguous(), 0
+    return g.contiguous(), B * H
 
 
 _transposed_cache = threading.local()

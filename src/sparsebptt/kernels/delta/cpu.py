@@ -142,11 +142,7 @@ class _DeltaSegment(torch.autograd.Function):
         gwiT = ys.new_zeros(nI, G * H) if need_wi else None
         gwhT = ys.new_zeros(H, G * H) if need_wh else None
         gbi, gbh = ys.new_zeros(G * H), ys.new_zeros(G * H)
-        if gys is None:  # one [B, H] block for every step (gst 0) where it is the same: none, a sum's
-            gys, gst = ys.new_zeros(B, H), 0
-        else:
-            gys, same = step_blocks(gys)
-            gst = 0 if same else B * H
+        gys, gst = step_blocks(gys, B, H, dt)  # gst: entries per step (0: one block for every step)
         gA, gC, ghn = ys.new_empty(B, G * H), ys.new_empty(B, G * H), ys.new_empty(B, H)
         bs, vs = torch.empty(B, dtype=torch.long), ys.new_empty(B)
         h0 = h0.contiguous()  # held while the C call runs

@@ -480,13 +480,7 @@ class SegmentFunction(torch.autograd.Function):
         O = 3 * H
         need_x, need_wih, need_bih = ctx.needs_input_grad[1:4]
         need_w, need_b, need_thr, need_c0, need_y0 = ctx.needs_input_grad[4:9]
-        # the outputs' gradient: one [B, H] block for every step where it is the same (none: zeros;
-        # an expanded sum's), else [L, B, H] (gst: entries per step)
-        if gys is None:
-            gys, gst = ys.new_zeros(B, H), 0
-        else:
-            gys, same = step_blocks(gys)
-            gst = 0 if same else B * H
+        gys, gst = step_blocks(gys, B, H, ys.dtype)  # gst: entries per step (0: one block for every step)
         gc = torch.zeros_like(c0) if gcT is None else gcT.detach().clone(memory_format=torch.contiguous_format)
         gy = torch.zeros_like(y0) if gyT is None else gyT.detach().clone(memory_format=torch.contiguous_format)
         gn = None if (gnT is None or not ctx.has_count) else gnT.contiguous()

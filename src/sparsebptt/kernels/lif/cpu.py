@@ -111,13 +111,9 @@ def _lif_bwd(u, dz, dvT, v0, beta, p: LIFConstants, need_dbeta: bool, scratch: b
     L, B, H = u.shape
     fused = db_acc is not None or dwt is not None
     fn = _fn("lif_layer_bwd" if fused else "lif_bwd", u.dtype)
-    di = scratch_buffer(u.shape, u.dtype) if scratch else empty(u.shape, u.dtype)
+    di = scratch_buffer(u.shape, u.dtype, "di") if scratch else empty(u.shape, u.dtype)
     dv0 = torch.empty(B, H, dtype=u.dtype)
-    if dz is None:  # no gradient reaches the spikes: one zero slice for every step
-        dz, dz_st = torch.zeros(B, H, dtype=u.dtype), 0
-    else:  # (kept alive across the call) the same slice every step (a sum's gradient): stride 0
-        dz, same = step_blocks(dz)
-        dz_st = 0 if same else B * H
+    dz, dz_st = step_blocks(dz, B, H, u.dtype)  # (kept alive across the call)
     dvT = None if dvT is None else dvT.contiguous()
     beta_t, beta_s = _beta_args(beta)
     dbeta = torch.zeros(H, dtype=torch.float64) if need_dbeta else None

@@ -146,8 +146,8 @@ def _step_grads(dys, B, H):
     read as such (`step_blocks`)."""
     if dys is None:
         return None, None, 0
-    dys, same = step_blocks(dys)
-    return dys, dys.data_ptr(), 0 if same else B * H * dys.element_size()
+    dys, step = step_blocks(dys, B, H, dys.dtype)
+    return dys, dys.data_ptr(), step * dys.element_size()
 
 
 def _count(ctx, rows, x, h0, weight_ih, weight_hh):
