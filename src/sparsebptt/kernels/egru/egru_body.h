@@ -755,8 +755,8 @@ static long FN(masked_dots)(long B, long H, const T* dgh, const T* whT, const T*
 }
 
 /* dst [cols, rows] = src [rows, cols] transposed, in 32 x 32 tiles (each tile's rows and columns
-   stay in L1): dW_hh^T [H, 3H] into W_hh's layout for its gradient (a strided copy by torch takes
-   about twice as long) */
+   stay in L1): the weight gradients summed in W^T's layout (dW_hh^T [H, 3H], dW_ih^T [I, 3H]) into
+   W's, as autograd wants them (its copy of a transpose took about twice as long) */
 CLONES void FN(egru_transpose)(const T* src, long rows, long cols, T* dst) {
     for (long r0 = 0; r0 < rows; r0 += 32)
         for (long c0 = 0; c0 < cols; c0 += 32) {
